@@ -1,0 +1,43 @@
+"""tilefeet: segment whole EM sections stored as OME-Zarr, seam-free and out of core.
+
+    import tilefeet
+    tilefeet.segment_to_zarr("section.ome.zarr", "out.ome.zarr", engine="isbi-membrane")
+    probs = tilefeet.segment("section.ome.zarr", engine="isbi-membrane")   # lazy xarray/dask
+
+Importing tilefeet is cheap: torch, onnxruntime and tensorrt load only when a run needs them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import TilefeetError  # noqa: E402
+
+__all__ = [
+    "TilefeetError",
+    "__version__",
+    "load_engine",
+    "list_engines",
+    "open_image",
+    "plan_segmentation",
+    "segment",
+    "segment_to_zarr",
+    "Settings",
+]
+
+
+def __getattr__(name: str):
+    # Lazy public API: keeps `import tilefeet` light (no torch, no zarr until used).
+    if name in ("segment", "segment_to_zarr", "plan_segmentation", "open_image"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    if name in ("load_engine", "list_engines"):
+        from . import engine
+
+        return getattr(engine, name)
+    if name == "Settings":
+        from .settings import Settings
+
+        return Settings
+    raise AttributeError(f"module 'tilefeet' has no attribute {name!r}")

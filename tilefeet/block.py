@@ -1,0 +1,159 @@
+"""The block function: one output block from the section, as a short chain of named steps.
+
+    read (source level, block + halo, reflected at borders)
+      → normalize intensity (lookup table)            ┐
+      → resample to the network grid                  │ on the runner's device
+      → run every lattice tile touching the block     │ (batches of fixed size)
+      → accumulate Σ w·p and Σ w, divide once         │
+      → resample to the output grid                   ┘
+      → quantize / threshold → numpy
+
+Every step treats a pixel the same way whichever block it falls in (global lattice, global
+resampling taps, tiles accumulated in lattice order), so the output is bit-identical however the
+section is split into blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .blend import device_window
+from .geometry import Box, resample_taps
+from .plan import BlockGeometry, Plan
+
+
+@dataclass
+class BlockOutput:
+    """What a block writes: probabilities in the output dtype and one binary label plane per class."""
+
+    box: Box
+    probabilities: np.ndarray  #: (C, h, w)
+    labels: np.ndarray | None  #: (C, h, w) uint8, or None
+
+
+def compute_block(plan: Plan, index: tuple[int, int], image: Any, runner: Any) -> torch.Tensor:
+    """Float32 probabilities ``(C, h, w)`` of output block ``index``, on the runner's device."""
+    geo = plan.block(*index)
+    raw = image.read(plan.level, geo.src_box)
+    x = normalize(raw, plan, runner.device)
+    x = to_network_grid(x, geo, plan)
+    p = blend_tiles(x, geo, plan, runner)
+    return to_output_grid(p, geo, plan)
+
+
+def finish_block(p: torch.Tensor, plan: Plan, box: Box) -> BlockOutput:
+    """Quantize probabilities to the stored dtype and threshold the labels (on the device), then copy to host."""
+    s = plan.settings
+    if s.output_dtype == "uint8":
+        q = torch.round(p * 255.0).clamp_(0, 255).to(torch.uint8)
+    else:
+        q = p.to(torch.float16 if s.output_dtype == "float16" else torch.float32)
+    labels = (p >= s.threshold).to(torch.uint8).cpu().numpy() if s.labels else None
+    return BlockOutput(box, q.cpu().numpy(), labels)
+
+
+# ------------------------------------------------------------------------------------- steps
+
+
+_luts: dict[tuple[Any, str, str], torch.Tensor] = {}
+
+
+def normalize(raw: np.ndarray, plan: Plan, device: torch.device) -> torch.Tensor:
+    """Raw intensities → float32 network input via the section's intensity map (a LUT for 8/16-bit data)."""
+    imap = plan.intensity
+    key = (imap, str(raw.dtype), str(device))
+    lut = _luts.get(key)
+    if lut is None:
+        table = imap.lut(raw.dtype)
+        if table is not None:
+            lut = torch.from_numpy(table).to(device)
+            _luts[key] = lut
+    if lut is not None:
+        # Upload the narrow dtype, widen on the device (an 8-bit index would be read as a mask).
+        idx = torch.from_numpy(np.ascontiguousarray(raw)).to(device).to(torch.int32)
+        offset = int(np.iinfo(raw.dtype).min)
+        if offset:
+            idx -= offset
+        return lut[idx]
+    return torch.from_numpy(imap(raw)).to(device)
+
+
+def apply_taps(x: torch.Tensor, idx: np.ndarray, w: np.ndarray, dim: int) -> torch.Tensor:
+    """``out[..., i, ...] = Σ_t w[i, t] · x[..., idx[i, t], ...]`` along ``dim``, summed in tap order.
+
+    Plain multiply and add (no fused ops) keep each output pixel's arithmetic identical whatever
+    the size of the array it is part of.
+    """
+    idx_t = torch.from_numpy(idx).to(x.device)
+    w_t = torch.from_numpy(w).to(x.device, x.dtype)
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    out = None
+    for t in range(idx.shape[1]):
+        term = x.index_select(dim, idx_t[:, t]) * w_t[:, t].view(shape)
+        out = term if out is None else out + term
+    return out
+
+
+def to_network_grid(x: torch.Tensor, geo: BlockGeometry, plan: Plan) -> torch.Tensor:
+    """Source-level pixels of ``geo.src_box`` → network-grid pixels of ``geo.net_box``."""
+    if not plan.resamples_input:
+        return x
+    net, src = geo.net_box, geo.src_box
+    iy, wy = resample_taps(net.y0, net.y1, plan.src_from_net.y)
+    ix, wx = resample_taps(net.x0, net.x1, plan.src_from_net.x)
+    x = apply_taps(x, iy - src.y0, wy, 0)
+    return apply_taps(x, ix - src.x0, wx, 1)
+
+
+def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) -> torch.Tensor:
+    """Run every tile of ``geo`` and blend the predictions over ``geo.need`` (network grid)."""
+    lattice, need, net = plan.lattice, geo.need, geo.net_box
+    crop, kind = plan.crop, plan.settings.blend
+    n_out = len(plan.engine.classes)
+    batch_size = runner.spec.batch_size
+    acc = torch.zeros((n_out, *need.shape), dtype=torch.float32, device=x.device)
+    wsum = None if crop else torch.zeros(need.shape, dtype=torch.float32, device=x.device)
+    window = None if crop else device_window(lattice.tile, kind, x.device)
+    tiles = [(iy, ix) for iy in geo.tiles[0] for ix in geo.tiles[1]]  # lattice order: fixes summation order
+    batch = torch.zeros((batch_size, 1, *lattice.tile), dtype=torch.float32, device=x.device)
+    for start in range(0, len(tiles), batch_size):
+        group = tiles[start : start + batch_size]
+        for k, (iy, ix) in enumerate(group):
+            batch[k, 0] = x[lattice.tile_box(iy, ix).relative_to(net)]
+        if len(group) < batch_size:
+            batch[len(group) :] = 0
+        with runner.lock:
+            pred = runner(batch)
+        for k, (iy, ix) in enumerate(group):
+            tb = lattice.tile_box(iy, ix)
+            region = (lattice.kept_box(iy, ix) if crop else tb).intersect(need)
+            if region.empty:
+                continue
+            dst, src = region.relative_to(need), region.relative_to(tb)
+            p = pred[k][(slice(None), *src)]
+            if crop:
+                acc[(slice(None), *dst)] = p
+            else:
+                w = window[src]
+                acc[(slice(None), *dst)] += p * w
+                wsum[dst] += w
+    if crop:
+        return acc
+    return acc / wsum
+
+
+def to_output_grid(p: torch.Tensor, geo: BlockGeometry, plan: Plan) -> torch.Tensor:
+    """Network-grid probabilities over ``geo.need`` → output-grid probabilities over ``geo.out_box``."""
+    if not plan.resamples_output:
+        return p
+    out, need = geo.out_box, geo.need
+    h, w = plan.network.shape
+    iy, wy = resample_taps(out.y0, out.y1, plan.net_from_out.y)
+    ix, wx = resample_taps(out.x0, out.x1, plan.net_from_out.x)
+    p = apply_taps(p, np.clip(iy, 0, h - 1) - need.y0, wy, 1)
+    return apply_taps(p, np.clip(ix, 0, w - 1) - need.x0, wx, 2)

@@ -1,0 +1,211 @@
+"""The ``tilefeet`` command line. Each flag maps one to one onto :class:`tilefeet.settings.Settings`.
+
+Errors a user can fix (:class:`tilefeet.errors.TilefeetError`) print as one line on stderr and exit
+with status 2, never with a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import TilefeetError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Segment whole EM sections stored as OME-Zarr.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_quiet = False
+
+
+def _echo(msg: str) -> None:
+    if not _quiet:
+        typer.echo(msg, err=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    typer.echo(f"tilefeet: warning: {message}", err=True)
+
+
+@app.callback()
+def _main(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail (the full plan)."),
+) -> None:
+    global _quiet
+    _quiet = quiet
+    warnings.showwarning = _show_warning
+
+
+@app.command()
+def segment(
+    input: Path = typer.Argument(..., help="OME-Zarr image of the section (NGFF 0.5 or 0.4)."),
+    output: Path = typer.Argument(..., help="Output OME-Zarr (probabilities + labels)."),
+    engine: str = typer.Option("isbi-membrane", "--engine", "-e", help="Engine bundle name or folder."),
+    tile: Optional[int] = typer.Option(None, help="Tile side in network pixels (default: the engine's)."),
+    overlap: Optional[int] = typer.Option(None, help="Overlap between tiles in network pixels (default: the engine's)."),
+    blend: str = typer.Option("gaussian", help="gaussian, cosine, constant, or crop (overlap-tile)."),
+    block_size: int = typer.Option(4096, "--block-size", help="Output block side; a multiple of --chunk-size."),
+    chunk_size: int = typer.Option(1024, "--chunk-size", help="Output chunk side."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Zarr v3 shard side (optional)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per network call."),
+    threshold: float = typer.Option(0.5, help="Probability at and above which pixels are labelled."),
+    dtype: str = typer.Option("uint8", "--dtype", help="Stored probabilities: uint8, float16 or float32."),
+    output_grid: str = typer.Option("input", "--output-grid", help="input (level 0 of the input) or network."),
+    pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Input pixel size, e.g. 4nm or 5,4nm (overrides metadata)."),
+    intensity: str = typer.Option("bundle", help="Intensity normalization: bundle, percentile, meanstd, histogram."),
+    invert: bool = typer.Option(False, help="The section's contrast is inverted relative to the training data."),
+    backend: str = typer.Option("torch", help="Inference backend."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    blocks_in_flight: int = typer.Option(2, "--blocks-in-flight", help="Blocks in memory at once."),
+    labels: bool = typer.Option(True, "--labels/--no-labels", help="Also write labels/<class>."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output (kept until the new one is complete)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run into the same output."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
+) -> None:
+    """Segment a section: probabilities and labels, written as OME-Zarr."""
+    from . import pipeline
+
+    options = dict(
+        tile=tile,
+        overlap=overlap,
+        blend=blend,
+        block_size=block_size,
+        chunk_size=chunk_size,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        threshold=threshold,
+        output_dtype=dtype,
+        output_grid=output_grid,
+        pixel_size_nm=pixel_size,
+        intensity=intensity,
+        invert=invert,
+        backend=backend,
+        device=device,
+        precision=precision,
+        blocks_in_flight=blocks_in_flight,
+        labels=labels,
+    )
+    plan, _, _ = pipeline.plan_segmentation(str(input), engine, **options)
+    if dry_run:
+        typer.echo(plan.describe())
+        return
+    _echo(plan.describe())
+    t0 = time.perf_counter()
+    out = pipeline.segment_to_zarr(str(input), output, engine, overwrite=overwrite, resume=resume, progress=not _quiet, **options)
+    dt = time.perf_counter() - t0
+    h, w = plan.output.shape
+    _echo(f"wrote {out} in {dt:.1f} s ({h * w / dt / 1e6:.2f} Mpx/s)")
+
+
+@app.command()
+def info(
+    path: Path = typer.Argument(..., help="An OME-Zarr image."),
+    engine: Optional[str] = typer.Option(None, "--engine", "-e", help="Also show what segmenting with this engine would read."),
+    pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Override the input's pixel size."),
+) -> None:
+    """Levels, shapes, chunks, pixel size and dtype of an OME-Zarr image (and its labels)."""
+    from .image import Image
+
+    image = Image.open(path)
+    typer.echo(image.meta.describe())
+    _describe_labels(path)
+    if engine:
+        from . import pipeline
+
+        plan, _, _ = pipeline.plan_segmentation(str(path), engine, pixel_size_nm=pixel_size)
+        typer.echo(plan.describe())
+
+
+def _describe_labels(path: Path) -> None:
+    import zarr
+
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        labels = root["labels"] if "labels" in root else None
+    except Exception:
+        return
+    if labels is None:
+        return
+    names = dict(labels.attrs).get("ome", dict(labels.attrs)).get("labels", [])
+    for name in names:
+        try:
+            arr = labels[f"{name}/0"]
+            typer.echo(f"  labels/{name}: {' × '.join(str(s) for s in arr.shape)} {arr.dtype}")
+        except KeyError:
+            typer.echo(f"  labels/{name}: (missing)")
+
+
+@app.command()
+def convert(
+    input: Path = typer.Argument(..., help="A TIFF/PNG file, or a folder of tiles (montage) or slices (--stack)."),
+    output: Path = typer.Argument(..., help="OME-Zarr to write (or, with --labels, the image to add labels to)."),
+    pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Pixel size, e.g. 4nm or 0.004um (required for images)."),
+    grid: Optional[str] = typer.Option(None, help="Montage layout ROWSxCOLS when file names do not say it."),
+    stack: bool = typer.Option(False, help="A folder of slices → a (z, y, x) stack (for training), not a montage."),
+    chunk: int = typer.Option(1024, help="Chunk side."),
+    ngff_version: str = typer.Option("0.5", "--ngff-version", help="0.5 (zarr v3) or 0.4 (zarr v2)."),
+    labels: Optional[str] = typer.Option(None, help="Write INPUT as the binary label image labels/NAME of OUTPUT."),
+    foreground: Optional[str] = typer.Option(None, help="With --labels: mask values inside the class, e.g. 0 or 1,2 (default: non-zero)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+) -> None:
+    """Convert TIFF/PNG images, montage folders or slice stacks to an OME-Zarr pyramid."""
+    from . import convert as conv
+    from .errors import ConfigError
+    from .settings import _pair
+    from .units import parse_pixel_size
+
+    data = conv.open_input(input, grid=_pair(grid, "grid") if grid else None, stack=stack)
+    if labels:
+        fg = [float(v) for v in foreground.split(",")] if foreground else None
+        out = conv.write_labels(data, output, labels, foreground=fg, overwrite=overwrite)
+        _echo(f"wrote {out}")
+        return
+    if pixel_size is None:
+        raise ConfigError("give the pixel size of the input with --pixel-size, e.g. --pixel-size 4nm")
+    px = parse_pixel_size(pixel_size, where="--pixel-size")
+    out = conv.write_image(data, output, px, chunk=chunk, version=ngff_version, name=input.stem, overwrite=overwrite, progress=not _quiet)
+    _echo(f"wrote {out}")
+    from .image import Image
+
+    _echo(Image.open(out).meta.describe())
+
+
+@app.command("engines")
+def engines_cmd() -> None:
+    """List the engine bundles tilefeet can find."""
+    from .engine import engine_search_path, list_engines, load_engine
+    from .units import format_nm
+
+    for name in list_engines():
+        b = load_engine(name)
+        typer.echo(f"{name:20s} {format_nm(b.pixel_size_nm):>8s}  classes: {', '.join(b.classes)}  ({b.path})")
+    if not list_engines():
+        typer.echo("no engines found in: " + ", ".join(str(p) for p in engine_search_path()))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point: user errors become one line and exit status 2 (usage errors: click's, also 2)."""
+    try:
+        app(args=argv, prog_name="tilefeet")  # standalone: exits through SystemExit
+    except TilefeetError as e:
+        typer.echo(f"tilefeet: error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        typer.echo("tilefeet: interrupted (rerun with --resume to continue)", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

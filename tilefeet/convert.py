@@ -1,0 +1,378 @@
+"""``tilefeet convert``: TIFF / PNG images, montage folders and slice stacks → OME-Zarr 0.5 pyramids.
+
+Inputs are read lazily through dask: a large TIFF tile by tile (tifffile's zarr view of its
+tiles/strips, or a memory map when it is uncompressed), a montage folder tile file by tile file.
+Levels are 2×2 means of the level below (labels: 2×2 maxima, so thin structures survive).
+
+Montage layout comes from file names (``r03_c12``, ``row3_col12``, ``y3_x12``, ``3_12``) or from
+``grid=(rows, cols)`` with files in natural sort order filling rows first; tiles abut (montages
+are expected to be registered already).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, CorruptDataError, InputNotFoundError, InvalidImageError, OutputExistsError
+from .geometry import Pair
+from .writer import _compressor, pyramid_shapes, staging_path
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+_GRID_PATTERNS = [
+    re.compile(r"(?:^|[^a-z])r(?:ow)?[_-]?(\d+)[^0-9]*?c(?:ol(?:umn)?)?[_-]?(\d+)", re.I),
+    re.compile(r"(?:^|[^a-z])y[_-]?(\d+)[^0-9]*?x[_-]?(\d+)", re.I),
+    re.compile(r"^(?:\D*?)(\d+)[_x-](\d+)\D*$", re.I),
+]
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def natural_key(p: Path) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+
+def image_files(folder: Path) -> list[Path]:
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")), key=natural_key)
+    if not files:
+        raise InvalidImageError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_small(path: Path) -> np.ndarray:
+    """One PNG/TIFF/JPEG file fully into memory, as a 2-D array."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            a = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+
+            a = iio.imread(path)
+    except Exception as e:
+        raise CorruptDataError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    return _as_2d(np.asarray(a), path)
+
+
+def _as_2d(a: np.ndarray, where: Any) -> np.ndarray:
+    if a.ndim == 3 and a.shape[-1] in (3, 4):  # RGB(A) exports of grey EM images
+        if not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
+            raise InvalidImageError(f"{where} is a colour image; EM sections are greyscale: convert it to one channel first")
+        a = a[..., 0]
+    a = np.squeeze(a) if a.ndim > 2 else a
+    if a.ndim != 2:
+        raise InvalidImageError(f"{where} has shape {a.shape}; expected a 2-D greyscale image")
+    return a
+
+
+def lazy_tiff(path: Path) -> Any:
+    """A dask array over one (possibly huge) TIFF, read tile by tile or strip by strip."""
+    import dask.array as da
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            shape, dtype = page.shape, page.dtype
+            contiguous = page.is_contiguous and page.compression == 1
+        if contiguous and len(shape) == 2:
+            mm = tifffile.memmap(path, mode="r")
+            return da.from_array(mm, chunks=(1024, 1024))
+        import zarr
+
+        z = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+        if isinstance(z, zarr.Group):  # pyramidal TIFF: level 0
+            z = z[sorted(z.array_keys())[0]]
+        arr = da.from_zarr(z)
+    except (tifffile.TiffFileError, OSError, ValueError) as e:
+        raise CorruptDataError(f"cannot read TIFF {path}: {e}") from None
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        arr = arr[..., 0]
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise InvalidImageError(f"{path} has shape {arr.shape} (dtype {dtype}); expected one 2-D greyscale plane")
+    return arr
+
+
+def grid_positions(files: Sequence[Path], grid: Pair | None) -> list[Pair]:
+    """(row, col) of each montage tile, from ``grid`` (row-major order) or from the file names."""
+    if grid is not None:
+        rows, cols = grid
+        if rows * cols != len(files):
+            raise ConfigError(f"--grid {rows}x{cols} needs {rows * cols} tiles but the folder holds {len(files)}")
+        return [(i // cols, i % cols) for i in range(len(files))]
+    for pattern in _GRID_PATTERNS:
+        found = [pattern.search(f.stem) for f in files]
+        if all(found):
+            pos = [(int(m.group(1)), int(m.group(2))) for m in found]  # type: ignore[union-attr]
+            if len(set(pos)) == len(pos):
+                r0, c0 = min(p[0] for p in pos), min(p[1] for p in pos)
+                return [(r - r0, c - c0) for r, c in pos]
+    raise ConfigError(
+        f"cannot tell the montage layout from file names such as {files[0].name!r}; name tiles like r0_c1.tif, "
+        f"give --grid ROWSxCOLS (files in sorted order fill rows first), or use --stack for a stack of slices"
+    )
+
+
+def lazy_montage(files: Sequence[Path], grid: Pair | None) -> Any:
+    """A dask array that places equally sized tiles on their grid (missing positions are zero)."""
+    import dask.array as da
+    from dask import delayed
+
+    positions = grid_positions(files, grid)
+    first = read_small(files[0])
+    shape, dtype = first.shape, first.dtype
+    rows, cols = max(p[0] for p in positions) + 1, max(p[1] for p in positions) + 1
+    by_pos = dict(zip(positions, files))
+
+    def load(f: Path) -> np.ndarray:
+        a = read_small(f)
+        if a.shape != shape or a.dtype != dtype:
+            raise InvalidImageError(f"montage tile {f} is {a.shape} {a.dtype}, but {files[0].name} is {shape} {dtype}; tiles must match")
+        return a
+
+    blocks = [
+        [
+            da.from_delayed(delayed(load)(by_pos[(r, c)]), shape, dtype=dtype) if (r, c) in by_pos else da.zeros(shape, dtype=dtype)
+            for c in range(cols)
+        ]
+        for r in range(rows)
+    ]
+    return da.block(blocks)
+
+
+def lazy_stack(files: Sequence[Path]) -> Any:
+    import dask.array as da
+    from dask import delayed
+
+    first = read_small(files[0])
+    return da.stack([da.from_delayed(delayed(read_small)(f), first.shape, dtype=first.dtype) for f in files])
+
+
+def open_input(path: Path, *, grid: Pair | None = None, stack: bool = False) -> Any:
+    """A lazy dask array for a TIFF/PNG file, a montage folder, or (``stack``) a folder of slices."""
+    import dask.array as da
+
+    if not path.exists():
+        raise InputNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        if (path / "zarr.json").exists() or (path / ".zattrs").exists() or (path / ".zgroup").exists():
+            raise InvalidImageError(f"{path} is already a Zarr store; tilefeet reads OME-Zarr directly (see `tilefeet info {path}`)")
+        files = image_files(path)
+        return lazy_stack(files) if stack else lazy_montage(files, grid)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return lazy_tiff(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return da.from_array(read_small(path), chunks=(1024, 1024))
+    raise InvalidImageError(f"{path}: unsupported file type {path.suffix!r}; give a TIFF, PNG or a folder of them")
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+def ngff_multiscales(
+    name: str,
+    pixel_size_nm: tuple[float, float],
+    n_levels: int,
+    *,
+    origin_nm: tuple[float, float] = (0.0, 0.0),
+    lead_axes: Sequence[dict] = (),
+    method: str = "mean",
+    metadata: dict | None = None,
+    unit: str = "nanometer",
+    unit_scale: float = 1.0,
+) -> dict:
+    """NGFF multiscales metadata for 2×-per-level pyramids (pixel centres at ``origin + i·pixel``)."""
+    (py, px), (oy, ox) = pixel_size_nm, origin_nm
+    lead = [1.0] * len(lead_axes)
+    datasets = []
+    for k in range(n_levels):
+        f = 2**k
+        datasets.append(
+            {
+                "path": str(k),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [*lead, py * f * unit_scale, px * f * unit_scale]},
+                    {"type": "translation", "translation": [*(0.0 for _ in lead), (oy + py * (f - 1) / 2) * unit_scale, (ox + px * (f - 1) / 2) * unit_scale]},
+                ],
+            }
+        )
+    ms: dict[str, Any] = {
+        "name": name,
+        "axes": [*lead_axes, {"name": "y", "type": "space", "unit": unit}, {"name": "x", "type": "space", "unit": unit}],
+        "datasets": datasets,
+        "type": f"2x2 {method}",
+    }
+    if metadata:
+        ms["metadata"] = metadata
+    return ms
+
+
+def downsample2(a: Any, method: str = "mean") -> Any:
+    """2×2 mean (rounded, for integers) or max of the last two axes of a dask array; odd edges repeat."""
+    import dask.array as da
+
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, a.shape[-2] % 2), (0, a.shape[-1] % 2)]
+    if any(p[1] for p in pad):
+        a = da.pad(a, pad, mode="edge")
+    axes = {a.ndim - 2: 2, a.ndim - 1: 2}
+    if method == "max":
+        return da.coarsen(np.max, a, axes, trim_excess=False)
+    m = da.coarsen(np.mean, a.astype(np.float32), axes, trim_excess=False)
+    if np.issubdtype(a.dtype, np.integer):
+        info = np.iinfo(a.dtype)
+        m = da.clip(da.round(m), info.min, info.max)
+    return m.astype(a.dtype)
+
+
+def write_image(
+    data: Any,
+    path: str | os.PathLike,
+    pixel_size_nm: tuple[float, float],
+    *,
+    chunk: int = 1024,
+    levels: int | None = None,
+    version: str = "0.5",
+    name: str = "image",
+    overwrite: bool = False,
+    progress: bool = False,
+    unit: str = "nanometer",
+) -> Path:
+    """Write a 2-D (y, x) or 3-D (z, y, x) array (numpy or dask) as an OME-Zarr image with a pyramid.
+
+    ``version`` "0.5" writes zarr v3 (the default), "0.4" zarr v2. Written to a staging folder
+    and renamed into place, so a failed conversion never leaves a half-written store.
+    """
+    import dask
+    import dask.array as da
+    import zarr
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+    arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=chunk)
+    if arr.ndim not in (2, 3):
+        raise InvalidImageError(f"expected a 2-D (y, x) or 3-D (z, y, x) array, got shape {arr.shape}")
+    if min(arr.shape) == 0:
+        raise InvalidImageError(f"the input is empty (shape {arr.shape}); nothing to convert")
+    lead_axes = [{"name": "z", "type": "space", "unit": unit}] if arr.ndim == 3 else []
+    ch = (1,) * (arr.ndim - 2) + (chunk, chunk)
+    shapes = pyramid_shapes(arr.shape[-2:], (chunk, chunk)) if levels is None else [
+        (-(-arr.shape[-2] // 2**k), -(-arr.shape[-1] // 2**k)) for k in range(levels)
+    ]
+    unit_scale = 1.0
+    if unit != "nanometer":
+        from .units import nm_per_unit
+
+        unit_scale = 1.0 / nm_per_unit(unit)
+    ms = ngff_multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, unit=unit, unit_scale=unit_scale)
+    if lead_axes:  # z keeps its scale across levels
+        for ds in ms["datasets"]:
+            ds["coordinateTransformations"][0]["scale"][0] = pixel_size_nm[0] * unit_scale
+    staging = staging_path(path)
+    if staging.exists():
+        shutil.rmtree(staging)
+    fmt = 3 if version.startswith("0.5") else 2
+    root = zarr.open_group(str(staging), mode="w", zarr_format=fmt)
+    if fmt == 3:
+        root.attrs["ome"] = {"version": "0.5", "multiscales": [ms]}
+    else:
+        ms["version"] = "0.4"
+        root.attrs["multiscales"] = [ms]
+    level = arr
+    with _progress(progress, "convert"):
+        for k, shape in enumerate(shapes):
+            full = (*arr.shape[:-2], *shape)
+            chunks = tuple(min(c, s) for c, s in zip(ch, full))
+            kw: dict[str, Any] = {"dimension_names": [a["name"] for a in ms["axes"]]} if fmt == 3 else {}
+            compressors = _compressor() if fmt == 3 else "auto"
+            z = root.create_array(str(k), shape=full, chunks=chunks, dtype=arr.dtype, compressors=compressors, fill_value=0, **kw)
+            # Each level is computed from the one just written, so the input is read only once.
+            src = level if k == 0 else downsample2(da.from_zarr(root[str(k - 1)]))
+            da.store(src.rechunk(chunks), z, lock=False, scheduler="threads")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staging, path)
+    return path
+
+
+def write_labels(
+    mask: Any, image_path: str | os.PathLike, name: str, *, foreground: Sequence[float] | None = None, overwrite: bool = False
+) -> Path:
+    """Add a binary NGFF label image ``labels/<name>`` (1 = class) to an existing OME-Zarr 0.5 image.
+
+    ``foreground`` lists the mask values that mean "inside the class" (default: every non-zero value).
+    """
+    import dask
+    import dask.array as da
+    import zarr
+
+    from .image import Image
+
+    image = Image.open(image_path)
+    m = mask if isinstance(mask, da.Array) else da.from_array(np.asarray(mask), chunks=1024)
+    img_shape = tuple(int(s) for s in image.array(0).shape)
+    if m.shape[-2:] != img_shape[-2:] or (m.ndim == 3 and len(img_shape) == 3 and m.shape[0] != img_shape[0]):
+        raise InvalidImageError(f"label image of shape {m.shape} does not match image {image_path} of shape {img_shape}")
+    if foreground is None:
+        binary = (m != 0).astype(np.uint8)
+    else:
+        binary = da.isin(m, list(foreground)).astype(np.uint8)
+    root = zarr.open_group(str(image_path), mode="r+")
+    if root.info._zarr_format != 3:
+        raise InvalidImageError(f"{image_path} is OME-Zarr {image.meta.version}; labels are written into 0.5 (zarr v3) images only")
+    labels = root.require_group("labels")
+    if name in labels and not overwrite:
+        raise OutputExistsError(f"{image_path}/labels/{name} exists; pass --overwrite to replace it")
+    g = labels.create_group(name, overwrite=True)
+    lead = [{"name": "z", "type": "space", "unit": "nanometer"}] if binary.ndim == 3 else []
+    px = image.meta.levels[0].pixel_size_nm or (1.0, 1.0)
+    n = len(image.meta.levels)
+    tasks, level = [], binary
+    for k in range(n):
+        if k:
+            level = downsample2(level, "max")
+        shape = (*binary.shape[:-2], *image.meta.levels[k].shape)
+        chunks = tuple(min(c, s) for c, s in zip((1,) * (binary.ndim - 2) + image.meta.levels[0].chunks, shape))
+        z = g.create_array(str(k), shape=shape, chunks=chunks, dtype="uint8", compressors=_compressor(), fill_value=0,
+                           dimension_names=[*(a["name"] for a in lead), "y", "x"])
+        tasks.append(da.store(level[..., : shape[-2], : shape[-1]].rechunk(chunks), z, lock=False, compute=False))
+    dask.compute(*tasks, scheduler="threads")
+    ms = ngff_multiscales(name, px, n, lead_axes=lead, method="max")
+    if lead:
+        for ds in ms["datasets"]:
+            ds["coordinateTransformations"][0]["scale"][0] = px[0]
+    g.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [ms],
+        "image-label": {"version": "0.5", "colors": [{"label-value": 1, "rgba": [255, 64, 0, 255]}], "source": {"image": "../../"}},
+    }
+    names = list(dict(labels.attrs).get("ome", {}).get("labels", []))
+    labels.attrs["ome"] = {"version": "0.5", "labels": sorted(set(names) | {name})}
+    return Path(image_path) / "labels" / name
+
+
+class _progress:
+    def __init__(self, enabled: bool, desc: str):
+        self.enabled, self.desc, self.cb = enabled, desc, None
+
+    def __enter__(self):
+        if self.enabled:
+            from dask.diagnostics import ProgressBar
+
+            self.cb = ProgressBar()
+            self.cb.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cb is not None:
+            self.cb.__exit__(*exc)

@@ -1,0 +1,51 @@
+"""Errors a user can act on.
+
+Every error tilefeet raises on purpose derives from :class:`TilefeetError` and from the built-in
+exception that fits, so callers may catch either (a missing store is also a ``FileNotFoundError``).
+Messages are one line: what was found, what was expected, where, and how to fix it. The CLI prints
+them without a traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class TilefeetError(Exception):
+    """Base class of every error tilefeet raises on purpose."""
+
+    exit_code = 2
+
+
+class InputNotFoundError(TilefeetError, FileNotFoundError):
+    """An input path (image, store, engine file, label image) does not exist."""
+
+
+class InvalidImageError(TilefeetError, ValueError):
+    """The input exists but is not an image tilefeet can segment (format, metadata, axes, shape)."""
+
+
+class CorruptDataError(TilefeetError, OSError):
+    """Stored data could not be decoded (a damaged chunk or file)."""
+
+
+class UnitError(TilefeetError, ValueError):
+    """A physical unit or pixel size that cannot be understood."""
+
+
+class ConfigError(TilefeetError, ValueError):
+    """An option value that cannot work (tile size, overlap, block size, threshold, ...)."""
+
+
+class OutputExistsError(TilefeetError, FileExistsError):
+    """The output exists and the user did not ask to overwrite or resume it."""
+
+
+class EngineNotFoundError(TilefeetError, LookupError):
+    """No engine bundle of that name or path."""
+
+
+class InvalidEngineError(TilefeetError, ValueError):
+    """An engine bundle whose engine.toml or weights are unusable."""
+
+
+class BackendUnavailableError(TilefeetError, RuntimeError):
+    """An inference backend that cannot run here (library missing, no GPU)."""

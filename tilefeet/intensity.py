@@ -1,0 +1,167 @@
+"""Intensity normalization: make a section's contrast look like the engine's training data.
+
+Statistics come from the whole section (a low-resolution level, or a sample of chunks), computed
+once before any block runs: per-tile statistics would differ between neighbouring tiles and make
+seams. The result is a monotone piecewise-linear map ``raw -> matched raw`` followed by the
+bundle's own training normalization, evaluated per block as a lookup table (integer data) or by
+interpolation (float data).
+
+Modes:
+
+``bundle``      the training normalization alone, with the training data's constants; trusts that
+                the section was acquired like the training data.
+``percentile``  first stretch the section linearly so its percentiles land on the training data's.
+``meanstd``     first match the section's mean and standard deviation to the training data's.
+``histogram``   first match the section's whole histogram to the bundle's reference histogram.
+
+``invert`` flips the contrast first (``max - x``), for sections whose polarity is the opposite
+of the training data's (bright membranes where training had dark ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .engine import Normalization
+from .errors import ConfigError
+
+IntensityMode = Literal["bundle", "percentile", "meanstd", "histogram"]
+INTENSITY_MODES: tuple[str, ...] = ("bundle", "percentile", "meanstd", "histogram")
+
+# Quantile levels at which histogram matching places its knots (tails trimmed: outliers such as
+# saturated pixels or black montage gaps should not bend the whole curve).
+_MATCH_LEVELS = np.linspace(0.002, 0.998, 129)
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    """``raw -> network input``: an optional flip, a piecewise-linear match, then the bundle's normalization.
+
+    ``knots_x`` / ``knots_y`` define the match (linear extrapolation beyond the ends for two knots,
+    clamped for histogram matching). Small, picklable, computed once per section.
+    """
+
+    knots_x: tuple[float, ...]
+    knots_y: tuple[float, ...]
+    normalization: Normalization
+    invert_max: float | None = None  #: if set, x -> invert_max - x first
+    extrapolate: bool = True
+    mode: str = "bundle"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Apply to raw intensities (numpy), giving float32 network input."""
+        v = np.asarray(x, dtype=np.float64)
+        if self.invert_max is not None:
+            v = self.invert_max - v
+        v = _interp(v, np.asarray(self.knots_x), np.asarray(self.knots_y), self.extrapolate)
+        return np.asarray(self.normalization.to_network(v), dtype=np.float32)
+
+    def lut(self, dtype: np.dtype) -> np.ndarray | None:
+        """A float32 lookup table over every value of an 8- or 16-bit integer dtype, else ``None``."""
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "ui" or dtype.itemsize > 2:
+            return None
+        info = np.iinfo(dtype)
+        return self(np.arange(info.min, info.max + 1))
+
+
+def _interp(v: np.ndarray, xp: np.ndarray, fp: np.ndarray, extrapolate: bool) -> np.ndarray:
+    out = np.interp(v, xp, fp)
+    if extrapolate and len(xp) >= 2:
+        lo_slope = (fp[1] - fp[0]) / (xp[1] - xp[0])
+        hi_slope = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+        out = np.where(v < xp[0], fp[0] + (v - xp[0]) * lo_slope, out)
+        out = np.where(v > xp[-1], fp[-1] + (v - xp[-1]) * hi_slope, out)
+    return out
+
+
+def dtype_max(dtype: np.dtype) -> float:
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+
+
+def training_normalization(
+    arrays: Sequence[np.ndarray], *, percentiles: tuple[float, float] = (1.0, 99.0), bins: int = 256
+) -> Normalization:
+    """The normalization a new engine records from its raw training images (meanstd + references)."""
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+    lo_hi = (0.0, 256.0) if all(np.asarray(a).dtype == np.uint8 for a in arrays) else (float(flat.min()), float(flat.max()) + 1e-6)
+    hist, _ = np.histogram(flat, bins=bins, range=lo_hi, density=True)
+    p = np.percentile(flat, percentiles)
+    return Normalization(
+        method="meanstd",
+        mean=float(flat.mean()),
+        std=float(flat.std()) or 1.0,
+        percentiles=(float(percentiles[0]), float(percentiles[1])),
+        percentile_values=(float(p[0]), float(p[1])),
+        histogram_range=lo_hi,
+        histogram=tuple(float(v) for v in hist),
+    )
+
+
+def reference_quantiles(norm: Normalization, levels: np.ndarray) -> np.ndarray:
+    """Raw intensities of the training data at quantile ``levels``, from its reference histogram."""
+    if not norm.histogram:
+        raise ConfigError("this engine bundle records no reference histogram; use --intensity percentile or bundle")
+    hist = np.asarray(norm.histogram, dtype=np.float64)
+    edges = np.linspace(norm.histogram_range[0], norm.histogram_range[1], len(hist) + 1)
+    cdf = np.concatenate([[0.0], np.cumsum(hist * np.diff(edges))])
+    cdf /= cdf[-1]
+    # Invert the piecewise-linear CDF; flat stretches (empty bins) map to their left edge.
+    keep = np.concatenate([[True], np.diff(cdf) > 0])
+    return np.interp(levels, cdf[keep], edges[keep])
+
+
+def make_intensity_map(
+    mode: str,
+    norm: Normalization,
+    sample: np.ndarray | None,
+    *,
+    dtype: np.dtype,
+    invert: bool = False,
+) -> IntensityMap:
+    """The per-section map for ``mode``; ``sample`` is raw section data (a low-resolution level)."""
+    if mode not in INTENSITY_MODES:
+        raise ConfigError(f"unknown intensity mode {mode!r}; use one of {', '.join(INTENSITY_MODES)}")
+    invert_max = dtype_max(dtype) if invert else None
+    if mode == "bundle":
+        return IntensityMap((0.0, 1.0), (0.0, 1.0), norm, invert_max, True, mode)
+    if sample is None or np.asarray(sample).size == 0:
+        raise ConfigError(f"intensity mode {mode!r} needs section statistics, but the section sample is empty")
+    v = np.asarray(sample, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if invert_max is not None:
+        v = invert_max - v
+    if mode == "percentile":
+        src = np.percentile(v, norm.percentiles)
+        dst = np.asarray(norm.percentile_values)
+        if src[1] <= src[0]:
+            raise ConfigError(
+                f"the section's {norm.percentiles[0]:g}th and {norm.percentiles[1]:g}th percentiles are equal "
+                f"({src[0]:g}): the image has no contrast to normalize; check the input or use --intensity bundle"
+            )
+        return IntensityMap(tuple(src), tuple(dst), norm, invert_max, True, mode)
+    if mode == "meanstd":
+        mean, std = float(v.mean()), float(v.std())
+        ref_mean, ref_std = norm.mean, norm.std
+        if std == 0:
+            raise ConfigError("the section has zero standard deviation: nothing to normalize; check the input")
+        return IntensityMap((mean, mean + std), (ref_mean, ref_mean + ref_std), norm, invert_max, True, mode)
+    # histogram
+    src = np.quantile(v, _MATCH_LEVELS)
+    dst = reference_quantiles(norm, _MATCH_LEVELS)
+    src, dst = _strictly_increasing(src, dst)
+    if len(src) < 2:
+        raise ConfigError("the section has a single intensity value: nothing to match; check the input")
+    return IntensityMap(tuple(src), tuple(dst), norm, invert_max, False, mode)
+
+
+def _strictly_increasing(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop repeated x knots (many pixels of one value), averaging their targets."""
+    ux, inv = np.unique(x, return_inverse=True)
+    uy = np.bincount(inv, weights=y) / np.bincount(inv)
+    return ux, uy

@@ -1,0 +1,114 @@
+"""One home for the options of a segmentation run.
+
+:meth:`Settings.create` normalizes user input once (``512`` or ``(512, 384)`` tiles, ``"4nm"`` pixel
+sizes, case-insensitive modes) and checks what can be checked without the image or the engine;
+the rest of the code sees one canonical, frozen form. CLI flags map onto these fields one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .geometry import Pair
+from .intensity import INTENSITY_MODES
+from .units import parse_pixel_size
+
+Blend = Literal["gaussian", "cosine", "constant", "crop"]
+BLENDS: tuple[str, ...] = ("gaussian", "cosine", "constant", "crop")
+OutputDtype = Literal["uint8", "float16", "float32"]
+OUTPUT_DTYPES: tuple[str, ...] = ("uint8", "float16", "float32")
+OUTPUT_GRIDS: tuple[str, ...] = ("input", "network")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Options of one run; ``None`` means "the engine bundle's recommendation"."""
+
+    tile: Pair | None = None  #: tile side (network grid), a multiple of the engine's divisor
+    overlap: Pair | None = None  #: overlap between neighbouring tiles (network grid)
+    blend: Blend = "gaussian"  #: window for blending overlapping tiles, or "crop" (overlap-tile)
+    block_size: Pair = (4096, 4096)  #: output block (output grid), a multiple of chunk_size
+    chunk_size: Pair = (1024, 1024)  #: output chunk (output grid)
+    shard_size: Pair | None = None  #: zarr v3 shard (output grid), a multiple of chunk_size
+    batch_size: int = 4  #: tiles per runner call (fixed: the last batch is padded)
+    threshold: float = 0.5  #: probability at and above which a pixel is labelled
+    output_dtype: OutputDtype = "uint8"  #: probabilities stored as 0..255 (uint8) or floats
+    output_grid: Literal["input", "network"] = "input"  #: level 0 of the input, or the network's pixel size
+    pixel_size_nm: tuple[float, float] | None = None  #: overrides (or supplies) the input's level-0 pixel size
+    intensity: str = "bundle"  #: intensity normalization mode (see tilefeet.intensity)
+    invert: bool = False  #: the section has inverted contrast relative to the training data
+    resample_tolerance: float = 0.01  #: relative pixel-size mismatch below which no resampling is done
+    backend: str = "torch"
+    device: str = "auto"
+    precision: str = "fp32"
+    blocks_in_flight: int = 2  #: blocks read/computed/written at once (bounds memory)
+    labels: bool = True  #: also write labels/<class>
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> Settings:
+        """Build from loosely typed user input; unknown names are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(kwargs) - names
+        if unknown:
+            raise ConfigError(f"unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
+        kw = {k: v for k, v in kwargs.items() if v is not None}
+        for key in ("tile", "overlap", "block_size", "chunk_size", "shard_size"):
+            if key in kw:
+                kw[key] = _pair(kw[key], key)
+        if "pixel_size_nm" in kw:
+            kw["pixel_size_nm"] = parse_pixel_size(kw["pixel_size_nm"], where="--pixel-size")
+        for key in ("blend", "output_dtype", "output_grid", "intensity", "precision", "backend"):
+            if key in kw:
+                kw[key] = str(kw[key]).lower()
+        return cls(**kw)
+
+    def __post_init__(self) -> None:
+        _choice(self.blend, BLENDS, "blend")
+        _choice(self.output_dtype, OUTPUT_DTYPES, "output dtype")
+        _choice(self.output_grid, OUTPUT_GRIDS, "output grid")
+        _choice(self.intensity, INTENSITY_MODES, "intensity mode")
+        _choice(self.precision, PRECISIONS, "precision")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold}")
+        if self.batch_size < 1 or self.blocks_in_flight < 1:
+            raise ConfigError("batch size and blocks in flight must be at least 1")
+        for a in (0, 1):
+            if self.chunk_size[a] < 1 or self.block_size[a] % self.chunk_size[a]:
+                raise ConfigError(
+                    f"block size {self.block_size} must be a multiple of the output chunk size {self.chunk_size}, "
+                    f"so that no two blocks write one chunk; e.g. --block-size {self.chunk_size[a] * 4}"
+                )
+            if self.shard_size is not None and (
+                self.shard_size[a] % self.chunk_size[a] or self.block_size[a] % self.shard_size[a]
+            ):
+                raise ConfigError(
+                    f"shard size {self.shard_size} must be a multiple of the chunk size {self.chunk_size} "
+                    f"and divide the block size {self.block_size}"
+                )
+
+    def replace(self, **kwargs: Any) -> Settings:
+        return replace(self, **kwargs)
+
+
+def _pair(v: Any, name: str) -> Pair:
+    if isinstance(v, str):
+        v = [p for p in v.replace("x", ",").split(",") if p.strip()]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = (v, v)
+    try:
+        out = tuple(int(x) for x in v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be an integer or two (y,x), got {v!r}") from None
+    if len(out) == 1:
+        out = (out[0], out[0])
+    if len(out) != 2 or min(out) < 0 or (name != "overlap" and min(out) < 1):
+        raise ConfigError(f"{name} must be one or two positive integers (y,x), got {v!r}")
+    return out  # type: ignore[return-value]
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}; use one of: {', '.join(allowed)}")
