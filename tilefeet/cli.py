@@ -194,6 +194,11 @@ def engines_cmd() -> None:
         typer.echo("no engines found in: " + ", ".join(str(p) for p in engine_search_path()))
 
 
+from .commands import register_commands  # noqa: E402
+
+register_commands(app)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: user errors become one line and exit status 2 (usage errors: click's, also 2)."""
     try:
