@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .errors import TilefeetError
+from .errors import TilefeetError, TilefeetWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -202,7 +202,12 @@ register_commands(app)
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: user errors become one line and exit status 2 (usage errors: click's, also 2)."""
     try:
-        app(args=argv, prog_name="tilefeet")  # standalone: exits through SystemExit
+        with warnings.catch_warnings():
+            # The command line is the top level: our warnings are shown, once, as one line each.
+            warnings.simplefilter("default", TilefeetWarning)
+            app(args=argv, prog_name="tilefeet")  # standalone: exits through SystemExit
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except TilefeetError as e:
         typer.echo(f"tilefeet: error: {e}", err=True)
         return e.exit_code

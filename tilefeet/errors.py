@@ -49,3 +49,7 @@ class InvalidEngineError(TilefeetError, ValueError):
 
 class BackendUnavailableError(TilefeetError, RuntimeError):
     """An inference backend that cannot run here (library missing, no GPU)."""
+
+
+class TilefeetWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InvalidImageError
+from .errors import ConfigError, InvalidImageError, TilefeetWarning
 from .geometry import Box, BlockGrid, GridMap, Pair, TileLattice, resample_taps
 from .image import ImageMeta
 from .intensity import IntensityMap
@@ -29,7 +29,7 @@ from .units import format_nm
 LOUD_MISMATCH = 8.0
 
 
-class PixelSizeWarning(UserWarning):
+class PixelSizeWarning(TilefeetWarning):
     """The section's pixel size is far from the engine's; results may be poor (or metadata wrong)."""
 
 

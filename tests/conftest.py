@@ -1,0 +1,99 @@
+"""Shared fixtures: real EM test slices, random-weight engines, OME-Zarr sections on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+HELD_OUT = (24, 25, 26, 27, 28, 29)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runner_cache():
+    """Runners are cached per process by spec; tests that rewrite a bundle in place must not see stale ones."""
+    yield
+    from tilefeet.runners import clear_runners
+
+    clear_runners()
+
+
+def isbi_slices() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The six held-out ISBI slices (uint8, 512²) and their membrane masks (1 = membrane)."""
+    import imageio.v3 as iio
+
+    imgs = [iio.imread(DATA / "isbi" / "image" / f"{i}.png") for i in HELD_OUT]
+    mems = [(iio.imread(DATA / "isbi" / "label" / f"{i}.png") < 128).astype(np.uint8) for i in HELD_OUT]
+    return imgs, mems
+
+
+def isbi_montage(rows: int = 2, cols: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A rows × cols montage of the held-out slices (mirror-tiled when more tiles than slices)."""
+    imgs, mems = isbi_slices()
+    pick = [(i % len(imgs)) for i in range(rows * cols)]
+    img = np.block([[imgs[pick[r * cols + c]] for c in range(cols)] for r in range(rows)])
+    mem = np.block([[mems[pick[r * cols + c]] for c in range(cols)] for r in range(rows)])
+    return img, mem
+
+
+def make_random_engine(folder: Path, *, base: int = 8, depth: int = 4, classes=("membrane",), seed: int = 0, sharpen: float = 200.0,
+                       pixel_size_nm=(4.0, 4.0), tile: int = 128, overlap: int = 32):
+    """A randomly initialized U-Net bundle. ``sharpen`` scales the head so probabilities spread over
+    (0, 1) instead of all sitting near 0.5, which makes equality tests discriminating."""
+    import torch
+
+    from tilefeet.engine import Normalization, write_bundle
+    from tilefeet.models.unet import UNet2d
+
+    torch.manual_seed(seed)
+    net = UNet2d(1, len(classes), base, depth)
+    with torch.no_grad():
+        net.head.weight.mul_(sharpen)
+    return write_bundle(
+        folder,
+        name=folder.name,
+        state_dict=net.state_dict(),
+        architecture={"name": "unet2d", "base_channels": base, "depth": depth},
+        pixel_size_nm=pixel_size_nm,
+        classes=tuple(classes),
+        normalization=Normalization(method="meanstd", mean=128.0, std=40.0, percentile_values=(40.0, 215.0)),
+        tile=tile,
+        overlap=overlap,
+    )
+
+
+@pytest.fixture(scope="session")
+def random_engine(tmp_path_factory):
+    return make_random_engine(tmp_path_factory.mktemp("engines") / "random-unet")
+
+
+@pytest.fixture(scope="session")
+def montage_2x3():
+    return isbi_montage(2, 3)
+
+
+@pytest.fixture
+def section(tmp_path, montage_2x3):
+    """The 2 × 3 held-out montage (1024 × 1536, 4 nm) as OME-Zarr 0.5 with 256² chunks."""
+    from tilefeet.convert import write_image
+
+    return write_image(montage_2x3[0], tmp_path / "section.ome.zarr", (4.0, 4.0), chunk=256)
+
+
+def bundled_engine_available() -> bool:
+    from tilefeet.engine import list_engines
+
+    return "isbi-membrane" in list_engines()

@@ -1,0 +1,200 @@
+"""The command line as a user meets it: the happy path, and every bad input as one line + exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tilefeet.cli import main
+from tilefeet.convert import write_image
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("tilefeet: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.exists() else {}
+
+
+@pytest.fixture
+def small(tmp_path, montage_2x3):
+    return write_image(montage_2x3[0][:300, :400], tmp_path / "small.ome.zarr", (4.0, 4.0), chunk=128)
+
+
+def test_segment_info_dry_run(tmp_path, capsys, small, random_engine):
+    code, out, _ = run_cli(capsys, "segment", small, tmp_path / "o.ome.zarr", "-e", random_engine.path, "--dry-run")
+    assert code == 0 and "read        level 0" in out and "tile evaluations" in out
+    assert not (tmp_path / "o.ome.zarr").exists()
+    code, _, err = run_cli(capsys, "-q", "segment", small, tmp_path / "o.ome.zarr", "-e", random_engine.path, "--chunk-size", "128", "--block-size", "256")
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, "info", tmp_path / "o.ome.zarr")
+    assert code == 0 and "300 × 400" in out and "labels/membrane" in out and "4 nm" in out
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+
+
+def _make_bad_inputs(tmp_path: Path, img: np.ndarray) -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """name -> (input path, words the error must contain)."""
+    cases: dict[str, tuple[Path, tuple[str, ...]]] = {}
+    cases["missing"] = (tmp_path / "nope.ome.zarr", ("does not exist",))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "a.txt").write_text("hello")
+    cases["not zarr"] = (plain, ("not a zarr store",))
+    png = tmp_path / "image.png"
+    import imageio.v3 as iio
+
+    iio.imwrite(png, img[:64, :64])
+    cases["a png"] = (png, ("not a zarr store", "tilefeet convert"))
+    g = zarr.open_group(str(tmp_path / "nomulti.zarr"), mode="w", zarr_format=3)
+    g.create_array("0", shape=(64, 64), dtype="uint8")
+    cases["no multiscales"] = (tmp_path / "nomulti.zarr", ("multiscales",))
+    bad = write_image(img[:64, :64], tmp_path / "badmeta.ome.zarr", (4.0, 4.0))
+    root = zarr.open_group(str(bad), mode="r+")
+    attrs = root.attrs["ome"]
+    attrs["multiscales"][0]["datasets"] = []
+    root.attrs["ome"] = attrs
+    cases["invalid multiscales"] = (bad, ("invalid", "multiscales"))
+    unit = write_image(img[:64, :64], tmp_path / "unit.ome.zarr", (4.0, 4.0))
+    root = zarr.open_group(str(unit), mode="r+")
+    attrs = root.attrs["ome"]
+    for ax in attrs["multiscales"][0]["axes"]:
+        ax["unit"] = "furlong"
+    root.attrs["ome"] = attrs
+    cases["unknown unit"] = (unit, ("furlong",))
+    cases["z > 1"] = (write_image(np.stack([img[:64, :64]] * 3), tmp_path / "z.ome.zarr", (4.0, 4.0)), ("3 planes", "'z'"))
+    ch = tmp_path / "channels.ome.zarr"
+    g = zarr.open_group(str(ch), mode="w", zarr_format=3)
+    g.create_array("0", shape=(3, 64, 64), dtype="uint8", dimension_names=["c", "y", "x"])
+    g.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "nanometer"},
+                                  {"name": "x", "type": "space", "unit": "nanometer"}],
+                         "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 4, 4]}]}]}],
+    }
+    cases["channels"] = (ch, ("3 channels",))
+    empty = tmp_path / "empty.ome.zarr"
+    g = zarr.open_group(str(empty), mode="w", zarr_format=3)
+    g.create_array("0", shape=(0, 64), dtype="uint8", dimension_names=["y", "x"])
+    g.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "y", "type": "space", "unit": "nanometer"},
+                      {"name": "x", "type": "space", "unit": "nanometer"}],
+                      "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [4, 4]}]}]}]}
+    cases["empty"] = (empty, ("empty",))
+    nopx = write_image(img[:64, :64], tmp_path / "nopx.ome.zarr", (4.0, 4.0))
+    root = zarr.open_group(str(nopx), mode="r+")
+    attrs = root.attrs["ome"]
+    for ax in attrs["multiscales"][0]["axes"]:
+        ax.pop("unit", None)
+    root.attrs["ome"] = attrs
+    cases["no pixel size"] = (nopx, ("pixel size", "--pixel-size"))
+    return cases
+
+
+def test_bad_inputs_one_line_error_and_nothing_written(tmp_path, capsys, montage_2x3, random_engine):
+    cases = _make_bad_inputs(tmp_path / "inputs", np.ascontiguousarray(montage_2x3[0])) if (tmp_path / "inputs").mkdir() is None else {}
+    for name, (path, needles) in cases.items():
+        before = snapshot(path) if path.is_dir() else None
+        out = tmp_path / "out" / f"{name.replace(' ', '_')}.ome.zarr"
+        code, _, err = run_cli(capsys, "segment", path, out, "-e", random_engine.path)
+        assert_one_line_error(code, err, *needles)
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists(), name
+        if before is not None:
+            assert snapshot(path) == before, f"{name}: input changed"
+
+
+def test_bad_options(tmp_path, capsys, small, random_engine):
+    out = tmp_path / "o.ome.zarr"
+    code, _, err = run_cli(capsys, "segment", small, out, "-e", random_engine.path, "--tile", "100")
+    assert_one_line_error(code, err, "tile size 100", "multiple of 16", "--tile 96")
+    code, _, err = run_cli(capsys, "segment", small, out, "-e", "no-such-engine")
+    assert_one_line_error(code, err, "no engine 'no-such-engine'", "available engines")
+    code, _, err = run_cli(capsys, "segment", small, out, "-e", random_engine.path, "--block-size", "1000")
+    assert_one_line_error(code, err, "multiple of the output chunk size")
+    code, _, err = run_cli(capsys, "segment", small, out, "-e", random_engine.path, "--pixel-size", "4parsec")
+    assert_one_line_error(code, err, "parsec")
+    code, _, err = run_cli(capsys, "segment", small, out, "-e", random_engine.path, "--blend", "magic")
+    assert_one_line_error(code, err, "blend", "gaussian")
+    code, _, err = run_cli(capsys, "segment", small, small / "inside.ome.zarr", "-e", random_engine.path)
+    assert_one_line_error(code, err, "overlaps the input")
+    assert not out.exists()
+
+
+def test_existing_output_is_never_half_overwritten(tmp_path, capsys, small, random_engine):
+    out = tmp_path / "o.ome.zarr"
+    code, _, err = run_cli(capsys, "-q", "segment", small, out, "-e", random_engine.path)
+    assert code == 0, err
+    before = snapshot(out)
+    # Without --overwrite: refused.
+    code, _, err = run_cli(capsys, "segment", small, out, "-e", random_engine.path)
+    assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert snapshot(out) == before
+    # With --overwrite, but the input has a corrupted chunk: the run fails, the old output stays whole.
+    broken = tmp_path / "broken.ome.zarr"
+    shutil.copytree(small, broken)
+    chunk = next(p for p in sorted((broken / "0" / "c").rglob("*")) if p.is_file())
+    chunk.write_bytes(b"\x00garbage" * 7)
+    code, _, err = run_cli(capsys, "-q", "segment", broken, out, "-e", random_engine.path, "--overwrite")
+    assert_one_line_error(code, err, "damaged", "level 0")
+    assert snapshot(out) == before
+
+
+def test_pixel_size_far_off_warns_loudly_and_runs(tmp_path, capsys, montage_2x3, random_engine):
+    src = write_image(montage_2x3[0][:64, :64], tmp_path / "far.ome.zarr", (100.0, 100.0))
+    code, _, err = run_cli(capsys, "-q", "segment", src, tmp_path / "o.ome.zarr", "-e", random_engine.path)
+    assert code == 0
+    assert "warning" in err and "25× off" in err
+
+
+def test_console_script_exit_status_and_no_traceback(tmp_path):
+    """The installed `tilefeet` executable: a bad input exits 2 with one line on stderr."""
+    exe = shutil.which("tilefeet") or f"{sys.executable} -m tilefeet.cli"
+    r = subprocess.run([*exe.split(), "segment", str(tmp_path / "missing.ome.zarr"), str(tmp_path / "o")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("tilefeet: error:") and "Traceback" not in r.stderr
+
+
+def test_convert_montage_folder_and_info(tmp_path, capsys, montage_2x3):
+    import imageio.v3 as iio
+
+    from .conftest import isbi_slices
+
+    imgs, _ = isbi_slices()
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for r in range(2):
+        for c in range(3):
+            iio.imwrite(folder / f"tile_r{r}_c{c}.png", imgs[r * 3 + c])
+    out = tmp_path / "m.ome.zarr"
+    code, _, err = run_cli(capsys, "-q", "convert", folder, out, "--pixel-size", "4nm", "--chunk", "256")
+    assert code == 0, err
+    z = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(z["0"][:], montage_2x3[0])
+    code, out_text, _ = run_cli(capsys, "info", out)
+    assert "1024 × 1536" in out_text and "level 2" in out_text
+    ms = z.attrs["ome"]["multiscales"][0]
+    assert ms["datasets"][1]["coordinateTransformations"][0]["scale"] == [8.0, 8.0]
+    assert json.dumps(ms)  # plain JSON
+    code, _, err = run_cli(capsys, "convert", folder, tmp_path / "x.ome.zarr")
+    assert_one_line_error(code, err, "--pixel-size")
