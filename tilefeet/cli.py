@@ -181,6 +181,69 @@ def convert(
     _echo(Image.open(out).meta.describe())
 
 
+@app.command()
+def sample(
+    output: Path = typer.Argument(Path("sample.ome.zarr"), help="Where to write the sample OME-Zarr."),
+    rows: int = typer.Option(2, help="Montage rows of 512² slices."),
+    cols: int = typer.Option(3, help="Montage columns."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+) -> None:
+    """Write the bundled real EM sample (held-out ISBI 2012 slices, 4 nm TEM) as an OME-Zarr montage,
+    with its ground-truth membranes as labels/membrane."""
+    from .convert import write_image, write_labels
+    from .sample import PIXEL_SIZE_NM, montage
+
+    img, mem = montage(rows, cols, mirror=False)
+    out = write_image(img, output, PIXEL_SIZE_NM, chunk=512, name="isbi-sample", overwrite=overwrite)
+    write_labels(mem, out, "membrane")
+    _echo(f"wrote {out} ({img.shape[0]} × {img.shape[1]} px at 4 nm, ground truth in labels/membrane)")
+
+
+@app.command()
+def preview(
+    output: Path = typer.Argument(..., help="A tilefeet output OME-Zarr."),
+    png: Path = typer.Argument(..., help="PNG to write."),
+    image: Optional[Path] = typer.Option(None, help="The input image (default: the one recorded in the output)."),
+    max_size: int = typer.Option(2048, "--max-size", help="Largest side of the preview (picks the pyramid level)."),
+) -> None:
+    """A PNG of a segmentation: the input with labels overlaid, beside the probability map."""
+    from .preview import render_preview
+
+    _echo(f"wrote {render_preview(output, png, image=image, max_size=max_size)}")
+
+
+@app.command()
+def bench(
+    size: int = typer.Option(4096, help="Side of the square test section (real EM texture, mirror-tiled)."),
+    engine: str = typer.Option("isbi-membrane", "--engine", "-e"),
+    workdir: Path = typer.Option(Path("bench-work"), help="Scratch folder for the section and outputs."),
+    baseline: list[str] = typer.Option(["io", "monai"], help="Baselines to time in the same run: io, monai."),
+    tile: Optional[int] = typer.Option(None),
+    overlap: Optional[int] = typer.Option(None),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    block_size: int = typer.Option(4096, "--block-size"),
+    backend: str = typer.Option("torch"),
+    device: str = typer.Option("auto"),
+    precision: str = typer.Option("fp32"),
+    blocks_in_flight: int = typer.Option(2, "--blocks-in-flight"),
+    repeats: int = typer.Option(1, help="Runs per job; the fastest counts."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+) -> None:
+    """End-to-end throughput (Mpx/s, peak memory) against baselines measured in the same run."""
+    import json
+
+    from .bench import benchmark, format_report
+
+    opts = {"batch_size": batch_size, "block_size": block_size, "backend": backend, "device": device,
+            "precision": precision, "blocks_in_flight": blocks_in_flight}
+    opts.update({k: v for k, v in (("tile", tile), ("overlap", overlap)) if v is not None})
+    report = benchmark(size, engine, workdir, options=opts, baselines=tuple(baseline), repeats=repeats)
+    typer.echo(format_report(report))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+
+
 @app.command("engines")
 def engines_cmd() -> None:
     """List the engine bundles tilefeet can find."""

@@ -1,0 +1,191 @@
+"""``tilefeet bench``: end-to-end throughput on a section of real EM texture, with baselines measured
+in the same run.
+
+Jobs run in separate processes so each one's peak memory is its own:
+
+``tilefeet``   segment_to_zarr end to end: read OME-Zarr, normalize, tile, run, blend, write
+               probabilities + labels + pyramids.
+``monai``      MONAI's ``sliding_window_inference`` on the same network, tile, overlap and gaussian
+               blending, over the section held in memory (reading and writing timed separately).
+               ``model="plain"`` is the bundle's network as an ``nn.Module`` (what a MONAI user
+               runs); ``model="runner"`` is tilefeet's own torch runner (channels-last), which
+               isolates the pipeline's share of the difference.
+``io``         the raw I/O floor: read every input chunk and write a compressed uint8 array of the
+               output's size, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def device_name(device: str = "auto") -> str:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def make_section(path: Path, size: int, chunk: int = 1024) -> Path:
+    from .convert import write_image
+    from .sample import PIXEL_SIZE_NM, texture_section
+
+    if not path.exists():
+        write_image(texture_section(size, chunk), path, PIXEL_SIZE_NM, chunk=chunk)
+    return path
+
+
+# ------------------------------------------------------------------------------------- workers
+
+
+def job_tilefeet(section: str, out: str, engine: str, options: dict) -> dict:
+    from .pipeline import segment_to_zarr
+
+    t0 = time.perf_counter()
+    segment_to_zarr(section, out, engine, overwrite=True, **options)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def job_monai(section: str, out: str, engine: str, options: dict, model: str = "plain") -> dict:
+    import torch
+    import zarr
+    from monai.inferers import sliding_window_inference
+
+    from .engine import load_engine
+    from .runners import RunnerSpec
+    from .runners.torch_runner import TorchRunner
+
+    bundle = load_engine(engine)
+    tile, overlap, batch = options.get("tile", bundle.tile), options.get("overlap", bundle.overlap), options.get("batch_size", 4)
+    if model == "runner":
+        runner = TorchRunner(bundle, RunnerSpec(str(bundle.path), batch_size=batch, tile=(tile, tile)))
+        predictor: Any = runner
+    else:
+        predictor = bundle.build_model()
+    t0 = time.perf_counter()
+    raw = zarr.open_group(section, mode="r")["0"][:]
+    x = torch.from_numpy(bundle.normalization.to_network(raw.astype(np.float32)))[None, None]
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        p = sliding_window_inference(
+            x, roi_size=(tile, tile), sw_batch_size=batch, predictor=predictor, overlap=overlap / tile,
+            mode="gaussian", sigma_scale=0.125, padding_mode="reflect",
+        )
+    t2 = time.perf_counter()
+    q = torch.round(p[0] * 255).clamp(0, 255).to(torch.uint8).numpy()
+    z = zarr.create_array(out, shape=q.shape, chunks=(1, 1024, 1024), dtype="uint8", overwrite=True)
+    z[:] = q
+    t3 = time.perf_counter()
+    return {"seconds": t3 - t0, "read_seconds": t1 - t0, "infer_seconds": t2 - t1, "write_seconds": t3 - t2}
+
+
+def job_io(section: str, out: str, engine: str, options: dict) -> dict:
+    """Read every chunk of the input and write an array of the same size: the I/O floor."""
+    import dask.array as da
+    import zarr
+
+    from .writer import _compressor
+
+    t0 = time.perf_counter()
+    src = da.from_zarr(zarr.open_group(section, mode="r")["0"])
+    z = zarr.create_array(out, shape=src.shape, chunks=src.chunksize, dtype="uint8", compressors=_compressor(), overwrite=True)
+    da.store((src // 2).astype(np.uint8), z, lock=False, scheduler="threads")
+    return {"seconds": time.perf_counter() - t0}
+
+
+JOBS = {"tilefeet": job_tilefeet, "monai": job_monai, "io": job_io}
+
+
+def run_job(name: str, section: Path, out: Path, engine: str, options: dict, **extra: Any) -> dict:
+    """Run one job in a fresh process; returns its timings and peak resident memory (MB)."""
+    payload = json.dumps({"job": name, "section": str(section), "out": str(out), "engine": engine, "options": options, "extra": extra})
+    code = (
+        "import json, resource, sys; from tilefeet.bench import _worker; r = _worker(sys.argv[1]); "
+        "r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print('RESULT' + json.dumps(r))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench job {name} failed:\n{proc.stderr[-3000:]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
+
+
+def _worker(payload: str) -> dict:
+    p = json.loads(payload)
+    return JOBS[p["job"]](p["section"], p["out"], p["engine"], p["options"], **p["extra"])
+
+
+def benchmark(
+    size: int,
+    engine: str,
+    workdir: Path,
+    *,
+    options: dict | None = None,
+    baselines: tuple[str, ...] = ("io", "monai"),
+    repeats: int = 1,
+) -> dict:
+    """Time tilefeet and the baselines on one ``size²`` section; returns a JSON-ready report."""
+    import torch
+
+    from . import __version__
+
+    options = dict(options or {})
+    workdir.mkdir(parents=True, exist_ok=True)
+    section = make_section(workdir / f"texture-{size}.ome.zarr", size)
+    mpx = size * size / 1e6
+    results: dict[str, dict] = {}
+
+    def best(name: str, **extra: Any) -> dict:
+        runs = [run_job(name if name in JOBS else "monai", section, workdir / f"out-{name}.zarr", engine, options, **extra) for _ in range(repeats)]
+        r = min(runs, key=lambda x: x["seconds"])
+        r["mpx_per_s"] = mpx / r["seconds"]
+        return r
+
+    results["tilefeet"] = best("tilefeet")
+    if "io" in baselines:
+        results["io"] = best("io")
+    if "monai" in baselines:
+        results["monai"] = best("monai", model="plain")
+        results["monai-runner"] = best("monai-runner", model="runner")
+    return {
+        "device": device_name(options.get("device", "auto")),
+        "tilefeet_version": __version__,
+        "torch": torch.__version__,
+        "size": size,
+        "megapixels": mpx,
+        "engine": engine,
+        "options": options,
+        "results": results,
+    }
+
+
+def format_report(report: dict) -> str:
+    r = report["results"]
+    t = r["tilefeet"]
+    lines = [
+        f"{report['device']} — {report['size']}² section ({report['megapixels']:.1f} Mpx), engine {report['engine']}",
+        f"{'job':<14}{'seconds':>10}{'Mpx/s':>10}{'peak MB':>10}   tilefeet speed-up",
+    ]
+    for name, v in r.items():
+        ratio = v["seconds"] / t["seconds"]
+        extra = ""
+        if "infer_seconds" in v:
+            extra = f"   (inference alone {v['infer_seconds']:.1f} s: tilefeet end to end is {v['infer_seconds'] / t['seconds']:.2f}× faster)"
+        lines.append(f"{name:<14}{v['seconds']:>10.2f}{v['mpx_per_s']:>10.2f}{v['peak_rss_mb']:>10.0f}   ×{ratio:.2f}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""A PNG to look at: the input with the labels overlaid, beside the probability map.
+
+Reads one pyramid level of the output (the finest that fits ``max_size``), so previews of whole
+sections are cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidImageError
+
+
+def render_preview(output: Path, png: Path, *, image: Path | None = None, max_size: int = 2048, class_index: int = 0) -> Path:
+    import imageio.v3 as iio
+    import zarr
+
+    from .image import Image
+    from .writer import LABEL_COLORS
+
+    try:
+        root = zarr.open_group(str(output), mode="r")
+        ms = root.attrs["ome"]["multiscales"][0]
+    except Exception:
+        raise InvalidImageError(f"{output} is not a tilefeet output (OME-Zarr 0.5 with probabilities); run `tilefeet segment` first") from None
+    paths = [d["path"] for d in ms["datasets"]]
+    level = next((k for k, p in enumerate(paths) if max(root[p].shape[1:]) <= max_size), len(paths) - 1)
+    prob = np.asarray(root[paths[level]][class_index])
+    prob = prob if prob.dtype == np.uint8 else np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+    h, w = prob.shape
+    label = None
+    if "labels" in root:
+        names = root["labels"].attrs["ome"]["labels"]
+        if class_index < len(names):
+            label = np.asarray(root[f"labels/{names[class_index]}/{paths[level]}"][0]).astype(bool)
+    src = image or (ms.get("metadata") or {}).get("input")
+    if src and Path(src).exists():
+        grey = _read_like(Image.open(src), (h, w))
+    else:
+        grey = np.full((h, w), 128, np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    if label is not None:
+        color = np.array(LABEL_COLORS[class_index % len(LABEL_COLORS)], np.float32)
+        rgb[label] = 0.45 * rgb[label] + 0.55 * color
+    right = np.repeat(prob[..., None], 3, axis=2).astype(np.float32)
+    gap = np.full((h, 8, 3), 255, np.float32)
+    iio.imwrite(png, np.concatenate([rgb, gap, right], axis=1).round().astype(np.uint8))
+    return png
+
+
+def _read_like(image, shape: tuple[int, int]) -> np.ndarray:
+    """The input at the level nearest ``shape``, resized to it exactly, as 8-bit grey."""
+    from skimage.transform import resize
+
+    from .geometry import Box
+
+    # the coarsest level still at least as large as the preview
+    larger = [i for i, lv in enumerate(image.meta.levels) if lv.shape[0] >= shape[0] and lv.shape[1] >= shape[1]]
+    k = larger[-1] if larger else 0
+    lv = image.meta.levels[k]
+    a = image.read(k, Box(0, 0, *lv.shape)).astype(np.float32)
+    if a.shape != shape:
+        a = resize(a, shape, preserve_range=True, anti_aliasing=True)
+    lo, hi = np.percentile(a, (0.5, 99.5))
+    return np.clip((a - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
