@@ -55,7 +55,8 @@ def make_random_engine(folder: Path, *, base: int = 8, depth: int = 4, classes=(
     (0, 1) instead of all sitting near 0.5, which makes equality tests discriminating."""
     import torch
 
-    from tilefeet.engine import Normalization, write_bundle
+    from tilefeet.engine import write_bundle
+    from tilefeet.intensity import training_normalization
     from tilefeet.models.unet import UNet2d
 
     torch.manual_seed(seed)
@@ -69,7 +70,7 @@ def make_random_engine(folder: Path, *, base: int = 8, depth: int = 4, classes=(
         architecture={"name": "unet2d", "base_channels": base, "depth": depth},
         pixel_size_nm=pixel_size_nm,
         classes=tuple(classes),
-        normalization=Normalization(method="meanstd", mean=128.0, std=40.0, percentile_values=(40.0, 215.0)),
+        normalization=training_normalization(isbi_slices()[0][:3]),
         tile=tile,
         overlap=overlap,
     )
