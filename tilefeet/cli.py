@@ -163,7 +163,7 @@ def convert(
     from . import convert as conv
     from .errors import ConfigError
     from .settings import _pair
-    from .units import parse_pixel_size
+    from .units import format_nm, parse_pixel_size
 
     data = conv.open_input(input, grid=_pair(grid, "grid") if grid else None, stack=stack)
     if labels:
@@ -176,6 +176,9 @@ def convert(
     px = parse_pixel_size(pixel_size, where="--pixel-size")
     out = conv.write_image(data, output, px, chunk=chunk, version=ngff_version, name=input.stem, overwrite=overwrite, progress=not _quiet)
     _echo(f"wrote {out}")
+    if data.ndim == 3:  # a training stack: Image (and `info`) read 2-D sections only
+        _echo(f"  {data.shape[0]} slices of {data.shape[1]} × {data.shape[2]} px, {format_nm(px)}, {data.dtype}")
+        return
     from .image import Image
 
     _echo(Image.open(out).meta.describe())

@@ -316,11 +316,11 @@ def write_labels(
     import dask.array as da
     import zarr
 
-    from .image import Image
+    from .training_data import read_stack_meta
 
-    image = Image.open(image_path)
+    image = read_stack_meta(image_path)  # not Image.open: training stacks (z, y, x) get labels too
     m = mask if isinstance(mask, da.Array) else da.from_array(np.asarray(mask), chunks=1024)
-    img_shape = tuple(int(s) for s in image.array(0).shape)
+    img_shape = image.level_shapes[0]
     if m.shape[-2:] != img_shape[-2:] or (m.ndim == 3 and len(img_shape) == 3 and m.shape[0] != img_shape[0]):
         raise InvalidImageError(f"label image of shape {m.shape} does not match image {image_path} of shape {img_shape}")
     if foreground is None:
@@ -329,20 +329,20 @@ def write_labels(
         binary = da.isin(m, list(foreground)).astype(np.uint8)
     root = zarr.open_group(str(image_path), mode="r+")
     if root.info._zarr_format != 3:
-        raise InvalidImageError(f"{image_path} is OME-Zarr {image.meta.version}; labels are written into 0.5 (zarr v3) images only")
+        raise InvalidImageError(f"{image_path} is OME-Zarr {image.version}; labels are written into 0.5 (zarr v3) images only")
     labels = root.require_group("labels")
     if name in labels and not overwrite:
         raise OutputExistsError(f"{image_path}/labels/{name} exists; pass --overwrite to replace it")
     g = labels.create_group(name, overwrite=True)
     lead = [{"name": "z", "type": "space", "unit": "nanometer"}] if binary.ndim == 3 else []
-    px = image.meta.levels[0].pixel_size_nm or (1.0, 1.0)
-    n = len(image.meta.levels)
+    px = image.pixel_size_nm or (1.0, 1.0)
+    n = len(image.level_shapes)
     tasks, level = [], binary
     for k in range(n):
         if k:
             level = downsample2(level, "max")
-        shape = (*binary.shape[:-2], *image.meta.levels[k].shape)
-        chunks = tuple(min(c, s) for c, s in zip((1,) * (binary.ndim - 2) + image.meta.levels[0].chunks, shape))
+        shape = (*binary.shape[:-2], *image.level_shapes[k][-2:])
+        chunks = tuple(min(c, s) for c, s in zip((1,) * (binary.ndim - 2) + image.chunks[-2:], shape))
         z = g.create_array(str(k), shape=shape, chunks=chunks, dtype="uint8", compressors=_compressor(), fill_value=0,
                            dimension_names=[*(a["name"] for a in lead), "y", "x"])
         tasks.append(da.store(level[..., : shape[-2], : shape[-1]].rechunk(chunks), z, lock=False, compute=False))

@@ -1,0 +1,362 @@
+"""Training data from OME-Zarr: an image (2-D, or a (z, y, x) stack of serial sections) and its label
+images, read into memory and split into training and validation parts.
+
+tilefeet segments 2-D sections, and :meth:`tilefeet.image.Image.open` refuses stacks on purpose;
+training wants them (annotated serial sections), so :func:`read_stack_meta` reads the NGFF
+``multiscales`` metadata of an image or label image that may be a stack (``tilefeet convert
+--labels`` uses it too), and :func:`read_volume` its level 0 as a ``(z, y, x)`` array with its pixel
+size. Training sets are small, so they are read whole, and refused above a size limit rather than
+swapped. Validation is either chosen z-slices of a stack, or, for a single 2-D image, one band at
+its far end (one band, not scattered pixels, so that few validation pixels border training ones)::
+
+    stack (z, y, x)                  one 2-D image
+    z 0 ... n-k-1 │ n-k ... n-1      ┌──────────────┬────┐
+       training   │  validation      │   training   │val │  (last fraction of the longer axis)
+                                     └──────────────┴────┘
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, CorruptDataError, InputNotFoundError, InvalidImageError
+from .geometry import Box
+from .units import nm_per_unit, parse_pixel_size
+
+#: Largest image (all z-slices, level 0) read for training; the trainer keeps a few float copies.
+MAX_TRAINING_PIXELS = 1 << 28
+#: A held-out band of a single 2-D image is at least this many pixels wide (a few network tiles' context).
+MIN_VAL_BAND = 64
+
+
+@dataclass(frozen=True)
+class Volume:
+    """Level 0 of an OME-Zarr image or label image, in memory as ``(z, y, x)`` (z = 1 for 2-D)."""
+
+    path: str
+    data: np.ndarray
+    pixel_size_nm: tuple[float, float] | None  #: (y, x); None when the axes carry no unit
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (int(self.data.shape[0]), int(self.data.shape[1]), int(self.data.shape[2]))
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """Which part of the data validates: z-slices of a stack, or a fraction (of the slices of a stack,
+    or of the longer axis of one 2-D image). ``fraction`` 0 means no validation."""
+
+    slices: tuple[int, ...] | None = None
+    fraction: float = 0.1
+
+    @classmethod
+    def create(cls, slices: str | Sequence[int] | None = None, fraction: float | None = None) -> ValidationSplit:
+        """From CLI input: ``slices="21,22,23"`` or ``fraction=0.1`` (not both; neither = 10 %)."""
+        if slices is not None and fraction is not None:
+            raise ConfigError("give either --val-slices or --val-fraction, not both")
+        if slices is not None:
+            return cls(slices=parse_slices(slices))
+        return cls(fraction=0.1 if fraction is None else float(fraction))
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be at least 0 and below 1, got {self.fraction}")
+        if self.slices is not None and not self.slices:
+            raise ConfigError("--val-slices needs at least one z index, e.g. 21,22,23")
+
+
+def parse_slices(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"21,22,23"`` or ``"21-23"`` (inclusive) or a sequence → sorted unique z indices."""
+    if not isinstance(text, str):
+        return tuple(sorted({int(v) for v in text}))
+    out: set[int] = set()
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(f"--val-slices takes z indices like 21,22,23 or 21-23, got {text!r}") from None
+    return tuple(sorted(out))
+
+
+@dataclass
+class TrainingSet:
+    """What the trainer consumes: 2-D images, their ``(C, H, W)`` masks, and how they were chosen."""
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+    val_images: list[np.ndarray]
+    val_masks: list[np.ndarray]
+    classes: tuple[str, ...]
+    pixel_size_nm: tuple[float, float]
+    provenance: dict[str, Any] = field(default_factory=dict)  #: recorded in the bundle's [training] table
+
+    def fingerprint(self) -> str:
+        """sha256 of the pixels, masks and split: a resumed run must train on exactly this data."""
+        h = hashlib.sha256()
+        for part in (self.images, self.masks, self.val_images, self.val_masks):
+            h.update(str(len(part)).encode())
+            for a in part:
+                h.update(str((a.shape, a.dtype.str)).encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class StackMeta:
+    """Metadata of an OME-Zarr image or label image that may hold a (z, y, x) stack (only metadata read)."""
+
+    path: str
+    version: str  #: NGFF version, "0.5" (zarr v3) or "0.4" (zarr v2)
+    level_paths: tuple[str, ...]
+    level_shapes: tuple[tuple[int, ...], ...]  #: full array shapes, leading axes included
+    chunks: tuple[int, ...]  #: level 0's chunk shape
+    index: tuple  #: indexes level 0 down to (z, y, x) or (y, x): keeps z, drops axes of size one
+    pixel_size_nm: tuple[float, float] | None  #: (y, x) of level 0; None when the axes carry no unit
+
+
+def read_stack_meta(path: str | os.PathLike, *, role: str = "image") -> StackMeta:
+    """Levels, axes and pixel size of an OME-Zarr image or NGFF label image (0.4 or 0.5).
+
+    Unlike :meth:`tilefeet.image.Image.open` (2-D sections only), one spatial axis before y, x may
+    have any size (z); other leading axes (t, c) must have size one. ``role`` names the input in errors.
+    """
+    import zarr
+
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError(f"{role} {p} does not exist; convert PNG/TIFF images with `tilefeet convert INPUT {p} --pixel-size 5nm` (--stack for a folder of slices)")
+    try:
+        group = zarr.open_group(str(p), mode="r")
+    except Exception:
+        raise InvalidImageError(f"{role} {p} is not an OME-Zarr image group; convert it with `tilefeet convert` first") from None
+    attrs = dict(group.attrs)
+    ome = dict(attrs.get("ome", attrs))
+    if "bioformats2raw.layout" in ome and "0" in group:
+        return read_stack_meta(p / "0", role=role)
+    ms = ome.get("multiscales")
+    if not ms:
+        raise InvalidImageError(f"{role} {p} has no NGFF 'multiscales' metadata; convert it with `tilefeet convert` first")
+    paths = tuple(str(d["path"]) for d in ms[0].get("datasets", []))
+    try:
+        arrays = [group[a] for a in paths]
+    except KeyError as e:
+        raise InvalidImageError(f"{role} {p}: multiscales names dataset {e} but the store has no such array") from None
+    if not arrays:
+        raise InvalidImageError(f"{role} {p}: multiscales lists no datasets; re-convert it")
+    shape = tuple(int(s) for s in arrays[0].shape)
+    axes = _axes(ms[0], len(shape))
+    version = str(attrs["ome"].get("version", "0.5")) if "ome" in attrs else str(ms[0].get("version", "0.4"))
+    return StackMeta(
+        path=str(p),
+        version=version,
+        level_paths=paths,
+        level_shapes=tuple(tuple(int(s) for s in a.shape) for a in arrays),
+        chunks=tuple(int(c) for c in (arrays[0].chunks or shape)),
+        index=_zyx_index(shape, axes, f"{role} {p}"),
+        pixel_size_nm=_pixel_size(ms[0], ms[0]["datasets"][0], axes, f"{role} {p}"),
+    )
+
+
+def read_volume(path: str | os.PathLike, *, max_pixels: int = MAX_TRAINING_PIXELS, role: str = "image") -> Volume:
+    """Level 0 of an OME-Zarr image or NGFF label image as a ``(z, y, x)`` numpy array (z = 1 for 2-D),
+    refused above ``max_pixels`` (it is read whole into memory)."""
+    import zarr
+
+    meta = read_stack_meta(path, role=role)
+    n = math.prod(meta.level_shapes[0])
+    if n > max_pixels:
+        raise ConfigError(
+            f"{role} {meta.path} has {n:,} pixels at level 0 (shape {meta.level_shapes[0]}), more than the {max_pixels:,} a "
+            f"training run reads into memory; train on a cropped region or fewer slices, or raise --max-pixels"
+        )
+    try:
+        data = np.asarray(zarr.open_group(meta.path, mode="r")[meta.level_paths[0]][meta.index])
+    except Exception as e:
+        raise CorruptDataError(f"{role} {meta.path}: could not read level 0 ({type(e).__name__}: {e}); re-convert it") from None
+    if np.dtype(data.dtype).kind not in "uifb":
+        raise InvalidImageError(f"{role} {meta.path} has dtype {data.dtype}; expected integer or floating-point values")
+    return Volume(meta.path, data if data.ndim == 3 else data[None], meta.pixel_size_nm)
+
+
+def _axes(multiscale: dict, ndim: int) -> list[dict]:
+    axes = multiscale.get("axes") or [{"name": n} for n in ("z", "y", "x")[-ndim:]]
+    axes = [a if isinstance(a, dict) else {"name": str(a)} for a in axes]
+    return axes if len(axes) == ndim else [{"name": "?"}] * (ndim - 2) + [{"name": "y"}, {"name": "x"}]
+
+
+def _zyx_index(shape: tuple[int, ...], axes: list[dict], where: str) -> tuple:
+    """Index that keeps z (if any), y and x; refuses leading axes of more than one entry besides z."""
+    names = [str(a.get("name", "?")) for a in axes]
+    if len(shape) < 2 or names[-2:] not in (["y", "x"], ["?", "?"]):
+        raise InvalidImageError(f"{where}: the last two axes must be y, x; got axes {tuple(names)}")
+    index: list[Any] = []
+    kept_z = False
+    for size, name, axis in zip(shape[:-2], names[:-2], axes[:-2]):
+        spatial = axis.get("type") == "space" or name == "z"
+        if size > 1 and spatial and not kept_z:
+            index.append(slice(None))
+            kept_z = True
+        elif size == 1:
+            index.append(0)
+        else:
+            raise InvalidImageError(
+                f"{where} has {size} entries along axis {name!r} (shape {shape}); training reads one channel and "
+                f"one z-stack: write a single-channel (z, y, x) image"
+            )
+    return tuple(index) + (slice(None), slice(None))
+
+
+def _pixel_size(multiscale: dict, dataset: dict, axes: list[dict], where: str) -> tuple[float, float] | None:
+    """(y, x) pixel size in nm of a dataset: its scale times the multiscale's, in the axes' unit."""
+    units = [axes[-2].get("unit"), axes[-1].get("unit")]
+    if any(u is None for u in units):
+        return None
+    scale = [1.0, 1.0]
+    for transforms in (dataset.get("coordinateTransformations") or [], multiscale.get("coordinateTransformations") or []):
+        for t in transforms:
+            if t.get("type") == "scale" and "scale" in t:
+                scale = [scale[0] * float(t["scale"][-2]), scale[1] * float(t["scale"][-1])]
+    px = (scale[0] * nm_per_unit(units[0], where=f"{where} axis y"), scale[1] * nm_per_unit(units[1], where=f"{where} axis x"))
+    if min(px) <= 0:
+        raise InvalidImageError(f"{where}: scale must be positive, got {scale}")
+    return px
+
+
+# ---------------------------------------------------------------------------------- splitting
+
+
+def split_stack(n_slices: int, split: ValidationSplit) -> tuple[list[int], list[int]]:
+    """(training, validation) z indices of a stack: the chosen slices, or the last ``fraction`` of them."""
+    if split.slices is not None:
+        bad = [z for z in split.slices if not 0 <= z < n_slices]
+        if bad:
+            raise ConfigError(f"--val-slices {bad} outside the stack's z range 0..{n_slices - 1}")
+        val = list(split.slices)
+    else:
+        k = math.ceil(split.fraction * n_slices) if split.fraction > 0 else 0
+        val = list(range(n_slices - k, n_slices))
+    train = [z for z in range(n_slices) if z not in val]
+    if not train:
+        raise ConfigError(f"all {n_slices} slices are validation slices; leave at least one for training")
+    return train, val
+
+
+def split_region(shape: tuple[int, int], fraction: float) -> tuple[Box, Box | None]:
+    """(training, validation) boxes of one 2-D image: a band of ``fraction`` at the end of the longer axis."""
+    h, w = shape
+    if fraction <= 0:
+        return Box(0, 0, h, w), None
+    long = max(h, w)
+    band = max(MIN_VAL_BAND, math.ceil(fraction * long))
+    if long - band < MIN_VAL_BAND:
+        raise ConfigError(
+            f"the image ({h} × {w} px) is too small to hold out a {band} px validation band and keep {MIN_VAL_BAND} px "
+            f"for training; give a larger image, a stack, or --val-fraction 0"
+        )
+    if w >= h:
+        return Box(0, 0, h, w - band), Box(0, w - band, h, w)
+    return Box(0, 0, h - band, w), Box(h - band, 0, h, w)
+
+
+# ---------------------------------------------------------------------------------- assembling
+
+
+def default_class_name(labels_path: str | os.PathLike) -> str:
+    """``image.ome.zarr/labels/mito`` → ``mito``; ``mito.ome.zarr`` → ``mito``."""
+    name = Path(labels_path).name
+    for suffix in (".ome.zarr", ".zarr"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_training_set(
+    image: str | os.PathLike,
+    labels: Sequence[str | os.PathLike],
+    *,
+    classes: Sequence[str] | None = None,
+    pixel_size: str | float | tuple | None = None,
+    split: ValidationSplit = ValidationSplit(),
+    max_pixels: int = MAX_TRAINING_PIXELS,
+) -> TrainingSet:
+    """Read an image and one label image per class, check they match, and split off validation.
+
+    ``pixel_size`` ("5nm", 5, (5, 5)) overrides the image's metadata; one of them must give it.
+    Label images are binary (non-zero = inside the class), as ``tilefeet convert --labels`` writes them.
+    """
+    if not labels:
+        raise ConfigError("give at least one label image with --labels, e.g. --labels IMAGE/labels/mito")
+    names = tuple(classes) if classes else tuple(default_class_name(p) for p in labels)
+    if len(names) != len(labels):
+        raise ConfigError(f"{len(labels)} label images (--labels) but {len(names)} class names (--class); give one --class per --labels")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"class names must differ, got {', '.join(names)}; name them with --class")
+    img = read_volume(image, max_pixels=max_pixels, role="image")
+    px = parse_pixel_size(pixel_size, where="--pixel-size") if pixel_size is not None else img.pixel_size_nm
+    if px is None:
+        raise ConfigError(f"image {img.path} records no physical pixel size (its y/x axes have no unit); give it with --pixel-size, e.g. --pixel-size 5nm")
+    masks = np.stack([_read_mask(p, img, name, max_pixels) for p, name in zip(labels, names)], axis=1)  # (z, C, y, x)
+    parts, where = _split(img, masks, split)
+    _check_has_foreground(parts[1], names, img.path)
+    provenance = {
+        "image": str(image),
+        "labels": [str(p) for p in labels],
+        **where,
+        "training_pixels": int(sum(a.size for a in parts[0])),
+        "validation_pixels": int(sum(a.size for a in parts[2])),
+    }
+    return TrainingSet(*parts, classes=names, pixel_size_nm=(float(px[0]), float(px[1])), provenance=provenance)
+
+
+def _split(img: Volume, masks: np.ndarray, split: ValidationSplit) -> tuple[tuple[list[np.ndarray], ...], dict[str, Any]]:
+    """(train images, train masks, val images, val masks) and a description of the validation part."""
+    data = img.data
+    if data.shape[0] > 1 or split.slices is not None:
+        if data.shape[0] == 1:
+            raise ConfigError(f"--val-slices picks z-slices, but image {img.path} is a single 2-D image; use --val-fraction")
+        train, val = split_stack(data.shape[0], split)
+        parts = ([data[z] for z in train], [masks[z] for z in train], [data[z] for z in val], [masks[z] for z in val])
+        return parts, {"validation_slices": val}
+    tbox, vbox = split_region(img.shape[1:], split.fraction)
+    train_parts = [_crop(data[0], tbox)], [_crop(masks[0], tbox)]
+    if vbox is None:
+        return (*train_parts, [], []), {"validation_region": []}
+    return (*train_parts, [_crop(data[0], vbox)], [_crop(masks[0], vbox)]), {"validation_region": [vbox.y0, vbox.x0, vbox.y1, vbox.x1]}
+
+
+def _crop(a: np.ndarray, box: Box) -> np.ndarray:
+    """The box of the last two axes, as its own contiguous array (so the full image can be freed)."""
+    return np.ascontiguousarray(a[..., box.y0 : box.y1, box.x0 : box.x1])
+
+
+def _read_mask(path: str | os.PathLike, image: Volume, name: str, max_pixels: int) -> np.ndarray:
+    lab = read_volume(path, max_pixels=max_pixels, role="labels")
+    if lab.shape != image.shape:
+        raise InvalidImageError(
+            f"label image {lab.path} has shape {lab.shape} (z, y, x) but image {image.path} has shape {image.shape}; "
+            f"labels must cover the image pixel for pixel (add them with `tilefeet convert MASKS {image.path} --labels {name}`)"
+        )
+    return (lab.data != 0).astype(np.uint8)
+
+
+def _check_has_foreground(masks: list[np.ndarray], names: tuple[str, ...], where: str) -> None:
+    counts = np.sum([m.reshape(m.shape[0], -1).sum(1) for m in masks], axis=0)
+    empty = [n for n, c in zip(names, counts) if c == 0]
+    if empty:
+        raise ConfigError(
+            f"class {', '.join(empty)} has no labelled pixels in the training part of {where}; check the label image "
+            f"(non-zero = inside; convert masks whose class is 0 with --foreground 0)"
+        )
