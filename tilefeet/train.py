@@ -8,22 +8,34 @@ Inputs are normalized exactly as inference normalizes them (:class:`tilefeet.eng
 in ``meanstd`` mode, from the training data's statistics, recorded in the bundle with a reference
 histogram). Checkpoints make an interrupted run resumable; the best validation checkpoint becomes
 the bundle.
+
+:func:`train_engine` trains on arrays; :func:`train_from_zarr` (behind ``tilefeet train``) reads an
+annotated OME-Zarr image or stack and its label images first (:mod:`tilefeet.training_data`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .engine import EngineBundle, Normalization, write_bundle
-from .errors import ConfigError
+from .engine import ENGINE_FILE, EngineBundle, Normalization, dump_toml, load_engine, write_bundle
+from .errors import BackendUnavailableError, ConfigError, InvalidEngineError
 from .intensity import training_normalization
+from .training_data import MAX_TRAINING_PIXELS, ValidationSplit, load_training_set
+
+#: Settings that only label the bundle (or say how long to train), so a checkpoint made with other
+#: values still resumes: more ``steps`` extends a finished run.
+_RESUMABLE_CHANGES = ("steps", "description", "tile", "overlap")
 
 
 @dataclass(frozen=True)
@@ -70,11 +82,16 @@ def train_engine(
     val_masks: Sequence[np.ndarray] = (),
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    training_info: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train, validate every ``val_every`` steps, and write the best network as a bundle in ``out_dir``.
 
     ``masks[i]`` is ``(C, H, W)`` (or ``(H, W)`` for one class), non-zero inside the class.
-    With ``checkpoint_dir``, the run saves its state there and resumes from it when restarted.
+    With ``checkpoint_dir``, the run saves its state there (at every validation and at the end) and
+    resumes from it when restarted; a checkpoint made with other settings is refused, except for
+    the settings in ``_RESUMABLE_CHANGES`` (a larger ``steps`` continues a finished run; its cosine
+    schedule is then recomputed for the new length). ``training_info`` (where the data came from)
+    is added to the bundle's ``[training]`` table.
     """
     import torch
 
@@ -87,6 +104,7 @@ def train_engine(
     for a, m in zip(images + val_images, masks + val_masks):
         if a.ndim != 2 or a.shape != m.shape[1:]:
             raise ConfigError(f"image of shape {a.shape} does not match its label image of shape {m.shape[1:]}")
+    validate_config(config)
     if not images:
         raise ConfigError("no training images")
     if min(min(a.shape) for a in images) < 16:
@@ -100,9 +118,11 @@ def train_engine(
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, config.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
-    )
+
+    def lr_factor(s: int) -> float:
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     history: list[dict] = []
     best = {"f1": [-1.0], "step": 0, "state": None}
     start = 0
@@ -110,14 +130,16 @@ def train_engine(
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state["config"] != _config_dict(config):
-            raise ConfigError(f"checkpoint {ckpt} was made with other settings; delete it to start over")
+        check_resumable(state["config"], _config_dict(config), ckpt, int(state["step"]))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         history, best, start = state["history"], state["best"], state["step"]
+        if state["config"]["steps"] != config.steps:  # extended: the next step's rate from the new schedule
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * lr_factor(start)
 
     sampler = _CropSampler(images, masks, config, norm, rng)
     bar = _progress(config.steps, start, progress)
@@ -175,10 +197,132 @@ def train_engine(
         tile=config.tile,
         overlap=config.overlap,
         metrics={"validation_f1": [round(float(v), 4) for v in best["f1"]], "best_step": best["step"]},
-        training={k: (list(v) if isinstance(v, tuple) else v) for k, v in _config_dict(config).items() if k != "notes" and v != ""},
+        training={
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in _config_dict(config).items() if k != "notes" and v != ""},
+            **dict(training_info or {}),
+        },
     )
     (Path(out_dir) / "training_history.json").write_text(json.dumps(history, indent=1))
     return TrainResult(bundle, int(best["step"]), list(best["f1"]), history)
+
+
+def train_from_zarr(
+    image: str | os.PathLike,
+    labels: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    name: str | None = None,
+    classes: Sequence[str] | None = None,
+    pixel_size: str | float | tuple | None = None,
+    split: ValidationSplit = ValidationSplit(),
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    max_pixels: int = MAX_TRAINING_PIXELS,
+    **options: Any,
+) -> TrainResult:
+    """Train an engine from an annotated OME-Zarr image or (z, y, x) stack and one label image per class.
+
+    ``options`` are :class:`TrainConfig` fields (``steps``, ``crop``, ``base_channels``, ...); the
+    pixel size comes from the image's metadata unless ``pixel_size`` overrides it; ``split`` chooses
+    the validation slices (or region). The data's fingerprint is part of the checkpoint's settings,
+    so a resumed run refuses other data or another split.
+    """
+    data = load_training_set(image, labels, classes=classes, pixel_size=pixel_size, split=split, max_pixels=max_pixels)
+    config = make_config(name or Path(out_dir).name, data.pixel_size_nm, data.classes, data.fingerprint(), **options)
+    return train_engine(
+        data.images,
+        data.masks,
+        Path(out_dir),
+        config,
+        val_images=data.val_images,
+        val_masks=data.val_masks,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+        progress=progress,
+        training_info=data.provenance,
+    )
+
+
+def make_config(name: str, pixel_size_nm: tuple[float, float], classes: Sequence[str], data_sha256: str, **options: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from keyword options, refusing names it does not have."""
+    known = {f.name for f in fields(TrainConfig)} - {"name", "pixel_size_nm", "classes", "notes"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "scale_jitter" in options:
+        options["scale_jitter"] = tuple(float(v) for v in options["scale_jitter"])
+    config = TrainConfig(name=name, pixel_size_nm=tuple(pixel_size_nm), classes=tuple(classes), notes={"data_sha256": data_sha256}, **options)
+    validate_config(config)
+    return config
+
+
+def default_checkpoint_dir(out_dir: str | os.PathLike, name: str) -> Path:
+    """Where ``tilefeet train`` keeps its checkpoint when not told: in the per-user cache (``$TILEFEET_CACHE``
+    or ``~/.cache/tilefeet``), keyed by the bundle's absolute path, so rerunning the same command finds
+    it and the bundle folder (often inside a repository) never holds optimizer state."""
+    env = os.environ.get("TILEFEET_CACHE")
+    if env:
+        root = Path(env).expanduser()
+    else:
+        from platformdirs import user_cache_dir
+
+        root = Path(user_cache_dir("tilefeet"))
+    key = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
+    return root / "train" / f"{name}-{key}"
+
+
+def record_metrics(bundle_dir: str | os.PathLike, metrics: Mapping[str, Any], *, table: str = "metrics") -> EngineBundle:
+    """Merge ``metrics`` (e.g. held-out scores, a nested table per test set) into a bundle's
+    ``[metrics]`` table, rewriting engine.toml, and return the reloaded bundle (which proves it valid)."""
+    path = Path(bundle_dir) / ENGINE_FILE
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidEngineError(f"{path} does not exist; give the folder of an engine bundle") from None
+    doc[table] = {**doc.get(table, {}), **dict(metrics)}
+    path.write_text(dump_toml(doc))
+    return load_engine(Path(bundle_dir))
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot train, before any data is touched or a network is built."""
+    div = 2**config.depth
+    positive = {"steps": config.steps, "batch_size": config.batch_size, "base_channels": config.base_channels,
+                "depth": config.depth, "val_every": config.val_every, "tile": config.tile}
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v in positive.items() if v < 1]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: must be at least 1")
+    if config.crop < div or config.crop % div:
+        raise ConfigError(f"--crop {config.crop} must be a multiple of {div} (2 ** --depth {config.depth}), e.g. {max(div, config.crop // div * div)}")
+    if config.tile % div:
+        raise ConfigError(f"--tile {config.tile} must be a multiple of {div} (2 ** --depth {config.depth})")
+    if not 0 <= config.overlap < config.tile:
+        raise ConfigError(f"--overlap {config.overlap} must be at least 0 and smaller than --tile {config.tile}")
+    if not config.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {config.lr}")
+    lo, hi = config.scale_jitter
+    if not 0 < lo <= hi:
+        raise ConfigError(f"--scale-jitter {lo},{hi}: give a zoom range LOW,HIGH with 0 < LOW <= HIGH, e.g. 0.8,1.25 (1,1 turns it off)")
+    if not config.classes:
+        raise ConfigError("a network needs at least one class")
+
+
+def check_resumable(saved: Mapping[str, Any], wanted: Mapping[str, Any], ckpt: Path, step: int) -> None:
+    """Refuse to resume a checkpoint made with other settings, naming them; or one past ``steps``."""
+    keys = sorted((set(saved) | set(wanted)) - set(_RESUMABLE_CHANGES))
+    diff = [_describe_change(k, saved.get(k), wanted.get(k)) for k in keys if saved.get(k) != wanted.get(k)]
+    if diff:
+        raise ConfigError(
+            f"checkpoint {ckpt} was made with other settings ({'; '.join(diff)}); rerun with the original "
+            f"settings to resume, or delete {ckpt.parent} to start over"
+        )
+    if step > int(wanted["steps"]):
+        raise ConfigError(f"checkpoint {ckpt} is at step {step}, past --steps {wanted['steps']}; give --steps {step} or more")
+
+
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    if key == "notes":
+        return "the training data or its split changed"
+    return f"{key} was {old!r}, now {new!r}"
 
 
 def _config_dict(config: TrainConfig) -> dict:
@@ -196,11 +340,15 @@ def _as_chw(m: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def _pick_device(device: str):
-    import torch
+    """CUDA when present for ``auto``; a named device that is missing or misspelt is a one-line error."""
+    from .runners import resolve_device
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return resolve_device(device)
+    except BackendUnavailableError:
+        raise
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def _loss(logits, target, dice_weight: float):

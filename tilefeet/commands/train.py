@@ -1,0 +1,135 @@
+"""``tilefeet train IMAGE --labels LABELS --out engines/NAME``: a new engine bundle from annotated OME-Zarr.
+
+    tilefeet convert slices/ train.ome.zarr --stack --pixel-size 5nm
+    tilefeet convert masks/ train.ome.zarr --labels mito
+    tilefeet train train.ome.zarr --labels train.ome.zarr/labels/mito --out engines/mito --val-slices 24-26
+
+Reading and splitting live in :mod:`tilefeet.training_data`, training in :mod:`tilefeet.train`;
+this module maps flags onto them one to one and decides what happens to an earlier run's
+checkpoint (continue it with ``--resume``, or refuse) and to an existing bundle (``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..train import TrainConfig
+
+#: TrainConfig's defaults, so each flag's default has one home
+_D = TrainConfig(name="", pixel_size_nm=(1.0, 1.0))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+
+
+def train_cmd(
+    image: Path = typer.Argument(..., help="OME-Zarr image: one 2-D section or a (z, y, x) stack (tilefeet convert --stack)."),
+    labels: list[Path] = typer.Option(
+        ..., "--labels", "-l", help="Label image of a class (e.g. IMAGE/labels/mito), same shape; repeat for several classes."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write, e.g. engines/NAME."),
+    name: Optional[str] = typer.Option(None, help="Engine name (default: the --out folder's name)."),
+    class_names: Optional[list[str]] = typer.Option(
+        None, "--class", "-c", help="Class name per --labels, in order (default: each label image's name)."
+    ),
+    pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Pixel size, e.g. 5nm (default: from IMAGE's metadata)."),
+    val_slices: Optional[str] = typer.Option(None, "--val-slices", help="z-slices of a stack held out for validation, e.g. 24,25,26 or 24-26."),
+    val_fraction: Optional[float] = typer.Option(
+        None, "--val-fraction", help="Hold out the last fraction of the slices (stack) or of the longer axis (2-D image); default 0.1, 0 = none."
+    ),
+    steps: int = typer.Option(_D.steps, help="Optimizer steps in all (a larger value with --resume extends a finished run)."),
+    batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Crops per step."),
+    crop: int = typer.Option(_D.crop, help="Crop side in pixels, a multiple of 2 ** depth."),
+    lr: float = typer.Option(_D.lr, help="Peak learning rate (AdamW, warm-up then cosine decay)."),
+    base_channels: int = typer.Option(_D.base_channels, "--base-channels", help="U-Net channels at full resolution."),
+    depth: int = typer.Option(_D.depth, help="U-Net down-sampling steps."),
+    scale_jitter: str = typer.Option(
+        ",".join(f"{v:g}" for v in _D.scale_jitter), "--scale-jitter", help="Random zoom range LOW,HIGH (1 or 1,1 = off)."
+    ),
+    intensity_jitter: bool = typer.Option(
+        _D.intensity_jitter, "--intensity-jitter/--no-intensity-jitter", help="Random gamma, contrast, brightness, blur and noise."
+    ),
+    val_every: int = typer.Option(_D.val_every, "--val-every", help="Validate (and save the checkpoint) every N steps."),
+    seed: int = typer.Option(_D.seed, help="Random seed (weights, crops, augmentation)."),
+    device: str = typer.Option(_D.device, help="auto (CUDA when present), cpu, cuda, cuda:N."),
+    checkpoint_dir: Optional[Path] = typer.Option(
+        None, "--checkpoint-dir", help="Checkpoint folder (default: in $TILEFEET_CACHE or the per-user cache, keyed by --out)."
+    ),
+    resume: bool = typer.Option(False, help="Continue the run whose checkpoint is in --checkpoint-dir (same settings)."),
+    overwrite: bool = typer.Option(False, help="Replace a bundle that already exists in --out."),
+    tile: int = typer.Option(_D.tile, help="Inference tile recommended in the bundle."),
+    overlap: int = typer.Option(_D.overlap, help="Inference overlap recommended in the bundle."),
+    description: str = typer.Option(_D.description, help="One line describing the engine (written to engine.toml)."),
+    max_pixels: int = typer.Option(1 << 28, "--max-pixels", help="Refuse images larger than this (they are read into memory)."),
+) -> None:
+    """Train a U-Net on an annotated OME-Zarr image or stack and write it as an engine bundle."""
+    from .. import cli
+    from ..train import default_checkpoint_dir, train_from_zarr
+    from ..training_data import ValidationSplit
+
+    name = name or out.name
+    split = ValidationSplit.create(val_slices, val_fraction)
+    ckpt_dir = checkpoint_dir or default_checkpoint_dir(out, name)
+    check_outputs(out, ckpt_dir, resume=resume, overwrite=overwrite)
+    cli._echo(f"checkpoints: {ckpt_dir}" + ("" if (ckpt_dir / "checkpoint.pt").is_file() else " (starting at step 0)"))
+    t0 = time.perf_counter()
+    result = train_from_zarr(
+        image,
+        labels,
+        out,
+        name=name,
+        classes=class_names or None,
+        pixel_size=pixel_size,
+        split=split,
+        checkpoint_dir=ckpt_dir,
+        progress=not cli._quiet,
+        max_pixels=max_pixels,
+        steps=steps,
+        batch_size=batch_size,
+        crop=crop,
+        lr=lr,
+        base_channels=base_channels,
+        depth=depth,
+        scale_jitter=parse_scale_jitter(scale_jitter),
+        intensity_jitter=intensity_jitter,
+        val_every=val_every,
+        seed=seed,
+        device=device,
+        tile=tile,
+        overlap=overlap,
+        description=description,
+    )
+    f1 = ", ".join(f"{c} {v:.4f}" for c, v in zip(result.bundle.classes, result.best_val_f1))
+    cli._echo(f"wrote {out} in {time.perf_counter() - t0:.0f} s: best validation F1 {f1} at step {result.best_step}")
+
+
+def check_outputs(out: Path, ckpt_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """An earlier run's checkpoint continues only with --resume; an existing bundle is replaced only
+    with --overwrite or --resume (whose run was writing it)."""
+    from ..engine import ENGINE_FILE
+    from ..errors import OutputExistsError
+
+    if (ckpt_dir / "checkpoint.pt").is_file() and not resume:
+        raise OutputExistsError(
+            f"{ckpt_dir} holds the checkpoint of an earlier run; pass --resume to continue it, or delete {ckpt_dir} to start over"
+        )
+    if (out / ENGINE_FILE).is_file() and not (overwrite or resume):
+        raise OutputExistsError(f"{out} already holds an engine bundle; pass --overwrite to replace it, or choose another --out")
+
+
+def parse_scale_jitter(text: str) -> tuple[float, float]:
+    """``"0.8,1.25"`` → (0.8, 1.25); ``"1"`` or ``"off"`` → (1, 1)."""
+    from ..errors import ConfigError
+
+    if text.strip().lower() in ("off", "none", "1"):
+        return (1.0, 1.0)
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--scale-jitter takes LOW,HIGH zoom factors, e.g. 0.8,1.25 (or 1 for none); got {text!r}") from None
+    return (lo, hi)
