@@ -1,0 +1,199 @@
+"""``--backend auto`` and explicit backends: the order on a GPU, the measured CPU choice (once, then
+cached), and one-line errors that say what to install."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import make_random_engine
+from tilefeet.engine import load_engine
+from tilefeet.errors import BackendUnavailableError, ConfigError
+from tilefeet.runners import RunnerSpec, runner_class, select
+from tilefeet.runners.select import gpu_choice, resolve_backend, timing_key
+
+TILE = (64, 96)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TILEFEET_CACHE", str(tmp_path_factory.getbasetemp() / "tilefeet-cache"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    folder = tmp_path_factory.getbasetemp() / "runner-engines" / "rand-s20"
+    return (
+        load_engine(folder)
+        if (folder / "engine.toml").is_file()
+        else make_random_engine(folder, sharpen=20.0, tile=128)
+    )
+
+
+def auto(bundle, cache, **kw):
+    kw = {"device": "cpu", "precision": "fp32", "batch_size": 2, "tile": TILE, **kw}
+    return resolve_backend(bundle, cache=cache, **kw)
+
+
+def fake_rates(monkeypatch, rates: dict[str, float]) -> list[str]:
+    measured: list[str] = []
+
+    def measure(backend, bundle, precision, batch_size, tile, **kw):
+        measured.append(backend)
+        return rates[backend]
+
+    monkeypatch.setattr(select, "measure_mpx_per_s", measure)
+    return measured
+
+
+def no_measuring(monkeypatch) -> None:
+    def measure(*args, **kwargs):
+        raise AssertionError("measured although it should not have")
+
+    monkeypatch.setattr(select, "measure_mpx_per_s", measure)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+def test_gpu_order_is_tensorrt_then_compiled_torch_then_eager():
+    trt = gpu_choice("NVIDIA H200", "fp16", trt_version="10.13.0", trt_reason=None, has_triton=True)
+    assert (
+        (trt.backend, trt.options) == ("tensorrt", ())
+        and "TensorRT 10.13.0" in trt.reason
+        and "NVIDIA H200" in trt.reason
+    )
+    why = "backend 'tensorrt' needs the tensorrt package: pip install tensorrt"
+    compiled = gpu_choice("NVIDIA H200", "fp16", trt_version=None, trt_reason=why, has_triton=True)
+    assert (compiled.backend, compiled.options) == (
+        "torch",
+        (("compile", True),),
+    ) and "pip install tensorrt" in compiled.reason
+    eager = gpu_choice("NVIDIA H200", "fp16", trt_version=None, trt_reason=why, has_triton=False)
+    assert (eager.backend, eager.options) == ("torch", ()) and "pip install triton" in eager.reason
+
+
+@pytest.mark.gpu
+def test_auto_on_a_gpu_picks_a_gpu_backend(bundle, tmp_path):
+    backend, _, reason = auto(bundle, tmp_path, device="cuda", precision="fp16")
+    assert backend in ("tensorrt", "torch") and torch.cuda.get_device_name() in reason
+
+
+# ------------------------------------------------------------------------------------------ CPU
+
+
+def test_auto_on_cpu_measures_both_and_runs_the_faster(bundle, tmp_path):
+    backend, options, reason = auto(bundle, tmp_path)
+    files = list((tmp_path / "select").glob("*.json"))
+    assert len(files) == 1
+    rates = json.loads(files[0].read_text())["mpx_per_s"]
+    assert set(rates) == {"onnxruntime", "torch"} and all(r > 0 for r in rates.values())
+    assert backend == max(rates, key=rates.get) and options == ()
+    assert "Mpx/s" in reason and "onnxruntime" in reason and "torch" in reason and str(files[0]) in reason
+    # what it chose runs
+    runner = runner_class(backend)(bundle, RunnerSpec(str(bundle.path), backend, "cpu", "fp32", 2, TILE, options))
+    assert runner(torch.zeros(2, 1, *TILE)).shape == (2, 1, *TILE)
+
+
+def test_the_measurement_is_cached(bundle, tmp_path, monkeypatch):
+    measured = fake_rates(monkeypatch, {"onnxruntime": 3.0, "torch": 1.0})
+    first = auto(bundle, tmp_path)
+    assert sorted(measured) == ["onnxruntime", "torch"]
+    no_measuring(monkeypatch)
+    assert auto(bundle, tmp_path) == first
+
+
+@pytest.mark.parametrize(
+    "rates, expected",
+    [({"onnxruntime": 3.0, "torch": 1.0}, "onnxruntime"), ({"onnxruntime": 1.0, "torch": 3.0}, "torch")],
+)
+def test_the_choice_follows_the_measurement(bundle, tmp_path, monkeypatch, rates, expected):
+    fake_rates(monkeypatch, rates)
+    backend, _, reason = auto(bundle, tmp_path)
+    assert backend == expected and reason.startswith(f"{expected} is the faster")
+    assert f"{expected} 3.00 Mpx/s vs" in reason
+
+
+def test_timing_key_covers_shape_precision_and_weights(bundle, tmp_path):
+    other = make_random_engine(tmp_path / "other", seed=3)
+    both = ["onnxruntime", "torch"]
+    keys = {
+        timing_key(bundle, both, "fp32", 2, TILE),
+        timing_key(bundle, both, "fp32", 4, TILE),
+        timing_key(bundle, both, "fp32", 2, (96, 64)),
+        timing_key(bundle, both, "bf16", 2, TILE),
+        timing_key(other, both, "fp32", 2, TILE),
+    }
+    assert len(keys) == 5
+
+
+@pytest.mark.parametrize("precision, expected", [("fp16", "onnxruntime"), ("bf16", "torch")])
+def test_one_capable_cpu_backend_is_chosen_without_measuring(bundle, tmp_path, monkeypatch, precision, expected):
+    no_measuring(monkeypatch)
+    backend, _, reason = auto(bundle, tmp_path, precision=precision)
+    assert backend == expected and f"only CPU backend with {precision} kernels" in reason
+
+
+def test_without_onnxruntime_auto_falls_back_to_torch_and_says_why(bundle, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    no_measuring(monkeypatch)
+    backend, _, reason = auto(bundle, tmp_path)
+    assert backend == "torch" and "pip install 'tilefeet[onnx]'" in reason
+
+
+# ------------------------------------------------------------------------------------- explicit
+
+
+def assert_one_line(e: pytest.ExceptionInfo, *needles: str) -> None:
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_explicit_backend_is_kept_when_it_can_run(bundle, tmp_path):
+    assert auto(bundle, tmp_path, prefer="onnxruntime") == ("onnxruntime", (), "--backend onnxruntime was requested")
+
+
+def test_explicit_tensorrt_without_tensorrt_says_what_to_install(bundle, tmp_path):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    with pytest.raises(BackendUnavailableError) as e:
+        auto(bundle, tmp_path, prefer="tensorrt", device="auto")
+    assert_one_line(e, "pip install tensorrt")
+
+
+def test_explicit_onnxruntime_without_onnxruntime_says_what_to_install(bundle, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(BackendUnavailableError) as e:
+        auto(bundle, tmp_path, prefer="onnxruntime")
+    assert_one_line(e, "pip install 'tilefeet[onnx]'")
+
+
+def test_explicit_gpu_without_a_gpu_says_so(bundle, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(BackendUnavailableError) as e:
+        auto(bundle, tmp_path, prefer="torch", device="cuda")
+    assert_one_line(e, "no CUDA GPU", "CUDA build of torch")
+
+
+@pytest.mark.parametrize(
+    "prefer, precision, message",
+    [
+        ("torch", "fp16", "use --precision fp32 or bf16, or --backend onnxruntime"),
+        ("onnxruntime", "bf16", "or --backend torch"),
+        ("tensorflow", "fp32", "unknown backend"),
+    ],
+)
+def test_explicit_impossible_combinations_are_config_errors(bundle, tmp_path, prefer, precision, message):
+    with pytest.raises(ConfigError) as e:
+        auto(bundle, tmp_path, prefer=prefer, precision=precision)
+    assert_one_line(e, message)

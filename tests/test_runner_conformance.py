@@ -1,0 +1,230 @@
+"""The runner conformance suite: every backend and precision passes the same tests.
+
+A case is a runner recipe (backend, device, precision, options). Each case runs at several batch
+sizes on non-square tiles and must: honour the output contract (shape, float32, device, values in
+[0, 1]), agree with the torch fp32 network on the CPU (relative error ≤ 1e-4 for fp32, ≤ 1e-2 for
+fp16/bf16), repeat bit for bit, compute each tile independently of the others in its batch, and
+hand back outputs no later call overwrites. A case that cannot run here is skipped with the reason
+(missing library, no GPU), never passed silently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import make_random_engine
+from tilefeet.engine import load_engine
+from tilefeet.errors import BackendUnavailableError, ConfigError
+from tilefeet.runners import RunnerSpec, runner_class
+from tilefeet.runners.onnx_export import TOLERANCE, relative_error
+from tilefeet.runners.select import unavailable_reason
+
+TILE = (64, 96)  # non-square: a height/width mix-up cannot pass
+BATCHES = (1, 3)
+
+
+@dataclass(frozen=True)
+class Case:
+    backend: str
+    precision: str = "fp32"
+    device: str = "cpu"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def id(self) -> str:
+        opts = "-".join(f"{k}={v}" for k, v in self.options)
+        return "-".join(p for p in (self.backend, self.device, self.precision, opts) if p)
+
+    def skip_reason(self) -> str | None:
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+        reason = unavailable_reason(self.backend, device)
+        if reason:
+            return reason
+        if dict(self.options).get("compile"):
+            if device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
+                return "torch.compile on the CPU needs a C++ compiler (apt-get install g++)"
+            if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+                return "torch.compile on CUDA needs Triton (pip install triton)"
+        return None
+
+
+CPU_CASES = [
+    Case("torch"),  # the default: eager, channels-last
+    Case("torch", options=(("channels_last", False),)),
+    Case("torch", "bf16"),
+    Case("torch", options=(("compile", True),)),
+    Case("onnxruntime"),
+    Case("onnxruntime", "fp16"),
+]
+GPU_CASES = [
+    Case("torch", "fp32", "cuda"),
+    Case("torch", "fp16", "cuda"),
+    Case("torch", "bf16", "cuda"),
+    Case("torch", "fp32", "cuda", (("channels_last", False),)),
+    Case("torch", "fp32", "cuda", (("compile", True),)),
+    Case("torch", "bf16", "cuda", (("compile", True),)),
+    Case("torch", "fp32", "cuda", (("cuda_graphs", True),)),
+    Case("torch", "fp16", "cuda", (("compile", True), ("cuda_graphs", True))),
+    Case("onnxruntime", "fp32", "cuda"),
+    Case("onnxruntime", "fp16", "cuda"),
+    Case("onnxruntime", "fp16", "cuda", (("ort_tensorrt", True),)),
+    Case("tensorrt", "fp32", "cuda"),
+    Case("tensorrt", "fp16", "cuda"),
+    Case("tensorrt", "bf16", "cuda"),
+    Case("tensorrt", "fp16", "cuda", (("typing", "strong"),)),
+]
+CASES = [pytest.param(c, id=c.id) for c in CPU_CASES] + [
+    pytest.param(c, id=c.id, marks=pytest.mark.gpu) for c in GPU_CASES
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    """Compiled artefacts go to a cache shared by this session's runner tests, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TILEFEET_CACHE", str(tmp_path_factory.getbasetemp() / "tilefeet-cache"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A random U-Net (8 base channels) whose probabilities spread over about (0.4, 0.7): a runner
+    returning a constant is off by > 0.2, bf16 rounding stays below 1e-2."""
+    folder = tmp_path_factory.getbasetemp() / "runner-engines" / "rand-s20"
+    return (
+        load_engine(folder)
+        if (folder / "engine.toml").is_file()
+        else make_random_engine(folder, sharpen=20.0, tile=128)
+    )
+
+
+@pytest.fixture(scope="module")
+def runners(bundle):
+    """Runners built once per (case, batch) for the whole module: compiling is the slow part."""
+    built: dict[tuple[Case, int], Any] = {}
+
+    def get(case: Case, batch: int):
+        reason = case.skip_reason()
+        if reason:
+            pytest.skip(reason)
+        if (case, batch) not in built:
+            spec = RunnerSpec(str(bundle.path), case.backend, case.device, case.precision, batch, TILE, case.options)
+            built[case, batch] = runner_class(case.backend)(bundle, spec)
+        return built[case, batch]
+
+    yield get
+    for r in built.values():
+        r.close()
+
+
+def tiles(batch: int, seed: int, bundle) -> torch.Tensor:
+    """Normalized input tiles (zero mean, unit variance, like the block function feeds)."""
+    return torch.randn(batch, bundle.in_channels, *TILE, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(bundle, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return bundle.build_model()(x.cpu())
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("case", CASES)
+class TestConformance:
+    def test_output_contract(self, case, batch, runners, bundle):
+        runner = runners(case, batch)
+        y = runner(tiles(batch, 0, bundle).to(runner.device))
+        assert isinstance(y, torch.Tensor)
+        assert y.shape == (batch, bundle.out_channels, *TILE)
+        assert y.dtype == torch.float32
+        assert y.device == runner.device
+        assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
+
+    def test_agrees_with_torch_fp32(self, case, batch, runners, bundle):
+        runner = runners(case, batch)
+        x = tiles(batch, 1, bundle)
+        err = relative_error(runner(x.to(runner.device)), reference(bundle, x))
+        assert err <= TOLERANCE[case.precision], f"{case.id}: relative error {err:.2e}"
+
+    def test_repeats_bit_for_bit(self, case, batch, runners, bundle):
+        runner = runners(case, batch)
+        x = tiles(batch, 2, bundle).to(runner.device)
+        assert torch.equal(runner(x), runner(x))
+
+    def test_outputs_are_not_reused_and_inputs_not_touched(self, case, batch, runners, bundle):
+        runner = runners(case, batch)
+        x1, x2 = tiles(batch, 3, bundle).to(runner.device), tiles(batch, 4, bundle).to(runner.device)
+        x1_before = x1.clone()
+        y1 = runner(x1)
+        y1_before = y1.clone()
+        y2 = runner(x2)
+        assert torch.equal(x1, x1_before), "the runner wrote into its input"
+        assert torch.equal(y1, y1_before), "a later call overwrote an earlier output"
+        assert not torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tiles_do_not_depend_on_their_batch(case, runners, bundle):
+    """Blocks batch a tile with different neighbours depending on the block size: its result must
+    not change, or the output would depend on how the section was split into blocks."""
+    batch = max(BATCHES)
+    runner = runners(case, batch)
+    x = tiles(batch, 5, bundle)
+    other = x.clone()
+    other[1:] = tiles(batch - 1, 6, bundle)
+    assert torch.equal(runner(x.to(runner.device))[0], runner(other.to(runner.device))[0])
+
+
+# ------------------------------------------------------------------ failures are loud and useful
+
+
+def test_tensorrt_without_tensorrt_is_a_one_line_error_saying_what_to_install(bundle):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    spec = RunnerSpec(str(bundle.path), "tensorrt", "auto", "fp16", 2, TILE)
+    with pytest.raises(BackendUnavailableError) as e:
+        runner_class("tensorrt")(bundle, spec)
+    assert "pip install tensorrt" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_onnxruntime_on_cuda_without_a_gpu_says_so(bundle):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    spec = RunnerSpec(str(bundle.path), "onnxruntime", "cuda", "fp32", 2, TILE)
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
+        runner_class("onnxruntime")(bundle, spec)
+
+
+@pytest.mark.parametrize(
+    "backend, precision, options, message",
+    [
+        ("torch", "fp16", (), "fp16 is not supported by torch on the CPU"),
+        ("torch", "fp32", (("cuda_graphs", True),), "CUDA graphs need a CUDA device"),
+        ("torch", "fp32", (("complie", True),), "unknown torch runner option"),
+        ("onnxruntime", "bf16", (), "no bf16 convolutions"),
+    ],
+)
+def test_impossible_requests_are_config_errors(bundle, backend, precision, options, message):
+    spec = RunnerSpec(str(bundle.path), backend, "cpu", precision, 2, TILE, options)
+    with pytest.raises(ConfigError, match=message):
+        runner_class(backend)(bundle, spec)
+
+
+def test_default_torch_runner_is_unchanged_eager_fp32(bundle):
+    """The default spec still means eager fp32, channels-last, exactly the network's output."""
+    spec = RunnerSpec(str(bundle.path), "torch", "cpu", "fp32", 2, TILE)
+    runner = runner_class("torch")(bundle, spec)
+    x = tiles(2, 7, bundle)
+    model = bundle.build_model().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(x.to(memory_format=torch.channels_last))
+    assert runner.options.compile is None and not runner.options.cuda_graphs and runner.channels_last
+    assert torch.equal(runner(x), expected)
