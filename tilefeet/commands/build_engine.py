@@ -45,7 +45,9 @@ def build_engine(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="Cache folder (default: $TILEFEET_CACHE or the per-user cache)."
+        None,
+        "--cache-dir",
+        help="Cache folder (default: $TILEFEET_CACHE or the per-user cache); runs look there when TILEFEET_CACHE names it.",
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Also copy the result into this folder."),
 ) -> None:
