@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
@@ -197,3 +198,15 @@ def test_explicit_impossible_combinations_are_config_errors(bundle, tmp_path, pr
     with pytest.raises(ConfigError) as e:
         auto(bundle, tmp_path, prefer=prefer, precision=precision)
     assert_one_line(e, message)
+
+
+def test_importing_tilefeet_and_its_runners_loads_no_backend_library():
+    """``import tilefeet`` (and the runner modules, and the CLI) stay light: onnx, onnxruntime and
+    tensorrt load only when a run asks for them."""
+    code = (
+        "import sys, tilefeet, tilefeet.runners, tilefeet.runners.select, tilefeet.runners.onnx_export, "
+        "tilefeet.runners.onnxruntime_runner, tilefeet.runners.tensorrt_runner, tilefeet.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnxscript', 'tensorrt')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -253,11 +253,15 @@ class TensorRTRunner(Runner):
         return f"{super().describe()}, {self.plan.describe()}"
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """Enqueue on the runner's stream after the caller's stream, and make the caller's stream
-        wait for the result: ordering stays on the GPU, the host never waits."""
+        """Enqueue on the caller's current stream; the host never waits. On torch's default stream
+        (the legacy NULL stream, on which TensorRT adds synchronizations) enqueue instead on the
+        runner's own stream, ordered after the caller's, and make the caller's stream wait for it."""
         x = batch.detach().to(self._device, torch.float32).contiguous()
         out = torch.empty(self._out_shape, dtype=torch.float32, device=self._device)
         caller = torch.cuda.current_stream(self._device)
+        if caller.cuda_stream != 0:
+            enqueue(self._loaded.context, self._loaded.io, x, out, caller.cuda_stream)
+            return out
         self._stream.wait_stream(caller)
         enqueue(self._loaded.context, self._loaded.io, x, out, self._stream.cuda_stream)
         caller.wait_stream(self._stream)

@@ -55,6 +55,11 @@ class TorchOptions:
             raise ConfigError(
                 f"CUDA graphs need a CUDA device, not {device}; drop the cuda_graphs option or use --device cuda"
             )
+        if opts.cuda_graphs and opts.compile in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(
+                f"compile mode {opts.compile!r} captures CUDA graphs itself; with cuda_graphs use compile mode "
+                "'default' or 'max-autotune-no-cudagraphs'"
+            )
         return opts
 
     def describe(self) -> str:
