@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Tests pin the backend (tests of `--backend auto` ask for it) and keep compiled artefacts and
+# backend timings out of the user's cache.
+os.environ.setdefault("TILEFEET_BACKEND", "torch")
+if "TILEFEET_CACHE" not in os.environ:
+    os.environ["TILEFEET_CACHE"] = tempfile.mkdtemp(prefix="tilefeet-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TILEFEET_CACHE"], True)
 
 DATA = Path(__file__).parent / "data"
 HELD_OUT = (24, 25, 26, 27, 28, 29)

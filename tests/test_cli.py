@@ -51,6 +51,16 @@ def test_segment_info_dry_run(tmp_path, capsys, small, random_engine):
     assert code == 0 and "300 × 400" in out and "labels/membrane" in out and "4 nm" in out
 
 
+def test_backend_auto_says_what_it_chose_and_why(tmp_path, capsys, small, random_engine):
+    code, out, err = run_cli(capsys, "segment", small, tmp_path / "o.ome.zarr", "-e", random_engine.path, "--backend", "auto",
+                             "--tile", "128", "--dry-run")
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("backend"))
+    assert ("onnxruntime" in line or "torch" in line) and "(" in line and "CPU" in line
+    code, _, err = run_cli(capsys, "segment", small, tmp_path / "o.ome.zarr", "-e", random_engine.path, "--backend", "tensorrt")
+    assert_one_line_error(code, err, "tensorrt")
+
+
 # ----------------------------------------------------------------------------------- bad inputs
 
 

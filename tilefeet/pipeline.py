@@ -71,11 +71,28 @@ def plan_segmentation(
     probe = make_plan(image.meta, spec, settings, make_intensity_map("bundle", bundle.normalization, None, dtype=np.dtype(image.meta.dtype)))
     sample = section_sample(image, probe.level) if settings.intensity != "bundle" else None
     imap = make_intensity_map(settings.intensity, bundle.normalization, sample, dtype=np.dtype(image.meta.dtype), invert=settings.invert)
-    return replace(probe, intensity=imap), image, bundle
+    return choose_backend(replace(probe, intensity=imap), bundle), image, bundle
+
+
+def choose_backend(plan: Plan, bundle: EngineBundle) -> Plan:
+    """Resolve ``--backend auto`` (or check an explicit backend) once, here in the main process, and
+    record the concrete backend and options in the plan: workers never decide for themselves, and
+    the resume fingerprint covers what actually ran."""
+    from .runners.select import resolve_backend
+
+    s = plan.settings
+    backend, options, reason = resolve_backend(
+        bundle, device=s.device, precision=s.precision, batch_size=s.batch_size, tile=plan.lattice.tile, prefer=s.backend
+    )
+    merged = tuple(sorted({**dict(options), **dict(s.backend_options)}.items()))
+    return replace(plan, settings=s.replace(backend=backend, backend_options=merged), backend_reason=reason)
 
 
 def runner_spec(plan: Plan, bundle: EngineBundle) -> RunnerSpec:
     s = plan.settings
+    options = dict(s.backend_options)
+    if s.threads is not None:
+        options["threads"] = s.threads
     return RunnerSpec(
         engine=str(bundle.path),
         backend=s.backend,
@@ -83,6 +100,7 @@ def runner_spec(plan: Plan, bundle: EngineBundle) -> RunnerSpec:
         precision=s.precision,
         batch_size=s.batch_size,
         tile=plan.lattice.tile,
+        options=tuple(sorted(options.items())),
     )
 
 
@@ -125,8 +143,12 @@ def segment_to_zarr(
     computing it returns the output path.
     """
     from .schedule import Job, run, write_graph
-    from .writer import OutputStore
+    from .writer import OutputStore, staged_settings
 
+    staged = staged_settings(Path(output)) if resume else None
+    if staged and options.get("backend", "auto") == "auto":
+        # Resume with what the interrupted run chose, not a fresh (possibly different) choice.
+        options = {**options, "backend": staged["backend"], "backend_options": staged.get("backend_options", ())}
     plan, image, bundle = plan_segmentation(source, engine, **options)
     store = OutputStore.prepare(Path(output), plan, overwrite=overwrite, resume=resume)
     graph = write_graph(Job(plan, image, runner_spec(plan, bundle), store))

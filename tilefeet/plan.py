@@ -97,6 +97,7 @@ class Plan:
     lattice: TileLattice
     blocks: BlockGrid
     intensity: IntensityMap
+    backend_reason: str = ""  #: why the backend in ``settings`` was chosen (``--backend auto``)
 
     # ---- maps between grids
 
@@ -197,6 +198,10 @@ class Plan:
             f"output      {s['output_shape'][0]} × {s['output_shape'][1]} px at {format_nm(s['output_pixel_nm'])} "
             f"({self.settings.output_grid} grid), {self.settings.output_dtype}, chunks {self.settings.chunk_size}",
             f"intensity   {s['intensity']}" + (" (inverted contrast)" if self.settings.invert else ""),
+            f"backend     {self.settings.backend}"
+            + "".join(f", {k}={v}" for k, v in self.settings.backend_options)
+            + f" on {self.settings.device}, {self.settings.precision}"
+            + (f" ({self.backend_reason})" if self.backend_reason else ""),
             f"tiles       {s['tile'][0]} × {s['tile'][1]}, overlap {s['overlap'][0]}, blend {self.settings.blend}: "
             f"{s['lattice_tiles']} lattice tiles",
             f"blocks      {s['blocks']} of {s['block_size'][0]} × {s['block_size'][1]} output px, "

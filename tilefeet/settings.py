@@ -7,7 +7,8 @@ the rest of the code sees one canonical, frozen form. CLI flags map onto these f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import os
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -41,9 +42,13 @@ class Settings:
     intensity: str = "bundle"  #: intensity normalization mode (see tilefeet.intensity)
     invert: bool = False  #: the section has inverted contrast relative to the training data
     resample_tolerance: float = 0.01  #: relative pixel-size mismatch below which no resampling is done
-    backend: str = "torch"
+    #: "auto" (the fastest backend that works here, measured once and cached), "torch",
+    #: "onnxruntime" or "tensorrt". ``$TILEFEET_BACKEND`` changes the default.
+    backend: str = field(default_factory=lambda: os.environ.get("TILEFEET_BACKEND", "auto"))
+    backend_options: tuple[tuple[str, Any], ...] = ()  #: backend-specific, e.g. (("compile", True),)
     device: str = "auto"
     precision: str = "fp32"
+    threads: int | None = None  #: CPU threads for the network (None: the library's default)
     blocks_in_flight: int = 2  #: blocks read/computed/written at once (bounds memory)
     labels: bool = True  #: also write labels/<class>
 
@@ -63,6 +68,8 @@ class Settings:
         for key in ("blend", "output_dtype", "output_grid", "intensity", "precision", "backend"):
             if key in kw:
                 kw[key] = str(kw[key]).lower()
+        if "backend_options" in kw:
+            kw["backend_options"] = _options(kw["backend_options"])
         return cls(**kw)
 
     def __post_init__(self) -> None:
@@ -75,6 +82,8 @@ class Settings:
             raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold}")
         if self.batch_size < 1 or self.blocks_in_flight < 1:
             raise ConfigError("batch size and blocks in flight must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
         for a in (0, 1):
             if self.chunk_size[a] < 1 or self.block_size[a] % self.chunk_size[a]:
                 raise ConfigError(
@@ -107,6 +116,37 @@ def _pair(v: Any, name: str) -> Pair:
     if len(out) != 2 or min(out) < 0 or (name != "overlap" and min(out) < 1):
         raise ConfigError(f"{name} must be one or two positive integers (y,x), got {v!r}")
     return out  # type: ignore[return-value]
+
+
+def _options(v: Any) -> tuple[tuple[str, Any], ...]:
+    """Backend options from a dict, pairs, or CLI strings ``"compile=true"``, as sorted pairs."""
+    if isinstance(v, dict):
+        items = list(v.items())
+    else:
+        items = []
+        for item in v:
+            if isinstance(item, str):
+                key, sep, raw = item.partition("=")
+                if not sep or not key.strip():
+                    raise ConfigError(f"backend option {item!r} must look like KEY=VALUE, e.g. compile=true")
+                items.append((key.strip(), _literal(raw.strip())))
+            else:
+                items.append(tuple(item))
+    return tuple(sorted((str(k), val) for k, val in items))
+
+
+def _literal(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:

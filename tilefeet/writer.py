@@ -169,7 +169,16 @@ class OutputStore:
                 }
         state = staging / STATE_DIR
         (state / "done").mkdir(parents=True, exist_ok=True)
-        (state / "plan.json").write_text(json.dumps({"fingerprint": self.plan.fingerprint(), "levels": len(shapes)}))
+        (state / "plan.json").write_text(
+            json.dumps(
+                {
+                    "fingerprint": self.plan.fingerprint(),
+                    "levels": len(shapes),
+                    "backend": s.backend,
+                    "backend_options": [list(kv) for kv in s.backend_options],
+                }
+            )
+        )
 
     # ---- writing
 
@@ -233,6 +242,12 @@ class OutputStore:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.path
+
+
+def staged_settings(path: Path) -> dict | None:
+    """What an interrupted run into ``path`` recorded (its backend, ...), or None."""
+    state = _read_state(staging_path(path))
+    return state or None
 
 
 def staging_path(path: Path) -> Path:

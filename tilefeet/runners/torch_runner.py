@@ -11,7 +11,9 @@ Options (``RunnerSpec.options``), each off unless said otherwise:
 * ``tf32`` (CUDA): let fp32 convolutions use TF32. Off, because fp32 should mean fp32 (TF32 keeps
   10 mantissa bits, far from the 1e-4 the conformance suite asks of fp32);
 * ``deterministic`` (on, CUDA): cuDNN algorithms that give bit-identical results run to run,
-  which tilefeet's "same output whatever the block size" promise needs.
+  which tilefeet's "same output whatever the block size" promise needs;
+* ``threads`` (CPU): intra-op threads. oneDNN's rounding depends on the thread count, so runs
+  that must agree bit for bit across processes (a local run and cluster workers) set it alike.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class TorchOptions:
 
     @classmethod
     def from_spec(cls, spec: RunnerSpec, device: torch.device) -> TorchOptions:
-        check_options(spec, {"channels_last", "compile", "cuda_graphs", "tf32", "deterministic"})
+        check_options(spec, {"channels_last", "compile", "cuda_graphs", "tf32", "deterministic", "threads"})
         comp = spec.option("compile", False)
         opts = cls(
             channels_last=bool(spec.option("channels_last", True)),
@@ -81,6 +83,10 @@ class TorchRunner(Runner):
         if self.dtype == torch.float16 and self._device.type == "cpu":
             raise ConfigError("fp16 is not supported by torch on the CPU; use --precision fp32 or bf16")
         self.options = TorchOptions.from_spec(spec, self._device)
+        threads = spec.option("threads")
+        if threads and self._device.type == "cpu":
+            # Process-wide; oneDNN's rounding depends on it, so equal specs must mean equal threads.
+            torch.set_num_threads(int(threads))
         self.channels_last = self.options.channels_last
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         model = bundle.build_model().to(self._device, dtype=self.dtype, memory_format=self.memory_format)
