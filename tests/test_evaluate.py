@@ -313,7 +313,7 @@ def test_cli_output_store_labels_and_thresholded_probabilities(output_store, cap
 
 
 def test_truth_takes_the_class_found_in_the_prediction(output_store):
-    out, section, membrane = output_store
+    out, section, _ = output_store
     ev = evaluate(out, section)  # the section holds labels/membrane and labels/other
     assert ev.truth.endswith("labels/membrane") and ev.pixel.f1 == 1.0
     other = evaluate(section / "labels" / "other", out)
@@ -322,7 +322,7 @@ def test_truth_takes_the_class_found_in_the_prediction(output_store):
 
 def test_cli_bad_inputs_give_one_line_and_exit_2(output_store, isbi, tmp_path, capsys):
     out, section, _ = output_store
-    folder, png, _ = isbi
+    _, png, _ = isbi
     cases = {
         "does not exist": ["evaluate", str(tmp_path / "missing.ome.zarr"), str(png)],
         "has no class 'nucleus'": ["evaluate", str(out), str(section), "--class", "nucleus"],
@@ -333,7 +333,7 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(output_store, isbi, tmp_path, c
         "is a label image": ["evaluate", str(section / "labels/membrane"), str(section), "--threshold", "0.5"],
     }
     for expected, args in cases.items():
-        code, stdout, err = run_cli(args, capsys)
+        code, _, err = run_cli(args, capsys)
         assert code == 2, (args, err)
         assert err.startswith("tilefeet: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
         assert expected in err, err

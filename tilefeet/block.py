@@ -92,10 +92,9 @@ def apply_taps(x: torch.Tensor, idx: np.ndarray, w: np.ndarray, dim: int) -> tor
     w_t = torch.from_numpy(w).to(x.device, x.dtype)
     shape = [1] * x.ndim
     shape[dim] = -1
-    out = None
-    for t in range(idx.shape[1]):
-        term = x.index_select(dim, idx_t[:, t]) * w_t[:, t].view(shape)
-        out = term if out is None else out + term
+    out = x.index_select(dim, idx_t[:, 0]) * w_t[:, 0].view(shape)
+    for t in range(1, idx.shape[1]):
+        out = out + x.index_select(dim, idx_t[:, t]) * w_t[:, t].view(shape)
     return out
 
 
@@ -136,15 +135,14 @@ def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) ->
                 continue
             dst, src = region.relative_to(need), region.relative_to(tb)
             p = pred[k][(slice(None), *src)]
-            if crop:
+            if wsum is None:  # crop: each pixel is kept by exactly one tile
                 acc[(slice(None), *dst)] = p
             else:
+                assert window is not None
                 w = window[src]
                 acc[(slice(None), *dst)] += p * w
                 wsum[dst] += w
-    if crop:
-        return acc
-    return acc / wsum
+    return acc if wsum is None else acc / wsum
 
 
 def to_output_grid(p: torch.Tensor, geo: BlockGeometry, plan: Plan) -> torch.Tensor:

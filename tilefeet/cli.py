@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -32,7 +32,7 @@ def _echo(msg: str) -> None:
         typer.echo(msg, err=True)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     typer.echo(f"tilefeet: warning: {message}", err=True)
 
 
@@ -138,7 +138,7 @@ def _describe_labels(path: Path) -> None:
 
     try:
         root = zarr.open_group(str(path), mode="r")
-        labels = root["labels"] if "labels" in root else None
+        labels: Any = root.get("labels")
     except Exception:
         return
     if labels is None:

@@ -232,7 +232,7 @@ def near(points: np.ndarray, tolerance_px: float) -> np.ndarray:
 
     if not points.any():
         return np.zeros_like(points, dtype=bool)
-    r = int(math.floor(tolerance_px))
+    r = math.floor(tolerance_px)
     if r <= _DILATE_MAX_PX:
         yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
         return ndi.binary_dilation(points, structure=yy**2 + xx**2 <= tolerance_px**2)

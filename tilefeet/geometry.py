@@ -290,7 +290,7 @@ IDENTITY = GridMap(AxisMap(1.0, 0.0), AxisMap(1.0, 0.0))
 def tap_count(in_per_out: float, antialias: bool) -> int:
     """Taps per output pixel of the triangle filter; constant per axis so all blocks share shapes."""
     radius = max(1.0, in_per_out) if antialias else 1.0
-    return int(math.floor(2 * radius)) + 1
+    return math.floor(2 * radius) + 1
 
 
 def resample_taps(out_start: int, out_stop: int, amap: AxisMap, *, antialias: bool = True) -> tuple[np.ndarray, np.ndarray]:

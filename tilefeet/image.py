@@ -109,7 +109,9 @@ class Image:
         name: str = "array",
     ) -> Image:
         """Wrap a numpy, dask or xarray 2-D array (xarray coordinates give the pixel size in nm)."""
-        arr, px, origin = data, pixel_size_nm, origin_nm
+        arr: Any = data
+        px: Any = pixel_size_nm
+        origin = origin_nm
         if hasattr(data, "dims") and hasattr(data, "coords"):  # xarray.DataArray
             arr, px2, origin2 = _from_xarray(data)
             px = px if px is not None else px2
@@ -119,7 +121,7 @@ class Image:
         shape = tuple(int(s) for s in arr.shape)
         lead = _check_axes_shape(shape, tuple("?" * (len(shape) - 2)) + ("y", "x"), name)
         chunks = tuple(int(c[0]) for c in arr.chunks)[-2:] if hasattr(arr, "chunks") and arr.chunks else shape[-2:]
-        level = Level("0", shape[-2:], chunks, px, origin)
+        level = Level("0", (shape[-2], shape[-1]), (chunks[-2], chunks[-1]), px, origin)
         meta = ImageMeta(name, (level,), str(np.dtype(arr.dtype)), len(shape), "", name)
         _check_level(meta, 0)
         return cls(meta, [arr], lead)
@@ -191,7 +193,8 @@ def _open_ome_zarr(path: Path) -> Image:
         raise InvalidImageError(
             f"{path} is a bare Zarr array, not an OME-Zarr image group; wrap it with `tilefeet convert` or give the image group"
         )
-    attrs = dict(node.attrs)
+    attrs: dict[str, Any] = dict(node.attrs)
+    ms: Any
     if "bioformats2raw.layout" in attrs.get("ome", attrs) and "0" in node:
         return _open_ome_zarr(path / "0")
     if "ome" in attrs:
@@ -219,7 +222,7 @@ def _open_ome_zarr(path: Path) -> Image:
     for k, ds in enumerate(multiscale.get("datasets", [])):
         apath = ds["path"]
         try:
-            arr = node[apath]
+            arr: Any = node[apath]
         except KeyError:
             raise InvalidImageError(f"{path}: multiscales names dataset {apath!r} but the store has no such array") from None
         shape = tuple(int(s) for s in arr.shape)
@@ -240,8 +243,9 @@ def _open_ome_zarr(path: Path) -> Image:
         else:
             origin = (0.0, 0.0)
         chunks = tuple(int(c) for c in (arr.chunks or shape))
-        levels.append(Level(str(apath), shape[-2:], chunks[-2:], px, origin))
-    meta = ImageMeta(str(path), tuple(levels), str(node[levels[0].path].dtype), len(axes), version, str(multiscale.get("name") or ""), names)
+        levels.append(Level(str(apath), (shape[-2], shape[-1]), (chunks[-2], chunks[-1]), px, origin))
+    first: Any = node[levels[0].path]
+    meta = ImageMeta(str(path), tuple(levels), str(first.dtype), len(axes), version, str(multiscale.get("name") or ""), names)
     _check_level(meta, 0)
     return Image(meta, [], lead or ())
 

@@ -26,7 +26,13 @@ class Job:
     """What every task of one run shares; travels once per graph (a single dask leaf)."""
 
     def __init__(self, plan: Plan, image: Any, spec: RunnerSpec, store: OutputStore | None = None):
-        self.plan, self.image, self.spec, self.store = plan, image, spec, store
+        self.plan, self.image, self.spec, self._store = plan, image, spec, store
+
+    @property
+    def store(self) -> OutputStore:
+        if self._store is None:
+            raise RuntimeError("this job computes blocks lazily and has no output store")
+        return self._store
 
 
 def block_record(index: tuple[int, int]) -> str:

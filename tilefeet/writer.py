@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, OutputExistsError
-from .geometry import Box, BlockGrid, Pair
+from .geometry import BlockGrid, Box, Pair
 from .plan import Plan
 
 STATE_DIR = ".tilefeet"
@@ -186,7 +186,7 @@ class OutputStore:
         """Write one block's probabilities and labels to level 0, then its completion record."""
         import zarr
 
-        root = zarr.open_group(str(self.staging), mode="r+")
+        root: Any = zarr.open_group(str(self.staging), mode="r+")
         b = out.box
         root["0"][:, b.y0 : b.y1, b.x0 : b.x1] = out.probabilities
         if out.labels is not None:
@@ -201,8 +201,8 @@ class OutputStore:
         """The (record, box) of each block of pyramid ``level`` (≥ 1), in that level's pixels."""
         import zarr
 
-        shape = zarr.open_array(str(self.staging / str(level)), mode="r").shape[1:]
-        grid = BlockGrid(tuple(shape), self.plan.settings.block_size)
+        _, h, w = zarr.open_array(str(self.staging / str(level)), mode="r").shape
+        grid = BlockGrid((h, w), self.plan.settings.block_size)
         return [(f"p{level}_{by}_{bx}", grid.box(by, bx)) for by, bx in grid]
 
     def levels(self) -> int:
@@ -213,7 +213,7 @@ class OutputStore:
         are the mean probability thresholded (so every label level agrees with its probability level)."""
         import zarr
 
-        root = zarr.open_group(str(self.staging), mode="r+")
+        root: Any = zarr.open_group(str(self.staging), mode="r+")
         s = self.plan.settings
         src = root[str(level - 1)]
         hs, ws = src.shape[1:]
@@ -256,7 +256,7 @@ def staging_path(path: Path) -> Path:
 
 def downsample_mean(a: np.ndarray, out_shape: Pair) -> np.ndarray:
     """2×2 means (float32) of ``(C, h, w)`` into ``(C, *out_shape)``; an odd last row/column repeats."""
-    c, h, w = a.shape
+    _, h, w = a.shape
     H, W = 2 * out_shape[0], 2 * out_shape[1]
     if (h, w) != (H, W):
         a = np.pad(a, ((0, 0), (0, H - h), (0, W - w)), mode="edge")

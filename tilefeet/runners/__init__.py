@@ -75,7 +75,7 @@ class Runner(ABC):
     def describe(self) -> str:
         return f"{self.name} on {self.device}, {self.spec.precision}, batch {self.spec.batch_size}"
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Release device resources (optional)."""
 
 

@@ -14,6 +14,7 @@ An explicitly requested backend is checked instead, and a missing library or GPU
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -254,8 +255,6 @@ def library_versions() -> dict[str, str]:
 
     versions: dict[str, str] = {"torch": str(torch.__version__)}
     for dist in ("onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             versions[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
     return versions
