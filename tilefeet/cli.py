@@ -44,6 +44,11 @@ def _main(
     global _quiet
     _quiet = quiet
     warnings.showwarning = _show_warning
+    if verbose:
+        import logging
+
+        logging.basicConfig(format="tilefeet: %(message)s")
+        logging.getLogger("tilefeet").setLevel(logging.DEBUG)
 
 
 @app.command()

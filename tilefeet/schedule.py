@@ -10,6 +10,8 @@ The same graph runs unchanged on ``dask.distributed``.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import dask
@@ -20,6 +22,9 @@ from .block import compute_block, finish_block
 from .plan import Plan
 from .runners import RunnerSpec, get_runner
 from .writer import OutputStore
+
+
+log = logging.getLogger("tilefeet")
 
 
 class Job:
@@ -41,10 +46,18 @@ def block_record(index: tuple[int, int]) -> str:
 
 def _write_block(job: Job, index: tuple[int, int]) -> str:
     runner = get_runner(job.spec)
+    t0 = time.perf_counter()
     p = compute_block(job.plan, index, job.image, runner)
     out = finish_block(p, job.plan, job.plan.blocks.box(*index))
+    t1 = time.perf_counter()
     record = block_record(index)
     job.store.write_block(out, record)
+    if log.isEnabledFor(logging.DEBUG):
+        geo = job.plan.block(*index)
+        log.debug(
+            "block %s %s: %d tiles, computed in %.2f s, written in %.2f s",
+            index, geo.out_box, geo.n_tiles, t1 - t0, time.perf_counter() - t1,
+        )
     return record
 
 
