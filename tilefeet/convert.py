@@ -73,33 +73,70 @@ def _as_2d(a: np.ndarray, where: Any) -> np.ndarray:
     return a
 
 
-def lazy_tiff(path: Path) -> Any:
-    """A dask array over one (possibly huge) TIFF, read tile by tile or strip by strip."""
-    import dask.array as da
-    import tifffile
+class TiffRegions:
+    """Array-like view of a TIFF's first image, read region by region.
 
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            shape, dtype = page.shape, page.dtype
-            contiguous = page.is_contiguous and page.compression == 1
-        if contiguous and len(shape) == 2:
-            mm = tifffile.memmap(path, mode="r")
-            return da.from_array(mm, chunks=(1024, 1024))
+    Each read opens the file, decodes only the tiles or strips the region touches (through
+    tifffile's zarr view of them) and closes it again: no file handle outlives a read, and the
+    object pickles (a path), so a dask graph over it runs on any scheduler.
+    """
+
+    def __init__(self, path: Path):
+        import tifffile
+
+        self.path = Path(path)
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                series = tif.series[0]
+                self.shape, self.dtype = tuple(series.shape), np.dtype(series.dtype)
+                page = tif.pages[0]
+                # Uncompressed, contiguous pixels are memory-mapped: any region reads only its pages.
+                self.contiguous = bool(page.is_contiguous) and page.compression == 1 and len(tif.series) == 1
+                if self.contiguous:
+                    self.chunks = (1, 1)
+                else:
+                    self.chunks = (page.tilelength or page.rowsperstrip or self.shape[0], page.tilewidth or self.shape[1])
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as e:
+            raise CorruptDataError(f"cannot read TIFF {self.path}: {e}") from None
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        import tifffile
         import zarr
 
-        z = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
-        if isinstance(z, zarr.Group):  # pyramidal TIFF: level 0
-            z = z[sorted(z.array_keys())[0]]
-        arr = da.from_zarr(z)
-    except (tifffile.TiffFileError, OSError, ValueError) as e:
-        raise CorruptDataError(f"cannot read TIFF {path}: {e}") from None
+        try:
+            if self.contiguous:
+                mm = tifffile.memmap(self.path, mode="r")
+                region = np.array(mm[index])
+                del mm  # unmapped here (reference counting): no handle outlives the read
+                return region
+            with tifffile.imread(self.path, aszarr=True) as store:
+                z: Any = zarr.open(store, mode="r")
+                if isinstance(z, zarr.Group):  # pyramidal TIFF: level 0
+                    z = z[sorted(z.array_keys())[0]]
+                return np.asarray(z[index])
+        except (tifffile.TiffFileError, OSError, ValueError, RuntimeError) as e:
+            raise CorruptDataError(f"cannot decode {self.path} at {index}: {e}") from None
+
+
+def lazy_tiff(path: Path, chunk: int = 1024) -> Any:
+    """A dask array over one (possibly huge) TIFF: never read whole, only tile by tile / strip by strip."""
+    import dask.array as da
+
+    regions = TiffRegions(path)
+    # Read in pieces that are whole tiles/strips and about ``chunk`` on a side.
+    cy = max(regions.chunks[0], chunk // regions.chunks[0] * regions.chunks[0])
+    cx = max(regions.chunks[1], chunk // regions.chunks[1] * regions.chunks[1]) if regions.chunks[1] < regions.shape[-1] else regions.shape[-1]
+    chunks = (*regions.shape[:-2], cy, cx) if regions.ndim >= 2 else regions.shape
+    if regions.ndim == 3 and regions.shape[-1] in (3, 4):  # RGB(A) samples last
+        chunks = (cy, cx, regions.shape[-1])
+    arr = da.from_array(regions, chunks=chunks[: regions.ndim], asarray=True, lock=False, fancy=False, name=f"tiff-{regions.path}")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = arr[..., 0]
     while arr.ndim > 2 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
-        raise InvalidImageError(f"{path} has shape {arr.shape} (dtype {dtype}); expected one 2-D greyscale plane")
+        raise InvalidImageError(f"{path} has shape {arr.shape} (dtype {regions.dtype}); expected one 2-D greyscale plane")
     return arr
 
 
@@ -252,7 +289,6 @@ def write_image(
     ``version`` "0.5" writes zarr v3 (the default), "0.4" zarr v2. Written to a staging folder
     and renamed into place, so a failed conversion never leaves a half-written store.
     """
-    import dask
     import dask.array as da
     import zarr
 

@@ -1,0 +1,110 @@
+"""`tilefeet convert`: TIFF (tiled, striped, uncompressed), PNG, montage folders → OME-Zarr 0.5 pyramids."""
+
+from __future__ import annotations
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from tilefeet.cli import main
+from tilefeet.convert import grid_positions, lazy_tiff, open_input
+from tilefeet.errors import ConfigError, InvalidImageError
+from tilefeet.image import Image
+
+from .conftest import isbi_montage
+
+
+@pytest.fixture(scope="module")
+def big():
+    img, _ = isbi_montage(3, 4)  # 1536 × 2048 of real texture
+    return np.ascontiguousarray(img)
+
+
+@pytest.mark.parametrize("kind", ["tiled-zstd", "strips-deflate", "uncompressed"])
+def test_large_tiff_is_read_lazily_and_converted_exactly(tmp_path, capsys, big, kind):
+    path = tmp_path / f"{kind}.tif"
+    if kind == "tiled-zstd":
+        tifffile.imwrite(path, big, tile=(256, 256), compression="zstd")
+    elif kind == "strips-deflate":
+        tifffile.imwrite(path, big, rowsperstrip=64, compression="zlib")
+    else:
+        tifffile.imwrite(path, big)
+    lazy = lazy_tiff(path)
+    # Lazy: a graph over tiles/strips (or a memory map), not one array read at once.
+    assert lazy.numblocks != (1, 1)
+    out = tmp_path / f"{kind}.ome.zarr"
+    assert main(["-q", "convert", str(path), str(out), "--pixel-size", "0.004um", "--chunk", "512"]) == 0
+    img = Image.open(out)
+    assert img.meta.pixel_size_nm == pytest.approx((4.0, 4.0))
+    assert [lv.shape for lv in img.meta.levels] == [(1536, 2048), (768, 1024), (384, 512)]
+    root = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(root["0"][:], big)
+    assert root["0"].chunks == (512, 512)
+    # Level 1 is the rounded 2×2 mean of level 0.
+    l1 = big.reshape(768, 2, 1024, 2).astype(np.float32).mean(axis=(1, 3))
+    np.testing.assert_array_equal(root["1"][:], np.round(l1).astype(np.uint8))
+
+
+def test_png_and_grid_option(tmp_path, capsys):
+    from .conftest import isbi_slices
+
+    imgs, _ = isbi_slices()
+    iio.imwrite(tmp_path / "one.png", imgs[0])
+    assert main(["-q", "convert", str(tmp_path / "one.png"), str(tmp_path / "one.ome.zarr"), "--pixel-size", "5nm"]) == 0
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "one.ome.zarr"), mode="r")["0"][:], imgs[0])
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for i, a in enumerate(imgs):
+        iio.imwrite(folder / f"img{i:02d}.png", a)
+    out = tmp_path / "grid.ome.zarr"
+    assert main(["-q", "convert", str(folder), str(out), "--pixel-size", "4nm", "--grid", "3x2"]) == 0
+    want = np.block([[imgs[0], imgs[1]], [imgs[2], imgs[3]], [imgs[4], imgs[5]]])
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], want)
+
+
+@pytest.mark.parametrize(
+    "names,expect",
+    [
+        (["tile_r0_c0.tif", "tile_r0_c1.tif", "tile_r1_c0.tif"], [(0, 0), (0, 1), (1, 0)]),
+        (["row2_col5.png", "row3_col5.png"], [(0, 0), (1, 0)]),
+        (["y1_x2.tif", "y1_x3.tif"], [(0, 0), (0, 1)]),
+        (["img_0_1.png", "img_1_0.png"], [(0, 1), (1, 0)]),
+    ],
+)
+def test_grid_positions_from_file_names(tmp_path, names, expect):
+    assert grid_positions([tmp_path / n for n in names], None) == expect
+
+
+def test_montage_bad_inputs(tmp_path):
+    from .conftest import isbi_slices
+
+    imgs, _ = isbi_slices()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    iio.imwrite(folder / "a.png", imgs[0])
+    iio.imwrite(folder / "b.png", imgs[1])
+    with pytest.raises(ConfigError, match="--grid ROWSxCOLS"):
+        open_input(folder)
+    with pytest.raises(ConfigError, match="needs 6 tiles"):
+        open_input(folder, grid=(2, 3))
+    iio.imwrite(folder / "b.png", imgs[1][:100])
+    with pytest.raises(InvalidImageError, match="tiles must match"):
+        open_input(folder, grid=(1, 2)).compute()
+    rgb = np.stack([imgs[0], imgs[1], imgs[2]], axis=-1)
+    iio.imwrite(tmp_path / "rgb.png", rgb)
+    with pytest.raises(InvalidImageError, match="colour image"):
+        open_input(tmp_path / "rgb.png")
+
+
+def test_convert_refuses_to_overwrite(tmp_path, capsys):
+    from .conftest import isbi_slices
+
+    iio.imwrite(tmp_path / "one.png", isbi_slices()[0][0])
+    out = tmp_path / "one.ome.zarr"
+    assert main(["-q", "convert", str(tmp_path / "one.png"), str(out), "--pixel-size", "4nm"]) == 0
+    before = (out / "zarr.json").read_bytes()
+    code = main(["convert", str(tmp_path / "one.png"), str(out), "--pixel-size", "4nm"])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "zarr.json").read_bytes() == before
