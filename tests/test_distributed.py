@@ -36,6 +36,16 @@ def test_segment_to_zarr_on_a_cluster_matches_local(tmp_path, section, random_en
         np.testing.assert_array_equal(a[name][:], b[name][:])
 
 
+def test_block_tasks_carry_resource_annotations(tmp_path, section, random_engine):
+    """Block tasks (the ones that run the network) ask for a GPU slot; pyramid tasks do not."""
+    graph = tilefeet.segment_to_zarr(section, tmp_path / "a.ome.zarr", random_engine, compute=False,
+                                     resources={"GPU": 1}, chunk_size=256, block_size=512)
+    layers = graph.__dask_graph__().layers
+    annotated = {k: layer.annotations for k, layer in layers.items() if "tilefeet-block" in str(k)}
+    assert annotated and all(a == {"resources": {"GPU": 1}} for a in annotated.values())
+    assert all(not layer.annotations for k, layer in layers.items() if "tilefeet-p" in str(k))
+
+
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::DeprecationWarning")
 def test_lazy_segment_on_a_cluster(section, random_engine, client):
     p = tilefeet.segment(section, random_engine, chunk_size=256, block_size=512, threads=torch.get_num_threads())

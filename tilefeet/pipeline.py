@@ -135,12 +135,14 @@ def segment_to_zarr(
     resume: bool = False,
     progress: bool = False,
     compute: bool = True,
+    resources: dict | None = None,
     **options: Any,
 ) -> Path | Any:
     """Segment a section into an OME-Zarr at ``output`` (probabilities + labels, with pyramids).
 
     With ``compute=False``, returns the dask ``Delayed`` that does the whole job (for a cluster);
-    computing it returns the output path.
+    computing it returns the output path. ``resources`` (e.g. ``{"GPU": 1}``) annotates the tasks
+    that run the network, for clusters whose GPU workers declare that resource.
     """
     from .schedule import Job, run, write_graph
     from .writer import OutputStore, staged_settings
@@ -151,7 +153,7 @@ def segment_to_zarr(
         options = {**options, "backend": staged["backend"], "backend_options": staged.get("backend_options", ())}
     plan, image, bundle = plan_segmentation(source, engine, **options)
     store = OutputStore.prepare(Path(output), plan, overwrite=overwrite, resume=resume)
-    graph = write_graph(Job(plan, image, runner_spec(plan, bundle), store))
+    graph = write_graph(Job(plan, image, runner_spec(plan, bundle), store), resources)
     if not compute:
         return graph
     return Path(run(graph, workers=plan.settings.blocks_in_flight, progress=progress))

@@ -79,16 +79,21 @@ def _finalize(job: Job, *_after: Any) -> str:
     return str(job.store.finalize())
 
 
-def write_graph(job: Job) -> Any:
-    """A dask ``Delayed`` that writes every unfinished block, builds the pyramid and finalizes the store."""
+def write_graph(job: Job, resources: dict | None = None) -> Any:
+    """A dask ``Delayed`` that writes every unfinished block, builds the pyramid and finalizes the store.
+
+    ``resources`` (e.g. ``{"GPU": 1}``) annotates the block tasks, the ones that run the network, so
+    that a ``dask.distributed`` cluster whose workers declare that resource runs them only there.
+    """
     store, plan = job.store, job.plan
     leaf = delayed(job, traverse=False)
     token = plan.fingerprint()[:12]
-    tasks = [
-        delayed(_write_block, pure=False)(leaf, index, dask_key_name=f"tilefeet-block-{token}-{index[0]}-{index[1]}")
-        for index in plan.blocks
-        if block_record(index) not in store.done
-    ]
+    with dask.annotate(**({"resources": resources} if resources else {})):
+        tasks = [
+            delayed(_write_block, pure=False)(leaf, index, dask_key_name=f"tilefeet-block-{token}-{index[0]}-{index[1]}")
+            for index in plan.blocks
+            if block_record(index) not in store.done
+        ]
     after = delayed(_barrier)(*tasks, dask_key_name=f"tilefeet-level0-{token}")
     for level in range(1, store.levels()):
         level_tasks = [
