@@ -128,7 +128,7 @@ def info(
     """Levels, shapes, chunks, pixel size and dtype of an OME-Zarr image (and its labels)."""
     from .image import Image
 
-    image = Image.open(path)
+    image = Image.open(path, sections_only=engine is not None)
     typer.echo(image.meta.describe())
     _describe_labels(path)
     if engine:

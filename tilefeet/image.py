@@ -44,7 +44,7 @@ class ImageMeta:
     source: str  #: path (or a description of an in-memory array)
     levels: tuple[Level, ...]
     dtype: str
-    ndim: int  #: dimensions of the stored arrays (leading singleton axes included)
+    ndim: int  #: dimensions of the stored arrays (leading axes included)
     version: str = ""  #: NGFF version, "" for in-memory arrays
     name: str = ""
     axes: tuple[str, ...] = ("y", "x")
@@ -76,8 +76,12 @@ class ImageMeta:
             levels.append(replace(lv, pixel_size_nm=px, origin_nm=origin))
         return replace(self, levels=tuple(levels))
 
+    lead_shape: tuple[int, ...] = ()  #: sizes of the axes before y, x (all 1 for a section)
+
     def describe(self) -> str:
-        rows = [f"{self.source}  (OME-Zarr {self.version or '-'}, {self.dtype}, axes {''.join(self.axes)})"]
+        lead = [f"{n} {a}" for a, n in zip(self.axes[:-2], self.lead_shape) if n > 1]
+        kind = f", a stack of {' × '.join(lead)} planes" if lead else ""
+        rows = [f"{self.source}  (OME-Zarr {self.version or '-'}, {self.dtype}, axes {''.join(self.axes)}{kind})"]
         for i, lv in enumerate(self.levels):
             px = format_nm(lv.pixel_size_nm) if lv.pixel_size_nm else "unknown pixel size"
             rows.append(f"  level {i} ({lv.path}): {lv.shape[0]} × {lv.shape[1]} px, chunks {lv.chunks[0]} × {lv.chunks[1]}, {px}")
@@ -95,9 +99,13 @@ class Image:
     # ---- construction
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Image:
-        """Open an OME-Zarr image (0.5 or 0.4) by path; only metadata is read."""
-        return _open_ome_zarr(Path(path))
+    def open(cls, path: str | os.PathLike, *, sections_only: bool = True) -> Image:
+        """Open an OME-Zarr image (0.5 or 0.4) by path; only metadata is read.
+
+        ``sections_only`` refuses leading axes longer than one (stacks, channels): tilefeet
+        segments 2-D sections. ``tilefeet info`` turns it off to describe any image.
+        """
+        return _open_ome_zarr(Path(path), sections_only)
 
     @classmethod
     def from_array(
@@ -178,7 +186,7 @@ class Image:
 # ------------------------------------------------------------------------------------ OME-Zarr
 
 
-def _open_ome_zarr(path: Path) -> Image:
+def _open_ome_zarr(path: Path, sections_only: bool = True) -> Image:
     import zarr
 
     if not path.exists():
@@ -196,7 +204,7 @@ def _open_ome_zarr(path: Path) -> Image:
     attrs: dict[str, Any] = dict(node.attrs)
     ms: Any
     if "bioformats2raw.layout" in attrs.get("ome", attrs) and "0" in node:
-        return _open_ome_zarr(path / "0")
+        return _open_ome_zarr(path / "0", sections_only)
     if "ome" in attrs:
         version = str(attrs["ome"].get("version", "0.5"))
         ms = attrs["ome"].get("multiscales")
@@ -229,7 +237,7 @@ def _open_ome_zarr(path: Path) -> Image:
         if len(shape) != len(axes):
             raise InvalidImageError(f"{path}/{apath}: array has {len(shape)} dimensions but metadata declares axes {names}")
         if k == 0:
-            lead = _check_axes_shape(shape, names, str(path))
+            lead = _check_axes_shape(shape, names, str(path)) if sections_only else (0,) * (len(shape) - 2)
         scale, shift = _transforms(ds.get("coordinateTransformations") or [], len(axes))
         scale = [a * b for a, b in zip(scale, global_scale)]
         shift = [a * g + b for a, g, b in zip(shift, global_scale, global_shift)]
@@ -245,7 +253,8 @@ def _open_ome_zarr(path: Path) -> Image:
         chunks = tuple(int(c) for c in (arr.chunks or shape))
         levels.append(Level(str(apath), (shape[-2], shape[-1]), (chunks[-2], chunks[-1]), px, origin))
     first: Any = node[levels[0].path]
-    meta = ImageMeta(str(path), tuple(levels), str(first.dtype), len(axes), version, str(multiscale.get("name") or ""), names)
+    meta = ImageMeta(str(path), tuple(levels), str(first.dtype), len(axes), version, str(multiscale.get("name") or ""), names,
+                     tuple(int(s) for s in first.shape[:-2]))
     _check_level(meta, 0)
     return Image(meta, [], lead or ())
 
