@@ -10,6 +10,13 @@ import zarr
 import tilefeet
 
 
+@pytest.fixture
+def small_section(tmp_path, montage_2x3):
+    from tilefeet.convert import write_image
+
+    return write_image(montage_2x3[0][:512, :768], tmp_path / "small.ome.zarr", (4.0, 4.0), chunk=256)
+
+
 @pytest.fixture(scope="module")
 def client():
     distributed = pytest.importorskip("distributed")
@@ -21,16 +28,16 @@ def client():
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::DeprecationWarning")
-def test_segment_to_zarr_on_a_cluster_matches_local(tmp_path, section, random_engine, client):
+def test_segment_to_zarr_on_a_cluster_matches_local(tmp_path, small_section, random_engine, client):
     """Tasks carry the plan and a runner spec, never a model: each worker process builds its runner once.
 
     oneDNN's rounding depends on the CPU thread count (dask starts workers with OMP_NUM_THREADS=1),
     so both sides pin it with ``threads``: that is what makes cluster and local runs agree bit for bit.
     """
     kw = dict(chunk_size=256, block_size=512, threads=torch.get_num_threads())
-    graph = tilefeet.segment_to_zarr(section, tmp_path / "dist.ome.zarr", random_engine, compute=False, **kw)
+    graph = tilefeet.segment_to_zarr(small_section, tmp_path / "dist.ome.zarr", random_engine, compute=False, **kw)
     out = client.compute(graph).result()
-    local = tilefeet.segment_to_zarr(section, tmp_path / "local.ome.zarr", random_engine, **kw)
+    local = tilefeet.segment_to_zarr(small_section, tmp_path / "local.ome.zarr", random_engine, **kw)
     a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(local), mode="r")
     for name in ("0", "1", "labels/membrane/0"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
@@ -47,6 +54,6 @@ def test_block_tasks_carry_resource_annotations(tmp_path, section, random_engine
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::DeprecationWarning")
-def test_lazy_segment_on_a_cluster(section, random_engine, client):
-    p = tilefeet.segment(section, random_engine, chunk_size=256, block_size=512, threads=torch.get_num_threads())
+def test_lazy_segment_on_a_cluster(small_section, random_engine, client):
+    p = tilefeet.segment(small_section, random_engine, chunk_size=256, block_size=512, threads=torch.get_num_threads())
     np.testing.assert_array_equal(client.compute(p.data).result(), p.values)
