@@ -137,7 +137,7 @@ def benchmark(
     workdir: Path,
     *,
     options: dict | None = None,
-    baselines: tuple[str, ...] = ("io", "monai"),
+    baselines: tuple[str, ...] = ("io", "monai", "monai-runner"),
     repeats: int = 1,
 ) -> dict:
     """Time tilefeet and the baselines on one ``size²`` section; returns a JSON-ready report."""
@@ -157,11 +157,17 @@ def benchmark(
         r["mpx_per_s"] = mpx / r["seconds"]
         return r
 
+    unknown = set(baselines) - {"io", "monai", "monai-runner"}
+    if unknown:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown baseline(s) {sorted(unknown)}; use io, monai, monai-runner")
     results["tilefeet"] = best("tilefeet")
     if "io" in baselines:
         results["io"] = best("io")
     if "monai" in baselines:
         results["monai"] = best("monai", model="plain")
+    if "monai-runner" in baselines:
         results["monai-runner"] = best("monai-runner", model="runner")
     return {
         "device": device_name(options.get("device", "auto")),

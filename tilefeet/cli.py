@@ -231,7 +231,9 @@ def bench(
     size: int = typer.Option(4096, help="Side of the square test section (real EM texture, mirror-tiled)."),
     engine: str = typer.Option("isbi-membrane", "--engine", "-e"),
     workdir: Path = typer.Option(Path("bench-work"), help="Scratch folder for the section and outputs."),
-    baseline: list[str] = typer.Option(["io", "monai"], help="Baselines to time in the same run: io, monai."),
+    baseline: list[str] = typer.Option(
+        ["io", "monai", "monai-runner"], help="Baselines timed in the same run: io, monai (its plain nn.Module), monai-runner."
+    ),
     tile: Optional[int] = typer.Option(None),
     overlap: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(4, "--batch-size"),
