@@ -19,12 +19,20 @@ def small_section(tmp_path, montage_2x3):
 
 @pytest.fixture(scope="module")
 def client():
+    """A LocalCluster with two worker processes. Starting one sets OMP_NUM_THREADS=1 (and MKL/OpenBLAS)
+    in *this* process's environment for good; it is restored afterwards, or every later subprocess
+    of the session would run the network single-threaded (and round differently)."""
+    import os
+
     distributed = pytest.importorskip("distributed")
+    environ = dict(os.environ)
     with (
         distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         distributed.Client(cluster) as c,
     ):
         yield c
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::DeprecationWarning")

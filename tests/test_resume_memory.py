@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 import zarr
 
 import tilefeet
@@ -33,7 +34,9 @@ def _arrays(path) -> dict[str, np.ndarray]:
 def test_killed_run_resumes_to_identical_output(tmp_path, random_engine, monkeypatch):
     img, _ = isbi_montage(2, 4)  # 1024 × 2048: 32 blocks
     src = write_image(img, tmp_path / "s.ome.zarr", (4.0, 4.0), chunk=256)
-    opts = ["-e", random_engine.path, "--chunk-size", "256", "--block-size", "256", "--blocks-in-flight", "1"]
+    # The killed process and this one must use the same CPU thread count to round alike.
+    threads = torch.get_num_threads()
+    opts = ["-e", random_engine.path, "--chunk-size", "256", "--block-size", "256", "--blocks-in-flight", "1", "--threads", str(threads)]
     out = tmp_path / "out.ome.zarr"
     proc = subprocess.Popen(_cli("-q", "segment", src, out, *opts), stderr=subprocess.DEVNULL)
     done_dir = tmp_path / "out.ome.zarr.partial" / ".tilefeet" / "done"
@@ -56,10 +59,10 @@ def test_killed_run_resumes_to_identical_output(tmp_path, random_engine, monkeyp
     computed = []
     original = tilefeet.schedule._write_block
     monkeypatch.setattr(tilefeet.schedule, "_write_block", lambda job, index: computed.append(index) or original(job, index))
-    tilefeet.segment_to_zarr(src, out, random_engine.path, resume=True, chunk_size=256, block_size=256, blocks_in_flight=1)
+    tilefeet.segment_to_zarr(src, out, random_engine.path, resume=True, chunk_size=256, block_size=256, blocks_in_flight=1, threads=threads)
     assert len(computed) == 32 - len(finished_before)  # finished blocks were not redone
 
-    ref = tilefeet.segment_to_zarr(src, tmp_path / "ref.ome.zarr", random_engine.path, chunk_size=256, block_size=256)
+    ref = tilefeet.segment_to_zarr(src, tmp_path / "ref.ome.zarr", random_engine.path, chunk_size=256, block_size=256, threads=threads)
     got, want = _arrays(out), _arrays(ref)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -68,16 +68,17 @@ def job_monai(section: str, out: str, engine: str, options: dict, model: str = "
     from monai.inferers import sliding_window_inference
 
     from .engine import load_engine
-    from .runners import RunnerSpec
+    from .runners import RunnerSpec, resolve_device
     from .runners.torch_runner import TorchRunner
 
     bundle = load_engine(engine)
     tile, overlap, batch = options.get("tile", bundle.tile), options.get("overlap", bundle.overlap), options.get("batch_size", 4)
+    device = resolve_device(options.get("device", "auto"))
     if model == "runner":
-        runner = TorchRunner(bundle, RunnerSpec(str(bundle.path), batch_size=batch, tile=(tile, tile)))
-        predictor: Any = runner
+        spec = RunnerSpec(str(bundle.path), device=str(device), precision=options.get("precision", "fp32"), batch_size=batch, tile=(tile, tile))
+        predictor: Any = TorchRunner(bundle, spec)
     else:
-        predictor = bundle.build_model()
+        predictor = bundle.build_model().to(device)
     t0 = time.perf_counter()
     raw = zarr.open_group(section, mode="r")["0"][:]
     x = torch.from_numpy(bundle.normalization.to_network(raw.astype(np.float32)))[None, None]
@@ -85,10 +86,12 @@ def job_monai(section: str, out: str, engine: str, options: dict, model: str = "
     with torch.inference_mode():
         p = sliding_window_inference(
             x, roi_size=(tile, tile), sw_batch_size=batch, predictor=predictor, overlap=overlap / tile,
-            mode="gaussian", sigma_scale=0.125, padding_mode="reflect",
+            mode="gaussian", sigma_scale=0.125, padding_mode="reflect", sw_device=device, device=device,
         )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     t2 = time.perf_counter()
-    q = torch.round(p[0] * 255).clamp(0, 255).to(torch.uint8).numpy()
+    q = torch.round(p[0] * 255).clamp(0, 255).to(torch.uint8).cpu().numpy()
     z = zarr.create_array(out, shape=q.shape, chunks=(1, 1024, 1024), dtype="uint8", overwrite=True)
     z[:] = q
     t3 = time.perf_counter()
