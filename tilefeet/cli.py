@@ -107,13 +107,14 @@ def segment(
         blocks_in_flight=blocks_in_flight,
         labels=labels,
     )
-    plan, _, _ = pipeline.plan_segmentation(str(input), engine, **options)
+    t0 = time.perf_counter()
+    planned = pipeline.plan_segmentation(str(input), engine, resume_into=output if resume else None, **options)
+    plan = planned[0]
     if dry_run:
         typer.echo(plan.describe())
         return
     _echo(plan.describe())
-    t0 = time.perf_counter()
-    out = pipeline.segment_to_zarr(str(input), output, engine, overwrite=overwrite, resume=resume, progress=not _quiet, **options)
+    out = pipeline.write_planned(planned, output, overwrite=overwrite, resume=resume, progress=not _quiet)
     dt = time.perf_counter() - t0
     h, w = plan.output.shape
     _echo(f"wrote {out} in {dt:.1f} s ({h * w / dt / 1e6:.2f} Mpx/s)")

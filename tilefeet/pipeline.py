@@ -60,9 +60,24 @@ def section_sample(image: Image, level: int, max_pixels: int = STATS_PIXELS) -> 
 
 
 def plan_segmentation(
-    source: Any, engine: str | os.PathLike | EngineBundle = "isbi-membrane", settings: Settings | None = None, **options: Any
+    source: Any,
+    engine: str | os.PathLike | EngineBundle = "isbi-membrane",
+    settings: Settings | None = None,
+    *,
+    resume_into: str | os.PathLike | None = None,
+    **options: Any,
 ) -> tuple[Plan, Image, EngineBundle]:
-    """Open the input and the engine, compute section statistics, and plan the run."""
+    """Open the input and the engine, compute section statistics, and plan the run.
+
+    ``resume_into``: the output of an interrupted run to continue; its backend choice is reused
+    (unless one is given), so the remaining blocks run exactly as the finished ones did.
+    """
+    if resume_into is not None and options.get("backend") in (None, "auto"):
+        from .writer import staged_settings
+
+        staged = staged_settings(Path(resume_into))
+        if staged:
+            options = {**options, "backend": staged["backend"], "backend_options": staged.get("backend_options", ())}
     settings = settings or Settings.create(**options)
     image = open_image(source, settings.pixel_size_nm)
     bundle = load_engine(engine)
@@ -144,14 +159,25 @@ def segment_to_zarr(
     computing it returns the output path. ``resources`` (e.g. ``{"GPU": 1}``) annotates the tasks
     that run the network, for clusters whose GPU workers declare that resource.
     """
-    from .schedule import Job, run, write_graph
-    from .writer import OutputStore, staged_settings
+    planned = plan_segmentation(source, engine, resume_into=output if resume else None, **options)
+    return write_planned(planned, output, overwrite=overwrite, resume=resume, progress=progress, compute=compute, resources=resources)
 
-    staged = staged_settings(Path(output)) if resume else None
-    if staged and options.get("backend", "auto") == "auto":
-        # Resume with what the interrupted run chose, not a fresh (possibly different) choice.
-        options = {**options, "backend": staged["backend"], "backend_options": staged.get("backend_options", ())}
-    plan, image, bundle = plan_segmentation(source, engine, **options)
+
+def write_planned(
+    planned: tuple[Plan, Image, EngineBundle],
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = False,
+    compute: bool = True,
+    resources: dict | None = None,
+) -> Path | Any:
+    """Write a run planned by :func:`plan_segmentation` (the CLI prints the plan first, then writes it)."""
+    from .schedule import Job, run, write_graph
+    from .writer import OutputStore
+
+    plan, image, bundle = planned
     store = OutputStore.prepare(Path(output), plan, overwrite=overwrite, resume=resume)
     graph = write_graph(Job(plan, image, runner_spec(plan, bundle), store), resources)
     if not compute:
