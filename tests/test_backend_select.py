@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from tests.conftest import make_random_engine
-from tilefeet.engine import load_engine
 from tilefeet.errors import BackendUnavailableError, ConfigError
 from tilefeet.runners import RunnerSpec, runner_class, select
 from tilefeet.runners.select import gpu_choice, resolve_backend, timing_key
@@ -20,22 +19,9 @@ from tilefeet.runners.select import gpu_choice, resolve_backend, timing_key
 TILE = (64, 96)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TILEFEET_CACHE", str(tmp_path_factory.getbasetemp() / "tilefeet-cache"))
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    folder = tmp_path_factory.getbasetemp() / "runner-engines" / "rand-s20"
-    return (
-        load_engine(folder)
-        if (folder / "engine.toml").is_file()
-        else make_random_engine(folder, sharpen=20.0, tile=128)
-    )
+def bundle(runner_bundle):
+    return runner_bundle
 
 
 def auto(bundle, cache, **kw):

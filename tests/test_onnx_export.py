@@ -23,22 +23,9 @@ from tilefeet.runners.onnx_export import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TILEFEET_CACHE", str(tmp_path_factory.getbasetemp() / "tilefeet-cache"))
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    folder = tmp_path_factory.getbasetemp() / "runner-engines" / "rand-s20"
-    return (
-        load_engine(folder)
-        if (folder / "engine.toml").is_file()
-        else make_random_engine(folder, sharpen=20.0, tile=128)
-    )
+def bundle(runner_bundle):
+    return runner_bundle
 
 
 def run_ort(path, x: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,6 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import make_random_engine
-from tilefeet.engine import load_engine
 from tilefeet.errors import BackendUnavailableError, ConfigError
 from tilefeet.runners import RunnerSpec, runner_class
 from tilefeet.runners.onnx_export import TOLERANCE, relative_error
@@ -86,25 +84,9 @@ CASES = [pytest.param(c, id=c.id) for c in CPU_CASES] + [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    """Compiled artefacts go to a cache shared by this session's runner tests, not the user's."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TILEFEET_CACHE", str(tmp_path_factory.getbasetemp() / "tilefeet-cache"))
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """A random U-Net (8 base channels) whose probabilities spread over about (0.4, 0.7): a runner
-    returning a constant is off by > 0.2, bf16 rounding stays below 1e-2."""
-    folder = tmp_path_factory.getbasetemp() / "runner-engines" / "rand-s20"
-    return (
-        load_engine(folder)
-        if (folder / "engine.toml").is_file()
-        else make_random_engine(folder, sharpen=20.0, tile=128)
-    )
+def bundle(runner_bundle):
+    return runner_bundle
 
 
 @pytest.fixture(scope="module")

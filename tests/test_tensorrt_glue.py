@@ -20,10 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_random_engine
 from tests.fake_tensorrt import FakeTensorRT, fake_plan_doc
 from tilefeet.cli import main
-from tilefeet.engine import load_engine
 from tilefeet.errors import BackendUnavailableError, ConfigError, InvalidEngineError
 from tilefeet.runners import RunnerSpec, build_once, runner_class
 from tilefeet.runners._trt_glue import (
@@ -45,22 +43,9 @@ from tilefeet.runners.tensorrt_runner import BuildRequest, ensure_plan, load_pla
 H200 = DeviceInfo("NVIDIA H200", (9, 0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TILEFEET_CACHE", str(tmp_path_factory.getbasetemp() / "tilefeet-cache"))
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    folder = tmp_path_factory.getbasetemp() / "runner-engines" / "rand-s20"
-    return (
-        load_engine(folder)
-        if (folder / "engine.toml").is_file()
-        else make_random_engine(folder, sharpen=20.0, tile=128)
-    )
+def bundle(runner_bundle):
+    return runner_bundle
 
 
 # ----------------------------------------------------------------------------------- profiles

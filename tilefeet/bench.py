@@ -103,11 +103,11 @@ def job_io(section: str, out: str, engine: str, options: dict) -> dict:
     import dask.array as da
     import zarr
 
-    from .writer import _compressor
+    from .ngff import compressor
 
     t0 = time.perf_counter()
     src = da.from_zarr(zarr.open_group(section, mode="r")["0"])
-    z = zarr.create_array(out, shape=src.shape, chunks=src.chunksize, dtype="uint8", compressors=_compressor(), overwrite=True)
+    z = zarr.create_array(out, shape=src.shape, chunks=src.chunksize, dtype="uint8", compressors=compressor(), overwrite=True)
     da.store((src // 2).astype(np.uint8), z, lock=False, scheduler="threads")
     return {"seconds": time.perf_counter() - t0}
 

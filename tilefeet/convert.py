@@ -22,7 +22,8 @@ import numpy as np
 
 from .errors import ConfigError, CorruptDataError, InputNotFoundError, InvalidImageError, OutputExistsError
 from .geometry import Pair
-from .writer import _compressor, pyramid_shapes, staging_path
+from .ngff import compressor, multiscales, pyramid_shapes
+from .writer import staging_path
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 _GRID_PATTERNS = [
@@ -216,44 +217,6 @@ def open_input(path: Path, *, grid: Pair | None = None, stack: bool = False) -> 
 # ------------------------------------------------------------------------------------- writing
 
 
-def ngff_multiscales(
-    name: str,
-    pixel_size_nm: tuple[float, float],
-    n_levels: int,
-    *,
-    origin_nm: tuple[float, float] = (0.0, 0.0),
-    lead_axes: Sequence[dict] = (),
-    method: str = "mean",
-    metadata: dict | None = None,
-    unit: str = "nanometer",
-    unit_scale: float = 1.0,
-) -> dict:
-    """NGFF multiscales metadata for 2×-per-level pyramids (pixel centres at ``origin + i·pixel``)."""
-    (py, px), (oy, ox) = pixel_size_nm, origin_nm
-    lead = [1.0] * len(lead_axes)
-    datasets = []
-    for k in range(n_levels):
-        f = 2**k
-        datasets.append(
-            {
-                "path": str(k),
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [*lead, py * f * unit_scale, px * f * unit_scale]},
-                    {"type": "translation", "translation": [*(0.0 for _ in lead), (oy + py * (f - 1) / 2) * unit_scale, (ox + px * (f - 1) / 2) * unit_scale]},
-                ],
-            }
-        )
-    ms: dict[str, Any] = {
-        "name": name,
-        "axes": [*lead_axes, {"name": "y", "type": "space", "unit": unit}, {"name": "x", "type": "space", "unit": unit}],
-        "datasets": datasets,
-        "type": f"2x2 {method}",
-    }
-    if metadata:
-        ms["metadata"] = metadata
-    return ms
-
-
 def downsample2(a: Any, method: str = "mean") -> Any:
     """2×2 mean (rounded, for integers) or max of the last two axes of a dask array; odd edges repeat."""
     import dask.array as da
@@ -310,7 +273,7 @@ def write_image(
         from .units import nm_per_unit
 
         unit_scale = 1.0 / nm_per_unit(unit)
-    ms = ngff_multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, unit=unit, unit_scale=unit_scale)
+    ms = multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, unit=unit, unit_scale=unit_scale)
     if lead_axes:  # z keeps its scale across levels
         for ds in ms["datasets"]:
             ds["coordinateTransformations"][0]["scale"][0] = pixel_size_nm[0] * unit_scale
@@ -330,7 +293,7 @@ def write_image(
             full = (*arr.shape[:-2], *shape)
             chunks = tuple(min(c, s) for c, s in zip(ch, full))
             kw: dict[str, Any] = {"dimension_names": [a["name"] for a in ms["axes"]]} if fmt == 3 else {}
-            compressors = _compressor() if fmt == 3 else "auto"
+            compressors = compressor() if fmt == 3 else "auto"
             z = root.create_array(str(k), shape=full, chunks=chunks, dtype=arr.dtype, compressors=compressors, fill_value=0, **kw)
             # Each level is computed from the one just written, so the input is read only once.
             src = level if k == 0 else downsample2(da.from_zarr(root[str(k - 1)]))
@@ -379,11 +342,11 @@ def write_labels(
             level = downsample2(level, "max")
         shape = (*binary.shape[:-2], *image.level_shapes[k][-2:])
         chunks = tuple(min(c, s) for c, s in zip((1,) * (binary.ndim - 2) + image.chunks[-2:], shape))
-        z = g.create_array(str(k), shape=shape, chunks=chunks, dtype="uint8", compressors=_compressor(), fill_value=0,
+        z = g.create_array(str(k), shape=shape, chunks=chunks, dtype="uint8", compressors=compressor(), fill_value=0,
                            dimension_names=[*(a["name"] for a in lead), "y", "x"])
         tasks.append(da.store(level[..., : shape[-2], : shape[-1]].rechunk(chunks), z, lock=False, compute=False))
     dask.compute(*tasks, scheduler="threads")
-    ms = ngff_multiscales(name, px, n, lead_axes=lead, method="max")
+    ms = multiscales(name, px, n, lead_axes=lead, method="max")
     if lead:
         for ds in ms["datasets"]:
             ds["coordinateTransformations"][0]["scale"][0] = px[0]

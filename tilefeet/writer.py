@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import ConfigError, OutputExistsError
 from .geometry import BlockGrid, Box, Pair
+from .ngff import compressor, multiscales, pyramid_shapes
 from .plan import Plan
 
 STATE_DIR = ".tilefeet"
@@ -37,15 +38,6 @@ LABEL_COLORS = [(255, 64, 0), (0, 170, 255), (255, 200, 0), (170, 0, 255), (0, 2
 def label_name(cls: str) -> str:
     """A class name as a safe group name (``"Mito boundary" -> "mito-boundary"``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", cls.strip()).strip("-").lower() or "class"
-
-
-def pyramid_shapes(shape: Pair, chunk: Pair, max_levels: int = 12) -> list[Pair]:
-    """Level shapes, halving (rounding up) until the image fits in one chunk."""
-    shapes = [shape]
-    while len(shapes) < max_levels and (shapes[-1][0] > chunk[0] or shapes[-1][1] > chunk[1]) and min(shapes[-1]) > 1:
-        h, w = shapes[-1]
-        shapes.append((-(-h // 2), -(-w // 2)))
-    return shapes
 
 
 def check_paths(inp: str | None, out: Path) -> None:
@@ -111,7 +103,7 @@ class OutputStore:
         root = zarr.open_group(str(staging), mode="w", zarr_format=3)
         n_classes = len(plan.engine.classes)
         shapes = pyramid_shapes(plan.output.shape, s.chunk_size)
-        compressor = _compressor()
+        compressor_ = compressor()
         for k, (h, w) in enumerate(shapes):
             root.create_array(
                 str(k),
@@ -119,7 +111,7 @@ class OutputStore:
                 chunks=(1, *_clip(s.chunk_size, (h, w))),
                 shards=(n_classes, *s.shard_size) if s.shard_size and k == 0 else None,
                 dtype=s.output_dtype,
-                compressors=compressor,
+                compressors=compressor_,
                 fill_value=0,
                 dimension_names=["c", "y", "x"],
             )
@@ -152,7 +144,7 @@ class OutputStore:
                         chunks=(1, *_clip(s.chunk_size, (h, w))),
                         shards=(1, *s.shard_size) if s.shard_size and k == 0 else None,
                         dtype="uint8",
-                        compressors=compressor,
+                        compressors=compressor_,
                         fill_value=0,
                         dimension_names=["c", "y", "x"],
                     )
@@ -275,44 +267,15 @@ def _clip(chunk: Pair, shape: Pair) -> Pair:
     return (max(1, min(chunk[0], shape[0])), max(1, min(chunk[1], shape[1])))
 
 
-def _compressor():
-    from zarr.codecs import BloscCodec
-
-    # zstd at a low level: probabilities and masks compress well, and writing must keep up with the GPU.
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
-
-
 def _max_value(dtype: str) -> float:
     return 255 if dtype == "uint8" else 1.0
 
 
 def _multiscales(name: str, plan: Plan, n_levels: int, metadata: dict | None, method: str = "mean") -> dict:
-    (py, px), (oy, ox) = plan.output.pixel_size_nm, plan.output.origin_nm
-    datasets = []
-    for k in range(n_levels):
-        f = 2**k
-        datasets.append(
-            {
-                "path": str(k),
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, py * f, px * f]},
-                    {"type": "translation", "translation": [0.0, oy + py * (f - 1) / 2, ox + px * (f - 1) / 2]},
-                ],
-            }
-        )
-    ms: dict[str, Any] = {
-        "name": name,
-        "axes": [
-            {"name": "c", "type": "channel"},
-            {"name": "y", "type": "space", "unit": "nanometer"},
-            {"name": "x", "type": "space", "unit": "nanometer"},
-        ],
-        "datasets": datasets,
-        "type": "2x2 " + method,
-    }
-    if metadata:
-        ms["metadata"] = metadata
-    return ms
+    return multiscales(
+        name, plan.output.pixel_size_nm, n_levels, origin_nm=plan.output.origin_nm, lead_axes=[{"name": "c", "type": "channel"}],
+        method=method, metadata=metadata,
+    )
 
 
 def _provenance(plan: Plan) -> dict:
