@@ -14,6 +14,7 @@ import zarr
 
 from tilefeet.cli import main
 from tilefeet.convert import write_image
+from tilefeet.engine import load_engine
 from tilefeet.training_data import ValidationSplit, parse_slices, split_region, split_stack
 
 from .conftest import DATA
@@ -60,8 +61,6 @@ def trained(stack, tmp_path_factory) -> Path:
 
 
 def test_bundle_records_what_inference_needs(trained):
-    from tilefeet.engine import load_engine
-
     b = load_engine(trained)
     assert b.name == "tiny-membrane" and b.classes == ("membrane",)
     assert b.pixel_size_nm == (4.0, 4.0)
@@ -76,8 +75,13 @@ def test_bundle_records_what_inference_needs(trained):
     assert 0.0 <= b.metrics["validation_f1"][0] <= 1.0
 
 
-def test_trained_bundle_segments(trained, tmp_path):
+def test_trained_bundle_segments_and_records_its_scores(trained, tmp_path):
+    import shutil
+
     import tilefeet
+    from tilefeet.convert import write_labels
+    from tilefeet.evaluate import evaluate
+    from tilefeet.train import evaluation_metrics, record_metrics
 
     img = iio.imread(DATA / "isbi" / "image" / "28.png")[:96, :128]
     section = write_image(img, tmp_path / "s.ome.zarr", (4.0, 4.0), chunk=64)
@@ -85,6 +89,12 @@ def test_trained_bundle_segments(trained, tmp_path):
     probs = zarr.open_group(str(out), mode="r")["0"][:]
     assert probs.shape[-2:] == (96, 128) and probs.dtype == np.uint8
     assert probs.max() > probs.min()  # the network responds to the image, not a constant
+
+    write_labels(iio.imread(DATA / "isbi" / "label" / "28.png")[:96, :128], section, "membrane", foreground=[0])
+    ev = evaluate(out, section / "labels" / "membrane")
+    bundle = record_metrics(shutil.copytree(trained, tmp_path / "b"), {"held_out": evaluation_metrics(ev.to_dict(), "slice 28")})
+    assert bundle.metrics["held_out"]["pixel_f1"] == round(ev.pixel.f1, 4) and bundle.metrics["held_out"]["pixels"] == 96 * 128
+    assert bundle.metrics["validation_f1"] == load_engine(trained).metrics["validation_f1"]  # merged, not replaced
 
 
 def test_resume_continues_the_checkpoint(stack, tmp_path, capsys):

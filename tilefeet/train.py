@@ -283,6 +283,26 @@ def record_metrics(bundle_dir: str | os.PathLike, metrics: Mapping[str, Any], *,
     return load_engine(Path(bundle_dir))
 
 
+def evaluation_metrics(evaluation: Mapping[str, Any], data: str) -> dict[str, Any]:
+    """A flat ``[metrics.<name>]`` table from an evaluation (``tilefeet evaluate --json``, or
+    ``Evaluation.to_dict()``) of the engine on ``data`` (a description of the test set)."""
+    pixel, boundary, inst = evaluation["pixel"], evaluation["boundary"], evaluation.get("instances")
+    h, w = evaluation["shape"]
+    table: dict[str, Any] = {
+        "data": data,
+        "pixels": int(h) * int(w),
+        "pixel_f1": round(float(pixel["f1"]), 4),
+        "pixel_iou": round(float(pixel["iou"]), 4),
+        "pixel_precision": round(float(pixel["precision"]), 4),
+        "pixel_recall": round(float(pixel["recall"]), 4),
+        "boundary_f1": round(float(boundary["f1"]), 4),
+        "boundary_tolerance_px": float(boundary["tolerance_px"]),
+    }
+    if inst and inst.get("adapted_rand_error") is not None:
+        table.update(instances=inst["mode"], adapted_rand_error=round(float(inst["adapted_rand_error"]), 4), vi=round(float(inst["vi"]), 4))
+    return table
+
+
 def validate_config(config: TrainConfig) -> None:
     """Refuse settings that cannot train, before any data is touched or a network is built."""
     div = 2**config.depth
