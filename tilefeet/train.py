@@ -259,15 +259,10 @@ def default_checkpoint_dir(out_dir: str | os.PathLike, name: str) -> Path:
     """Where ``tilefeet train`` keeps its checkpoint when not told: in the per-user cache (``$TILEFEET_CACHE``
     or ``~/.cache/tilefeet``), keyed by the bundle's absolute path, so rerunning the same command finds
     it and the bundle folder (often inside a repository) never holds optimizer state."""
-    env = os.environ.get("TILEFEET_CACHE")
-    if env:
-        root = Path(env).expanduser()
-    else:
-        from platformdirs import user_cache_dir
+    from .runners import cache_dir
 
-        root = Path(user_cache_dir("tilefeet"))
     key = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
-    return root / "train" / f"{name}-{key}"
+    return cache_dir() / "train" / f"{name}-{key}"
 
 
 def record_metrics(bundle_dir: str | os.PathLike, metrics: Mapping[str, Any], *, table: str = "metrics") -> EngineBundle:
