@@ -15,14 +15,25 @@ tiles = st.integers(16, 200)
 
 
 @st.composite
-def lattices(draw):
+def lattices(draw, fitted=None):
     shape = (draw(extents), draw(extents))
     tile = (draw(tiles), draw(tiles))
     overlap = (draw(st.integers(0, tile[0] - 1)), draw(st.integers(0, tile[1] - 1)))
-    return TileLattice(shape, tile, overlap)
+    return TileLattice(shape, tile, overlap, fitted=draw(st.booleans()) if fitted is None else fitted)
 
 
-@given(lattices())
+@given(lattices(fitted=True))
+@settings(max_examples=300, deadline=None)
+def test_fitted_lattice_is_the_fewest_tiles_centred_on_the_image(lat):
+    for a in (0, 1):
+        n, s, t, h, o = lat.counts[a], lat.stride[a], lat.tile[a], lat.shape[a], lat.origin[a]
+        assert (n - 1) * s + t >= h  # covers the image
+        assert n == 1 or (n - 2) * s + t < h  # one tile fewer would not
+        end = o + (n - 1) * s + t
+        assert o <= 0 and end >= h and abs(-o - (end - h)) <= 1  # the spare is split evenly
+
+
+@given(lattices(fitted=False))
 @settings(max_examples=200, deadline=None)
 def test_kept_regions_partition_the_image(lat):
     """In crop mode every pixel is kept by exactly one tile; each kept region lies inside its tile."""
@@ -46,7 +57,7 @@ def test_tiles_touching_matches_brute_force(lat, data):
     y0 = data.draw(st.integers(-50, h))
     x0 = data.draw(st.integers(-50, w))
     box = Box(y0, x0, y0 + data.draw(st.integers(1, 300)), x0 + data.draw(st.integers(1, 300)))
-    for crop in (False, True):
+    for crop in (False, True) if not lat.fitted else (False,):
         ys, xs = lat.tiles_touching(box, crop=crop)
         ny, nx = lat.counts
         expect = {
@@ -59,7 +70,7 @@ def test_tiles_touching_matches_brute_force(lat, data):
 
 
 @given(lattices())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_window_sum_positive_everywhere(lat):
     """Blending never divides by zero: Σw over the lattice is positive at every image pixel."""
     wsum = np.zeros(lat.shape, dtype=np.float64)

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from tilefeet.engine import Normalization
 from tilefeet.errors import UnitError
 from tilefeet.geometry import resample_taps
 from tilefeet.image import ImageMeta, Level
 from tilefeet.intensity import make_intensity_map
-from tilefeet.engine import Normalization
 from tilefeet.plan import EngineSpec, make_plan
 from tilefeet.resolution import Grid, choose_level, network_grid
 from tilefeet.settings import Settings

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import TilefeetError  # noqa: E402
+from .errors import TilefeetError
 
 __all__ = [
+    "Settings",
     "TilefeetError",
     "__version__",
-    "load_engine",
     "list_engines",
+    "load_engine",
     "open_image",
     "plan_segmentation",
     "segment",
     "segment_to_zarr",
-    "Settings",
 ]
 
 

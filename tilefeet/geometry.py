@@ -106,14 +106,22 @@ def hull_of(boxes: list[Box]) -> Box:
 class TileLattice:
     """The global tile lattice over the network grid (see the module drawing).
 
-    Tile ``k`` (per axis) covers ``[k*s - o//2, k*s - o//2 + tile)`` and, in crop mode, keeps
-    ``[k*s, (k+1)*s)``; there are ``ceil(extent / s)`` tiles per axis, so the kept regions
-    partition the image and every pixel is covered by at least one tile.
+    Two layouts, each a pure function of the extent (so every block sees the same lattice):
+
+    * ``fitted`` (for blending): the fewest tiles that cover the image, ``ceil((extent - tile) / s) + 1``
+      per axis, their span centred on it; the leftover (less than a stride) becomes reflected
+      context split between the two borders. A 4096-px axis with 512-px tiles and 64 px of overlap
+      takes 9 tiles, not the 10 of the partition layout.
+    * partition (``fitted=False``, for crop mode): tile ``k`` covers ``[k*s - o//2, k*s - o//2 + tile)``
+      and keeps ``[k*s, (k+1)*s)``; ``ceil(extent / s)`` tiles, whose kept centres partition the
+      image and whose origins stay on multiples of the stride (as the network's pooling needs for
+      crop mode to equal whole-image inference).
     """
 
     shape: Pair  # network-grid extent (H, W)
     tile: Pair
     overlap: Pair
+    fitted: bool = False
 
     def __post_init__(self) -> None:
         for a in (0, 1):
@@ -128,10 +136,19 @@ class TileLattice:
 
     @property
     def origin(self) -> Pair:
-        return (-(self.overlap[0] // 2), -(self.overlap[1] // 2))
+        if not self.fitted:
+            return (-(self.overlap[0] // 2), -(self.overlap[1] // 2))
+        (ny, nx), (sy, sx) = self.counts, self.stride
+        spare_y = (ny - 1) * sy + self.tile[0] - self.shape[0]
+        spare_x = (nx - 1) * sx + self.tile[1] - self.shape[1]
+        return (-(spare_y // 2), -(spare_x // 2))
 
     @property
     def counts(self) -> Pair:
+        if self.fitted:
+            return tuple(  # type: ignore[return-value]
+                max(1, -(-(self.shape[a] - self.tile[a]) // self.stride[a]) + 1) for a in (0, 1)
+            )
         return (-(-self.shape[0] // self.stride[0]), -(-self.shape[1] // self.stride[1]))
 
     @property
@@ -145,6 +162,7 @@ class TileLattice:
 
     def kept_box(self, iy: int, ix: int) -> Box:
         """The part of tile ``(iy, ix)`` that crop mode keeps (its centre, one stride wide)."""
+        assert not self.fitted, "kept regions belong to the partition layout (crop mode)"
         sy, sx = self.stride
         return Box(iy * sy, ix * sx, (iy + 1) * sy, (ix + 1) * sx)
 
@@ -160,11 +178,17 @@ class TileLattice:
             lo, hi = box.axis(a)
             s, o, t, n = self.stride[a], self.origin[a], self.tile[a], self.counts[a]
             if crop:
+                assert not self.fitted, "crop mode uses the partition layout"
                 k0, k1 = lo // s, -(-hi // s) - 1
             else:  # o + k*s < hi  and  o + k*s + t > lo
                 k0, k1 = (lo - o - t) // s + 1, -(-(hi - o) // s) - 1
             out.append(range(max(k0, 0), min(k1, n - 1) + 1))
         return out[0], out[1]
+
+    def seams(self, axis: int) -> list[int]:
+        """Where neighbouring tiles meet along ``axis``: the middle of each overlap."""
+        n, s, o = self.counts[axis], self.stride[axis], self.origin[axis]
+        return [o + k * s + self.overlap[axis] // 2 for k in range(1, n)]
 
     def extent(self, ys: range, xs: range) -> Box:
         """The network-grid box covered by the tiles ``ys × xs``."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, InvalidImageError, TilefeetWarning
-from .geometry import Box, BlockGrid, GridMap, Pair, TileLattice, resample_taps
+from .geometry import BlockGrid, Box, GridMap, Pair, TileLattice, resample_taps
 from .image import ImageMeta
 from .intensity import IntensityMap
 from .resolution import Grid, choose_level, mismatch, network_grid, scale_factor
@@ -249,6 +249,6 @@ def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensit
             )
         if not 0 <= overlap[a] < tile[a]:
             raise ConfigError(f"overlap {overlap[a]} must be at least 0 and smaller than the tile ({tile[a]}); e.g. --overlap {tile[a] // 8}")
-    lattice = TileLattice(network.shape, tile, overlap)
+    lattice = TileLattice(network.shape, tile, overlap, fitted=settings.blend != "crop")
     blocks = BlockGrid(output.shape, settings.block_size)
     return Plan(image, engine, settings, level, source, network, output, lattice, blocks, intensity)

@@ -23,7 +23,6 @@ from .plan import Plan
 from .runners import RunnerSpec, get_runner
 from .writer import OutputStore
 
-
 log = logging.getLogger("tilefeet")
 
 

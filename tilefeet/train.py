@@ -401,7 +401,7 @@ class _CropSampler:
         i = rng.choice(len(self.images), p=self.weights)
         img, mask = self.images[i], self.masks[i]
         zoom = math.exp(rng.uniform(math.log(cfg.scale_jitter[0]), math.log(cfg.scale_jitter[1])))
-        side = int(round(cfg.crop * zoom))
+        side = round(cfg.crop * zoom)
         side = min(side, img.shape[0], img.shape[1])
         y0 = rng.integers(0, img.shape[0] - side + 1)
         x0 = rng.integers(0, img.shape[1] - side + 1)

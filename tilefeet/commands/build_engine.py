@@ -153,5 +153,5 @@ def _inductor_cache_dir() -> str:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
         return str(cache_dir())
-    except Exception:  # noqa: BLE001 - a private module: its place may change between torch versions
+    except Exception:  # a private module: its place may change between torch versions
         return "torch inductor's cache (TORCHINDUCTOR_CACHE_DIR)"

@@ -180,7 +180,7 @@ def _export(model: torch.nn.Module, example: torch.Tensor, dynamic_shapes: dict,
                 output_names=[OUTPUT_NAME],
                 dynamic_shapes=dynamic_shapes,
             )
-        except Exception as e:  # noqa: BLE001 - the exporter raises many types; all mean the same to a user
+        except Exception as e:  # the exporter raises many types; all mean the same to a user
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InvalidEngineError(
                 f"torch.onnx could not export the network ({first}); run with a newer torch or report it"

@@ -161,7 +161,7 @@ def _session(ort: Any, path: str, providers: list[tuple[str, dict[str, Any]]], *
         options.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(path, sess_options=options, providers=providers)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for every failure
+    except Exception as e:  # onnxruntime raises its own exception types for every failure
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BackendUnavailableError(f"onnxruntime cannot run {path} here ({first})") from None
     wanted = providers[0][0]

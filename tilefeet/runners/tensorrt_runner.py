@@ -59,7 +59,7 @@ def import_tensorrt():  # -> module
         import tensorrt
     except ImportError:
         raise BackendUnavailableError(f"backend 'tensorrt' needs the tensorrt package: {INSTALL}") from None
-    except Exception as e:  # noqa: BLE001 - a broken install (missing libnvinfer, stub wheel) fails in many ways
+    except Exception as e:  # a broken install (missing libnvinfer, stub wheel) fails in many ways
         raise BackendUnavailableError(
             f"tensorrt is installed but cannot be imported ({type(e).__name__}: {e}); reinstall it: {INSTALL}"
         ) from None
