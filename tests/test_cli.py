@@ -51,6 +51,15 @@ def test_segment_info_dry_run(tmp_path, capsys, small, random_engine):
     assert code == 0 and "300 × 400" in out and "labels/membrane" in out and "4 nm" in out
 
 
+def test_quiet_after_the_command_too(tmp_path, capsys, small, random_engine):
+    """``-q`` where users type it, after the command, silences the plan, the bar and the summary."""
+    args = ("segment", small, tmp_path / "o.ome.zarr", "-e", random_engine.path, "--chunk-size", "128")
+    code, out, err = run_cli(capsys, *args, "-q")
+    assert code == 0 and out == "" and err == "", err
+    code, _, err = run_cli(capsys, *args, "--overwrite")
+    assert code == 0 and "wrote" in err and "tile evaluations" in err  # the next call is not quiet
+
+
 def test_backend_auto_says_what_it_chose_and_why(tmp_path, capsys, small, random_engine):
     code, out, err = run_cli(capsys, "segment", small, tmp_path / "o.ome.zarr", "-e", random_engine.path, "--backend", "auto",
                              "--tile", "128", "--dry-run")

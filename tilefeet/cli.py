@@ -36,14 +36,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     typer.echo(f"tilefeet: warning: {message}", err=True)
 
 
+# -q/-v work before the command (``tilefeet -q segment``) and after it (``tilefeet segment ... -q``),
+# where users put them; either place turns them on.
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries.")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="More detail (the full plan, per-block timings).")
+
+
 @app.callback()
-def _main(
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail (the full plan)."),
-) -> None:
+def _main(quiet: bool = QUIET, verbose: bool = VERBOSE) -> None:
     global _quiet
-    _quiet = quiet
+    _quiet = False  # a fresh invocation (tests call main() many times in one process)
     warnings.showwarning = _show_warning
+    set_verbosity(quiet, verbose)
+
+
+def set_verbosity(quiet: bool, verbose: bool) -> None:
+    global _quiet
+    _quiet = _quiet or quiet
     if verbose:
         import logging
 
@@ -81,9 +90,13 @@ def segment(
     overwrite: bool = typer.Option(False, help="Replace an existing output (kept until the new one is complete)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run into the same output."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Segment a section: probabilities and labels, written as OME-Zarr."""
     from . import pipeline
+
+    set_verbosity(quiet, verbose)
 
     options = dict(
         tile=tile,
@@ -170,8 +183,10 @@ def convert(
     labels: Optional[str] = typer.Option(None, help="Write INPUT as the binary label image labels/NAME of OUTPUT."),
     foreground: Optional[str] = typer.Option(None, help="With --labels: mask values inside the class, e.g. 0 or 1,2 (default: non-zero)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    quiet: bool = QUIET,
 ) -> None:
     """Convert TIFF/PNG images, montage folders or slice stacks to an OME-Zarr pyramid."""
+    set_verbosity(quiet, False)
     from . import convert as conv
     from .errors import ConfigError
     from .settings import _pair
