@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 import tilefeet
 from tilefeet.convert import write_image
 from tilefeet.errors import ConfigError
-from tilefeet.intensity import make_intensity_map, reference_quantiles, training_normalization
+from tilefeet.intensity import IntensityWarning, make_intensity_map, mismatch, reference_quantiles, training_normalization
 
 from .conftest import isbi_slices
 
@@ -108,3 +110,57 @@ def test_statistics_are_per_section_so_blocks_do_not_matter(tmp_path, random_eng
     a = tilefeet.segment(src, random_engine, block_size=128, **kw).values
     b = tilefeet.segment(src, random_engine, block_size=512, **kw).values
     np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------- sections that do not look like training
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda s: s.astype(np.float32) / 255, "look nothing like"),  # float in [0, 1], engine trained on 8-bit
+        (lambda s: s.astype(np.uint16) * 256, "look nothing like"),  # 16-bit
+        (lambda s: np.full_like(s, 7), "no contrast"),
+        (lambda s: np.full(s.shape, np.nan, np.float32), "no finite pixel"),
+    ],
+)
+def test_bundle_mode_flags_a_wrong_value_range(norm, section, make, expected):
+    data = make(section)
+    assert expected in mismatch(make_intensity_map("bundle", norm, data, dtype=data.dtype), data)
+
+
+def test_what_the_training_data_looks_like_is_not_flagged(norm, section):
+    """Real sections in bundle mode, a brightness/contrast change augmentation covers, and any
+    range once an adaptive mode matches it."""
+    assert mismatch(make_intensity_map("bundle", norm, section, dtype=np.uint8), section) is None
+    dimmer = (section * 0.6 + 40).astype(np.uint8)
+    assert mismatch(make_intensity_map("bundle", norm, dimmer, dtype=np.uint8), dimmer) is None
+    as_float = section.astype(np.float32) / 255
+    for mode in ("percentile", "meanstd", "histogram"):
+        assert mismatch(make_intensity_map(mode, norm, as_float, dtype=as_float.dtype), as_float) is None
+
+
+def test_the_warning_reaches_the_user_and_the_fix_works(tmp_path, random_engine, capsys):
+    from tilefeet.cli import main
+
+    src = write_image(isbi_slices()[0][0].astype(np.float32) / 255, tmp_path / "f.ome.zarr", (4.0, 4.0), chunk=256)
+    with pytest.warns(IntensityWarning, match="--intensity percentile"):
+        tilefeet.plan_segmentation(src, random_engine)
+    assert main(["-q", "segment", str(src), str(tmp_path / "o.ome.zarr"), "-e", str(random_engine.path)]) == 0
+    assert "tilefeet: warning: the section's intensities" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fix: no warning
+        tilefeet.plan_segmentation(src, random_engine, intensity="percentile")
+
+
+def test_nan_pixels_are_read_as_the_training_mean(tmp_path, random_engine):
+    """A NaN gap in a float section does not spread over the receptive field: the output is
+    that of the gap filled with the training mean (network input 0, up to the float32 rounding of
+    the mean itself)."""
+    img = isbi_slices()[0][0].astype(np.float32)
+    holed, filled = img.copy(), img.copy()
+    holed[100:140, 200:260] = np.nan
+    filled[100:140, 200:260] = random_engine.normalization.mean
+    a, b = (tilefeet.segment(x, random_engine, pixel_size_nm="4nm", output_dtype="float32").values for x in (holed, filled))
+    assert np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -79,7 +79,9 @@ def normalize(raw: np.ndarray, plan: Plan, device: torch.device) -> torch.Tensor
         if offset:
             idx -= offset
         return lut[idx]
-    return torch.from_numpy(imap(raw)).to(device)
+    # Float data: non-finite pixels (NaN gaps in a montage) become network input 0 (the training
+    # mean for mean/std engines) instead of spreading NaN over the receptive field around them.
+    return torch.from_numpy(np.nan_to_num(imap(raw), nan=0.0, posinf=0.0, neginf=0.0)).to(device)
 
 
 def apply_taps(x: torch.Tensor, idx: np.ndarray, w: np.ndarray, dim: int) -> torch.Tensor:

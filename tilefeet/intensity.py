@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from .engine import Normalization
-from .errors import ConfigError
+from .errors import ConfigError, TilefeetWarning
 
 IntensityMode = Literal["bundle", "percentile", "meanstd", "histogram"]
 INTENSITY_MODES: tuple[str, ...] = ("bundle", "percentile", "meanstd", "histogram")
@@ -67,6 +67,55 @@ class IntensityMap:
             return None
         info = np.iinfo(dtype)
         return self(np.arange(info.min, info.max + 1))
+
+
+class IntensityWarning(TilefeetWarning):
+    """The section's intensities, as the chosen mode maps them, look nothing like the training data's."""
+
+
+#: How much wider or narrower than the training data's the section's mapped 1st–99th percentile
+#: range may be before tilefeet warns. Loose on purpose: it catches a wrong bit depth or value
+#: range (float data in [0, 1], 16-bit data, an empty or constant image), not a contrast a few
+#: tens of percent off, which the engine's training augmentation covers.
+SPREAD_TOLERANCE = 8.0
+
+
+def mismatch(imap: IntensityMap, sample: np.ndarray | None) -> str | None:
+    """Why the section, mapped by ``imap``, cannot look like the training data to the network, or
+    ``None`` when it plausibly does: its mapped 1st–99th percentile range misses the training data's
+    or is ``SPREAD_TOLERANCE`` times wider or narrower. ``sample``: raw section data."""
+    if sample is None:
+        return None
+    v = np.asarray(sample, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "the section has no finite pixel values; check the input"
+    norm = imap.normalization
+    lo, hi = np.percentile(v, norm.percentiles)
+    where = f"{_ordinal(norm.percentiles[0])}–{_ordinal(norm.percentiles[1])} percentiles"
+    if hi <= lo:
+        return f"the section has no contrast (its {where} are both {lo:.4g}); the output will be meaningless; check the input"
+    m_lo, m_hi = imap(np.array([lo, hi]))
+    r_lo, r_hi = norm.to_network(np.asarray(norm.percentile_values, dtype=np.float64))
+    m_lo, m_hi = sorted((float(m_lo), float(m_hi)))
+    spread, ref_spread = m_hi - m_lo, float(r_hi - r_lo)
+    disjoint = m_hi < r_lo or m_lo > r_hi
+    if not disjoint and 1 / SPREAD_TOLERANCE <= spread / ref_spread <= SPREAD_TOLERANCE:
+        return None
+    t_lo, t_hi = norm.percentile_values
+    return (
+        f"the section's intensities ({lo:.3g} to {hi:.3g} at the {where}) look nothing like the engine's training "
+        f"data ({t_lo:.3g} to {t_hi:.3g}) with --intensity {imap.mode}; the result will be poor: "
+        "use --intensity percentile (or histogram) to match them"
+    )
+
+
+def _ordinal(q: float) -> str:
+    if q != int(q):
+        return f"{q:g}th"
+    n = int(q)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _interp(v: np.ndarray, xp: np.ndarray, fp: np.ndarray, extrapolate: bool) -> np.ndarray:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 from .engine import EngineBundle, load_engine
 from .geometry import Box
 from .image import Image
-from .intensity import make_intensity_map
+from .intensity import IntensityWarning, make_intensity_map, mismatch
 from .plan import EngineSpec, Plan, make_plan
 from .runners import RunnerSpec
 from .settings import Settings
@@ -84,8 +85,13 @@ def plan_segmentation(
     spec = EngineSpec.from_bundle(bundle)
     # A plan with the identity intensity map tells which level is read; statistics come from that level.
     probe = make_plan(image.meta, spec, settings, make_intensity_map("bundle", bundle.normalization, None, dtype=np.dtype(image.meta.dtype)))
-    sample = section_sample(image, probe.level) if settings.intensity != "bundle" else None
+    # Read for every mode: "bundle" uses none, but the sample is how a wrong value range (float data
+    # in [0, 1] for an engine trained on 8-bit) is caught before a whole section is segmented.
+    sample = section_sample(image, probe.level)
     imap = make_intensity_map(settings.intensity, bundle.normalization, sample, dtype=np.dtype(image.meta.dtype), invert=settings.invert)
+    problem = mismatch(imap, sample)
+    if problem:
+        warnings.warn(IntensityWarning(problem), stacklevel=2)
     return choose_backend(replace(probe, intensity=imap), bundle), image, bundle
 
 
