@@ -150,6 +150,10 @@ def test_bad_options(tmp_path, capsys, small, random_engine):
     assert_one_line_error(code, err, "no engine 'no-such-engine'", "available engines")
     code, _, err = run_cli(capsys, "segment", small, out, "-e", random_engine.path, "--block-size", "1000")
     assert_one_line_error(code, err, "multiple of the output chunk size")
+    for device in ("tpu", "cuda:x"):
+        code, _, err = run_cli(capsys, "segment", small, out, "-e", random_engine.path, "--device", device)
+        assert_one_line_error(code, err, f"unknown device '{device}'", "cuda:N")
+    assert not out.exists()
     code, _, err = run_cli(capsys, "segment", small, out, "-e", random_engine.path, "--pixel-size", "4parsec")
     assert_one_line_error(code, err, "parsec")
     code, _, err = run_cli(capsys, "segment", small, out, "-e", random_engine.path, "--blend", "magic")

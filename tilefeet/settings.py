@@ -8,6 +8,7 @@ the rest of the code sees one canonical, frozen form. CLI flags map onto these f
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -76,6 +77,8 @@ class Settings:
         _choice(self.blend, BLENDS, "blend")
         _choice(self.output_dtype, OUTPUT_DTYPES, "output dtype")
         _choice(self.output_grid, OUTPUT_GRIDS, "output grid")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         _choice(self.intensity, INTENSITY_MODES, "intensity mode")
         _choice(self.precision, PRECISIONS, "precision")
         if not 0.0 <= self.threshold <= 1.0:

@@ -130,10 +130,18 @@ def resolve_device(device: str):  # -> torch.device
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(
             f"device {device!r} requested but torch sees no CUDA GPU here; use --device cpu (or install a CUDA build of torch)"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackendUnavailableError(
+            f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}); pick one of them or set CUDA_VISIBLE_DEVICES"
         )
     return dev
 
