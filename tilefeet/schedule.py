@@ -132,7 +132,8 @@ def run(graph: Any, *, workers: int, progress: bool, description: str = "segment
 
 
 class _ProgressBar(dask.callbacks.Callback):
-    """A tqdm bar over the tasks that do real work (blocks and pyramid blocks)."""
+    """A tqdm bar over the output blocks (the tasks that run the network); the pyramid that follows
+    shows as a note on the finished bar, so "1/1 block" means one block, not one block and a level."""
 
     def __init__(self, description: str, enabled: bool):
         super().__init__()
@@ -141,11 +142,15 @@ class _ProgressBar(dask.callbacks.Callback):
     def _start_state(self, dsk: Any, state: Any) -> None:
         from tqdm.auto import tqdm
 
-        total = sum(1 for k in state["ready"] + list(state["waiting"]) if _counts(k))
+        total = sum(1 for k in state["ready"] + list(state["waiting"]) if _is_block(k))
         self.bar = tqdm(total=total, desc=self.description, unit="block", disable=not self.enabled, dynamic_ncols=True)
 
+    def _pretask(self, key: Any, dsk: Any, state: Any) -> None:
+        if self.bar is not None and _is_pyramid(key) and self.bar.postfix is None:
+            self.bar.set_postfix_str("pyramid")
+
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        if self.bar is not None and _counts(key):
+        if self.bar is not None and _is_block(key):
             self.bar.update(1)
 
     def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
@@ -153,6 +158,9 @@ class _ProgressBar(dask.callbacks.Callback):
             self.bar.close()
 
 
-def _counts(key: Any) -> bool:
-    k = key if isinstance(key, str) else str(key)
-    return k.startswith("tilefeet-b") or k.startswith("tilefeet-p")
+def _is_block(key: Any) -> bool:
+    return str(key).startswith("tilefeet-block-")
+
+
+def _is_pyramid(key: Any) -> bool:
+    return str(key).startswith("tilefeet-p")
