@@ -138,6 +138,7 @@ class _ProgressBar(dask.callbacks.Callback):
     def __init__(self, description: str, enabled: bool):
         super().__init__()
         self.description, self.enabled, self.bar = description, enabled, None
+        self.pyramid_shown = False
 
     def _start_state(self, dsk: Any, state: Any) -> None:
         from tqdm.auto import tqdm
@@ -146,8 +147,9 @@ class _ProgressBar(dask.callbacks.Callback):
         self.bar = tqdm(total=total, desc=self.description, unit="block", disable=not self.enabled, dynamic_ncols=True)
 
     def _pretask(self, key: Any, dsk: Any, state: Any) -> None:
-        if self.bar is not None and _is_pyramid(key) and self.bar.postfix is None:
+        if self.bar is not None and self.enabled and _is_pyramid(key) and not self.pyramid_shown:
             self.bar.set_postfix_str("pyramid")
+            self.pyramid_shown = True
 
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
         if self.bar is not None and _is_block(key):
