@@ -10,7 +10,7 @@ import pytest
 import tilefeet
 from tilefeet.convert import write_image
 from tilefeet.errors import ConfigError
-from tilefeet.intensity import IntensityWarning, make_intensity_map, mismatch, reference_quantiles, training_normalization
+from tilefeet.intensity import IntensityWarning, make_intensity_map, mismatch, quantiles, reference_quantiles, training_normalization
 
 from .conftest import isbi_slices
 
@@ -164,3 +164,19 @@ def test_nan_pixels_are_read_as_the_training_mean(tmp_path, random_engine):
     a, b = (tilefeet.segment(x, random_engine, pixel_size_nm="4nm", output_dtype="float32").values for x in (holed, filled))
     assert np.isfinite(a).all()
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+@pytest.mark.parametrize("n", [1, 2, 7, 10_001])
+def test_counted_quantiles_are_numpys_bits(dtype, n):
+    """Section quantiles of integer data come from counts, not a sort: the same bits as numpy's."""
+    info = np.iinfo(dtype)
+    a = np.random.default_rng(n).integers(info.min, info.max, n, endpoint=True).astype(dtype)
+    q = np.concatenate([[0.0, 0.01, 0.5, 0.99, 1.0], np.linspace(0.002, 0.998, 129)])
+    np.testing.assert_array_equal(quantiles(a, q), np.quantile(a.astype(np.float64), q))
+
+
+def test_float_quantiles_skip_non_finite_values():
+    a = np.array([np.nan, 1.0, 2.0, np.inf, 3.0], np.float32)
+    np.testing.assert_array_equal(quantiles(a, [0.0, 0.5, 1.0]), [1.0, 2.0, 3.0])
+    assert np.isnan(quantiles(np.array([np.nan]), [0.5])).all()

@@ -12,6 +12,10 @@ Jobs run in separate processes so each one's peak memory is its own:
                isolates the pipeline's share of the difference.
 ``io``         the raw I/O floor: read every input chunk and write a compressed uint8 array of the
                output's size, nothing else.
+``pipeline``   tilefeet end to end with a near-free network (a 1-channel, 1-level U-Net with the
+               engine's tile, overlap, pixel size and normalization, on torch): the ceiling of
+               everything around the network (reading, normalization, tiling, blending, writing
+               probabilities, labels and pyramids). The network cannot make tilefeet faster than this.
 """
 
 from __future__ import annotations
@@ -112,6 +116,26 @@ def job_io(section: str, out: str, engine: str, options: dict) -> dict:
     return {"seconds": time.perf_counter() - t0}
 
 
+def null_engine(engine: str, folder: Path) -> Path:
+    """A near-free stand-in for ``engine``: same tile, overlap, pixel size, classes and normalization;
+    a 1-channel, 1-level U-Net (random weights: its output is meaningless, its cost is not)."""
+    import torch
+
+    from .engine import load_engine, write_bundle
+    from .models.unet import UNet2d
+
+    bundle = load_engine(engine)
+    torch.manual_seed(0)
+    net = UNet2d(bundle.in_channels, len(bundle.classes), 1, 1)
+    write_bundle(
+        folder, name="null", state_dict=net.state_dict(), architecture={"name": "unet2d", "base_channels": 1, "depth": 1},
+        pixel_size_nm=bundle.pixel_size_nm, classes=bundle.classes, normalization=bundle.normalization,
+        in_channels=bundle.in_channels, tile=bundle.tile, overlap=bundle.overlap,
+        description="tilefeet bench: a near-free network, to time the pipeline around it",
+    )
+    return folder
+
+
 JOBS = {"tilefeet": job_tilefeet, "monai": job_monai, "io": job_io}
 
 
@@ -148,13 +172,16 @@ def _worker(payload: str) -> dict:
     return JOBS[p["job"]](p["section"], p["out"], p["engine"], p["options"], **p["extra"])
 
 
+BASELINES = ("io", "pipeline", "monai", "monai-runner")
+
+
 def benchmark(
     size: int,
     engine: str,
     workdir: Path,
     *,
     options: dict | None = None,
-    baselines: tuple[str, ...] = ("io", "monai", "monai-runner"),
+    baselines: tuple[str, ...] = ("io", "pipeline", "monai", "monai-runner"),
     repeats: int = 1,
 ) -> dict:
     """Time tilefeet and the baselines on one ``size²`` section; returns a JSON-ready report."""
@@ -188,14 +215,22 @@ def benchmark(
         r["mpx_per_s"] = mpx / r["seconds"]
         return r
 
-    unknown = set(baselines) - {"io", "monai", "monai-runner"}
+    unknown = set(baselines) - set(BASELINES)
     if unknown:
         from .errors import ConfigError
 
-        raise ConfigError(f"unknown baseline(s) {sorted(unknown)}; use io, monai, monai-runner")
+        raise ConfigError(f"unknown baseline(s) {sorted(unknown)}; use {', '.join(BASELINES)}")
     results["tilefeet"] = best("tilefeet")
     if "io" in baselines:
         results["io"] = best("io")
+    if "pipeline" in baselines:
+        null = null_engine(engine, workdir / "null-engine")
+        runs = []
+        for _ in range(repeats):
+            null_options = {**options, "backend": "torch", "backend_options": []}
+            runs.append(run_job("tilefeet", section, workdir / "out-pipeline.zarr", str(null), null_options))
+        results["pipeline"] = min(runs, key=lambda x: x["seconds"])
+        results["pipeline"]["mpx_per_s"] = mpx / results["pipeline"]["seconds"]
     if "monai" in baselines:
         results["monai"] = best("monai", model="plain")
     if "monai-runner" in baselines:
@@ -226,5 +261,7 @@ def format_report(report: dict) -> str:
         extra = ""
         if "infer_seconds" in v:
             extra = f"   (inference alone {v['infer_seconds']:.1f} s: tilefeet end to end is {v['infer_seconds'] / t['seconds']:.2f}× faster)"
+        elif name == "pipeline":
+            extra = f"   (everything but the network: {100 * v['seconds'] / t['seconds']:.0f} % of tilefeet's time)"
         lines.append(f"{name:<14}{v['seconds']:>10.2f}{v['mpx_per_s']:>10.2f}{v['peak_rss_mb']:>10.0f}   ×{ratio:.2f}{extra}")
     return "\n".join(lines)

@@ -248,7 +248,9 @@ def bench(
     engine: str = typer.Option("isbi-membrane", "--engine", "-e"),
     workdir: Path = typer.Option(Path("bench-work"), help="Scratch folder for the section and outputs."),
     baseline: list[str] = typer.Option(
-        ["io", "monai", "monai-runner"], help="Baselines timed in the same run: io, monai (its plain nn.Module), monai-runner."
+        ["io", "pipeline", "monai", "monai-runner"],
+        help="Baselines timed in the same run: io (read + write floor), pipeline (tilefeet with a near-free network), "
+        "monai (its plain nn.Module), monai-runner.",
     ),
     tile: Optional[int] = typer.Option(None),
     overlap: Optional[int] = typer.Option(None),

@@ -86,12 +86,10 @@ def mismatch(imap: IntensityMap, sample: np.ndarray | None) -> str | None:
     or is ``SPREAD_TOLERANCE`` times wider or narrower. ``sample``: raw section data."""
     if sample is None:
         return None
-    v = np.asarray(sample, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return "the section has no finite pixel values; check the input"
     norm = imap.normalization
-    lo, hi = np.percentile(v, norm.percentiles)
+    lo, hi = quantiles(sample, np.asarray(norm.percentiles) / 100)
+    if not np.isfinite(lo):
+        return "the section has no finite pixel values; check the input"
     where = f"{_ordinal(norm.percentiles[0])}–{_ordinal(norm.percentiles[1])} percentiles"
     if hi <= lo:
         return f"the section has no contrast (its {where} are both {lo:.4g}); the output will be meaningless; check the input"
@@ -108,6 +106,40 @@ def mismatch(imap: IntensityMap, sample: np.ndarray | None) -> str | None:
         f"data ({t_lo:.3g} to {t_hi:.3g}) with --intensity {imap.mode}; the result will be poor: "
         "use --intensity percentile (or histogram) to match them"
     )
+
+
+#: Float samples above this many values are thinned (evenly) before quantiles are taken.
+FLOAT_QUANTILE_VALUES = 1 << 22
+
+
+def quantiles(sample: np.ndarray, q: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``np.quantile(sample, q)`` (linear interpolation) over the finite values, fast: 8/16-bit
+    integers are counted (exact, bit for bit numpy's result, ~20× faster than sorting 16 Mpx);
+    float samples above ``FLOAT_QUANTILE_VALUES`` are thinned evenly first. Empty → NaNs."""
+    a = np.asarray(sample).ravel()
+    q = np.asarray(q, dtype=np.float64)
+    if a.dtype.kind in "ui" and a.dtype.itemsize <= 2:
+        offset = int(np.iinfo(a.dtype).min)
+        counts = np.bincount(a if offset == 0 else (a.astype(np.int32) - offset))
+        cum = np.cumsum(counts)
+        n = int(cum[-1]) if len(cum) else 0
+        if n == 0:
+            return np.full(q.shape, np.nan)
+        pos = q * (n - 1)
+        lo = np.floor(pos)
+        hi = np.minimum(lo + 1, n - 1)
+        x_lo = np.searchsorted(cum, lo, side="right").astype(np.float64) + offset
+        x_hi = np.searchsorted(cum, hi, side="right").astype(np.float64) + offset
+        t = pos - lo
+        diff = x_hi - x_lo
+        return np.where(t >= 0.5, x_hi - diff * (1 - t), x_lo + diff * t)  # numpy's _lerp, for identical bits
+    v = a.astype(np.float64, copy=False)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return np.full(q.shape, np.nan)
+    if v.size > FLOAT_QUANTILE_VALUES:
+        v = v[:: -(-v.size // FLOAT_QUANTILE_VALUES)]
+    return np.quantile(v, q)
 
 
 def _ordinal(q: float) -> str:
@@ -181,12 +213,15 @@ def make_intensity_map(
         return IntensityMap((0.0, 1.0), (0.0, 1.0), norm, invert_max, True, mode)
     if sample is None or np.asarray(sample).size == 0:
         raise ConfigError(f"intensity mode {mode!r} needs section statistics, but the section sample is empty")
-    v = np.asarray(sample, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if invert_max is not None:
-        v = invert_max - v
+
+    def section_quantiles(q: Sequence[float] | np.ndarray) -> np.ndarray:
+        q = np.asarray(q, dtype=np.float64)
+        if invert_max is None:
+            return quantiles(sample, q)
+        return invert_max - quantiles(sample, 1.0 - q)  # the quantiles of max - x, without forming it
+
     if mode == "percentile":
-        src = np.percentile(v, norm.percentiles)
+        src = section_quantiles(np.asarray(norm.percentiles) / 100)
         dst = np.asarray(norm.percentile_values)
         if src[1] <= src[0]:
             raise ConfigError(
@@ -195,13 +230,17 @@ def make_intensity_map(
             )
         return IntensityMap(tuple(src), tuple(dst), norm, invert_max, True, mode)
     if mode == "meanstd":
+        v = np.asarray(sample, dtype=np.float64).ravel()
+        v = v[np.isfinite(v)]
+        if invert_max is not None:
+            v = invert_max - v
         mean, std = float(v.mean()), float(v.std())
         ref_mean, ref_std = norm.mean, norm.std
         if std == 0:
             raise ConfigError("the section has zero standard deviation: nothing to normalize; check the input")
         return IntensityMap((mean, mean + std), (ref_mean, ref_mean + ref_std), norm, invert_max, True, mode)
     # histogram
-    src = np.quantile(v, _MATCH_LEVELS)
+    src = section_quantiles(_MATCH_LEVELS)
     dst = reference_quantiles(norm, _MATCH_LEVELS)
     src, dst = _strictly_increasing(src, dst)
     if len(src) < 2:
