@@ -10,7 +10,14 @@ import pytest
 import tilefeet
 from tilefeet.convert import write_image
 from tilefeet.errors import ConfigError
-from tilefeet.intensity import IntensityWarning, make_intensity_map, mismatch, quantiles, reference_quantiles, training_normalization
+from tilefeet.intensity import (
+    IntensityWarning,
+    make_intensity_map,
+    mismatch,
+    quantiles,
+    reference_quantiles,
+    training_normalization,
+)
 
 from .conftest import isbi_slices
 

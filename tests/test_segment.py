@@ -9,6 +9,7 @@ import zarr
 
 import tilefeet
 from tilefeet.convert import write_image
+from tilefeet.errors import TilefeetWarning
 from tilefeet.writer import downsample_mean
 
 from .conftest import make_random_engine
@@ -162,3 +163,40 @@ def test_reads_ngff_04_and_singleton_axes(tmp_path, montage_2x3, random_engine):
     ref = _probs(a, random_engine, block_size=256)
     for s in (b, c):
         np.testing.assert_array_equal(_probs(s, random_engine, block_size=256), ref)
+
+
+def _resave_without_dimension_names(src, dst):
+    """A copy of an OME-Zarr 0.5 image whose arrays lack dimension_names (and are sharded), as some
+    writers produce."""
+    g = zarr.open_group(str(src), mode="r")
+    out = zarr.open_group(str(dst), mode="w", zarr_format=3)
+    out.attrs.update(dict(g.attrs))
+    for name in g.array_keys():
+        a = g[name][:]
+        z = out.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(64, 64), shards=(128, 128))
+        z[:] = a
+    return dst
+
+
+def test_lenient_about_missing_dimension_names(tmp_path, montage_2x3, random_engine):
+    img = montage_2x3[0][:256, :256]
+    a = write_image(img, tmp_path / "a.ome.zarr", (4.0, 4.0))
+    b = _resave_without_dimension_names(a, tmp_path / "b.ome.zarr")
+    with pytest.warns(TilefeetWarning, match="dimension_names"):
+        p = _probs(b, random_engine, block_size=256)
+    np.testing.assert_array_equal(p, _probs(a, random_engine, block_size=256))
+
+
+def test_a_level_whose_scale_contradicts_its_shape_is_ignored(tmp_path, montage_2x3):
+    import json
+
+    from tilefeet.image import Image
+
+    a = write_image(montage_2x3[0][:512, :512], tmp_path / "a.ome.zarr", (4.0, 4.0), chunk=128)
+    meta = json.loads((a / "zarr.json").read_text())
+    meta["attributes"]["ome"]["multiscales"][0]["datasets"][1]["coordinateTransformations"][0]["scale"] = [12.0, 12.0]
+    (a / "zarr.json").write_text(json.dumps(meta))
+    with pytest.warns(TilefeetWarning, match=r"a.ome.zarr/1: its scale 12×12 and shape 256 × 256 disagree"):
+        image = Image.open(a)
+    assert [lv.path for lv in image.meta.levels] == ["0", "2"]
+    assert image.meta.levels[1].pixel_size_nm == (16.0, 16.0)

@@ -12,6 +12,7 @@ pixel sizes are converted to nanometres from the axis units.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptDataError, InputNotFoundError, InvalidImageError, TilefeetError
+from .errors import CorruptDataError, InputNotFoundError, InvalidImageError, TilefeetError, TilefeetWarning
 from .geometry import Box, Pair, reflect_index
 from .units import format_nm, nm_per_unit
 
@@ -251,6 +252,16 @@ def _open_ome_zarr(path: Path, sections_only: bool = True) -> Image:
         else:
             origin = (0.0, 0.0)
         chunks = tuple(int(c) for c in (arr.chunks or shape))
+        if k == 0:
+            scale0, shape0 = scale, shape
+        elif not _consistent(shape, scale, shape0, scale0):
+            # The level's scale says one size, its shape another: which is wrong cannot be told, and
+            # reading it would put pixels in the wrong place. Level 0 defines the section; skip it.
+            warnings.warn(TilefeetWarning(
+                f"{path}/{apath}: its scale {_fmt(scale[-2:])} and shape {shape[-2]} × {shape[-1]} disagree with level 0 "
+                f"({_fmt(scale0[-2:])}, {shape0[-2]} × {shape0[-1]}); this level is ignored (fix its coordinateTransformations)"
+            ), stacklevel=3)
+            continue
         levels.append(Level(str(apath), (shape[-2], shape[-1]), (chunks[-2], chunks[-1]), px, origin))
     first: Any = node[levels[0].path]
     meta = ImageMeta(str(path), tuple(levels), str(first.dtype), len(axes), version, str(multiscale.get("name") or ""), names,
@@ -273,6 +284,14 @@ def _validate(path: Path, node: Any, version: str) -> None:
         return
     except Exception as e:
         first = _first_validation_error(e)
+        if "dimension_names" in first:
+            # NGFF 0.5 asks arrays to repeat the axis names; some writers leave them out. The axes
+            # metadata says the same thing, so read on, but say so.
+            warnings.warn(
+                TilefeetWarning(f"{path}: its arrays lack zarr dimension_names (NGFF 0.5 requires them); reading the axes metadata instead"),
+                stacklevel=3,
+            )
+            return
         raise InvalidImageError(f"{path}: invalid OME-Zarr {version} multiscales metadata ({first}); fix the metadata or re-convert the image") from None
 
 
@@ -314,6 +333,20 @@ def _check_axes_shape(shape: tuple[int, ...], names: tuple[str, ...], where: str
                 f"write one plane as its own OME-Zarr image"
             )
     return (0,) * (len(shape) - 2)
+
+
+def _consistent(shape: Sequence[int], scale: Sequence[float], shape0: Sequence[int], scale0: Sequence[float]) -> bool:
+    """Does a level cover the same extent as level 0 (``shape × scale``), within one of its own pixels
+    (downsampling rounds sizes up or down)? Checked on y and x, in the metadata's units."""
+    for a in (-2, -1):
+        factor = scale[a] / scale0[a]
+        if factor <= 0 or abs(shape[a] * factor - shape0[a]) > factor + 1:
+            return False
+    return True
+
+
+def _fmt(scale: Sequence[float]) -> str:
+    return "×".join(f"{v:g}" for v in scale)
 
 
 def _check_level(meta: ImageMeta, level: int) -> None:
