@@ -221,3 +221,31 @@ def test_convert_montage_folder_and_info(tmp_path, capsys, montage_2x3):
     assert json.dumps(ms)  # plain JSON
     code, _, err = run_cli(capsys, "convert", folder, tmp_path / "x.ome.zarr")
     assert_one_line_error(code, err, "--pixel-size")
+
+
+def test_damaged_engine_bundles_are_one_line_errors(tmp_path, capsys, small, random_engine):
+    """A bundle with missing, replaced or unreadable weights, or broken TOML: one line, nothing written."""
+    import re
+
+    def copy(name: str) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(random_engine.path, dst)
+        return dst
+
+    missing = copy("missing")
+    (missing / "weights.safetensors").unlink()
+    replaced = copy("replaced")
+    (replaced / "weights.safetensors").write_bytes(b"not the weights")
+    unreadable = copy("unreadable")  # no sha256 recorded: the file itself must be checked
+    (unreadable / "weights.safetensors").write_bytes(b"\xff" * 64)
+    toml = unreadable / "engine.toml"
+    toml.write_text(re.sub(r"(?m)^sha256 = .*\n", "", toml.read_text()))
+    broken = copy("broken")
+    (broken / "engine.toml").write_text((broken / "engine.toml").read_text() + "\n[[[oops\n")
+    cases = {missing: ("weights file", "missing"), replaced: ("sha256", "re-copy"),
+             unreadable: ("not a readable safetensors file",), broken: ("not valid toml",)}
+    for bundle, needles in cases.items():
+        out = tmp_path / f"out-{bundle.name}.ome.zarr"
+        code, _, err = run_cli(capsys, "segment", small, out, "-e", bundle)
+        assert_one_line_error(code, err, *needles)
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()

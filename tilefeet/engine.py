@@ -97,6 +97,16 @@ class EngineBundle:
     def weights_path(self) -> Path:
         return self.path / self.weights_file
 
+    def check_weights(self) -> None:
+        """The weights file exists and, when ``engine.toml`` records its sha256, is that file."""
+        if not self.weights_path.is_file():
+            raise InvalidEngineError(f"engine {self.name!r}: weights file {self.weights_path} is missing; re-copy the bundle")
+        if self.weights_sha256 and _sha256_file(self.weights_path) != self.weights_sha256:
+            raise InvalidEngineError(
+                f"engine {self.name!r}: {self.weights_path} does not match the sha256 recorded in {ENGINE_FILE} "
+                "(damaged or replaced); re-copy the bundle, or re-export it to record new weights"
+            )
+
     @cached_property
     def fingerprint(self) -> str:
         """sha256 of engine.toml and the weights: what a cached compiled engine or a resume must match."""
@@ -120,12 +130,17 @@ class EngineBundle:
         if load_weights:
             from safetensors.torch import load_file
 
-            if not self.weights_path.is_file():
-                raise InvalidEngineError(f"engine {self.name!r}: weights file {self.weights_path} is missing")
+            self.check_weights()
             try:
                 state = load_file(str(self.weights_path))
+            except Exception as e:  # safetensors raises its own SafetensorError for damaged files
+                raise InvalidEngineError(
+                    f"engine {self.name!r}: {self.weights_path} is not a readable safetensors file "
+                    f"({str(e).splitlines()[0]}); re-copy or re-export the bundle"
+                ) from None
+            try:
                 net.load_state_dict(state)
-            except (RuntimeError, OSError, ValueError) as e:
+            except (RuntimeError, ValueError) as e:
                 raise InvalidEngineError(
                     f"engine {self.name!r}: weights in {self.weights_path} do not fit the declared architecture "
                     f"({str(e).splitlines()[0]}); re-export the bundle"
@@ -235,6 +250,8 @@ def engine_from_toml(raw: Mapping[str, Any], folder: Path) -> EngineBundle:
         raise InvalidEngineError(f"{where}: activation must be sigmoid or softmax, got {bundle.activation!r}")
     if min(bundle.pixel_size_nm) <= 0 or not bundle.classes or bundle.divisor < 1:
         raise InvalidEngineError(f"{where}: pixel_size_nm, classes and divisor must be positive / non-empty")
+    if not bundle.weights_path.is_file():  # fail at load, not in the first task
+        raise InvalidEngineError(f"engine {bundle.name!r}: weights file {bundle.weights_path} is missing; re-copy the bundle")
     return bundle
 
 

@@ -20,7 +20,7 @@ from .geometry import Box
 from .image import Image
 from .intensity import IntensityWarning, make_intensity_map, mismatch
 from .plan import EngineSpec, Plan, make_plan
-from .runners import RunnerSpec
+from .runners import RunnerSpec, get_runner
 from .settings import Settings
 
 #: Pixels read once per section for intensity statistics (spread over the section).
@@ -87,6 +87,7 @@ def plan_segmentation(
     probe = make_plan(image.meta, spec, settings, make_intensity_map("bundle", bundle.normalization, None, dtype=np.dtype(image.meta.dtype)))
     # Read for every mode: "bundle" uses none, but the sample is how a wrong value range (float data
     # in [0, 1] for an engine trained on 8-bit) is caught before a whole section is segmented.
+    bundle.check_weights()  # before reading anything: a damaged bundle is the cheaper thing to find
     sample = section_sample(image, probe.level)
     imap = make_intensity_map(settings.intensity, bundle.normalization, sample, dtype=np.dtype(image.meta.dtype), invert=settings.invert)
     problem = mismatch(imap, sample)
@@ -184,8 +185,17 @@ def write_planned(
     from .writer import OutputStore
 
     plan, image, bundle = planned
+    spec = runner_spec(plan, bundle)
+    if compute:
+        # Build this process's runner now: a damaged engine or a backend that cannot start fails
+        # here, before any output exists (the tasks then reuse it).
+        get_runner(spec)
     store = OutputStore.prepare(Path(output), plan, overwrite=overwrite, resume=resume)
-    graph = write_graph(Job(plan, image, runner_spec(plan, bundle), store), resources)
+    graph = write_graph(Job(plan, image, spec, store), resources)
     if not compute:
         return graph
-    return Path(run(graph, workers=plan.settings.blocks_in_flight, progress=progress))
+    try:
+        return Path(run(graph, workers=plan.settings.blocks_in_flight, progress=progress))
+    except BaseException:
+        store.discard_if_nothing_done()  # nothing to resume: leave no staging folder behind
+        raise

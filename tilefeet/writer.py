@@ -186,6 +186,13 @@ class OutputStore:
                 root[f"labels/{label_name(cls)}/0"][:, b.y0 : b.y1, b.x0 : b.x1] = out.labels[i : i + 1]
         self.mark_done(record)
 
+    def discard_if_nothing_done(self) -> None:
+        """Remove the staging folder of a run that failed before finishing any block (and did not
+        resume an earlier one): there is nothing in it to resume."""
+        done = self.staging / STATE_DIR / "done"
+        if not self.done and self.staging.exists() and not (done.exists() and any(done.iterdir())):
+            shutil.rmtree(self.staging, ignore_errors=True)
+
     def mark_done(self, record: str) -> None:
         (self.staging / STATE_DIR / "done" / record).touch()
 
