@@ -98,6 +98,23 @@ def test_montage_bad_inputs(tmp_path):
         open_input(tmp_path / "rgb.png")
 
 
+def test_a_montage_with_a_missing_tile_says_so(tmp_path):
+    from tilefeet.errors import TilefeetWarning
+
+    from .conftest import isbi_slices
+
+    imgs, _ = isbi_slices()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name, img in (("r0_c0", imgs[0]), ("r0_c1", imgs[1]), ("r1_c0", imgs[2])):
+        iio.imwrite(folder / f"{name}.png", img)
+    with pytest.warns(TilefeetWarning, match=r"2 × 2 but 1 position\(s\) have no tile \(r1_c1\)"):
+        data = open_input(folder)
+    a = data.compute()
+    assert a.shape == (1024, 1024) and not a[512:, 512:].any()
+    np.testing.assert_array_equal(a[512:, :512], imgs[2])
+
+
 def test_convert_refuses_to_overwrite(tmp_path, capsys):
     from .conftest import isbi_slices
 

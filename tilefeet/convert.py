@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, CorruptDataError, InputNotFoundError, InvalidImageError, OutputExistsError
+from .errors import ConfigError, CorruptDataError, InputNotFoundError, InvalidImageError, OutputExistsError, TilefeetWarning
 from .geometry import Pair
 from .ngff import compressor, multiscales, pyramid_shapes
 from .writer import staging_path
@@ -171,6 +172,14 @@ def lazy_montage(files: Sequence[Path], grid: Pair | None) -> Any:
     shape, dtype = first.shape, first.dtype
     rows, cols = max(p[0] for p in positions) + 1, max(p[1] for p in positions) + 1
     by_pos = dict(zip(positions, files))
+    missing = [f"r{r}_c{c}" for r in range(rows) for c in range(cols) if (r, c) not in by_pos]
+    if missing:
+        # Legitimate (irregular sections leave corners unimaged), but worth a line: a tile that
+        # failed to copy looks exactly the same.
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        warnings.warn(TilefeetWarning(
+            f"the montage grid is {rows} × {cols} but {len(missing)} position(s) have no tile ({shown}); they are written as 0"
+        ), stacklevel=2)
 
     def load(f: Path) -> np.ndarray:
         a = read_small(f)
