@@ -249,3 +249,26 @@ def test_damaged_engine_bundles_are_one_line_errors(tmp_path, capsys, small, ran
         code, _, err = run_cli(capsys, "segment", small, out, "-e", bundle)
         assert_one_line_error(code, err, *needles)
         assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_preview_renders_the_output_and_refuses_what_is_not_one(tmp_path, capsys, small, random_engine):
+    import imageio.v3 as iio
+
+    out = tmp_path / "o.ome.zarr"
+    assert run_cli(capsys, "-q", "segment", small, out, "-e", random_engine.path, "--chunk-size", "128")[0] == 0
+    png = tmp_path / "deeper" / "p.png"
+    code, _, err = run_cli(capsys, "preview", out, png)
+    assert code == 0, err
+    rgb = iio.imread(png)
+    assert rgb.shape == (300, 2 * 400 + 8, 3)
+    g = zarr.open_group(str(out), mode="r")
+    labels = g["labels/membrane/0"][0].astype(bool)
+    probs = g["0"][0]
+    left, right = rgb[:, :400].astype(int), rgb[:, 408:]
+    np.testing.assert_array_equal(right[..., 0], probs)  # the probability map, as stored
+    tinted = np.abs(left[..., 0] - left[..., 2]) > 8  # the overlay colours labelled pixels
+    assert labels.any() and (tinted == labels).mean() > 0.95
+    code, _, err = run_cli(capsys, "preview", small, tmp_path / "x.png")
+    assert_one_line_error(code, err, "not a tilefeet output", "tilefeet segment")
+    code, _, err = run_cli(capsys, "preview", out, tmp_path / "x.txt")
+    assert_one_line_error(code, err, "give a .png")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidImageError
+from .errors import ConfigError, InvalidImageError
 
 
 def render_preview(output: Path, png: Path, *, image: Path | None = None, max_size: int = 2048, class_index: int = 0) -> Path:
@@ -20,11 +20,19 @@ def render_preview(output: Path, png: Path, *, image: Path | None = None, max_si
     from .image import Image
     from .writer import LABEL_COLORS
 
+    png = Path(png)
+    if png.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+        raise ConfigError(f"cannot write a preview as {png.name!r}; give a .png (or .jpg, .tif) file name")
+    not_ours = InvalidImageError(f"{output} is not a tilefeet output (OME-Zarr 0.5 with probabilities); run `tilefeet segment` first")
     try:
         root = zarr.open_group(str(output), mode="r")
         ms = root.attrs["ome"]["multiscales"][0]
+        axes = [a["name"] if isinstance(a, dict) else a for a in ms["axes"]]
     except Exception:
-        raise InvalidImageError(f"{output} is not a tilefeet output (OME-Zarr 0.5 with probabilities); run `tilefeet segment` first") from None
+        raise not_ours from None
+    if axes != ["c", "y", "x"]:  # an input image, a label image, or someone else's store
+        raise not_ours
+    png.parent.mkdir(parents=True, exist_ok=True)
     paths = [d["path"] for d in ms["datasets"]]
     level = next((k for k, p in enumerate(paths) if max(root[p].shape[1:]) <= max_size), len(paths) - 1)
     prob = np.asarray(root[paths[level]][class_index])
