@@ -197,6 +197,10 @@ def benchmark(
 
     from . import __version__
 
+    if size < 16:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--size {size} is too small to time anything; give a section side of at least 16 px, e.g. --size 4096")
     options = dict(options or {})
     workdir.mkdir(parents=True, exist_ok=True)
     reason = ""

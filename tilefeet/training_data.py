@@ -137,7 +137,11 @@ def read_stack_meta(path: str | os.PathLike, *, role: str = "image") -> StackMet
 
     p = Path(path)
     if not p.exists():
-        raise InputNotFoundError(f"{role} {p} does not exist; convert PNG/TIFF images with `tilefeet convert INPUT {p} --pixel-size 5nm` (--stack for a folder of slices)")
+        if role == "labels" and p.parent.name == "labels":  # image.ome.zarr/labels/NAME
+            hint = f"`tilefeet convert MASKS {p.parent.parent} --labels {p.name}` (--stack for a folder of slices)"
+        else:
+            hint = f"`tilefeet convert INPUT {p} --pixel-size 4nm` with your pixel size (--stack for a folder of slices)"
+        raise InputNotFoundError(f"{role} {p} does not exist; write it from PNG/TIFF files with {hint}")
     try:
         group = zarr.open_group(str(p), mode="r")
     except Exception:
