@@ -15,6 +15,7 @@ section is split into blocks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 
 from .blend import device_window
-from .geometry import Box, resample_taps
+from .geometry import Box, Pair, resample_taps
 from .plan import BlockGeometry, Plan
+from .tilecache import cache_for, consumers
 
 
 @dataclass
@@ -112,39 +114,73 @@ def to_network_grid(x: torch.Tensor, geo: BlockGeometry, plan: Plan) -> torch.Te
 
 
 def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) -> torch.Tensor:
-    """Run every tile of ``geo`` and blend the predictions over ``geo.need`` (network grid)."""
-    lattice, need, net = plan.lattice, geo.need, geo.net_box
+    """Run every tile of ``geo`` and blend the predictions over ``geo.need`` (network grid).
+
+    Tiles are accumulated in lattice order whatever happens around them: some come from the
+    process's tile cache (computed by a neighbouring block), the others are run here in batches
+    of the runner's fixed size, in lattice order.
+    """
+    lattice, need = plan.lattice, geo.need
     crop, kind = plan.crop, plan.settings.blend
     n_out = len(plan.engine.classes)
-    batch_size = runner.spec.batch_size
     acc = torch.zeros((n_out, *need.shape), dtype=torch.float32, device=x.device)
     wsum = None if crop else torch.zeros(need.shape, dtype=torch.float32, device=x.device)
     window = None if crop else device_window(lattice.tile, kind, x.device)
     tiles = [(iy, ix) for iy in geo.tiles[0] for ix in geo.tiles[1]]  # lattice order: fixes summation order
-    batch = torch.zeros((batch_size, 1, *lattice.tile), dtype=torch.float32, device=x.device)
-    for start in range(0, len(tiles), batch_size):
-        group = tiles[start : start + batch_size]
-        for k, (iy, ix) in enumerate(group):
-            batch[k, 0] = x[lattice.tile_box(iy, ix).relative_to(net)]
-        if len(group) < batch_size:
-            batch[len(group) :] = 0
-        with runner.lock:
-            pred = runner(batch)
-        for k, (iy, ix) in enumerate(group):
-            tb = lattice.tile_box(iy, ix)
-            region = (lattice.kept_box(iy, ix) if crop else tb).intersect(need)
-            if region.empty:
-                continue
-            dst, src = region.relative_to(need), region.relative_to(tb)
-            p = pred[k][(slice(None), *src)]
-            if wsum is None:  # crop: each pixel is kept by exactly one tile
-                acc[(slice(None), *dst)] = p
-            else:
-                assert window is not None
-                w = window[src]
-                acc[(slice(None), *dst)] += p * w
-                wsum[dst] += w
+    for (iy, ix), p in _predictions(x, tiles, geo, plan, runner):
+        tb = lattice.tile_box(iy, ix)
+        region = (lattice.kept_box(iy, ix) if crop else tb).intersect(need)
+        if region.empty:
+            continue
+        dst, src = region.relative_to(need), region.relative_to(tb)
+        p = p[(slice(None), *src)]
+        if wsum is None:  # crop: each pixel is kept by exactly one tile
+            acc[(slice(None), *dst)] = p
+        else:
+            assert window is not None
+            w = window[src]
+            acc[(slice(None), *dst)] += p * w
+            wsum[dst] += w
     return acc if wsum is None else acc / wsum
+
+
+def _predictions(x: torch.Tensor, tiles: list[Pair], geo: BlockGeometry, plan: Plan, runner: Any) -> Iterator[tuple[Pair, torch.Tensor]]:
+    """``(tile, prediction)`` for every tile, in the order given. A tile found in the tile cache is
+    not run; the others run in fixed-size batches made of the next tiles still missing (a tile's
+    bits do not depend on its batch companions), and those other blocks need go into the cache."""
+    lattice, net = plan.lattice, geo.net_box
+    cache = cache_for(runner)
+    key = plan.fingerprint() if cache is not None else ""
+    uses_y, uses_x = consumers(plan, key) if cache is not None else (None, None)
+    batch_size = runner.spec.batch_size
+    batch = torch.zeros((batch_size, 1, *lattice.tile), dtype=torch.float32, device=x.device)
+    ahead: dict[Pair, torch.Tensor] = {}  # run with an earlier batch, not yet handed out
+    for j, tile in enumerate(tiles):
+        p = ahead.pop(tile, None)
+        if p is None and cache is not None:
+            p = cache.take((key, *tile))
+        if p is None:
+            group = [tile]
+            for later in tiles[j + 1 :]:
+                if len(group) == batch_size:
+                    break
+                if later not in ahead and (cache is None or (key, *later) not in cache):
+                    group.append(later)
+            for k, (iy, ix) in enumerate(group):
+                batch[k, 0] = x[lattice.tile_box(iy, ix).relative_to(net)]
+            if len(group) < batch_size:
+                batch[len(group) :] = 0
+            with runner.lock:
+                pred = runner(batch)
+            for k, t in enumerate(group):
+                if cache is not None:
+                    assert uses_y is not None and uses_x is not None
+                    # A copy: a view would keep the whole batch's output alive.
+                    cache.put((key, *t), pred[k].clone(), int(uses_y[t[0]] * uses_x[t[1]]))
+                if k:
+                    ahead[t] = pred[k]
+            p = pred[0]
+        yield tile, p
 
 
 def to_output_grid(p: torch.Tensor, geo: BlockGeometry, plan: Plan) -> torch.Tensor:

@@ -207,7 +207,8 @@ class Plan:
             f"blocks      {s['blocks']} of {s['block_size'][0]} × {s['block_size'][1]} output px, "
             f"{self.settings.blocks_in_flight} in flight",
             f"work        {s['tiles_evaluated']} tile evaluations = {s['total_factor']:.2f} × the section's pixels "
-            f"(overlap × {s['overlap_factor']:.2f}, block straddling × {s['straddle_factor']:.2f})",
+            f"(overlap × {s['overlap_factor']:.2f}, block straddling × {s['straddle_factor']:.2f}"
+            + (", at most: tiles shared by neighbouring blocks run once per process)" if s["straddle_factor"] > 1 else ")"),
         ]
         return "\n".join(lines)
 
