@@ -186,15 +186,14 @@ def write_planned(
 
     plan, image, bundle = planned
     spec = runner_spec(plan, bundle)
-    if compute:
-        # Build this process's runner now: a damaged engine or a backend that cannot start fails
-        # here, before any output exists (the tasks then reuse it).
-        get_runner(spec)
-    store = OutputStore.prepare(Path(output), plan, overwrite=overwrite, resume=resume)
+    store = OutputStore.prepare(Path(output), plan, overwrite=overwrite, resume=resume)  # path errors first: cheap
     graph = write_graph(Job(plan, image, spec, store), resources)
     if not compute:
         return graph
     try:
+        # This process's runner, built before any block: a damaged engine or a backend that
+        # cannot start fails here, in one piece (the tasks then reuse it).
+        get_runner(spec)
         return Path(run(graph, workers=plan.settings.blocks_in_flight, progress=progress))
     except BaseException:
         store.discard_if_nothing_done()  # nothing to resume: leave no staging folder behind
