@@ -76,3 +76,21 @@ def test_entries_leave_with_their_last_consumer_and_the_budget_holds():
     assert ("k", 2, 0) not in cache and ("k", 2, 4) in cache
     cache.put(("k", 2, 4), t, consumers=2)  # a neighbour computed it too: that was its use
     assert ("k", 2, 4) not in cache
+
+
+def test_the_local_run_takes_blocks_in_row_major_order(tmp_path, section, random_engine, monkeypatch):
+    """dask's order over independent blocks is arbitrary; the local run chains block k to block
+    k - blocks_in_flight, so neighbours run close together (and share tiles through the cache)."""
+    import tilefeet.schedule
+
+    seen = []
+    original = tilefeet.schedule._write_block
+    monkeypatch.setattr(tilefeet.schedule, "_write_block", lambda job, index, *after: seen.append(index) or original(job, index, *after))
+    kw = {k: v for k, v in KW.items() if k != "output_dtype"}
+    plan = tilefeet.plan_segmentation(section, random_engine, **kw, blocks_in_flight=1)[0]
+    tilefeet.segment_to_zarr(section, tmp_path / "o.ome.zarr", random_engine, **kw, blocks_in_flight=1)
+    assert seen == list(plan.blocks) and len(seen) > 8
+    seen.clear()
+    tilefeet.segment_to_zarr(section, tmp_path / "o2.ome.zarr", random_engine, **kw, blocks_in_flight=2)
+    rank = {b: i for i, b in enumerate(plan.blocks)}
+    assert all(abs(rank[b] - i) <= 1 for i, b in enumerate(seen))  # at most two at a time, in order

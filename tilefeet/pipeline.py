@@ -187,9 +187,9 @@ def write_planned(
     plan, image, bundle = planned
     spec = runner_spec(plan, bundle)
     store = OutputStore.prepare(Path(output), plan, overwrite=overwrite, resume=resume)  # path errors first: cheap
-    graph = write_graph(Job(plan, image, spec, store), resources)
     if not compute:
-        return graph
+        return write_graph(Job(plan, image, spec, store), resources)
+    graph = write_graph(Job(plan, image, spec, store), resources, in_order=plan.settings.blocks_in_flight)
     try:
         # This process's runner, built before any block: a damaged engine or a backend that
         # cannot start fails here, in one piece (the tasks then reuse it).

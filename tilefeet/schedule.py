@@ -43,7 +43,7 @@ def block_record(index: tuple[int, int]) -> str:
     return f"b{index[0]}_{index[1]}"
 
 
-def _write_block(job: Job, index: tuple[int, int]) -> str:
+def _write_block(job: Job, index: tuple[int, int], *_after: Any) -> str:
     runner = get_runner(job.spec)
     t0 = time.perf_counter()
     p = compute_block(job.plan, index, job.image, runner)
@@ -78,21 +78,29 @@ def _finalize(job: Job, *_after: Any) -> str:
     return str(job.store.finalize())
 
 
-def write_graph(job: Job, resources: dict | None = None) -> Any:
+def write_graph(job: Job, resources: dict | None = None, *, in_order: int | None = None) -> Any:
     """A dask ``Delayed`` that writes every unfinished block, builds the pyramid and finalizes the store.
 
     ``resources`` (e.g. ``{"GPU": 1}``) annotates the block tasks, the ones that run the network, so
     that a ``dask.distributed`` cluster whose workers declare that resource runs them only there.
+
+    ``in_order=n`` makes block ``k`` (row-major) wait for block ``k - n``: at most ``n`` blocks are
+    ready at a time, in row-major order. dask's own order over independent tasks is arbitrary;
+    row-major order is what lets neighbouring blocks share tiles through the tile cache (a block's
+    neighbours run soon after it, while its border tiles are still cached). For the local run with
+    ``n`` workers; a cluster gets the unchained graph (its parallelism is the point).
     """
     store, plan = job.store, job.plan
     leaf = delayed(job, traverse=False)
     token = plan.fingerprint()[:12]
+    tasks: list[Any] = []
     with dask.annotate(**({"resources": resources} if resources else {})):
-        tasks = [
-            delayed(_write_block, pure=False)(leaf, index, dask_key_name=f"tilefeet-block-{token}-{index[0]}-{index[1]}")
-            for index in plan.blocks
-            if block_record(index) not in store.done
-        ]
+        for index in plan.blocks:  # row-major
+            if block_record(index) in store.done:
+                continue
+            after = tasks[-in_order:][:1] if in_order and len(tasks) >= in_order else []
+            name = f"tilefeet-block-{token}-{index[0]}-{index[1]}"
+            tasks.append(delayed(_write_block, pure=False)(leaf, index, *after, dask_key_name=name))
     after = delayed(_barrier)(*tasks, dask_key_name=f"tilefeet-level0-{token}")
     for level in range(1, store.levels()):
         level_tasks = [
