@@ -101,17 +101,22 @@ class EngineBundle:
         """The weights file exists and, when ``engine.toml`` records its sha256, is that file."""
         if not self.weights_path.is_file():
             raise InvalidEngineError(f"engine {self.name!r}: weights file {self.weights_path} is missing; re-copy the bundle")
-        if self.weights_sha256 and _sha256_file(self.weights_path) != self.weights_sha256:
+        if self.weights_sha256 and self.weights_digest != self.weights_sha256:
             raise InvalidEngineError(
                 f"engine {self.name!r}: {self.weights_path} does not match the sha256 recorded in {ENGINE_FILE} "
                 "(damaged or replaced); re-copy the bundle, or re-export it to record new weights"
             )
 
     @cached_property
+    def weights_digest(self) -> str:
+        """sha256 of the weights file, read once per bundle (the check and the fingerprint share it)."""
+        return _sha256_file(self.weights_path)
+
+    @cached_property
     def fingerprint(self) -> str:
         """sha256 of engine.toml and the weights: what a cached compiled engine or a resume must match."""
         h = hashlib.sha256((self.path / ENGINE_FILE).read_bytes())
-        h.update(_sha256_file(self.weights_path).encode())
+        h.update(self.weights_digest.encode())
         return h.hexdigest()
 
     def flops_per_pixel(self) -> float:
