@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import tilefeet
-from tilefeet.evaluate import boundary_metrics, instance_metrics, pixel_metrics
+from tilefeet.metrics import boundary_metrics, instance_metrics, pixel_metrics
 
 MODES = ("bundle", "percentile", "meanstd", "histogram")
 

@@ -13,17 +13,15 @@ import pytest
 from tilefeet.cli import main
 from tilefeet.convert import write_image, write_labels
 from tilefeet.errors import ConfigError, InputNotFoundError, InvalidImageError
-from tilefeet.evaluate import (
+from tilefeet.evaluate import boundary_metrics_blockwise, evaluate, pixel_metrics_blockwise
+from tilefeet.metrics import (
     BoundaryMetrics,
     PixelMetrics,
     boundary_metrics,
-    boundary_metrics_blockwise,
-    evaluate,
     instance_metrics,
     mask_boundary,
     near,
     pixel_metrics,
-    pixel_metrics_blockwise,
 )
 
 ISBI_LABEL = Path(__file__).parent / "data" / "isbi" / "label" / "24.png"  # 255 interior, 0 membrane

@@ -79,8 +79,9 @@ def job_monai(section: str, out: str, engine: str, options: dict, model: str = "
     import zarr
     from monai.inferers import sliding_window_inference
 
+    from .device import resolve_device
     from .engine import load_engine
-    from .runners import RunnerSpec, resolve_device
+    from .runners import RunnerSpec
     from .runners.torch_runner import TorchRunner
 
     bundle = load_engine(engine)

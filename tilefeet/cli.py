@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import typer
 
+from . import console
+from .console import echo as _echo
 from .errors import TilefeetError, TilefeetWarning
 
 app = typer.Typer(
@@ -24,16 +26,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_quiet = False
-
-
-def _echo(msg: str) -> None:
-    if not _quiet:
-        typer.echo(msg, err=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    typer.echo(f"tilefeet: warning: {message}", err=True)
+    typer.echo(console.format_warning(message), err=True)
 
 
 # -q/-v work before the command (``tilefeet -q segment``) and after it (``tilefeet segment ... -q``),
@@ -44,20 +40,12 @@ VERBOSE = typer.Option(False, "--verbose", "-v", help="More detail (the full pla
 
 @app.callback()
 def _main(quiet: bool = QUIET, verbose: bool = VERBOSE) -> None:
-    global _quiet
-    _quiet = False  # a fresh invocation (tests call main() many times in one process)
-    warnings.showwarning = _show_warning
+    console.reset()
     set_verbosity(quiet, verbose)
 
 
 def set_verbosity(quiet: bool, verbose: bool) -> None:
-    global _quiet
-    _quiet = _quiet or quiet
-    if verbose:
-        import logging
-
-        logging.basicConfig(format="tilefeet: %(message)s")
-        logging.getLogger("tilefeet").setLevel(logging.DEBUG)
+    console.configure(quiet=quiet, verbose=verbose)
 
 
 @app.command()
@@ -127,7 +115,7 @@ def segment(
         typer.echo(plan.describe())
         return
     _echo(plan.describe())
-    out = pipeline.write_planned(planned, output, overwrite=overwrite, resume=resume, progress=not _quiet)
+    out = pipeline.write_planned(planned, output, overwrite=overwrite, resume=resume, progress=console.progress_enabled())
     dt = time.perf_counter() - t0
     h, w = plan.output.shape
     _echo(f"wrote {out} in {dt:.1f} s ({h * w / dt / 1e6:.2f} Mpx/s)")
@@ -201,7 +189,7 @@ def convert(
     if pixel_size is None:
         raise ConfigError("give the pixel size of the input with --pixel-size, e.g. --pixel-size 4nm")
     px = parse_pixel_size(pixel_size, where="--pixel-size")
-    out = conv.write_image(data, output, px, chunk=chunk, version=ngff_version, name=input.stem, overwrite=overwrite, progress=not _quiet)
+    out = conv.write_image(data, output, px, chunk=chunk, version=ngff_version, name=input.stem, overwrite=overwrite, progress=console.progress_enabled())
     _echo(f"wrote {out}")
     if data.ndim == 3:  # a training stack: Image (and `info`) read 2-D sections only
         _echo(f"  {data.shape[0]} slices of {data.shape[1]} × {data.shape[2]} px, {format_nm(px)}, {data.dtype}")
@@ -300,8 +288,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: user errors become one line and exit status 2 (usage errors: click's, also 2)."""
     try:
         with warnings.catch_warnings():
-            # The command line is the top level: our warnings are shown, once, as one line each.
+            # The command line is the top level: our warnings are shown, once, as one line each
+            # (catch_warnings restores both the filters and showwarning afterwards).
             warnings.simplefilter("default", TilefeetWarning)
+            warnings.showwarning = _show_warning
             app(args=argv, prog_name="tilefeet")  # standalone: exits through SystemExit
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

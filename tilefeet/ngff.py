@@ -6,10 +6,19 @@ so its centre sits at ``origin + (2^k − 1)/2`` level-0 pixels: the translation
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from .geometry import Pair
+
+#: Display colours of label classes, in class order (NGFF image-label "colors").
+LABEL_COLORS = [(255, 64, 0), (0, 170, 255), (255, 200, 0), (170, 0, 255), (0, 220, 90), (255, 0, 140)]
+
+
+def label_name(cls: str) -> str:
+    """A class name as a safe group name (``"Mito boundary" -> "mito-boundary"``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", cls.strip()).strip("-").lower() or "class"
 
 
 def pyramid_shapes(shape: Pair, chunk: Pair, max_levels: int = 12) -> list[Pair]:

@@ -18,7 +18,7 @@ def render_preview(output: Path, png: Path, *, image: Path | None = None, max_si
     import zarr
 
     from .image import Image
-    from .writer import LABEL_COLORS
+    from .ngff import LABEL_COLORS
 
     png = Path(png)
     if png.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):

@@ -259,7 +259,7 @@ def default_checkpoint_dir(out_dir: str | os.PathLike, name: str) -> Path:
     """Where ``tilefeet train`` keeps its checkpoint when not told: in the per-user cache (``$TILEFEET_CACHE``
     or ``~/.cache/tilefeet``), keyed by the bundle's absolute path, so rerunning the same command finds
     it and the bundle folder (often inside a repository) never holds optimizer state."""
-    from .runners import cache_dir
+    from .artifacts import cache_dir
 
     key = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
     return cache_dir() / "train" / f"{name}-{key}"
@@ -356,7 +356,7 @@ def _as_chw(m: np.ndarray, n_classes: int) -> np.ndarray:
 
 def _pick_device(device: str):
     """CUDA when present for ``auto``; a named device that is missing or misspelt is a one-line error."""
-    from .runners import resolve_device
+    from .device import resolve_device
 
     try:
         return resolve_device(device)

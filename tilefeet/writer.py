@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +27,10 @@ import numpy as np
 
 from .errors import ConfigError, OutputExistsError
 from .geometry import BlockGrid, Box, Pair
-from .ngff import compressor, multiscales, pyramid_shapes
+from .ngff import LABEL_COLORS, compressor, label_name, multiscales, pyramid_shapes
 from .plan import Plan
 
 STATE_DIR = ".tilefeet"
-LABEL_COLORS = [(255, 64, 0), (0, 170, 255), (255, 200, 0), (170, 0, 255), (0, 220, 90), (255, 0, 140)]
-
-
-def label_name(cls: str) -> str:
-    """A class name as a safe group name (``"Mito boundary" -> "mito-boundary"``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", cls.strip()).strip("-").lower() or "class"
-
-
 def check_paths(inp: str | None, out: Path) -> None:
     """Refuse an output that is, contains, or lies inside the input."""
     if not inp:

@@ -100,8 +100,8 @@ def _tensorrt(
 
     import torch
 
+    from ..device import resolve_device
     from ..errors import BackendUnavailableError
-    from ..runners import resolve_device
     from ..runners._trt_glue import DeviceInfo, make_profile, parse_size
     from ..runners.tensorrt_runner import (
         BuildRequest,

@@ -68,7 +68,7 @@ def train_cmd(
     max_pixels: int = typer.Option(1 << 28, "--max-pixels", help="Refuse images larger than this (they are read into memory)."),
 ) -> None:
     """Train a U-Net on an annotated OME-Zarr image or stack and write it as an engine bundle."""
-    from .. import cli
+    from .. import console
     from ..train import default_checkpoint_dir, train_from_zarr
     from ..training_data import ValidationSplit
 
@@ -76,7 +76,7 @@ def train_cmd(
     split = ValidationSplit.create(val_slices, val_fraction)
     ckpt_dir = checkpoint_dir or default_checkpoint_dir(out, name)
     check_outputs(out, ckpt_dir, resume=resume, overwrite=overwrite)
-    cli._echo(f"checkpoints: {ckpt_dir}" + ("" if (ckpt_dir / "checkpoint.pt").is_file() else " (starting at step 0)"))
+    console.echo(f"checkpoints: {ckpt_dir}" + ("" if (ckpt_dir / "checkpoint.pt").is_file() else " (starting at step 0)"))
     t0 = time.perf_counter()
     result = train_from_zarr(
         image,
@@ -87,7 +87,7 @@ def train_cmd(
         pixel_size=pixel_size,
         split=split,
         checkpoint_dir=ckpt_dir,
-        progress=not cli._quiet,
+        progress=console.progress_enabled(),
         max_pixels=max_pixels,
         steps=steps,
         batch_size=batch_size,
@@ -105,7 +105,7 @@ def train_cmd(
         description=description,
     )
     f1 = ", ".join(f"{c} {v:.4f}" for c, v in zip(result.bundle.classes, result.best_val_f1))
-    cli._echo(f"wrote {out} in {time.perf_counter() - t0:.0f} s: best validation F1 {f1} at step {result.best_step}")
+    console.echo(f"wrote {out} in {time.perf_counter() - t0:.0f} s: best validation F1 {f1} at step {result.best_step}")
 
 
 def check_outputs(out: Path, ckpt_dir: Path, *, resume: bool, overwrite: bool) -> None:

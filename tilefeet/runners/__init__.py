@@ -17,17 +17,29 @@ process builds its runner once (:func:`get_runner`).
 from __future__ import annotations
 
 import importlib
-import os
 import threading
-import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
+from ..artifacts import build_once, cache_dir
+from ..device import resolve_device
 from ..errors import BackendUnavailableError, ConfigError
 from ..geometry import Pair
+
+__all__ = [
+    "BACKENDS",
+    "Runner",
+    "RunnerSpec",
+    "build_once",
+    "cache_dir",
+    "check_options",
+    "clear_runners",
+    "get_runner",
+    "register",
+    "resolve_device",
+    "runner_class",
+]
 
 #: backend name -> "module:Class", imported lazily
 BACKENDS: dict[str, str] = {
@@ -123,79 +135,3 @@ def clear_runners() -> None:
         for r in _cache.values():
             r.close()
         _cache.clear()
-
-
-def resolve_device(device: str):  # -> torch.device
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(
-            f"device {device!r} requested but torch sees no CUDA GPU here; use --device cpu (or install a CUDA build of torch)"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise BackendUnavailableError(
-            f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 to "
-            f"cuda:{torch.cuda.device_count() - 1}); pick one of them or set CUDA_VISIBLE_DEVICES"
-        )
-    return dev
-
-
-# ------------------------------------------------------------------ compiled artefacts on disk
-
-
-def cache_dir() -> Path:
-    """Where compiled artefacts (ONNX exports, TensorRT plans, backend timings) are kept:
-    ``$TILEFEET_CACHE`` if set, else the per-user cache folder (``~/.cache/tilefeet`` on Linux)."""
-    env = os.environ.get("TILEFEET_CACHE")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("tilefeet"))
-
-
-def build_once(target: Path, build: Callable[[Path], None], *, timeout_s: float = 3600.0) -> Path:
-    """``target``, built first by ``build(tmp)`` if it does not exist yet; safe across processes.
-
-    ``build`` writes a file or a folder at the temporary path it is given, which is then renamed
-    to ``target`` in one step, so nobody ever sees a half-written artefact. A lock file beside
-    ``target`` makes concurrent callers (workers of one run, several runs) wait while one builds;
-    they then find ``target`` and load it. The lock is an OS file lock, released if its holder
-    dies, so a crashed build never blocks the next one.
-    """
-    from filelock import FileLock, Timeout
-
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.with_name(target.name + ".lock")
-    try:
-        with FileLock(str(lock_path), timeout=timeout_s):
-            if target.exists():  # built by another process while we waited
-                return target
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                build(tmp)
-                os.replace(tmp, target)
-            finally:
-                _remove(tmp)
-    except Timeout:
-        raise BackendUnavailableError(
-            f"waited {timeout_s:.0f} s for another process to build {target}; if no build is running, delete {lock_path}"
-        ) from None
-    return target
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
