@@ -1,13 +1,18 @@
 """Intensity normalization: make a section's contrast look like the engine's training data.
 
-Statistics come from the whole section (a low-resolution level, or a sample of chunks), computed
-once before any block runs: per-tile statistics would differ between neighbouring tiles and make
-seams. The result is a monotone piecewise-linear map ``raw -> matched raw`` followed by the
-bundle's own training normalization, evaluated per block as a lookup table (integer data) or by
-interpolation (float data).
+Statistics come from a sample of the section at the level the network reads (spread over the
+whole section, :func:`tilefeet.pipeline.section_sample`), computed once before any block runs:
+per-tile statistics would differ between neighbouring tiles and make seams. The result is a
+monotone piecewise-linear map ``raw -> matched raw`` followed by the bundle's own training
+normalization, evaluated per block as a lookup table (integer data) or by interpolation (float).
 
 Modes:
 
+``auto``        (the default) ``bundle`` when the section's values look like the training data's,
+                ``percentile`` when they do not (16-bit or float data for an engine trained on
+                8-bit, another offset or contrast); and the contrast flipped when the section's
+                histogram matches the mirror image of the training data's clearly better than
+                the histogram itself. The plan says what was chosen and why.
 ``bundle``      the training normalization alone, with the training data's constants; trusts that
                 the section was acquired like the training data.
 ``percentile``  first stretch the section linearly so its percentiles land on the training data's.
@@ -15,22 +20,66 @@ Modes:
 ``histogram``   first match the section's whole histogram to the bundle's reference histogram.
 
 ``invert`` flips the contrast first (``max - x``), for sections whose polarity is the opposite
-of the training data's (bright membranes where training had dark ones).
+of the training data's (bright membranes where training had dark ones); ``None`` lets ``auto``
+decide (other modes then keep the contrast, but warn when it looks inverted).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 
-from .engine import Normalization
 from .errors import ConfigError, TilefeetWarning
 
-IntensityMode = Literal["bundle", "percentile", "meanstd", "histogram"]
-INTENSITY_MODES: tuple[str, ...] = ("bundle", "percentile", "meanstd", "histogram")
+
+@dataclass(frozen=True)
+class Normalization:
+    """How raw intensities became network inputs in training: ``(x - mean) / std`` (method ``meanstd``)
+    or ``(x - low) / (high - low)`` (method ``range``), plus statistics of the raw training data that
+    section-adaptive modes match against (its percentiles and a reference histogram)."""
+
+    method: Literal["meanstd", "range"] = "meanstd"
+    mean: float = 0.0  #: raw mean of the training data (meanstd)
+    std: float = 1.0  #: raw standard deviation of the training data (meanstd)
+    low: float = 0.0  #: raw value mapped to 0 (range)
+    high: float = 255.0  #: raw value mapped to 1 (range)
+    percentiles: tuple[float, float] = (1.0, 99.0)  #: which percentiles ``percentile_values`` holds
+    percentile_values: tuple[float, float] = (0.0, 255.0)  #: raw training values at those percentiles
+    histogram_range: tuple[float, float] = (0.0, 256.0)  #: raw value range the histogram bins span
+    histogram: tuple[float, ...] = ()  #: reference histogram of raw training intensities (densities)
+    #: The section-adaptive intensity mode the network was trained with ("percentile" or "meanstd"),
+    #: or "" when the constants above apply to any section as they are. Networks from elsewhere are
+    #: often trained on per-image normalized data (bioimage.io's ``scale_range`` with percentiles,
+    #: ``zero_mean_unit_variance`` per sample): their constants describe the normalized data, and a
+    #: run must match each section's statistics to them (``--intensity percentile`` / ``meanstd``).
+    adaptive: str = ""
+
+    def to_network(self, x: Any) -> Any:
+        """Raw intensities (array-like, already matched to the training distribution) to network input."""
+        if self.method == "meanstd":
+            return (x - self.mean) / self.std
+        return (x - self.low) / (self.high - self.low)
+
+    def to_toml(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "mean": self.mean,
+            "std": self.std,
+            "low": self.low,
+            "high": self.high,
+            "percentiles": list(self.percentiles),
+            "percentile_values": list(self.percentile_values),
+            "histogram_range": list(self.histogram_range),
+            "histogram": [round(float(v), 8) for v in self.histogram],
+        } | ({"adaptive": self.adaptive} if self.adaptive else {})
+
+
+
+IntensityMode = Literal["auto", "bundle", "percentile", "meanstd", "histogram"]
+INTENSITY_MODES: tuple[str, ...] = ("auto", "bundle", "percentile", "meanstd", "histogram")
 
 # Quantile levels at which histogram matching places its knots (tails trimmed: outliers such as
 # saturated pixels or black montage gaps should not bend the whole curve).
@@ -50,7 +99,11 @@ class IntensityMap:
     normalization: Normalization
     invert_max: float | None = None  #: if set, x -> invert_max - x first
     extrapolate: bool = True
-    mode: str = "bundle"
+    mode: str = "bundle"  #: the mode applied (``auto`` resolves to ``bundle`` or ``percentile``)
+    reason: str = ""  #: why, when ``auto`` chose the mode or the inversion (for the plan)
+
+    def describe(self) -> str:
+        return self.mode + (" (inverted contrast)" if self.invert_max is not None else "") + (f": {self.reason}" if self.reason else "")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Apply to raw intensities (numpy), giving float32 network input."""
@@ -203,12 +256,18 @@ def make_intensity_map(
     sample: np.ndarray | None,
     *,
     dtype: np.dtype,
-    invert: bool = False,
+    invert: bool | None = False,
 ) -> IntensityMap:
-    """The per-section map for ``mode``; ``sample`` is raw section data (a low-resolution level)."""
+    """The per-section map for ``mode``; ``sample`` is raw section data at the level the network reads.
+
+    ``invert``: flip the contrast (True), keep it (False), or (None) let ``auto`` decide from the
+    histogram's shape (:func:`inversion_ratio`); other modes keep it.
+    """
     if mode not in INTENSITY_MODES:
         raise ConfigError(f"unknown intensity mode {mode!r}; use one of {', '.join(INTENSITY_MODES)}")
-    invert_max = dtype_max(dtype) if invert else None
+    if mode == "auto":
+        return _auto(norm, sample, np.dtype(dtype), invert)
+    invert_max = _invert_max(dtype, sample) if invert else None
     if mode == "bundle":
         return IntensityMap((0.0, 1.0), (0.0, 1.0), norm, invert_max, True, mode)
     if sample is None or np.asarray(sample).size == 0:
@@ -253,3 +312,88 @@ def _strictly_increasing(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
     ux, inv = np.unique(x, return_inverse=True)
     uy = np.bincount(inv, weights=y) / np.bincount(inv)
     return ux, uy
+
+
+# ------------------------------------------------------------------------------------ auto
+
+
+#: ``auto`` flips the contrast when the section's histogram is this many times closer to the mirror
+#: image of the training data's than to the histogram itself; between WARN and INVERT it only warns.
+INVERT_RATIO = 2.5
+WARN_RATIO = 2.0
+_SHAPE_LEVELS = np.linspace(0.02, 0.98, 97)
+
+
+def inversion_ratio(norm: Normalization, sample: np.ndarray | None) -> float | None:
+    """How much closer the section's histogram is to the training data's mirrored than as is
+    (> 1: it looks inverted), or None when it cannot be told (no reference histogram, no contrast).
+
+    Shapes are compared as quantile curves standardized by their median and 2nd–98th percentile
+    span, so a section's offset, gain and bit depth do not matter, only the shape: EM histograms
+    are skewed by a tail of dark membranes and dense organelles (or bright, when inverted). Where
+    the histogram is nearly symmetric the ratio stays near 1 and nothing is decided: this catches
+    an inverted section reliably only when its histogram is clearly asymmetric (measured on the
+    project's data: ISBI and PSSR sections inverted give 3–10, their originals 0.1–0.45; single
+    Lucchi FIB-SEM slices give 0.6–1.6 either way, so the thresholds sit above that).
+    """
+    if sample is None or not norm.histogram:
+        return None
+    sec = quantiles(sample, _SHAPE_LEVELS)
+    ref = reference_quantiles(norm, _SHAPE_LEVELS)
+    if not np.all(np.isfinite(sec)) or sec[-1] <= sec[0] or ref[-1] <= ref[0]:
+        return None
+
+    def shape(q: np.ndarray) -> np.ndarray:
+        return (q - q[len(q) // 2]) / (q[-1] - q[0])
+
+    direct = float(np.abs(shape(sec) - shape(ref)).mean())
+    mirrored = float(np.abs(shape(-sec[::-1]) - shape(ref)).mean())
+    return direct / max(mirrored, 1e-9)
+
+
+def _auto(norm: Normalization, sample: np.ndarray | None, dtype: np.dtype, invert: bool | None) -> IntensityMap:
+    """``bundle`` or ``percentile``, with or without a flip, and the reason (see the module docstring)."""
+    reasons = []
+    flip = bool(invert)
+    if invert is None:
+        ratio = inversion_ratio(norm, sample)
+        if ratio is not None and ratio >= INVERT_RATIO:
+            flip = True
+            reasons.append(
+                f"contrast inverted: the section's histogram is {ratio:.1f}× closer to the training data's mirror image "
+                "(pass --no-invert to keep it)"
+            )
+    bundle = make_intensity_map("bundle", norm, sample, dtype=dtype, invert=flip)
+    problem = mismatch(bundle, sample)
+    if problem is None or "no contrast" in problem or "no finite" in problem:
+        return replace(bundle, reason="; ".join(["the section's values match the training data's", *reasons]))
+    lo, hi = quantiles(sample, np.asarray(norm.percentiles) / 100)  # type: ignore[arg-type]
+    t_lo, t_hi = norm.percentile_values
+    why = (
+        f"the section's values ({lo:.4g} to {hi:.4g} at the {_ordinal(norm.percentiles[0])}–{_ordinal(norm.percentiles[1])} "
+        f"percentiles) differ from the training data's ({t_lo:.4g} to {t_hi:.4g}): matched linearly"
+    )
+    return replace(make_intensity_map("percentile", norm, sample, dtype=dtype, invert=flip), reason="; ".join([why, *reasons]))
+
+
+def inversion_warning(imap: IntensityMap, sample: np.ndarray | None) -> str | None:
+    """A warning for a section that looks inverted but is mapped as is (any mode), else None."""
+    if imap.invert_max is not None:
+        return None
+    ratio = inversion_ratio(imap.normalization, sample)
+    if ratio is None or ratio < WARN_RATIO:
+        return None
+    return (
+        f"the section's contrast looks inverted relative to the training data (its histogram is {ratio:.1f}× closer to "
+        "their mirror image); if membranes are bright here, pass --invert"
+    )
+
+
+def _invert_max(dtype: np.dtype, sample: np.ndarray | None) -> float:
+    """What ``x`` is subtracted from to flip the contrast: the dtype's maximum for integers (an
+    inverted 8-bit section becomes 8-bit again), the sample's min + max for floats (their range is
+    kept, whatever it is)."""
+    if np.dtype(dtype).kind in "ui" or sample is None:
+        return dtype_max(dtype)
+    lo, hi = quantiles(sample, [0.0, 1.0])
+    return float(lo + hi) if np.isfinite(lo) else 1.0
