@@ -1,0 +1,77 @@
+"""``tilefeet objects OUT``: objects (or cells) of a segment output as ``labels/<class>-objects``
+(``-cells``) with a measurements table, and a summary: count, size distribution, density per µm²
+(see :mod:`tilefeet.objects`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("objects")(objects_cmd)
+
+
+def objects_cmd(
+    output: Path = typer.Argument(..., help="A tilefeet segment output (OME-Zarr with probabilities)."),
+    class_name: Optional[str] = typer.Option(None, "--class", "-c", help="Class whose objects to find (default: the only one)."),
+    threshold: Optional[float] = typer.Option(
+        None, help="Probability at and above which a pixel is in the mask (default: the run's, i.e. labels/<class>)."
+    ),
+    min_size: Optional[str] = typer.Option(
+        None, "--min-size", help="Drop objects (with --cells: seeds) below this area, e.g. 0.01um2, 2000nm2, 20px."
+    ),
+    fill_holes: bool = typer.Option(False, "--fill-holes", help="Fill holes (background enclosed by an object) before labelling."),
+    cells: bool = typer.Option(
+        False, "--cells", help="Cells between membranes: regions below the threshold, grown into the membrane (a membrane engine)."
+    ),
+    grow: str = typer.Option("40nm", help="With --cells: how far cells grow into the membrane, e.g. 40nm (0: not at all)."),
+    csv: bool = typer.Option(False, "--csv", help="Write the table as CSV instead of Parquet."),
+    overwrite: bool = typer.Option(False, help="Replace an existing objects layer (kept until the new one is complete)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted objects run."),
+    block_size: Optional[str] = typer.Option(None, "--block-size", help="Block side of one task (default: up to 4096, whole chunks)."),
+    blocks_in_flight: int = typer.Option(2, "--blocks-in-flight", help="Blocks in memory at once."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; only the summary."),
+) -> None:
+    """Find the objects of a class (connected components, 8-connected) or the cells between
+    membranes, write them as an NGFF label image with a table of measurements, and summarize them."""
+    from .. import console
+    from ..objects import write_objects
+
+    console.configure(quiet=quiet)
+    result = write_objects(
+        output, class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells,
+        grow=grow, block_size=block_size, blocks_in_flight=blocks_in_flight, table_format="csv" if csv else "parquet",
+        overwrite=overwrite, resume=resume, progress=console.progress_enabled(),
+    )
+    typer.echo(summary(result.table(), result.path, result.section_um2))
+    console.echo(f"wrote {result.path} ({result.dtype}) and {result.table_path.name} in {result.seconds:.1f} s")
+
+
+def summary(df: Any, layer: Path, area_um2: float) -> str:
+    """Count, density and size distribution of a table's objects, as a few lines of text."""
+    import numpy as np
+
+    n = len(df)
+    kind = "cells" if layer.name.endswith("-cells") else "objects"
+    what = str(df["class"].iloc[0]) if n else layer.name.rsplit("-", 1)[0]
+    rows = [
+        f"{layer}",
+        f"{n} {kind}{'' if kind == 'cells' else f' of {what}'} in {area_um2:.4g} µm²: {n / area_um2 if area_um2 else math.nan:.4g} per µm²",
+    ]
+    if n:
+        q = [0, 25, 50, 75, 100]
+        area = np.percentile(df["area_nm2"].to_numpy() / 1e6, q)
+        diam = np.percentile(df["equivalent_diameter_nm"].to_numpy(), q)
+        head = f"{'':22s}" + "".join(f"{h:>11s}" for h in ("min", "25 %", "median", "75 %", "max", "mean"))
+        rows += [
+            head,
+            f"{'area (µm²)':22s}" + "".join(f"{v:11.4g}" for v in area) + f"{df['area_nm2'].mean() / 1e6:11.4g}",
+            f"{'diameter (nm)':22s}" + "".join(f"{v:11.4g}" for v in diam) + f"{df['equivalent_diameter_nm'].mean():11.4g}",
+            f"touching the section's edge: {int(df['touches_border'].sum())}; total area {df['area_nm2'].sum() / 1e6:.4g} µm² "
+            f"({df['area_nm2'].sum() / 1e6 / area_um2:.1%} of the section)",
+        ]
+    return "\n".join(rows)

@@ -1,0 +1,241 @@
+"""The lazy call: objects of a segment output, a mask or probabilities as a dask array, plus the table.
+
+:func:`label_objects` runs the passes that every id depends on (holes, pieces) at once, with the
+default dask scheduler (a ``dask.distributed`` client when one is active), and returns the label
+image as a dask array whose blocks are computed when asked (a block reads its own mask again and
+maps its pieces to their final ids), with the table as a pandas DataFrame. Memory: a few blocks at
+a time plus O(objects). For cells the table needs the grown cells of every block, so those are
+computed once for the table and again for the blocks you ask for.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, InvalidImageError, TilefeetWarning
+from ..geometry import BlockGrid
+from .blocks import (
+    cells_block,
+    combine_cells,
+    fill_block,
+    holes_block,
+    pieces_block,
+    relabel_block,
+    resolve_holes,
+    resolve_pieces,
+)
+from .cells import OUTSIDE
+from .label import dual
+from .measure import PERIMETER_HALO, PartialSums, table
+from .options import ObjectPlan, ObjectSettings, make_plan
+from .run import id_dtype
+
+
+@dataclass(frozen=True)
+class Objects:
+    """Objects of one class: the label image (lazy) and the measurements (computed)."""
+
+    labels: Any  #: dask array (y, x) of ids, uint32 (uint64 past 2³²−1 objects); 0 = no object
+    table: Any  #: pandas DataFrame, one row per object (see :mod:`tilefeet.objects.measure`)
+    plan: ObjectPlan
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.table)
+
+
+def label_objects(
+    source: Any,
+    *,
+    class_name: str | None = None,
+    threshold: float | None = None,
+    probabilities: Any = None,
+    pixel_size_nm: Any = None,
+    origin_nm: tuple[float, float] = (0.0, 0.0),
+    min_size: str | float | None = None,
+    fill_holes: bool = False,
+    cells: bool = False,
+    grow: str | float | None = None,
+    block_size: Any = None,
+    **advanced: Any,
+) -> Objects:
+    """Objects (connected components, 8-connected) or ``cells`` of a mask, exactly as if labelled whole.
+
+    ``source``: a tilefeet segment output (path; ``class_name`` and ``threshold`` as for
+    ``tilefeet objects``), a 2-D boolean mask, or 2-D probabilities (numpy, dask or xarray;
+    ``threshold`` default 0.5, uint8 as 0..255). Arrays need ``pixel_size_nm`` (xarray coordinates
+    give it); a boolean mask's table has probability columns only with ``probabilities``.
+    """
+
+    settings = ObjectSettings.create(
+        class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells, grow_nm=grow,
+        block_size=block_size, **advanced,
+    )
+    mask, prob, scale, meta = _open(source, settings, probabilities, pixel_size_nm, origin_nm)
+    h, w = mask.shape
+    plan = make_plan(settings, class_name=meta["class_name"], shape=(h, w), pixel_size_nm=meta["pixel_size_nm"],
+                     origin_nm=meta["origin_nm"], chunks=meta["chunks"])
+    grid = plan.grid
+    mask = mask.rechunk(grid.chunks())
+    prob = prob.rechunk(grid.chunks())
+    if cells:
+        mask = ~mask
+    if fill_holes:
+        mask = _filled(mask, grid, dual(plan.connectivity))
+    halo = 0 if cells else PERIMETER_HALO
+    windows = _windows(mask, grid, halo, False)
+    shape = (h, w)
+    records = _compute([
+        _delayed(pieces_block)(windows[k], halo, grid.box(*i), shape, plan.connectivity, None if cells else _block(prob, grid, k))
+        for k, i in enumerate(grid)
+    ])
+    res = resolve_pieces(grid, records, plan.connectivity, plan.keep, prob.dtype)
+    dtype = id_dtype(res.n_objects, settings.uint32_limit)
+    labels = _assemble(grid, [
+        _delayed(relabel_block)(_block(mask, grid, k), res.block(k), plan.connectivity, dtype) for k in range(len(grid))
+    ], dtype)
+    sums = res.sums
+    if cells:
+        labels, sums = _cells(labels, prob, grid, plan, res.n_objects, dtype)
+    assert sums is not None
+    df = table(sums, class_name="cell" if cells else plan.class_name, pixel_size_nm=plan.pixel_size_nm,
+               origin_nm=plan.origin_nm, shape=shape, prob_scale=scale, id_dtype=dtype)
+    if meta["no_probabilities"]:
+        df["mean_probability"] = np.nan
+        df["max_probability"] = np.nan
+    return Objects(labels, df, plan)
+
+
+def _cells(seeds: Any, prob: Any, grid: BlockGrid, plan: ObjectPlan, n: int, dtype: Any) -> tuple[Any, PartialSums]:
+    from dask import delayed
+
+    halo = plan.steps + PERIMETER_HALO
+    windows = _windows(seeds.astype(np.int64), grid, halo, OUTSIDE)
+    tasks = [
+        delayed(cells_block, nout=2)(windows[k], halo, plan.steps, grid.box(*i), _block(prob, grid, k))
+        for k, i in enumerate(grid)
+    ]
+    parts = _compute([t[1] for t in tasks])
+    labels = _assemble(grid, [delayed(np.ndarray.astype)(t[0], dtype) for t in tasks], dtype)
+    return labels, combine_cells(parts, n, prob.dtype)
+
+
+def _filled(mask: Any, grid: BlockGrid, connectivity: int) -> Any:
+    records = _compute([_delayed(holes_block)(_block(mask, grid, k), grid.box(*i), grid.shape, connectivity) for k, i in enumerate(grid)])
+    holes, offsets = resolve_holes(grid, records, connectivity)
+    return _assemble(grid, [
+        _delayed(fill_block)(_block(mask, grid, k), holes[offsets[k] : offsets[k + 1]], connectivity) for k in range(len(grid))
+    ], bool)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _delayed(fn: Any) -> Any:
+    from dask import delayed
+
+    return delayed(fn, pure=True)
+
+
+def _compute(tasks: list[Any]) -> list[Any]:
+    import dask
+
+    return list(dask.compute(*tasks))
+
+
+def _block(arr: Any, grid: BlockGrid, k: int) -> Any:
+    by, bx = divmod(k, grid.counts[1])
+    return arr.blocks[by, bx]
+
+
+def _windows(arr: Any, grid: BlockGrid, halo: int, fill: Any) -> list[Any]:
+    """Each block of ``arr`` with ``halo`` pixels around it (``fill`` off the image), as dask arrays."""
+    import dask.array as da
+
+    padded = da.pad(arr, halo, mode="constant", constant_values=fill) if halo else arr
+    out = []
+    for i in grid:
+        b = grid.box(*i)
+        out.append(padded[b.y0 : b.y1 + 2 * halo, b.x0 : b.x1 + 2 * halo])
+    return out
+
+
+def _assemble(grid: BlockGrid, tasks: list[Any], dtype: Any) -> Any:
+    import dask.array as da
+
+    ny, nx = grid.counts
+    rows = []
+    for by in range(ny):
+        rows.append([da.from_delayed(tasks[by * nx + bx], grid.box(by, bx).shape, dtype=dtype) for bx in range(nx)])
+    return da.block(rows)
+
+
+def _open(source: Any, settings: ObjectSettings, probabilities: Any, pixel_size_nm: Any, origin_nm: tuple[float, float]) -> tuple[Any, Any, float, dict]:
+    """(mask, probabilities, stored value of probability 1, facts) as dask arrays from any source."""
+    import dask.array as da
+
+    if isinstance(source, (str, os.PathLike)):
+        from . import store as st
+
+        src = st.open_class(source, settings.class_name, settings.threshold)
+        prob = da.from_zarr(str(os.path.join(src.store, src.prob_path)))[src.channel]
+        if src.mask_path is not None:
+            labels = da.from_zarr(str(os.path.join(src.store, src.mask_path)))
+            mask = labels[(0,) * (labels.ndim - 2)] != 0
+        else:
+            mask = prob >= src.threshold * src.prob_scale
+        meta = {"class_name": src.class_name, "pixel_size_nm": src.pixel_size_nm, "origin_nm": src.origin_nm,
+                "chunks": src.chunks, "no_probabilities": False}
+        return mask, prob, src.prob_scale, meta
+    data, px, origin = _unwrap(source, pixel_size_nm, origin_nm)
+    arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=4096)
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise InvalidImageError(f"objects need one 2-D (y, x) mask or probability map, got shape {tuple(arr.shape)}")
+    chunks = (int(arr.chunks[0][0]), int(arr.chunks[1][0]))
+    name = settings.class_name or "object"
+    if arr.dtype == bool:
+        if settings.threshold is not None:
+            warnings.warn(TilefeetWarning("threshold is ignored for a boolean mask (it is the mask already)"), stacklevel=3)
+        mask = arr
+        if probabilities is None:
+            return mask, mask.astype(np.uint8), 1.0, {"class_name": name, "pixel_size_nm": px, "origin_nm": origin,
+                                                      "chunks": chunks, "no_probabilities": True}
+        prob = probabilities if isinstance(probabilities, da.Array) else da.from_array(np.asarray(probabilities), chunks=chunks)
+    else:
+        prob = arr
+        t = 0.5 if settings.threshold is None else settings.threshold
+        mask = prob >= t * _scale(prob.dtype)
+    if prob.shape != mask.shape:
+        raise InvalidImageError(f"probabilities of shape {tuple(prob.shape)} do not match the mask's {tuple(mask.shape)}")
+    return mask, prob, _scale(prob.dtype), {"class_name": name, "pixel_size_nm": px, "origin_nm": origin, "chunks": chunks,
+                                            "no_probabilities": False}
+
+
+def _scale(dtype: Any) -> float:
+    return 255.0 if np.dtype(dtype) == np.uint8 else 1.0
+
+
+def _unwrap(source: Any, pixel_size_nm: Any, origin_nm: tuple[float, float]) -> tuple[Any, tuple[float, float], tuple[float, float]]:
+    from ..units import parse_pixel_size
+
+    px = parse_pixel_size(pixel_size_nm) if pixel_size_nm is not None else None
+    origin = origin_nm
+    data = source
+    if hasattr(source, "dims") and hasattr(source, "coords"):  # xarray: the pixel size from coordinates
+        from ..image import Image
+
+        meta = Image.from_array(source).meta.levels[0]
+        data = source.data
+        px = px or meta.pixel_size_nm
+        origin = meta.origin_nm
+    if px is None:
+        raise ConfigError("give the pixel size of an array, e.g. pixel_size_nm='5nm' (the table is in nm)")
+    return data, px, origin
+

@@ -1,0 +1,412 @@
+"""The out-of-core objects run: a dask graph over a segment output, block by block, resumable.
+
+Each pass (:mod:`.blocks`) is one task per block that reads its block (plus a halo) from the store,
+computes, saves a small record or writes whole chunks, and only then writes its completion record;
+each reduction is one task over the records. Tasks return record names, never data, so a local run
+with ``blocks_in_flight`` threads holds at most that many blocks, plus the reductions' O(objects)
+tables and the faces (O(height × block columns + width × block rows)). ``--resume`` skips every
+finished task; the result does not depend on where a crash happened. The same graph runs on
+``dask.distributed`` (``compute=False``): tasks carry the plan and paths, never arrays.
+
+    holes → fill        (--fill-holes)
+    pieces → resolve → relabel                              objects: ids → level 0, table
+    pieces → resolve → relabel (seeds) → cells → table      --cells
+    pyramid levels → publish
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+from dask import delayed
+
+from ..geometry import BlockGrid, Box
+from . import store as st
+from .blocks import (
+    BlockRecord,
+    cells_block,
+    combine_cells,
+    fill_block,
+    holes_block,
+    pieces_block,
+    relabel_block,
+    resolve_holes,
+    resolve_pieces,
+)
+from .cells import OUTSIDE
+from .label import dual
+from .measure import PERIMETER_HALO, PartialSums, table
+from .options import ObjectPlan, ObjectSettings, make_plan
+
+
+@dataclass(frozen=True)
+class ObjectsJob:
+    """What every task of one run shares (one dask leaf): the plan, the source, where to write."""
+
+    plan: ObjectPlan
+    source: st.ClassSource
+    store: str
+    name: str
+    staging: st.Staging
+
+    @property
+    def grid(self) -> BlockGrid:
+        return self.plan.grid
+
+    @property
+    def cells(self) -> bool:
+        return self.plan.settings.cells
+
+    def object_mask(self, box: Box) -> np.ndarray:
+        """The mask whose components are the objects (cells: the non-membrane region), False off the image."""
+        m = self.source.read_mask(box)
+        return ~m & _inside(box, self.plan.shape) if self.cells else m
+
+    def mask(self, box: Box) -> np.ndarray:
+        """The object mask after hole filling (from the fill pass's scratch array), False off the image."""
+        if not self.plan.settings.fill_holes:
+            return self.object_mask(box)
+        return st.read_window(_scratch(self, "filled"), box, self.plan.shape, False, bool)
+
+    def save(self, name: str, record: BlockRecord | dict) -> None:
+        arrays = record.to_arrays() if isinstance(record, BlockRecord) else record
+        path = self.staging.record(name)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    def load(self, name: str) -> BlockRecord:
+        with np.load(self.staging.record(name)) as d:
+            return BlockRecord.from_arrays({k: d[k] for k in d.files})
+
+    def label_array(self, level: int) -> Any:
+        import zarr
+
+        return zarr.open_array(str(self.staging.path / str(level)), mode="r+")
+
+
+def _bid(index: tuple[int, int]) -> str:
+    return f"{index[0]}_{index[1]}"
+
+
+# ---------------------------------------------------------------------------------- tasks
+
+
+def _holes(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
+    box = job.grid.box(*index)
+    job.save(f"h{_bid(index)}", holes_block(job.object_mask(box), box, job.plan.shape, dual(job.plan.connectivity)))
+    job.staging.mark(f"h{_bid(index)}")
+    return f"h{_bid(index)}"
+
+
+def _holes_reduce(job: ObjectsJob, *_after: Any) -> str:
+    records = [job.load(f"h{_bid(i)}") for i in job.grid]
+    holes, offsets = resolve_holes(job.grid, records, dual(job.plan.connectivity))
+    job.save("holes", {"holes": holes, "offsets": offsets})
+    st.create_scratch(job.staging, "filled", job.plan.shape, job.plan.chunks, bool)
+    job.staging.mark("holes")
+    return "holes"
+
+
+def _fill(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
+    box = job.grid.box(*index)
+    k = index[0] * job.grid.counts[1] + index[1]
+    with np.load(job.staging.record("holes")) as d:
+        off = d["offsets"]
+        holes = d["holes"][off[k] : off[k + 1]]
+    filled = fill_block(job.object_mask(box), holes, dual(job.plan.connectivity))
+    arr = _scratch(job, "filled")
+    arr[box.y0 : box.y1, box.x0 : box.x1] = filled
+    job.staging.mark(f"f{_bid(index)}")
+    return f"f{_bid(index)}"
+
+
+def _pieces(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
+    box = job.grid.box(*index)
+    halo = 0 if job.cells else PERIMETER_HALO
+    window = job.mask(Box(box.y0 - halo, box.x0 - halo, box.y1 + halo, box.x1 + halo))
+    prob = None if job.cells else job.source.read_prob(box)
+    job.save(f"a{_bid(index)}", pieces_block(window, halo, box, job.plan.shape, job.plan.connectivity, prob))
+    job.staging.mark(f"a{_bid(index)}")
+    return f"a{_bid(index)}"
+
+
+def _resolve(job: ObjectsJob, *_after: Any) -> int:
+    records = [job.load(f"a{_bid(i)}") for i in job.grid]
+    res = resolve_pieces(job.grid, records, job.plan.connectivity, job.plan.keep, np.dtype(job.source.prob_dtype))
+    dtype = id_dtype(res.n_objects, job.plan.settings.uint32_limit)
+    job.save("resolve", {"final": res.final.astype(dtype), "offsets": res.offsets, "n": np.array(res.n_objects)})
+    st.create_label_image(
+        job.staging, job.name, shapes=st.level_shapes(job.plan.shape, job.source.levels), chunks=job.plan.chunks, dtype=dtype,
+        pixel_size_nm=job.plan.pixel_size_nm, origin_nm=job.plan.origin_nm, metadata=_provenance(job, res.n_objects, dtype),
+    )
+    if job.cells:
+        st.create_scratch(job.staging, "seeds", job.plan.shape, job.plan.chunks, dtype)
+    else:
+        assert res.sums is not None
+        _write_table(job, res.sums, dtype)
+    job.staging.mark("resolve")
+    return res.n_objects
+
+
+def _relabel(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
+    box = job.grid.box(*index)
+    k = index[0] * job.grid.counts[1] + index[1]
+    with np.load(job.staging.record("resolve")) as resolved:
+        off, final = resolved["offsets"], resolved["final"]
+    ids = relabel_block(job.mask(box), final[off[k] : off[k + 1]], job.plan.connectivity, final.dtype)
+    if job.cells:
+        _scratch(job, "seeds")[box.y0 : box.y1, box.x0 : box.x1] = ids
+    else:
+        job.label_array(0)[box.y0 : box.y1, box.x0 : box.x1] = ids
+    job.staging.mark(f"b{_bid(index)}")
+    return f"b{_bid(index)}"
+
+
+def _cells(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
+    box = job.grid.box(*index)
+    halo = job.plan.steps + PERIMETER_HALO
+    window = Box(box.y0 - halo, box.x0 - halo, box.y1 + halo, box.x1 + halo)
+    seeds_arr = _scratch(job, "seeds")
+    seeds = st.read_window(seeds_arr, window, job.plan.shape, 0, np.int64)
+    seeds[~_inside(window, job.plan.shape)] = OUTSIDE
+    ids, sums = cells_block(seeds, halo, job.plan.steps, box, job.source.read_prob(box))
+    arr = job.label_array(0)
+    arr[box.y0 : box.y1, box.x0 : box.x1] = ids.astype(arr.dtype)
+    job.save(f"c{_bid(index)}", {f"s_{k}": v for k, v in sums.arrays().items()})
+    job.staging.mark(f"c{_bid(index)}")
+    return f"c{_bid(index)}"
+
+
+def _cells_reduce(job: ObjectsJob, *_after: Any) -> str:
+    with np.load(job.staging.record("resolve")) as resolved:
+        n = int(resolved["n"])
+    parts = []
+    for i in job.grid:
+        with np.load(job.staging.record(f"c{_bid(i)}")) as d:
+            parts.append(PartialSums(**{k[2:]: d[k] for k in d.files}))
+    sums = combine_cells(parts, n, np.dtype(job.source.prob_dtype))
+    _write_table(job, sums, job.label_array(0).dtype)
+    job.staging.mark("cells")
+    return "cells"
+
+
+def _pyramid(job: ObjectsJob, level: int, box: Box, record: str, *_after: Any) -> str:
+    """Level ``level`` over ``box``: every other pixel of the level below (ids are never averaged)."""
+    src, dst = job.label_array(level - 1), job.label_array(level)
+    h, w = src.shape
+    part = np.asarray(src[2 * box.y0 : min(2 * box.y1, h), 2 * box.x0 : min(2 * box.x1, w)])
+    dst[box.y0 : box.y1, box.x0 : box.x1] = part[::2, ::2]
+    job.staging.mark(record)
+    return record
+
+
+def _publish(job: ObjectsJob, *_after: Any) -> str:
+    return str(st.publish(job.staging, Path(job.store), job.name))
+
+
+def _barrier(*records: Any) -> int:
+    return len(records)
+
+
+def _scratch(job: ObjectsJob, name: str) -> Any:
+    import zarr
+
+    return zarr.open_array(str(job.staging.state / name), mode="r+")
+
+
+def _inside(box: Box, shape: tuple[int, int]) -> np.ndarray:
+    inside = np.zeros(box.shape, dtype=bool)
+    inside[box.intersect(Box(0, 0, *shape)).relative_to(box)] = True
+    return inside
+
+
+def id_dtype(n_objects: int, uint32_limit: int = 2**32 - 1) -> Any:
+    """uint32 ids while they fit (``uint32_limit``), uint64 beyond."""
+    return np.dtype(np.uint32) if n_objects <= uint32_limit else np.dtype(np.uint64)
+
+
+def _write_table(job: ObjectsJob, sums: PartialSums, dtype: Any) -> None:
+    df = table(
+        sums, class_name="cell" if job.cells else job.plan.class_name, pixel_size_nm=job.plan.pixel_size_nm,
+        origin_nm=job.plan.origin_nm, shape=job.plan.shape, prob_scale=job.source.prob_scale, id_dtype=dtype,
+    )
+    st.write_table(df, job.staging, job.plan.settings.table_format)
+
+
+def _provenance(job: ObjectsJob, n: int, dtype: Any) -> dict:
+    from .. import __version__
+
+    return {
+        "method": "tilefeet.objects",
+        "version": __version__,
+        **job.plan.describe(),
+        "threshold": job.source.threshold,
+        "mask": job.source.mask_path or f"probabilities >= {job.source.threshold:g}",
+        "objects": n,
+        "dtype": str(dtype),
+        "table": st.TABLE_NAMES[job.plan.settings.table_format],
+    }
+
+
+# ---------------------------------------------------------------------------------- graph
+
+
+def objects_graph(job: ObjectsJob, done: set[str]) -> Any:
+    """A dask ``Delayed`` that runs every unfinished task of the run and returns the layer's path."""
+    leaf = delayed(job, traverse=False)
+    token = st.fingerprint({"staging": str(job.staging.path), "plan": repr(job.plan)})[:10]
+    blocks = list(job.grid)  # row-major
+
+    def per_block(fn: Any, prefix: str, after: Any) -> Any:
+        tasks = [
+            delayed(fn, pure=False)(leaf, i, after, dask_key_name=f"tilefeet-objects-{prefix}-{token}-{i[0]}-{i[1]}")
+            for i in blocks
+            if f"{prefix}{_bid(i)}" not in done
+        ]
+        return delayed(_barrier)(after, *tasks, dask_key_name=f"tilefeet-objects-{prefix}-all-{token}")
+
+    def once(fn: Any, record: str, after: Any) -> Any:
+        if record in done:
+            return after
+        return delayed(fn, pure=False)(leaf, after, dask_key_name=f"tilefeet-objects-{record}-{token}")
+
+    after: Any = None
+    if job.plan.settings.fill_holes:
+        after = once(_holes_reduce, "holes", per_block(_holes, "h", after))
+        after = per_block(_fill, "f", after)
+    after = once(_resolve, "resolve", per_block(_pieces, "a", after))
+    after = per_block(_relabel, "b", after)
+    if job.cells:
+        after = once(_cells_reduce, "cells", per_block(_cells, "c", after))
+    shapes = st.level_shapes(job.plan.shape, job.source.levels)
+    for level in range(1, len(shapes)):
+        tasks = [
+            delayed(_pyramid, pure=False)(leaf, level, box, record, after, dask_key_name=f"tilefeet-objects-{record}-{token}")
+            for record, box in _pyramid_boxes(job.plan, shapes[level], level)
+            if record not in done
+        ]
+        after = delayed(_barrier)(after, *tasks, dask_key_name=f"tilefeet-objects-level{level}-{token}")
+    return delayed(_publish, pure=False)(leaf, after, dask_key_name=f"tilefeet-objects-publish-{token}")
+
+
+def _pyramid_boxes(plan: ObjectPlan, shape: tuple[int, int], level: int) -> list[tuple[str, Box]]:
+    # Half a block per task in whole chunks: a task reads one block's worth of the level below.
+    side = tuple(max(c, b // 2 // c * c) for b, c in zip(plan.grid.block, plan.chunks))
+    grid = BlockGrid(shape, (side[0], side[1]))
+    return [(f"p{level}_{by}_{bx}", grid.box(by, bx)) for by, bx in grid]
+
+
+# ------------------------------------------------------------------------------ public call
+
+
+@dataclass(frozen=True)
+class ObjectsResult:
+    """A finished objects layer."""
+
+    path: Path  #: ``store/labels/<class>-objects`` (or ``-cells``)
+    table_path: Path
+    n_objects: int
+    dtype: str
+    seconds: float
+    section_um2: float  #: area of the section the layer covers
+
+    @property
+    def density_per_um2(self) -> float:
+        return self.n_objects / self.section_um2 if self.section_um2 else float("nan")
+
+    def table(self) -> Any:
+        """The measurements as a pandas DataFrame."""
+        return st.read_table(self.path)
+
+
+def prepare_job(store: str | os.PathLike, settings: ObjectSettings, *, overwrite: bool = False, resume: bool = False) -> tuple[ObjectsJob, set[str]]:
+    """Open the class, plan the run and create (or reopen) its staging folder."""
+    source = st.open_class(store, settings.class_name, settings.threshold)
+    plan = make_plan(settings, class_name=source.class_name, shape=source.shape, pixel_size_nm=source.pixel_size_nm,
+                     origin_nm=source.origin_nm, chunks=source.chunks)
+    name = st.layer_name(source.class_name, settings.cells)
+    identity = {"source": source.identity(), "plan": plan.describe(), "block": list(plan.grid.block),
+                "chunks": list(plan.chunks), "table": settings.table_format, "uint32_limit": settings.uint32_limit}
+    staging, done = st.prepare(Path(store), name, identity, overwrite=overwrite, resume=resume)
+    return ObjectsJob(plan, source, str(store), name, staging), done
+
+
+def write_objects(
+    store: str | os.PathLike,
+    *,
+    class_name: str | None = None,
+    threshold: float | None = None,
+    min_size: str | float | None = None,
+    fill_holes: bool = False,
+    cells: bool = False,
+    grow: str | float | None = None,
+    block_size: Any = None,
+    chunk_size: Any = None,
+    blocks_in_flight: int = 2,
+    table_format: str = "parquet",
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = False,
+    compute: bool = True,
+    **advanced: Any,
+) -> ObjectsResult | Any:
+    """Find the objects (or ``cells``) of one class of a segment output and add them to it as
+    ``labels/<class>-objects`` (``-cells``) with a measurements table; see :mod:`tilefeet.objects`.
+
+    ``store`` is a finished segment output or a segment run's staging folder (``OUT.partial``)
+    before it is moved into place. ``compute=False`` returns the dask ``Delayed`` of the whole
+    job (for a ``dask.distributed`` client; computing it returns the layer's path).
+    """
+    settings = ObjectSettings.create(
+        class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells, grow_nm=grow,
+        block_size=block_size, chunk_size=chunk_size, blocks_in_flight=blocks_in_flight, table_format=table_format, **advanced,
+    )
+    t0 = time.perf_counter()
+    job, done = prepare_job(store, settings, overwrite=overwrite, resume=resume)
+    graph = objects_graph(job, done)
+    if not compute:
+        return graph
+    with _Progress(enabled=progress):
+        (path,) = dask.compute(graph, scheduler="threads", num_workers=settings.blocks_in_flight)
+    return finished(Path(path), time.perf_counter() - t0)
+
+
+def finished(path: Path, seconds: float = 0.0) -> ObjectsResult:
+    """Describe a published layer (after ``compute=False`` graphs, too)."""
+    import zarr
+
+    ms: Any = st._ome(zarr.open_group(str(path), mode="r").attrs)["multiscales"][0]
+    meta = ms["metadata"]
+    scale = next(t["scale"] for t in ms["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
+    h, w = zarr.open_array(str(path / "0"), mode="r").shape[-2:]
+    area = h * w * float(scale[-2]) * float(scale[-1]) / 1e6
+    return ObjectsResult(path, path / meta["table"], int(meta["objects"]), str(meta["dtype"]), seconds, area)
+
+
+class _Progress(dask.callbacks.Callback):
+    """A tqdm bar over every task of the run."""
+
+    def __init__(self, enabled: bool):
+        super().__init__()
+        self.enabled, self.bar = enabled, None
+
+    def _start_state(self, dsk: Any, state: Any) -> None:
+        from tqdm.auto import tqdm
+
+        total = sum(1 for k in state["ready"] + list(state["waiting"]) if str(k).startswith("tilefeet-objects-"))
+        self.bar = tqdm(total=total, desc="objects", unit="task", disable=not self.enabled, dynamic_ncols=True)
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if self.bar is not None and str(key).startswith("tilefeet-objects-"):
+            self.bar.update(1)
+
+    def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+        if self.bar is not None:
+            self.bar.close()

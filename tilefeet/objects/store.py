@@ -1,0 +1,404 @@
+"""All of the objects package's OME-Zarr I/O: reading one class of a segment output, and adding an
+objects layer to it without ever leaving it half-written.
+
+Layout added to a segment output (``OUT``)::
+
+    OUT/labels/<class>-objects/     NGFF label image (image-label, source "../../"): (y, x) uint32
+        0/ 1/ ...                   (uint64 past 2³²−1 objects); level k keeps every 2^k-th pixel of
+                                    level 0 (ids are never averaged)
+        objects.parquet             the measurements table, one row per object (or objects.csv)
+    OUT/labels/<class>-cells/       the same for cells between membranes (``--cells``)
+    OUT/labels/zarr.json            lists a layer only once it is complete
+
+A layer is built in a staging folder beside the store (``OUT.<layer>.partial``, with its
+completion records in ``.tilefeet/``) and :func:`publish` moves it into ``labels/`` by renames,
+listing it last. A reader of ``OUT`` never sees a half-written layer; a crash leaves the staging
+folder for ``--resume``. The store itself may be a segment run's own staging folder
+(``OUT.partial``) that is not yet in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, InputNotFoundError, InvalidImageError, OutputExistsError
+from ..geometry import Box, Pair
+from ..ngff import compressor, label_name, multiscales
+
+STATE_DIR = ".tilefeet"
+TABLE_NAMES = {"parquet": "objects.parquet", "csv": "objects.csv"}
+
+
+def layer_name(class_name: str, cells: bool) -> str:
+    """``labels/`` entry of a class's objects (``mitochondrion-objects``) or cells (``membrane-cells``)."""
+    return f"{label_name(class_name)}-{'cells' if cells else 'objects'}"
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class ClassSource:
+    """One class of a segment output: where its mask and probabilities are read (picklable:
+    arrays are opened by path in each process)."""
+
+    store: str  #: the segment output (or its staging folder)
+    prob_path: str  #: level-0 probabilities array, (classes, y, x)
+    channel: int  #: the class's index along c
+    class_name: str
+    shape: Pair
+    chunks: Pair  #: of the probabilities (y, x)
+    pixel_size_nm: tuple[float, float]
+    origin_nm: tuple[float, float]
+    prob_dtype: str
+    threshold: float  #: probability at and above which a pixel is in the mask
+    mask_path: str | None  #: the stored ``labels/<class>/0`` when it is exactly that mask, else None
+    levels: int = 1  #: pyramid levels of the image (a label image must have as many)
+
+    @property
+    def prob_scale(self) -> float:
+        """The stored value of probability 1."""
+        return 255.0 if np.dtype(self.prob_dtype) == np.uint8 else 1.0
+
+    def identity(self) -> dict:
+        """What the output depends on (for the resume fingerprint)."""
+        d = asdict(self)
+        d["store"] = str(Path(self.store).resolve())
+        d["provenance"] = _provenance(self.store)
+        return d
+
+    def read_prob(self, box: Box) -> np.ndarray:
+        """The class probability (as stored) over ``box``, which lies inside the image."""
+        return np.asarray(_array(self.store, self.prob_path)[self.channel, box.y0 : box.y1, box.x0 : box.x1])
+
+    def read_mask(self, box: Box) -> np.ndarray:
+        """The class mask over ``box`` (bool), False outside the image."""
+        inner = box.intersect(Box(0, 0, *self.shape))
+        out = np.zeros(box.shape, dtype=bool)
+        if inner.empty:
+            return out
+        if self.mask_path is not None:
+            labels = _array(self.store, self.mask_path)
+            lead = (0,) * (labels.ndim - 2)  # (y, x), or (1, y, x) as tilefeet wrote labels before
+            m = np.asarray(labels[(*lead, slice(inner.y0, inner.y1), slice(inner.x0, inner.x1))]) != 0
+        else:
+            m = self.read_prob(inner) >= self.threshold * self.prob_scale
+        out[inner.relative_to(box)] = m
+        return out
+
+
+def _array(store: str, path: str) -> Any:
+    """A zarr array, opened by each task (a metadata read): handles never outlive a store's rewrite."""
+    import zarr
+
+    return zarr.open_array(str(Path(store) / path), mode="r")
+
+
+def _ome(attrs: Any) -> dict:
+    attrs = dict(attrs)
+    return dict(attrs.get("ome", attrs))
+
+
+def _provenance(store: str) -> Any:
+    try:
+        import zarr
+
+        return _ome(zarr.open_group(store, mode="r").attrs)["multiscales"][0].get("metadata", {})
+    except Exception:
+        return {}
+
+
+def open_class(store: str | os.PathLike, class_name: str | None = None, threshold: float | None = None) -> ClassSource:
+    """The class ``class_name`` (or the store's only class) of a segment output.
+
+    The mask is ``labels/<class>`` exactly when no threshold is given or the given one is the
+    run's (so objects agree with the stored labels pixel for pixel); another threshold is applied
+    to the stored probabilities (uint8 values compare with ``threshold × 255``).
+    """
+    import zarr
+
+    from ..units import nm_per_unit
+
+    path = Path(store)
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+        raise ConfigError(f"--threshold must be a probability between 0 and 1, got {threshold}")
+    if not path.exists():
+        raise InputNotFoundError(f"{path} does not exist; give a tilefeet segment output (run `tilefeet segment IN OUT` first)")
+    not_ours = (
+        f"{path} has no probabilities (it is not a tilefeet segment output: a (c, y, x) probability image with "
+        f"named classes); give the output of `tilefeet segment IN OUT` (the OUT folder itself)"
+    )
+    try:
+        root: Any = zarr.open_group(str(path), mode="r")
+        ome = _ome(root.attrs)
+        ms = ome["multiscales"][0]
+        axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms["axes"]]
+        level0 = ms["datasets"][0]
+        prob: Any = root[level0["path"]]
+    except Exception:
+        raise InvalidImageError(not_ours) from None
+    if "image-label" in ome:
+        raise InvalidImageError(f"{path} is a label image, not a segment output; give the segment output it belongs to (two folders up)")
+    channels = [str(c.get("label", "")) for c in ome.get("omero", {}).get("channels", [])]
+    if axes != ["c", "y", "x"] or len(channels) != prob.shape[0] or not all(channels):
+        raise InvalidImageError(not_ours)
+    if class_name is None:
+        if len(channels) > 1:
+            raise ConfigError(f"{path} holds several classes ({', '.join(channels)}); choose one with --class")
+        channel = 0
+    else:
+        found = [i for i, c in enumerate(channels) if c == class_name or label_name(c) == label_name(class_name)]
+        if not found:
+            raise ConfigError(f"{path} has no class {class_name!r}; it has: {', '.join(channels)}")
+        channel = found[0]
+    cls = channels[channel]
+    scale, translation = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+    for t in level0.get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = [float(v) for v in t["scale"]]
+        elif t.get("type") == "translation":
+            translation = [float(v) for v in t["translation"]]
+    units = [nm_per_unit(a.get("unit"), where=f"{path} axis {a.get('name')}") if isinstance(a, dict) and a.get("unit") else 1.0
+             for a in ms["axes"][1:]]
+    pixel = (scale[1] * units[0], scale[2] * units[1])
+    origin = (translation[1] * units[0], translation[2] * units[1])
+    settings = (ms.get("metadata") or {}).get("settings", {})
+    stored = float(settings.get("threshold", 0.5))
+    mask_path = None
+    labels_listed = _ome(root["labels"].attrs).get("labels", []) if "labels" in root else []
+    name = label_name(cls)
+    if (threshold is None or math.isclose(threshold, stored, abs_tol=1e-12)) and name in labels_listed:
+        mask_path = f"labels/{name}/0"
+    chunks = tuple(int(c) for c in (prob.chunks if hasattr(prob, "chunks") else prob.shape))[1:]
+    return ClassSource(
+        store=str(path), prob_path=str(level0["path"]), channel=channel, class_name=cls,
+        shape=(int(prob.shape[1]), int(prob.shape[2])), chunks=(chunks[0], chunks[1]),
+        pixel_size_nm=pixel, origin_nm=origin, prob_dtype=str(prob.dtype),
+        threshold=stored if threshold is None else float(threshold), mask_path=mask_path, levels=len(ms["datasets"]),
+    )
+
+
+def level_shapes(shape: Pair, levels: int) -> list[Pair]:
+    """Shapes of a pyramid of ``levels`` levels, each half the one before (rounded up), like the image's."""
+    shapes = [shape]
+    while len(shapes) < levels:
+        h, w = shapes[-1]
+        shapes.append((-(-h // 2), -(-w // 2)))
+    return shapes
+
+
+def read_window(array: Any, box: Box, shape: Pair, fill: Any, dtype: Any) -> np.ndarray:
+    """``array[box]`` of a 2-D array (or (1, y, x)), with ``fill`` outside the image."""
+    inner = box.intersect(Box(0, 0, *shape))
+    out = np.full(box.shape, fill, dtype=dtype)
+    if not inner.empty:
+        lead = (0,) * (array.ndim - 2)
+        out[inner.relative_to(box)] = array[(*lead, slice(inner.y0, inner.y1), slice(inner.x0, inner.x1))]
+    return out
+
+
+# -------------------------------------------------------------------------------- writing
+
+
+def staging_path(store: str | os.PathLike, name: str) -> Path:
+    """Where a layer is built: beside the store, so that publishing it is a rename."""
+    p = Path(store)
+    return p.with_name(f"{p.name}.{name}.partial")
+
+
+def old_path(store: str | os.PathLike, name: str) -> Path:
+    p = Path(store)
+    return p.with_name(f"{p.name}.{name}.old")
+
+
+def layer_path(store: str | os.PathLike, name: str) -> Path:
+    return Path(store) / "labels" / name
+
+
+def fingerprint(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Staging:
+    """The staging folder of one layer and its completion records."""
+
+    path: Path
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE_DIR
+
+    def done(self) -> set[str]:
+        d = self.state / "done"
+        return {p.name for p in d.iterdir()} if d.exists() else set()
+
+    def mark(self, record: str) -> None:
+        (self.state / "done" / record).touch()
+
+    def record(self, name: str) -> Path:
+        return self.state / "records" / f"{name}.npz"
+
+
+def prepare(store: Path, name: str, identity: dict, *, overwrite: bool, resume: bool) -> tuple[Staging, set[str]]:
+    """Create (or, with ``resume``, reopen) the staging folder of layer ``name`` of ``store``.
+
+    Refuses to replace an existing layer without ``overwrite``, and to resume a run started with
+    other options. Returns the staging folder and the records already done.
+    """
+    recover(store, name)
+    staging = Staging(staging_path(store, name))
+    target = layer_path(store, name)
+    fp = fingerprint(identity)
+    if target.exists() and not (overwrite or resume):
+        raise OutputExistsError(
+            f"{target} already exists; pass --overwrite to replace it (the old layer stays until the new one is complete)"
+        )
+    if staging.path.exists():
+        if resume:
+            try:
+                state = json.loads((staging.state / "plan.json").read_text())
+            except (OSError, ValueError):
+                state = {}
+            if state.get("fingerprint") != fp:
+                raise OutputExistsError(
+                    f"{staging.path} was started with other options or another input; rerun with the same options "
+                    f"to resume it, or pass --overwrite to start over"
+                )
+            return staging, staging.done()
+        if not overwrite:
+            raise OutputExistsError(
+                f"an interrupted objects run left {staging.path}; pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(staging.path)
+    if target.exists() and resume and not overwrite:
+        raise OutputExistsError(f"{target} is already complete; nothing to resume (pass --overwrite to redo it)")
+    for sub in ("done", "records"):
+        (staging.state / sub).mkdir(parents=True, exist_ok=True)
+    (staging.state / "plan.json").write_text(json.dumps({"fingerprint": fp, "identity": identity}, default=str))
+    return staging, set()
+
+
+def create_label_image(
+    staging: Staging,
+    name: str,
+    *,
+    shapes: list[Pair],
+    chunks: Pair,
+    dtype: Any,
+    pixel_size_nm: tuple[float, float],
+    origin_nm: tuple[float, float],
+    metadata: dict,
+) -> None:
+    """The label image's group and (empty) pyramid arrays in the staging folder."""
+    import zarr
+
+    root = zarr.open_group(str(staging.path), mode="a", zarr_format=3)
+    for k, (h, w) in enumerate(shapes):
+        if str(k) in root:
+            del root[str(k)]
+        root.create_array(
+            str(k), shape=(h, w), chunks=(min(chunks[0], h), min(chunks[1], w)), dtype=dtype,
+            compressors=compressor(), fill_value=0, dimension_names=["y", "x"],
+        )
+    ms = multiscales(name, pixel_size_nm, len(shapes), origin_nm=origin_nm, method="subsample (ids are never averaged)", metadata=metadata)
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [ms], "image-label": {"version": "0.5", "source": {"image": "../../"}}}
+
+
+def create_scratch(staging: Staging, name: str, shape: Pair, chunks: Pair, dtype: Any) -> None:
+    """A level-0-sized array for intermediate results (removed with the staging state)."""
+    import zarr
+
+    zarr.create_array(
+        str(staging.state / name), shape=shape, chunks=(min(chunks[0], shape[0]), min(chunks[1], shape[1])), dtype=dtype,
+        compressors=compressor(), fill_value=0, overwrite=True, zarr_format=3,
+    )
+
+
+def publish(staging: Staging, store: Path, name: str) -> Path:
+    """Move a finished layer into ``store/labels/<name>`` and list it there, crash-safely.
+
+    Order: unlist and set aside an old layer, rename the new one in, list it, delete the old one.
+    A crash in between leaves a valid store (the layer unlisted or absent) and the old layer in
+    ``<store>.<name>.old``, which :func:`recover` puts back if the new one never arrived.
+    """
+    shutil.rmtree(staging.state, ignore_errors=True)
+    target = layer_path(store, name)
+    old = old_path(store, name)
+    _ensure_labels_group(store)
+    if target.exists():
+        _set_listed(store, name, False)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staging.path, target)
+    _set_listed(store, name, True)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def recover(store: Path, name: str) -> None:
+    """Undo a crash inside :func:`publish`: an old layer set aside with no new one in place returns."""
+    old, target = old_path(store, name), layer_path(store, name)
+    if not old.exists():
+        return
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        _set_listed(store, name, True)
+    else:
+        os.replace(old, target)
+        _set_listed(store, name, True)
+
+
+def _ensure_labels_group(store: Path) -> None:
+    import zarr
+
+    root = zarr.open_group(str(store), mode="r+")
+    if "labels" not in root:
+        g = root.create_group("labels")
+        g.attrs["ome"] = {"version": "0.5", "labels": []}
+
+
+def _set_listed(store: Path, name: str, listed: bool) -> None:
+    """Add or remove ``name`` in ``labels/zarr.json``'s NGFF list, by an atomic rewrite of the file."""
+    meta = Path(store) / "labels" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    ome = doc.setdefault("attributes", {}).setdefault("ome", {"version": "0.5"})
+    names = [n for n in ome.get("labels", []) if n != name]
+    if listed:
+        names.append(name)
+    ome["labels"] = names
+    tmp = meta.with_name(f".zarr.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, meta)
+
+
+def write_table(df: Any, staging: Staging, fmt: str) -> Path:
+    """The measurements table as Parquet (or CSV) inside the staging layer."""
+    path = staging.path / TABLE_NAMES[fmt]
+    for other in TABLE_NAMES.values():
+        (staging.path / other).unlink(missing_ok=True)
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_parquet(path, index=False)
+    return path
+
+
+def read_table(layer: Path) -> Any:
+    """The measurements table of a finished layer."""
+    import pandas as pd
+
+    if (layer / TABLE_NAMES["parquet"]).exists():
+        return pd.read_parquet(layer / TABLE_NAMES["parquet"])
+    if (layer / TABLE_NAMES["csv"]).exists():
+        return pd.read_csv(layer / TABLE_NAMES["csv"])
+    raise InputNotFoundError(f"{layer} has no measurements table ({' or '.join(TABLE_NAMES.values())}); rerun `tilefeet objects`")
