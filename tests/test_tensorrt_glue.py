@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from tests.fake_tensorrt import FakeTensorRT, fake_plan_doc
+from tilefeet.artifacts import build_once
 from tilefeet.cli import main
 from tilefeet.errors import BackendUnavailableError, ConfigError, InvalidEngineError
-from tilefeet.runners import RunnerSpec, build_once, runner_class
+from tilefeet.runners import RunnerSpec, runner_class
 from tilefeet.runners._trt_glue import (
     DeviceInfo,
     IOBinding,
@@ -150,7 +151,7 @@ CHILD = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from tilefeet.runners import build_once
+    from tilefeet.artifacts import build_once
 
     target, log, started, hold = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 

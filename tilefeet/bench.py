@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,15 +34,11 @@ import numpy as np
 def device_name(device: str = "auto") -> str:
     import torch
 
+    from .runners.select import cpu_model
+
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"CPU {cpu_model()} ({os.cpu_count()} cores)"
 
 
 def make_section(path: Path, size: int, chunk: int = 1024) -> Path:

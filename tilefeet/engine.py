@@ -5,11 +5,18 @@ An engine bundle is data, never code. ``engine.toml`` declares::
     name = "isbi-membrane"
     [input]          pixel_size_nm = [4.0, 4.0], channels, divisor, receptive_field
     [normalization]  how the training data was normalized, and its reference histogram
-    [output]         classes, activation ("sigmoid" or "softmax")
-    [architecture]   name = "unet2d" and its parameters
+    [output]         classes, activation ("sigmoid", "softmax", or "none": the network's output
+                     already is probabilities)
+    [architecture]   the network: name = "unet2d" and its parameters (tilefeet's own U-Net, weights
+                     in safetensors), or a foreign network (``import-engine``): name = "onnx" (an
+                     ONNX graph), "torch_export" (a ``torch.export`` program, ``.pt2``) or
+                     "torchscript"; see :data:`NETWORKS`
     [weights]        file, sha256
     [inference]      recommended tile / overlap
     [metrics]        held-out scores (written by training / evaluation)
+
+The network is data too: a foreign network is a graph file (ONNX, a ``.pt2`` program, TorchScript),
+never a pickled module: tilefeet does not ``torch.load`` modules (see :mod:`tilefeet.models.foreign`).
 
 Bundles are found by name on a search path (``$TILEFEET_ENGINES``, the repo's ``engines/``, the
 ones shipped inside the wheel) or given as a folder path.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,45 +34,22 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import EngineNotFoundError, InvalidEngineError
+from .errors import ConfigError, EngineNotFoundError, InvalidEngineError
+from .intensity import Normalization
 
 ENGINE_FILE = "engine.toml"
 
-
-@dataclass(frozen=True)
-class Normalization:
-    """How raw intensities became network inputs in training: ``(x - mean) / std`` (method ``meanstd``)
-    or ``(x - low) / (high - low)`` (method ``range``), plus statistics of the raw training data that
-    section-adaptive modes match against (its percentiles and a reference histogram)."""
-
-    method: Literal["meanstd", "range"] = "meanstd"
-    mean: float = 0.0  #: raw mean of the training data (meanstd)
-    std: float = 1.0  #: raw standard deviation of the training data (meanstd)
-    low: float = 0.0  #: raw value mapped to 0 (range)
-    high: float = 255.0  #: raw value mapped to 1 (range)
-    percentiles: tuple[float, float] = (1.0, 99.0)  #: which percentiles ``percentile_values`` holds
-    percentile_values: tuple[float, float] = (0.0, 255.0)  #: raw training values at those percentiles
-    histogram_range: tuple[float, float] = (0.0, 256.0)  #: raw value range the histogram bins span
-    histogram: tuple[float, ...] = ()  #: reference histogram of raw training intensities (densities)
-
-    def to_network(self, x: Any) -> Any:
-        """Raw intensities (array-like, already matched to the training distribution) to network input."""
-        if self.method == "meanstd":
-            return (x - self.mean) / self.std
-        return (x - self.low) / (self.high - self.low)
-
-    def to_toml(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "mean": self.mean,
-            "std": self.std,
-            "low": self.low,
-            "high": self.high,
-            "percentiles": list(self.percentiles),
-            "percentile_values": list(self.percentile_values),
-            "histogram_range": list(self.histogram_range),
-            "histogram": [round(float(v), 8) for v in self.histogram],
-        }
+#: The network formats a bundle can hold (``[architecture] name``) and the backends that run each.
+#: tilefeet's U-Net and exported programs are torch modules, so they also export to ONNX (for ONNX
+#: Runtime and TensorRT); an ONNX graph has no torch form; TorchScript does not go through the
+#: dynamo ONNX exporter, so it runs on torch only.
+NETWORKS: dict[str, tuple[str, ...]] = {
+    "unet2d": ("torch", "onnxruntime", "tensorrt"),
+    "torch_export": ("torch", "onnxruntime", "tensorrt"),
+    "torchscript": ("torch",),
+    "onnx": ("onnxruntime", "tensorrt"),
+}
+ACTIVATIONS: tuple[str, ...] = ("sigmoid", "softmax", "none")
 
 
 @dataclass(frozen=True)
@@ -75,7 +60,7 @@ class EngineBundle:
     path: Path  #: the bundle folder
     pixel_size_nm: tuple[float, float]  #: (y, x) pixel size the network was trained at
     classes: tuple[str, ...]
-    activation: Literal["sigmoid", "softmax"]
+    activation: Literal["sigmoid", "softmax", "none"]
     architecture: Mapping[str, Any]
     normalization: Normalization
     in_channels: int = 1
@@ -97,6 +82,37 @@ class EngineBundle:
     def weights_path(self) -> Path:
         return self.path / self.weights_file
 
+    @property
+    def network(self) -> str:
+        """The network's format: a key of :data:`NETWORKS`."""
+        return str(self.architecture.get("name", ""))
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends that can run this bundle's network (``--backend auto`` chooses among them)."""
+        return NETWORKS.get(self.network, ())
+
+    @property
+    def fixed_tile(self) -> tuple[int, int] | None:
+        """The only tile a network with a fixed input size accepts, else ``None``."""
+        fixed = self.architecture.get("fixed_tile")
+        return (int(fixed[0]), int(fixed[1])) if fixed else None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The only batch size a graph with a fixed batch axis accepts, else ``None``."""
+        fixed = self.architecture.get("fixed_batch")
+        return int(fixed) if fixed else None
+
+    def check_tile(self, tile: tuple[int, int]) -> None:
+        """Refuse, in one line, a tile this network cannot take."""
+        fixed = self.fixed_tile
+        if fixed is not None and tuple(tile) != fixed:
+            raise ConfigError(
+                f"engine {self.name!r} has a fixed input size of {fixed[0]}×{fixed[1]} px; use --tile {fixed[0]}"
+                + ("" if fixed[0] == fixed[1] else f",{fixed[1]}")
+            )
+
     def check_weights(self) -> None:
         """The weights file exists and, when ``engine.toml`` records its sha256, is that file."""
         if not self.weights_path.is_file():
@@ -110,7 +126,7 @@ class EngineBundle:
     @cached_property
     def weights_digest(self) -> str:
         """sha256 of the weights file, read once per bundle (the check and the fingerprint share it)."""
-        return _sha256_file(self.weights_path)
+        return file_sha256(self.weights_path)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -120,17 +136,29 @@ class EngineBundle:
         return h.hexdigest()
 
     def flops_per_pixel(self) -> float:
+        """FLOPs of one forward pass per input pixel: analytic for tilefeet's U-Net; for a foreign
+        network, counted from its ONNX graph (Conv, ConvTranspose, Gemm, MatMul) at import."""
         arch = dict(self.architecture)
         if arch.get("name") == "unet2d":
             from .models.unet import unet_flops_per_pixel
 
             return unet_flops_per_pixel(self.in_channels, self.out_channels, arch["base_channels"], arch["depth"])
-        return float("nan")
+        return float(arch.get("flops_per_pixel", float("nan")))
 
     def build_model(self, *, load_weights: bool = True):  # -> torch.nn.Module
-        """The network with its output activation, in eval mode, batch norms folded, on the CPU."""
+        """The network with its output activation, in eval mode, batch norms folded, on the CPU.
+
+        A foreign network is loaded from its graph file (:func:`tilefeet.models.foreign.load_module`);
+        an ONNX graph has no torch form and is a one-line :class:`ConfigError`."""
         import torch
 
+        from .models.head import WithActivation
+
+        if self.network != "unet2d":
+            from .models.foreign import load_module
+
+            self.check_weights()
+            return WithActivation(load_module(self), self.activation).eval().requires_grad_(False)
         net = build_architecture(self.architecture, self.in_channels, self.out_channels)
         if load_weights:
             from safetensors.torch import load_file
@@ -153,8 +181,6 @@ class EngineBundle:
         net.eval()
         if hasattr(net, "fuse"):
             net.fuse()
-        from .models.head import WithActivation
-
         return WithActivation(net, self.activation).eval().requires_grad_(False).to(torch.float32)
 
 
@@ -166,7 +192,7 @@ def build_architecture(arch: Mapping[str, Any], in_channels: int, out_channels: 
         from .models.unet import UNet2d
 
         return UNet2d(in_channels=in_channels, out_channels=out_channels, **params)
-    raise InvalidEngineError(f"unknown architecture {name!r} in engine.toml; tilefeet knows: unet2d")
+    raise InvalidEngineError(f"unknown architecture {name!r} in engine.toml; tilefeet knows: {', '.join(NETWORKS)}")
 
 
 # ------------------------------------------------------------------------------- finding bundles
@@ -251,8 +277,10 @@ def engine_from_toml(raw: Mapping[str, Any], folder: Path) -> EngineBundle:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise InvalidEngineError(f"{where} lacks or mistypes a field ({e!r}); see engines/README.md for the schema") from None
-    if bundle.activation not in ("sigmoid", "softmax"):
-        raise InvalidEngineError(f"{where}: activation must be sigmoid or softmax, got {bundle.activation!r}")
+    if bundle.activation not in ACTIVATIONS:
+        raise InvalidEngineError(f"{where}: activation must be one of {', '.join(ACTIVATIONS)}, got {bundle.activation!r}")
+    if bundle.network not in NETWORKS:
+        raise InvalidEngineError(f"{where}: unknown architecture {bundle.network!r}; tilefeet knows: {', '.join(NETWORKS)}")
     if min(bundle.pixel_size_nm) <= 0 or not bundle.classes or bundle.divisor < 1:
         raise InvalidEngineError(f"{where}: pixel_size_nm, classes and divisor must be positive / non-empty")
     if not bundle.weights_path.is_file():  # fail at load, not in the first task
@@ -302,7 +330,7 @@ def write_bundle(
         "normalization": normalization.to_toml(),
         "output": {"classes": list(classes), "activation": activation},
         "architecture": dict(architecture),
-        "weights": {"file": weights.name, "sha256": _sha256_file(weights)},
+        "weights": {"file": weights.name, "sha256": file_sha256(weights)},
         "inference": {"tile": tile, "overlap": overlap},
     }
     if metrics:
@@ -313,33 +341,394 @@ def write_bundle(
     return load_engine(folder)
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(*paths: Path) -> str:
+    """sha256 of the files' bytes, one after the other (``hashlib.file_digest`` for one file)."""
+    if len(paths) == 1:
+        with open(paths[0], "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
 
 
 def dump_toml(doc: Mapping[str, Any]) -> str:
-    """A small TOML writer for the flat tables engine.toml uses (stdlib has a reader only)."""
+    """``doc`` as TOML text (``tomli-w``; the standard library only reads TOML). Tuples become
+    arrays; ``None`` values are left out, as TOML has no null."""
 
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-    lines = [f"{k} = {value(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
-    for k, v in doc.items():
+    def plain(v: Any) -> Any:
         if isinstance(v, Mapping):
-            lines += ["", f"[{k}]"] + [f"{kk} = {value(vv)}" for kk, vv in v.items() if not isinstance(vv, Mapping)]
-            for kk, vv in v.items():
-                if isinstance(vv, Mapping):
-                    lines += ["", f"[{k}.{kk}]"] + [f"{k3} = {value(v3)}" for k3, v3 in vv.items()]
-    return "\n".join(lines) + "\n"
+            return {str(k): plain(x) for k, x in v.items() if x is not None}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    import tomli_w
+
+    return tomli_w.dumps(plain(doc))
+
+
+# ------------------------------------------------------------------------ foreign networks
+
+
+#: ``--normalize`` forms: what the network expects its input to be (see :func:`parse_normalization`).
+NORMALIZE_FORMS = ("meanstd:MEAN,STD", "range:LOW,HIGH", "percentile:P_LOW,P_HIGH", "zscore")
+#: Where the 1st and 99th percentiles of a normal distribution lie, in standard deviations.
+_Z99 = 2.3263478740408408
+
+
+def parse_normalization(text: str | Normalization) -> Normalization:
+    """What a foreign network expects, as :class:`Normalization`:
+
+    ``meanstd:MEAN,STD``   ``(x - MEAN) / STD`` with fixed raw constants;
+    ``range:LOW,HIGH``     ``(x - LOW) / (HIGH - LOW)`` with fixed raw constants;
+    ``percentile:P1,P2``   each section's P1th and P2th percentiles mapped to 0 and 1 (bioimage.io's
+                           ``scale_range``): section-adaptive, :attr:`Normalization.adaptive`;
+    ``zscore``             each section to zero mean and unit variance (``zero_mean_unit_variance``
+                           per sample): section-adaptive.
+
+    Without training data there is no reference histogram, and the percentiles that the intensity
+    check compares with are those of a normal distribution with the declared mean and standard
+    deviation (``meanstd``), or the declared range itself (``range``): approximations, said so here."""
+    if isinstance(text, Normalization):
+        return text
+    method, _, args = str(text).strip().partition(":")
+    method = method.lower()
+    try:
+        values = [float(v) for v in args.split(",")] if args.strip() else []
+    except ValueError:
+        values = None  # type: ignore[assignment]
+    if method == "meanstd" and values and len(values) == 2 and values[1] > 0:
+        mean, std = values
+        return Normalization(
+            "meanstd", mean=mean, std=std, percentile_values=(mean - _Z99 * std, mean + _Z99 * std), histogram_range=(0.0, 0.0)
+        )
+    if method == "range" and values and len(values) == 2 and values[1] > values[0]:
+        low, high = values
+        return Normalization(
+            "range", mean=(low + high) / 2, std=(high - low) / 4, low=low, high=high, percentiles=(0.0, 100.0),
+            percentile_values=(low, high), histogram_range=(0.0, 0.0),
+        )
+    if method == "percentile" and values and len(values) == 2 and 0 <= values[0] < values[1] <= 100:
+        return Normalization(
+            "range", mean=0.5, std=0.25, low=0.0, high=1.0, percentiles=(values[0], values[1]), percentile_values=(0.0, 1.0),
+            histogram_range=(0.0, 0.0), adaptive="percentile",
+        )
+    if method == "zscore" and not values:
+        return Normalization(
+            "meanstd", mean=0.0, std=1.0, percentile_values=(-_Z99, _Z99), histogram_range=(0.0, 0.0), adaptive="meanstd"
+        )
+    raise ConfigError(
+        f"unknown preprocessing {str(text)!r} for --normalize; use one of: {', '.join(NORMALIZE_FORMS)} "
+        "(e.g. meanstd:125,43 for 8-bit data normalized by the training mean and standard deviation)"
+    )
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a user declares about a foreign network (tilefeet cannot read it from the graph)."""
+
+    pixel_size_nm: tuple[float, float]
+    classes: tuple[str, ...]
+    activation: str = "sigmoid"
+    normalization: Normalization = field(default_factory=Normalization)
+    in_channels: int | None = None  #: checked against the graph where it says; required for TorchScript
+    receptive_field: int | None = None  #: declared instead of measured (networks that see the whole input)
+    tile: int | None = None  #: recommended tile, else from the measured geometry
+    overlap: int | None = None
+
+    @classmethod
+    def create(cls, *, pixel_size_nm: Any, classes: Any, activation: str = "sigmoid", normalization: Any = "zscore",
+               **kw: Any) -> Declared:
+        """From loose user input (``"4nm"``, ``"membrane,mito"``, ``"meanstd:125,43"``); one-line errors."""
+        from .units import parse_pixel_size
+
+        if pixel_size_nm is None or pixel_size_nm == "":
+            raise ConfigError("missing pixel size: say what pixel size the network was trained at, e.g. --pixel-size 4nm")
+        names = tuple(c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes or ()) if c.strip())
+        if not names:
+            raise ConfigError("missing classes: name the network's output channels, e.g. --classes membrane (or membrane,mito)")
+        act = str(activation).lower()
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}; use one of: {', '.join(ACTIVATIONS)}")
+        return cls(parse_pixel_size(pixel_size_nm, where="--pixel-size"), names, act, parse_normalization(normalization),
+                   **{k: v for k, v in kw.items() if v is not None})
+
+
+def import_network(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    declared: Declared,
+    *,
+    name: str | None = None,
+    description: str = "",
+    overwrite: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> EngineBundle:
+    """An engine bundle at ``out`` around a foreign network: an ONNX graph (``.onnx``), a
+    ``torch.export`` program (``.pt2``) or TorchScript (``.pt``/``.ts``/``.torchscript``).
+
+    The graph is checked and measured (:mod:`tilefeet.models.foreign`): input rank and channels,
+    fixed axes, divisor, receptive field, batch independence, output size and channels against the
+    declared classes, and, with ``activation = "none"``, that the output is probabilities. The
+    bundle is written into a temporary folder beside ``out`` and renamed into place complete.
+    ``extra``: more engine.toml tables (e.g. ``[bioimageio]`` provenance)."""
+    from .models import foreign
+
+    src = Path(source)
+    if not src.is_file():
+        from .errors import InputNotFoundError
+
+        raise InputNotFoundError(f"no network file {src}; give an .onnx, .pt2 or TorchScript file")
+    where = str(src)
+    suffix = src.suffix.lower()
+    arch: dict[str, Any]
+    if suffix == ".onnx":
+        model = foreign.load_onnx(src)
+        if model.ByteSize() > foreign.ONNX_SIZE_LIMIT:
+            raise InvalidEngineError(f"{src}: graphs over 2 GB are not supported (protobuf's limit for one file)")
+        io = foreign.onnx_io(model, where)
+        if len(io.input_shape) != 4 or len(io.output_shape) not in (0, 4):
+            raise InvalidEngineError(
+                f"{src} takes a {len(io.input_shape)}-D input {io.input_shape}; tilefeet runs 2-D networks on "
+                "(batch, channels, height, width) tiles"
+            )
+        channels = io.input_shape[1]
+        if not isinstance(channels, int):
+            raise InvalidEngineError(f"{src}: its channel axis is dynamic ({channels!r}); export it with a fixed channel count")
+        run = foreign.onnx_run_fn(foreign.onnx_session(model, where))
+        fixed_hw = tuple(io.input_shape[2:]) if all(isinstance(v, int) for v in io.input_shape[2:]) else None
+        fixed_batch = io.input_shape[0] if isinstance(io.input_shape[0], int) else None
+        stride = foreign.onnx_stride(model)
+        arch = {"name": "onnx", "input": io.input, "output": io.output, "opset": io.opset,
+                "flops_per_pixel": round(foreign.onnx_flops_per_pixel(model), 3)}
+        weights_name = "model.onnx"
+
+        def save(folder: Path) -> None:
+            import onnx
+
+            onnx.save(model, str(folder / weights_name))
+    elif suffix == ".pt2":
+        import torch
+
+        foreign.check_pt2(src)
+        try:
+            program = torch.export.load(str(src))
+        except Exception as e:
+            raise InvalidEngineError(f"{src} is not a loadable torch.export program ({foreign._first_line(e)})") from None
+        shape = _program_input_shape(program, where)
+        channels = shape[1] if isinstance(shape[1], int) else (declared.in_channels or 1)
+        fixed_hw = tuple(shape[2:]) if all(isinstance(v, int) for v in shape[2:]) else None
+        fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        module = program.module()
+        run, stride = foreign.torch_run_fn(module), foreign.torch_stride(module, int(channels))
+        arch, weights_name = {"name": "torch_export"}, "model.pt2"
+
+        def save(folder: Path) -> None:
+            shutil.copyfile(src, folder / weights_name)
+    elif suffix in (".pt", ".ts", ".torchscript", ".jit"):
+        import torch
+
+        try:
+            script = torch.jit.load(str(src), map_location="cpu").eval()
+        except Exception as e:
+            raise InvalidEngineError(
+                f"{src} is not TorchScript ({foreign._first_line(e)}); tilefeet loads no pickled modules: "
+                "save the network with torch.jit.save, torch.export.save (.pt2) or export it to ONNX"
+            ) from None
+        channels, fixed_hw, fixed_batch = declared.in_channels or 1, None, None
+        run, stride = foreign.torch_run_fn(script), foreign.torch_stride(script, int(channels))
+        arch, weights_name = {"name": "torchscript"}, "model.torchscript"
+
+        def save(folder: Path) -> None:
+            shutil.copyfile(src, folder / weights_name)
+    else:
+        raise ConfigError(f"cannot import {src}: give an ONNX graph (.onnx), a torch.export program (.pt2) or TorchScript (.pt)")
+    if declared.in_channels is not None and declared.in_channels != channels:
+        raise InvalidEngineError(f"{src} takes {channels} input channel(s), but {declared.in_channels} were declared")
+    geometry = foreign.measure(
+        run, int(channels), stride=stride, fixed_tile=fixed_hw, fixed_batch=fixed_batch,  # type: ignore[arg-type]
+        receptive_field=declared.receptive_field, where=where,
+    )
+    if geometry.out_channels != len(declared.classes):
+        raise InvalidEngineError(
+            f"{src} outputs {geometry.out_channels} channel(s), but {len(declared.classes)} class(es) were declared "
+            f"({', '.join(declared.classes)}); name one class per output channel with --classes"
+        )
+    if declared.activation == "none":
+        side = geometry.fixed_tile or (geometry.divisor * max(1, 64 // geometry.divisor),) * 2
+        lo, hi = foreign.probe_outputs(run, int(channels), side, geometry.fixed_batch or 1)  # type: ignore[arg-type]
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise InvalidEngineError(
+                f"{src} outputs values from {lo:.3g} to {hi:.3g}, not probabilities; declare its activation "
+                "(--activation sigmoid or softmax) so tilefeet applies it"
+            )
+    if geometry.fixed_tile:
+        arch["fixed_tile"] = list(geometry.fixed_tile)
+    if geometry.fixed_batch:
+        arch["fixed_batch"] = geometry.fixed_batch
+    return _write_foreign(out, name or Path(out).name, declared, geometry, arch, weights_name, save,
+                          description=description, overwrite=overwrite,
+                          extra={"source": {"file": src.name, "sha256": file_sha256(src)}, **dict(extra or {})})
+
+
+def _program_input_shape(program: Any, where: str) -> tuple[Any, ...]:
+    """The input shape of an exported program's one user input (ints for static axes)."""
+    names = list(program.graph_signature.user_inputs)
+    if len(names) != 1:
+        raise InvalidEngineError(f"{where} takes {len(names)} inputs; tilefeet runs networks with one image input")
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == names[0])
+    shape = tuple(d if isinstance(d, int) else str(d) for d in node.meta["val"].shape)
+    if len(shape) != 4:
+        raise InvalidEngineError(
+            f"{where} takes a {len(shape)}-D input {shape}; tilefeet runs 2-D networks on (batch, channels, height, width) tiles"
+        )
+    return shape
+
+
+def _write_foreign(
+    out: str | os.PathLike,
+    name: str,
+    declared: Declared,
+    geometry: Any,
+    arch: Mapping[str, Any],
+    weights_name: str,
+    save: Any,
+    *,
+    description: str,
+    overwrite: bool,
+    extra: Mapping[str, Any],
+) -> EngineBundle:
+    """Write a foreign bundle into a temporary folder, then rename it to ``out`` complete."""
+    import uuid
+
+    from .errors import OutputExistsError
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; choose another -o or pass --overwrite to replace it")
+    tile, overlap = geometry.recommended()
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        save(tmp)
+        doc: dict[str, Any] = {
+            "name": name,
+            "description": description or f"imported {arch['name']} network",
+            "input": {
+                "pixel_size_nm": list(declared.pixel_size_nm),
+                "channels": geometry.in_channels,
+                "divisor": geometry.divisor,
+                "receptive_field": geometry.receptive_field,
+            },
+            "normalization": declared.normalization.to_toml(),
+            "output": {"classes": list(declared.classes), "activation": declared.activation},
+            "architecture": dict(arch),
+            "weights": {"file": weights_name, "sha256": file_sha256(tmp / weights_name)},
+            "inference": {"tile": declared.tile or tile, "overlap": declared.overlap if declared.overlap is not None else overlap},
+            **dict(extra),
+        }
+        (tmp / ENGINE_FILE).write_text(dump_toml(doc))
+        load_engine(tmp)  # proves it readable before it takes the name
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_engine(out)
+
+
+def bundle_from_module(
+    module: Any,
+    *,
+    pixel_size_nm: Any,
+    classes: Any,
+    activation: str = "sigmoid",
+    normalization: Any = "zscore",
+    in_channels: int = 1,
+    name: str = "module",
+    receptive_field: int | None = None,
+    cache: Path | None = None,
+) -> EngineBundle:
+    """An engine bundle around a ``torch.nn.Module``, for ``segment(..., model=module)``.
+
+    The module (a copy, in eval mode, on the CPU, fp32) is measured and exported with
+    ``torch.export`` (dynamic batch, height and width in multiples of its divisor) into a ``.pt2``
+    program in the user cache (``<cache>/modules/<name>-<key>/``), keyed by a hash of its weights,
+    its class and the declarations: the same module and declarations find the same bundle, with no
+    export. Every runner, and every worker of a cluster, then loads the network from that file: the
+    module travels as an exported program (a path in each task), never pickled. On a cluster whose
+    workers do not share the cache's file system, put ``$TILEFEET_CACHE`` on a shared one, or import
+    the module once into a bundle folder with :func:`import_network` and pass that path.
+
+    ``normalization``: a :class:`Normalization` or a ``--normalize`` form (:func:`parse_normalization`)."""
+    import copy
+    import json
+
+    import torch
+
+    from .artifacts import build_once, cache_dir
+    from .models import foreign
+
+    declared = Declared.create(
+        pixel_size_nm=pixel_size_nm, classes=classes, activation=activation, normalization=normalization,
+        in_channels=in_channels, receptive_field=receptive_field,
+    )
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(f"model= must be a torch.nn.Module, got {type(module).__name__}")
+    net = copy.deepcopy(module).eval().cpu().float()
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    for key, tensor in net.state_dict().items():
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps([repr(declared), name, torch.__version__], sort_keys=True).encode())
+    folder = (cache or cache_dir()) / "modules" / f"{_slug(name)}-{h.hexdigest()[:16]}"
+
+    def build(tmp: Path) -> None:
+        geometry = foreign.measure(
+            foreign.torch_run_fn(net), in_channels, stride=foreign.torch_stride(net, in_channels),
+            receptive_field=declared.receptive_field, where=f"model {type(module).__name__}",
+        )
+        if geometry.out_channels != len(declared.classes):
+            raise InvalidEngineError(
+                f"model {type(module).__name__} outputs {geometry.out_channels} channel(s), but {len(declared.classes)} "
+                f"class(es) were given ({', '.join(declared.classes)}); name one class per output channel"
+            )
+
+        def save(folder: Path) -> None:
+            _export_program(net, in_channels, geometry.divisor, folder / "model.pt2")
+
+        _write_foreign(tmp, name, declared, geometry, {"name": "torch_export"}, "model.pt2", save,
+                       description=f"{type(module).__name__} exported by tilefeet.bundle_from_module", overwrite=True,
+                       extra={"source": {"module": f"{type(module).__module__}.{type(module).__qualname__}"}})
+
+    build_once(folder, build)
+    return load_engine(folder)
+
+
+def _export_program(net: Any, in_channels: int, divisor: int, path: Path) -> None:
+    """``torch.export`` a module with dynamic batch, and height and width multiples of ``divisor``."""
+    import torch
+    from torch.export import Dim
+
+    d = divisor
+    example = torch.zeros(2, in_channels, 2 * d if d >= 16 else 32, 3 * d if d >= 16 else 48)
+    h, w = Dim("h_blocks", min=1), Dim("w_blocks", min=1)
+    dims = {0: Dim("batch", min=1), 2: d * h if d > 1 else Dim("h", min=16), 3: d * w if d > 1 else Dim("w", min=16)}
+    arg = next(iter(__import__("inspect").signature(net.forward).parameters))
+    try:
+        program = torch.export.export(net, (example,), dynamic_shapes={arg: dims})
+    except Exception as e:  # torch.export raises many types; all mean the same here
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidEngineError(
+            f"torch.export could not export the module ({text}); export it yourself (torch.export or ONNX) and import the file"
+        ) from None
+    torch.export.save(program, str(path))
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "engine"

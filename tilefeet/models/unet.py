@@ -18,9 +18,9 @@ class ConvBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
+        self.bn1: nn.Module = nn.BatchNorm2d(c_out)  # nn.Identity once fused
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2: nn.Module = nn.BatchNorm2d(c_out)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ class ConvBlock(nn.Module):
 
     def fuse(self) -> None:
         """Fold the batch norms into the convolutions (inference only: saves two passes over memory)."""
-        if isinstance(self.bn1, nn.BatchNorm2d):
+        if isinstance(self.bn1, nn.BatchNorm2d) and isinstance(self.bn2, nn.BatchNorm2d):
             self.conv1 = fuse_conv_bn_eval(self.conv1, self.bn1)
             self.conv2 = fuse_conv_bn_eval(self.conv2, self.bn2)
             self.bn1, self.bn2 = nn.Identity(), nn.Identity()
@@ -100,3 +100,20 @@ def unet_flops_per_pixel(in_channels: int, out_channels: int, base_channels: int
         flops += 2 * 9 * (2 * c * c + c * c) / 4**level
     flops += 2 * chans[0] * out_channels
     return flops
+
+
+class UNet2dProbabilities(nn.Module):
+    """:class:`UNet2d` followed by its output activation: the architecture tilefeet names in the
+    bioimage.io packages it exports (``pytorch_state_dict`` weights), so that every weight format of
+    a package returns the same thing, probabilities. Its state dict is the U-Net's under ``net.``."""
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 16, depth: int = 4,
+                 activation: str = "sigmoid"):
+        super().__init__()
+        from .head import WithActivation
+
+        self.net = UNet2d(in_channels, out_channels, base_channels, depth)
+        self._head = WithActivation(nn.Identity(), activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(self.net(x))

@@ -12,6 +12,22 @@ behind it and passes one conformance suite (``tests/test_runner_conformance.py``
 Backends register by name and are imported only when asked for: ``import tilefeet`` never imports
 onnxruntime or tensorrt. Tasks carry a :class:`RunnerSpec` (small, picklable), never a model; each
 process builds its runner once (:func:`get_runner`).
+
+``--backend auto`` is resolved where the network runs: a spec may keep ``backend="auto"``, and
+:func:`get_runner` resolves it once per process (:func:`resolve_spec`, measured on *this* machine:
+a cluster worker with a GPU picks a GPU backend though its client had none) and caches the runner
+under the concrete spec. Every runner says what it is (:attr:`Runner.spec`, concrete) and why
+(:attr:`Runner.reason`).
+
+Process-wide state:
+
+* the runner cache holds at most :data:`MAX_RUNNERS` runners (least recently used first out: a
+  runner holds device memory). Eviction only drops the cache's reference, so a block still using
+  an evicted runner finishes with it; :func:`clear_runners` is the one way to empty the cache and
+  release device resources at once (call it when no run is in progress in the process);
+* torch's process-wide knobs (intra-op thread count, cuDNN's TF32 and determinism flags) are only
+  changed under :data:`TORCH_STATE_LOCK`, held for the whole call that needs them, so two runners
+  with different settings in one process never run under each other's.
 """
 
 from __future__ import annotations
@@ -19,27 +35,32 @@ from __future__ import annotations
 import importlib
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from ..artifacts import build_once, cache_dir
-from ..device import resolve_device
 from ..errors import BackendUnavailableError, ConfigError
 from ..geometry import Pair
 
 __all__ = [
     "BACKENDS",
+    "MAX_RUNNERS",
+    "TORCH_STATE_LOCK",
     "Runner",
     "RunnerSpec",
-    "build_once",
-    "cache_dir",
     "check_options",
     "clear_runners",
     "get_runner",
     "register",
-    "resolve_device",
+    "resolve_spec",
     "runner_class",
 ]
+
+#: Runners kept per process (least recently used leaves first). A run uses one; a worker serving
+#: several jobs may alternate between a few.
+MAX_RUNNERS = 4
+#: Held while torch's process-wide state (thread count, cuDNN flags) is set and relied on.
+TORCH_STATE_LOCK = threading.RLock()
 
 #: backend name -> "module:Class", imported lazily
 BACKENDS: dict[str, str] = {
@@ -54,7 +75,7 @@ class RunnerSpec:
     """A picklable recipe for a runner: what each task carries, and the key of the per-process cache."""
 
     engine: str  #: engine bundle folder
-    backend: str = "torch"
+    backend: str = "torch"  #: a backend name, or "auto": chosen where the runner is built (:func:`resolve_spec`)
     device: str = "auto"  #: "auto", "cpu", "cuda", "cuda:1"
     precision: str = "fp32"  #: "fp32", "fp16", "bf16"
     batch_size: int = 4
@@ -70,9 +91,19 @@ class Runner(ABC):
 
     name: ClassVar[str] = "?"
 
-    def __init__(self, bundle: Any, spec: RunnerSpec):
+    def __init__(self, bundle: Any, spec: RunnerSpec, reason: str = ""):
+        allowed = getattr(bundle, "backends", None)
+        if allowed is not None and self.name not in allowed:
+            raise ConfigError(
+                f"engine {bundle.name!r} holds a {bundle.network} network, which runs on {' or '.join(allowed)}, "
+                f"not {self.name}; use --backend {allowed[0]} (or auto)"
+            )
+        check_tile = getattr(bundle, "check_tile", None)
+        if check_tile is not None:
+            check_tile(tuple(spec.tile))
         self.bundle = bundle
-        self.spec = spec
+        self.spec = spec  #: the concrete recipe this runner was built from (never "auto")
+        self.reason = reason or f"--backend {self.name} was requested"  #: why this backend runs
         self.lock = threading.Lock()
 
     @property
@@ -114,24 +145,56 @@ def runner_class(backend: str) -> type[Runner]:
         raise BackendUnavailableError(f"backend {backend!r} cannot be imported here ({e})") from None
 
 
-_cache: dict[RunnerSpec, Runner] = {}
-_cache_lock = threading.Lock()
+_cache: OrderedDict[RunnerSpec, Runner] = OrderedDict()
+_resolved: dict[RunnerSpec, tuple[RunnerSpec, str]] = {}
+_cache_lock = threading.RLock()
+
+
+def resolve_spec(spec: RunnerSpec) -> tuple[RunnerSpec, str]:
+    """``(concrete spec, reason)``: a spec whose backend is "auto" becomes the backend (and its
+    options) chosen on *this* machine among those the bundle allows (:func:`.select.resolve_backend`:
+    TensorRT, compiled torch on a GPU; the measured faster of ONNX Runtime and torch on a CPU). The
+    spec's own options are kept over the chosen ones. A concrete spec is returned as it is."""
+    if spec.backend != "auto":
+        return spec, f"--backend {spec.backend} was requested"
+    from ..engine import load_engine
+    from .select import resolve_backend
+
+    bundle = load_engine(spec.engine)
+    backend, options, reason = resolve_backend(
+        bundle, device=spec.device, precision=spec.precision, batch_size=spec.batch_size, tile=(spec.tile[0], spec.tile[1])
+    )
+    merged = tuple(sorted({**dict(options), **dict(spec.options)}.items()))
+    return replace(spec, backend=backend, options=merged), reason
 
 
 def get_runner(spec: RunnerSpec) -> Runner:
-    """The runner for ``spec`` in this process, built on first use and then shared by all tasks."""
+    """The runner for ``spec`` in this process, built on first use and then shared by all tasks.
+    An "auto" spec is resolved once per process (:func:`resolve_spec`) and served by the runner of
+    its concrete spec."""
     with _cache_lock:
-        runner = _cache.get(spec)
+        concrete, reason = _resolved.get(spec) or resolve_spec(spec)
+        _resolved[spec] = (concrete, reason)
+        runner = _cache.get(concrete)
         if runner is None:
             from ..engine import load_engine
 
-            runner = runner_class(spec.backend)(load_engine(spec.engine), spec)
-            _cache[spec] = runner
+            runner = runner_class(concrete.backend)(load_engine(concrete.engine), concrete, reason)
+            _cache[concrete] = runner
+            while len(_cache) > MAX_RUNNERS:
+                _cache.popitem(last=False)  # dropped, not closed: a block may still be using it
+        elif spec.backend == "auto":
+            runner.reason = reason  # built for an explicit request first: "auto" chose it, and says why
+        _cache.move_to_end(concrete)
         return runner
 
 
 def clear_runners() -> None:
+    """Close every cached runner (device memory released now) and forget "auto" resolutions: the one
+    way to reset this process's runners. Call it when no run is in progress in the process."""
     with _cache_lock:
         for r in _cache.values():
-            r.close()
+            with r.lock:
+                r.close()
         _cache.clear()
+        _resolved.clear()

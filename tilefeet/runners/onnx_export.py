@@ -13,6 +13,13 @@ Every export is checked before it is cached: ``onnx.checker`` on the file, then 
 CPU against the torch fp32 network (where ONNX Runtime has kernels for the precision). The cache key
 is the bundle's fingerprint, the precision, the opset and the exporter's versions, so a retrained
 bundle or a new torch exports afresh.
+
+A bundle that *is* an ONNX graph (``import-engine model.onnx``) is not exported but prepared, into
+the same cache and the same contract: its input and output are renamed ``tiles`` and
+``probabilities`` (by Identity nodes, so nothing inside the graph changes), the bundle's output
+activation is appended, and an fp16 graph is converted by ONNX Runtime's float16 tool (float32
+I/O kept). It is checked against the bundle's own graph run by ONNX Runtime in fp32. There is no
+bf16 conversion for such graphs (TensorRT 10 runs bf16 from the fp32 graph with a builder flag).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from typing import Any
 
 import torch
 
+from ..artifacts import build_once, cache_dir
+from ..engine import file_sha256
 from ..errors import BackendUnavailableError, ConfigError, InvalidEngineError
-from . import build_once, cache_dir
 
 INPUT_NAME = "tiles"
 OUTPUT_NAME = "probabilities"
@@ -70,6 +78,16 @@ def export_onnx(bundle: Any, precision: str = "fp32", *, cache: Path | None = No
     """
     _check_precision(precision)
     require_onnx()
+    if bundle.network == "torchscript":
+        raise ConfigError(
+            f"engine {bundle.name!r} is TorchScript, which does not export to ONNX: use --backend torch, or import the "
+            "network as ONNX or a torch.export program"
+        )
+    if bundle.network == "onnx" and precision == "bf16":
+        raise ConfigError(
+            f"engine {bundle.name!r} is an imported ONNX graph: tilefeet converts it to fp16 but not to bf16; use "
+            "--precision fp32 or fp16"
+        )
     folder = (cache or cache_dir()) / "onnx" / f"{_safe(bundle.name)}-{precision}-{export_key(bundle, precision)[:16]}"
     build_once(folder, lambda tmp: _export_into(tmp, bundle, precision))
     meta = json.loads((folder / META_FILE).read_text())
@@ -101,15 +119,6 @@ def relative_error(actual: Any, expected: Any) -> float:
     return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
 
 
-def file_sha256(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------- steps
 
 
@@ -117,8 +126,11 @@ def _export_into(folder: Path, bundle: Any, precision: str) -> None:
     """Export, check and describe the graph in ``folder`` (a fresh temporary folder)."""
     folder.mkdir(parents=True)
     path = folder / GRAPH_FILE
-    opset = OPSETS[precision]
-    _export(network_at(bundle, precision), _example_input(bundle), _dynamic_shapes(bundle), opset, path)
+    if bundle.network == "onnx":
+        opset = _prepare_graph(bundle, precision, path)
+    else:
+        opset = OPSETS[precision]
+        _export(network_at(bundle, precision), _example_input(bundle), _dynamic_shapes(bundle), opset, path)
     checked = check_export(path, bundle, precision)
     files = [p for p in (path, path.with_name(path.name + ".data")) if p.exists()]
     meta = {
@@ -229,17 +241,108 @@ def check_export(path: Path, bundle: Any, precision: str) -> str:
 
 
 def _compare_with_torch(path: Path, bundle: Any) -> float:
-    """Relative error of ONNX Runtime (CPU) against the torch fp32 network, on a shape that differs
-    from the export example (so a graph that froze a size fails here)."""
+    """Relative error of ONNX Runtime (CPU) against the torch fp32 network (for an ONNX bundle: its
+    own graph in fp32 with the activation), on a shape that differs from the export example (so a
+    graph that froze a size fails here)."""
     import onnxruntime as ort
 
-    d = bundle.divisor
-    x = torch.randn(3, bundle.in_channels, 3 * d, 2 * d, generator=torch.Generator().manual_seed(0))
+    x = check_input(bundle, 3, seed=0)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
-    with torch.inference_mode():
-        ref = bundle.build_model()(x)
-    return relative_error(torch.from_numpy(y), ref)
+    return relative_error(torch.from_numpy(y), reference_output(bundle, x))
+
+
+def check_input(bundle: Any, batch: int, *, seed: int) -> torch.Tensor:
+    """A random input of a shape the bundle's network takes (its fixed size, or 3d × 2d)."""
+    d = bundle.divisor
+    hw = bundle.fixed_tile or ((3 * d, 2 * d) if d >= 16 else (48, 32))
+    return torch.randn(bundle.fixed_batch or batch, bundle.in_channels, *hw, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_output(bundle: Any, x: torch.Tensor) -> torch.Tensor:
+    """The bundle's network with its activation, in fp32 on the CPU: torch for torch networks,
+    ONNX Runtime on the bundle's own graph for an ONNX bundle. What every runner is compared with."""
+    if bundle.network != "onnx":
+        with torch.inference_mode():
+            return bundle.build_model()(x.cpu())
+    from ..models.foreign import onnx_run_fn, onnx_session
+
+    bundle.check_weights()
+    run = onnx_run_fn(onnx_session(bundle.weights_path, str(bundle.weights_path)))
+    n = bundle.fixed_batch or x.shape[0]
+    y = torch.cat([torch.from_numpy(run(x[i : i + n].cpu().numpy())) for i in range(0, x.shape[0], n)])
+    if bundle.activation == "sigmoid":
+        return torch.sigmoid(y)
+    return torch.softmax(y, dim=1) if bundle.activation == "softmax" else y
+
+
+def _prepare_graph(bundle: Any, precision: str, path: Path) -> int:
+    """Write the bundle's ONNX graph at ``path`` in tilefeet's contract (see the module docstring);
+    returns its opset."""
+    import onnx
+    from onnx import helper
+
+    bundle.check_weights()
+    model = onnx.load(str(bundle.weights_path))
+    graph = model.graph
+    arch = bundle.architecture
+    inp, out = str(arch.get("input", graph.input[0].name)), str(arch.get("output", graph.output[0].name))
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
+    original_in = next(v for v in graph.input if v.name == inp)
+    original_out = next(v for v in graph.output if v.name == out)
+    new_in = onnx.ValueInfoProto()
+    new_in.CopyFrom(original_in)
+    new_in.name = INPUT_NAME
+    new_out = onnx.ValueInfoProto()
+    new_out.CopyFrom(original_out)
+    new_out.name = OUTPUT_NAME
+    graph.input.remove(original_in)
+    graph.input.insert(0, new_in)
+    graph.output.remove(original_out)
+    graph.output.append(new_out)
+    nodes = [helper.make_node("Identity", [INPUT_NAME], [inp], name="tilefeet_input")]
+    if bundle.activation == "sigmoid":
+        nodes_out = [helper.make_node("Sigmoid", [out], [OUTPUT_NAME], name="tilefeet_activation")]
+    elif bundle.activation == "softmax" and opset >= 13:
+        nodes_out = [helper.make_node("Softmax", [out], [OUTPUT_NAME], axis=1, name="tilefeet_activation")]
+    elif bundle.activation == "softmax":  # before opset 13, Softmax flattens the axes after ``axis``
+        nodes_out = [
+            helper.make_node("ReduceMax", [out], ["tilefeet_max"], axes=[1], keepdims=1),
+            helper.make_node("Sub", [out, "tilefeet_max"], ["tilefeet_shifted"]),
+            helper.make_node("Exp", ["tilefeet_shifted"], ["tilefeet_exp"]),
+            helper.make_node("ReduceSum", ["tilefeet_exp"], ["tilefeet_sum"], axes=[1], keepdims=1),
+            helper.make_node("Div", ["tilefeet_exp", "tilefeet_sum"], [OUTPUT_NAME]),
+        ]
+    else:
+        nodes_out = [helper.make_node("Identity", [out], [OUTPUT_NAME], name="tilefeet_output")]
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)
+    graph.node.extend(nodes_out)
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns about values clamped to the fp16 range
+            model = convert_float_to_float16(model, keep_io_types=True)
+        _sort_nodes(model.graph)  # the converter appends its input casts after their consumers
+    onnx.save(model, str(path))
+    return opset
+
+
+def _sort_nodes(graph: Any) -> None:
+    """Order a graph's nodes topologically (ONNX requires it), keeping the given order otherwise."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise InvalidEngineError("the ONNX graph has a cycle or an input nothing produces; re-export it")
+        for n in ready:
+            ordered.append(n)
+            known.update(n.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def copy_export(export: OnnxExport, out_dir: Path) -> Path:

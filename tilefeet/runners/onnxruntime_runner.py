@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from ..artifacts import cache_dir
+from ..device import resolve_device
 from ..errors import BackendUnavailableError, ConfigError
-from . import Runner, RunnerSpec, cache_dir, check_options, resolve_device
+from . import Runner, RunnerSpec, check_options
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -102,8 +104,8 @@ class OnnxRuntimeRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: Any, spec: RunnerSpec):
-        super().__init__(bundle, spec)
+    def __init__(self, bundle: Any, spec: RunnerSpec, reason: str = ""):
+        super().__init__(bundle, spec, reason)
         check_options(spec, {"ort_tensorrt", "tf32", "threads"})
         ort = import_onnxruntime()
         self._device = resolve_device(spec.device)
@@ -130,6 +132,18 @@ class OnnxRuntimeRunner(Runner):
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.detach().to(self._device, torch.float32).contiguous()
+        step = self.bundle.fixed_batch
+        if step and step != x.shape[0]:
+            # A graph with a fixed batch axis (often 1) runs the batch in slices of that size: each
+            # tile is still computed alone, so results do not depend on how tiles are grouped.
+            if x.shape[0] % step:
+                raise ConfigError(
+                    f"engine {self.bundle.name!r} takes batches of exactly {step}; use --batch-size {step} or a multiple of it"
+                )
+            return torch.cat([self._run(x[i : i + step]) for i in range(0, x.shape[0], step)])
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self._device.type == "cpu":
             (y,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
             return torch.from_numpy(y)
@@ -140,7 +154,7 @@ class OnnxRuntimeRunner(Runner):
         caller's (which produced ``x``); ``run_with_iobinding`` returns once its stream is done, so
         the output is ready for any stream."""
         assert self._stream is not None  # made in __init__ for CUDA devices
-        out = torch.empty(self._out_shape, dtype=torch.float32, device=self._device)
+        out = torch.empty((x.shape[0], *self._out_shape[1:]), dtype=torch.float32, device=self._device)
         self._stream.wait_stream(torch.cuda.current_stream(self._device))
         binding = self.session.io_binding()
         index = self._device.index or 0

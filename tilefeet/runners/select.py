@@ -8,8 +8,12 @@ In order:
    and batch size, once: the result is cached on disk under a key of the bundle's fingerprint,
    the shape, the precision, the CPU model, the thread count and the library versions.
 
-An explicitly requested backend is checked instead, and a missing library or GPU is a one-line
-:class:`BackendUnavailableError` that says what to install.
+Only backends the bundle's network allows take part (``EngineBundle.backends``: an ONNX graph runs
+on ONNX Runtime and TensorRT, TorchScript on torch); on a GPU without TensorRT, a bundle torch
+cannot run goes to ONNX Runtime's CUDA provider.
+
+An explicitly requested backend is checked instead, and a missing library or GPU, or a backend the
+bundle cannot use, is a one-line error that says what to do.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any
 
 import torch
 
+from ..artifacts import build_once, cache_dir
+from ..device import resolve_device
 from ..errors import BackendUnavailableError, ConfigError
-from . import RunnerSpec, build_once, cache_dir, resolve_device, runner_class
+from . import RunnerSpec, runner_class
 
 Options = tuple[tuple[str, Any], ...]
 
@@ -55,19 +61,33 @@ def resolve_backend(
     """``(backend, options, reason)`` for a run: ``prefer`` is the user's ``--backend`` ("auto", or a
     backend name, which is checked and kept). ``options`` go into :class:`RunnerSpec` unchanged."""
     dev = resolve_device(device)
+    allowed = allowed_backends(bundle)
     if prefer != "auto":
-        return check_backend(prefer, dev, precision).astuple()
+        return check_backend(prefer, dev, precision, bundle=bundle).astuple()
     if dev.type == "cuda":
-        return _on_gpu(dev, precision).astuple()
-    return _on_cpu(bundle, precision, batch_size, (tile[0], tile[1]), cache or cache_dir()).astuple()
+        return _on_gpu(dev, precision, allowed).astuple()
+    return _on_cpu(bundle, precision, batch_size, (tile[0], tile[1]), cache or cache_dir(), allowed).astuple()
 
 
-def check_backend(backend: str, device: torch.device, precision: str) -> Choice:
+def allowed_backends(bundle: Any) -> tuple[str, ...]:
+    """The backends that can run ``bundle``'s network (every registered one for objects that do not say)."""
+    from . import BACKENDS
+
+    return tuple(getattr(bundle, "backends", None) or BACKENDS)
+
+
+def check_backend(backend: str, device: torch.device, precision: str, *, bundle: Any = None) -> Choice:
     """An explicitly requested backend, if it can run here; else a one-line error saying what to install."""
     from . import BACKENDS
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; use auto or one of: {', '.join(sorted(BACKENDS))}")
+    allowed = allowed_backends(bundle) if bundle is not None else tuple(BACKENDS)
+    if backend not in allowed:
+        raise ConfigError(
+            f"engine {bundle.name!r} holds a {bundle.network} network, which runs on {' or '.join(allowed)}, not "
+            f"{backend}; use --backend {allowed[0]} (or auto)"
+        )
     reason = unavailable_reason(backend, device)
     if reason:
         raise BackendUnavailableError(reason)
@@ -97,26 +117,42 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 # ------------------------------------------------------------------------------------------ GPU
 
 
-def _on_gpu(device: torch.device, precision: str) -> Choice:
+def _on_gpu(device: torch.device, precision: str, allowed: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")) -> Choice:
     gpu = torch.cuda.get_device_name(device)
-    trt_reason = unavailable_reason("tensorrt", device)
+    trt_reason = unavailable_reason("tensorrt", device) if "tensorrt" in allowed else "the network cannot use it"
     trt_version = None
     if trt_reason is None:
         from .tensorrt_runner import import_tensorrt
 
         trt_version = str(import_tensorrt().__version__)
-    return gpu_choice(gpu, precision, trt_version=trt_version, trt_reason=trt_reason, has_triton=_has_triton())
+    ort_reason = unavailable_reason("onnxruntime", device) if "torch" not in allowed else None
+    return gpu_choice(
+        gpu, precision, trt_version=trt_version, trt_reason=trt_reason, has_triton=_has_triton(), allowed=allowed,
+        ort_reason=ort_reason,
+    )
 
 
 def gpu_choice(
-    gpu: str, precision: str, *, trt_version: str | None, trt_reason: str | None, has_triton: bool
+    gpu: str,
+    precision: str,
+    *,
+    trt_version: str | None,
+    trt_reason: str | None,
+    has_triton: bool,
+    allowed: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt"),
+    ort_reason: str | None = None,
 ) -> Choice:
-    """The GPU half of the order (pure): TensorRT, else torch.compile, else eager torch."""
-    if trt_version is not None:
+    """The GPU half of the order (pure): TensorRT, else torch.compile, else eager torch; for a
+    network torch cannot run (an ONNX graph), ONNX Runtime's CUDA provider after TensorRT."""
+    if trt_version is not None and "tensorrt" in allowed:
         return Choice(
             "tensorrt", (), f"TensorRT {trt_version} and {gpu}: a compiled {precision} plan (built once, cached)"
         )
     why_not = f"no TensorRT ({trt_reason})"
+    if "torch" not in allowed:
+        if "onnxruntime" in allowed and ort_reason is None:
+            return Choice("onnxruntime", (), f"{why_not}; ONNX Runtime's CUDA provider ({precision}) on {gpu}")
+        raise BackendUnavailableError(f"no backend for this network on {gpu}: {why_not}; onnxruntime: {ort_reason}")
     if has_triton:
         return Choice("torch", (("compile", True),), f"{why_not}; torch.compile ({precision}) on {gpu}")
     return Choice(
@@ -147,10 +183,15 @@ def _cpu_precisions() -> dict[str, list[str]]:
     return out
 
 
-def _on_cpu(bundle: Any, precision: str, batch_size: int, tile: tuple[int, int], cache: Path) -> Choice:
+def _on_cpu(
+    bundle: Any, precision: str, batch_size: int, tile: tuple[int, int], cache: Path, allowed: tuple[str, ...] = ()
+) -> Choice:
     where = f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)"
     candidates, skipped = [], []
     for backend in CPU_CANDIDATES.get(precision, ("torch",)):
+        if allowed and backend not in allowed:
+            skipped.append(f"{backend}: the engine's {getattr(bundle, 'network', '?')} network does not run on it")
+            continue
         reason = unavailable_reason(backend, torch.device("cpu"))
         if reason:
             skipped.append(f"{backend}: {reason}")

@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
-from ..errors import BackendUnavailableError, InvalidEngineError
-from . import Runner, RunnerSpec, build_once, cache_dir, check_options, resolve_device
+from ..artifacts import build_once, cache_dir
+from ..device import resolve_device
+from ..errors import BackendUnavailableError, ConfigError, InvalidEngineError
+from . import Runner, RunnerSpec, check_options
 from ._trt_glue import (
     DeviceInfo,
     IOBinding,
@@ -213,18 +215,28 @@ def _io_tensor(trt: Any, engine: Any, name: str) -> IOTensor:
 
 class TensorRTRunner(Runner):
     """Options: ``profile`` (a :class:`Profile`; default: the runner's fixed shape),
-    ``workspace`` (bytes or "4GiB"), ``typing`` ("auto", "weak", "strong"), ``tf32``."""
+    ``workspace`` (bytes or "4GiB"), ``typing`` ("auto", "weak", "strong"), ``tf32``; ``threads``
+    (CPU threads, which a run sets for every backend) is accepted and has nothing to do here.
+
+    ONNX bundles take the same road: their graph, prepared by :func:`.onnx_export.export_onnx`
+    (tilefeet's I/O names, activation appended), is what the plan is built from. A graph with a
+    fixed batch axis is refused: the plan's profile is the run's batch."""
 
     name = "tensorrt"
 
-    def __init__(self, bundle: Any, spec: RunnerSpec):
-        super().__init__(bundle, spec)
-        check_options(spec, {"profile", "workspace", "typing", "tf32"})
+    def __init__(self, bundle: Any, spec: RunnerSpec, reason: str = ""):
+        super().__init__(bundle, spec, reason)
+        check_options(spec, {"profile", "workspace", "typing", "tf32", "threads"})
+        if bundle.fixed_batch and bundle.fixed_batch != spec.batch_size:
+            raise ConfigError(
+                f"engine {bundle.name!r} takes batches of exactly {bundle.fixed_batch}; with tensorrt use "
+                f"--batch-size {bundle.fixed_batch}, or --backend onnxruntime"
+            )
         trt = import_tensorrt()
         self._device = resolve_device(spec.device)
-        reason = unavailable_reason(self._device)
-        if reason:
-            raise BackendUnavailableError(reason)
+        why_not = unavailable_reason(self._device)
+        if why_not:
+            raise BackendUnavailableError(why_not)
         shape = (spec.batch_size, bundle.in_channels, *spec.tile)
         profile = spec.option("profile") or make_profile(
             channels=bundle.in_channels, divisor=bundle.divisor, batch=spec.batch_size, tile=spec.tile
@@ -236,7 +248,7 @@ class TensorRTRunner(Runner):
         request = BuildRequest(
             precision=spec.precision,
             workspace_bytes=parse_size(spec.option("workspace", DEFAULT_WORKSPACE)),
-            typing=spec.option("typing", "auto"),
+            typing=spec.option("typing", "auto") or "auto",  # checked by precision_mode
             tf32=bool(spec.option("tf32", False)),
         )
         with torch.cuda.device(self._device):

@@ -14,6 +14,15 @@ Options (``RunnerSpec.options``), each off unless said otherwise:
   which tilefeet's "same output whatever the block size" promise needs;
 * ``threads`` (CPU): intra-op threads. oneDNN's rounding depends on the thread count, so runs
   that must agree bit for bit across processes (a local run and cluster workers) set it alike.
+
+Thread count and cuDNN flags are process-wide: they are set under the runners' process-wide
+:data:`~tilefeet.runners.TORCH_STATE_LOCK`, held for each call that relies on them, so runners
+with other settings in the same process (other threads) never run under each other's. The thread
+count is set before each call where it differs and left so afterwards (torch work outside runners
+then sees the last run's count, as a run's resampling should); cuDNN flags are restored.
+
+The network is the bundle's: tilefeet's U-Net, or a foreign network loaded from its graph file
+(a ``torch.export`` program or TorchScript: :func:`tilefeet.models.foreign.load_module`).
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_device
 from ..errors import ConfigError
-from . import Runner, RunnerSpec, check_options, resolve_device
+from . import TORCH_STATE_LOCK, Runner, RunnerSpec, check_options
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -74,8 +84,8 @@ class TorchOptions:
 class TorchRunner(Runner):
     name = "torch"
 
-    def __init__(self, bundle: Any, spec: RunnerSpec):
-        super().__init__(bundle, spec)
+    def __init__(self, bundle: Any, spec: RunnerSpec, reason: str = ""):
+        super().__init__(bundle, spec, reason)
         self._device = resolve_device(spec.device)
         self.dtype = _DTYPES.get(spec.precision)
         if self.dtype is None:
@@ -84,9 +94,11 @@ class TorchRunner(Runner):
             raise ConfigError("fp16 is not supported by torch on the CPU; use --precision fp32 or bf16")
         self.options = TorchOptions.from_spec(spec, self._device)
         threads = spec.option("threads")
-        if threads and self._device.type == "cpu":
-            # Process-wide; oneDNN's rounding depends on it, so equal specs must mean equal threads.
-            torch.set_num_threads(int(threads))
+        # Process-wide; oneDNN's rounding depends on it, so equal specs must mean equal threads.
+        self.threads = int(threads) if threads and self._device.type == "cpu" else None
+        if self.threads is not None:
+            with TORCH_STATE_LOCK:  # now too: the run's other torch work (resampling) sees it from the start
+                torch.set_num_threads(self.threads)
         self.channels_last = self.options.channels_last
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         model = bundle.build_model().to(self._device, dtype=self.dtype, memory_format=self.memory_format)
@@ -126,10 +138,17 @@ class TorchRunner(Runner):
     def _shape(self) -> tuple[int, ...]:
         return (self.spec.batch_size, self.bundle.in_channels, *self.spec.tile)
 
-    def _math(self) -> contextlib.AbstractContextManager:
-        if self._device.type != "cuda":
-            return contextlib.nullcontext()
-        return _cudnn_math(tf32=self.options.tf32, deterministic=self.options.deterministic)
+    @contextlib.contextmanager
+    def _math(self) -> Iterator[None]:
+        """This runner's share of torch's process-wide state, under the process-wide lock."""
+        with TORCH_STATE_LOCK:
+            if self.threads is not None and torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
+            if self._device.type != "cuda":
+                yield
+                return
+            with _cudnn_math(tf32=self.options.tf32, deterministic=self.options.deterministic):
+                yield
 
 
 def _captured(
@@ -169,7 +188,7 @@ class _GraphReplay:
 @contextlib.contextmanager
 def _cudnn_math(*, tf32: bool, deterministic: bool) -> Iterator[None]:
     """cuDNN's TF32 and determinism flags for the duration of a call, restored afterwards (they are
-    process-wide; calls hold the runner's lock)."""
+    process-wide: callers hold :data:`~tilefeet.runners.TORCH_STATE_LOCK`)."""
     cudnn: Any = torch.backends.cudnn
     # torch >= 2.9 has per-operator precision flags; mixing them with allow_tf32 is an error.
     holder, attr = (
