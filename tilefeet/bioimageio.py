@@ -107,8 +107,14 @@ def _load(rdf: Path) -> Any:
     spec = _require()
     from bioimageio.spec.model import v0_5
 
-    with _quiet_logs():
-        descr = spec.load_model_description(rdf, format_version="latest", perform_io_checks=True)
+    try:
+        with _quiet_logs():
+            descr = spec.load_model_description(rdf, format_version="latest", perform_io_checks=True)
+    except ValueError as e:  # pydantic's ValidationError is one: an invalid description
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = " ".join(lines[1:3])[:300] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        kind = "files that do not match their sha256" if "sha256" in detail.lower() else "an invalid description"
+        raise InvalidEngineError(f"{rdf} is not a usable bioimage.io model ({kind}: {detail})") from None
     if not isinstance(descr, v0_5.ModelDescr):
         summary = getattr(descr, "validation_summary", None)
         detail = _first_error(summary) if summary is not None else type(descr).__name__
@@ -137,6 +143,7 @@ def _to_bundle(
     in_channels, px = _input_axes(inp, where)
     out_classes, halo = _output_axes(outp, where)
     name = name or out.name
+    normalization, activation = _normalization(inp, where), _activation(outp, where)  # refuses what it cannot honour
     config = (descr.config.model_dump() if hasattr(descr.config, "model_dump") else dict(descr.config or {})).get("tilefeet")
     if config and pixel_size_nm is None and classes is None:
         own = _own_unet(descr, folder, out, config, name, overwrite)
@@ -149,8 +156,8 @@ def _to_bundle(
     declared = Declared.create(
         pixel_size_nm=pixel_size_nm if pixel_size_nm is not None else px,
         classes=classes if classes is not None else out_classes,
-        activation=_activation(outp, where),
-        normalization=_normalization(inp, where),
+        activation=activation,
+        normalization=normalization,
         in_channels=in_channels,
         receptive_field=receptive_field,
     )
@@ -356,6 +363,14 @@ def export_package(
 ) -> Path:
     """Write ``bundle`` as a bioimage.io model package (a ``.zip``) that validates with
     ``bioimageio.spec``; see the module docstring for what goes in."""
+    with _quiet_logs():
+        return _export_package(bundle, output, authors=authors, license=license, overwrite=overwrite)
+
+
+def _export_package(
+    bundle: EngineBundle | str | os.PathLike, output: str | os.PathLike, *, authors: tuple[str, ...], license: str,
+    overwrite: bool,
+) -> Path:
     import tomllib
 
     _require()
@@ -427,8 +442,7 @@ def export_package(
         if output.exists():
             output.unlink()
         output.parent.mkdir(parents=True, exist_ok=True)
-        with _quiet_logs():
-            save_bioimageio_package(descr, output_path=output)
+        save_bioimageio_package(descr, output_path=output)
         _load_from_zip(output)  # validates the written package, as a user's bioimageio.spec would
     return output
 
@@ -570,9 +584,18 @@ def _load_from_zip(path: Path) -> Any:
 
 
 class _quiet_logs:
-    """bioimageio.spec logs through loguru to stderr; a command's output should be its own."""
+    """bioimageio.spec logs through loguru to stderr (a command's output should be its own) and
+    leaves files open for the garbage collector: collect them here, with their ResourceWarning
+    ignored, instead of warning at some later moment in the user's program."""
 
     def __enter__(self) -> None:
+        import gc
+        import warnings
+
+        gc.collect()  # files an earlier call left open are not this call's to warn about
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore", ResourceWarning)
         try:
             from loguru import logger
 
@@ -581,6 +604,10 @@ class _quiet_logs:
             pass
 
     def __exit__(self, *exc: Any) -> None:
+        import gc
+
+        gc.collect()
+        self._warnings.__exit__(*exc)
         try:
             from loguru import logger
 

@@ -288,6 +288,8 @@ def _prepare_graph(bundle: Any, precision: str, path: Path) -> int:
     arch = bundle.architecture
     inp, out = str(arch.get("input", graph.input[0].name)), str(arch.get("output", graph.output[0].name))
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
+    if INPUT_NAME in (inp, out) or OUTPUT_NAME in (inp, out):  # e.g. a graph tilefeet exported itself
+        inp, out = _rename(graph, inp, "tilefeet_network_input"), _rename(graph, out, "tilefeet_network_output")
     original_in = next(v for v in graph.input if v.name == inp)
     original_out = next(v for v in graph.output if v.name == out)
     new_in = onnx.ValueInfoProto()
@@ -300,11 +302,11 @@ def _prepare_graph(bundle: Any, precision: str, path: Path) -> int:
     graph.input.insert(0, new_in)
     graph.output.remove(original_out)
     graph.output.append(new_out)
-    nodes = [helper.make_node("Identity", [INPUT_NAME], [inp], name="tilefeet_input")]
+    nodes = [helper.make_node("Identity", [INPUT_NAME], [inp])]
     if bundle.activation == "sigmoid":
-        nodes_out = [helper.make_node("Sigmoid", [out], [OUTPUT_NAME], name="tilefeet_activation")]
+        nodes_out = [helper.make_node("Sigmoid", [out], [OUTPUT_NAME])]
     elif bundle.activation == "softmax" and opset >= 13:
-        nodes_out = [helper.make_node("Softmax", [out], [OUTPUT_NAME], axis=1, name="tilefeet_activation")]
+        nodes_out = [helper.make_node("Softmax", [out], [OUTPUT_NAME], axis=1)]
     elif bundle.activation == "softmax":  # before opset 13, Softmax flattens the axes after ``axis``
         nodes_out = [
             helper.make_node("ReduceMax", [out], ["tilefeet_max"], axes=[1], keepdims=1),
@@ -314,7 +316,7 @@ def _prepare_graph(bundle: Any, precision: str, path: Path) -> int:
             helper.make_node("Div", ["tilefeet_exp", "tilefeet_sum"], [OUTPUT_NAME]),
         ]
     else:
-        nodes_out = [helper.make_node("Identity", [out], [OUTPUT_NAME], name="tilefeet_output")]
+        nodes_out = [helper.make_node("Identity", [out], [OUTPUT_NAME])]
     for i, node in enumerate(nodes):
         graph.node.insert(i, node)
     graph.node.extend(nodes_out)
@@ -327,6 +329,17 @@ def _prepare_graph(bundle: Any, precision: str, path: Path) -> int:
         _sort_nodes(model.graph)  # the converter appends its input casts after their consumers
     onnx.save(model, str(path))
     return opset
+
+
+def _rename(graph: Any, old: str, new: str) -> str:
+    """Rename a tensor of the top-level graph everywhere it appears; returns ``new``."""
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for v in (*graph.input, *graph.output, *graph.value_info):
+        if v.name == old:
+            v.name = new
+    return new
 
 
 def _sort_nodes(graph: Any) -> None:
