@@ -73,14 +73,15 @@ def main() -> None:
         t0 = time.perf_counter()
         out = tilefeet.segment_to_zarr(src, Path(d) / "seg.ome.zarr", args.engine, chunk_size=CHUNK, block_size=BLOCK, blend=args.blend, **opts)
         seconds = time.perf_counter() - t0
-        plan, _, bundle = tilefeet.plan_segmentation(src, args.engine, **opts)
+        run = tilefeet.plan_segmentation(src, args.engine, **opts)
+        plan, bundle = run.plan, run.bundle
         ev = evaluate(str(out), truth, class_name="membrane", instances="background", tolerance_px=2)
-        pred = zarr.open_group(str(out), mode="r")["labels/membrane/0"][0].astype(bool)
+        pred = zarr.open_group(str(out), mode="r")["labels/membrane/0"][:].astype(bool)
         lat = plan.lattice
         dy, dx = mid_tile_padding(lat, 0), mid_tile_padding(lat, 1)
         shifted = write_image(np.pad(img, ((dy, 0), (dx, 0)), mode="symmetric"), Path(d) / "shifted.ome.zarr", (4.0, 4.0), chunk=CHUNK)
         out2 = tilefeet.segment_to_zarr(shifted, Path(d) / "shifted-seg.ome.zarr", args.engine, chunk_size=CHUNK, block_size=BLOCK, blend=args.blend, **opts)
-        mid = zarr.open_group(str(out2), mode="r")["labels/membrane/0"][0, dy:, dx:].astype(bool)
+        mid = zarr.open_group(str(out2), mode="r")["labels/membrane/0"][dy:, dx:].astype(bool)
     band = seam_band(pred.shape, lat.seams(0), lat.seams(1))
     seam, interior = float((pred != truth)[band].mean()), float((mid != truth)[band].mean())
     scores = {

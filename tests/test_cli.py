@@ -183,10 +183,18 @@ def test_existing_output_is_never_half_overwritten(tmp_path, capsys, small, rand
 
 
 def test_pixel_size_far_off_warns_loudly_and_runs(tmp_path, capsys, montage_2x3, random_engine):
-    src = write_image(montage_2x3[0][:64, :64], tmp_path / "far.ome.zarr", (100.0, 100.0))
+    src = write_image(montage_2x3[0][:64, :64], tmp_path / "far.ome.zarr", (40.0, 40.0))
     code, _, err = run_cli(capsys, "-q", "segment", src, tmp_path / "o.ome.zarr", "-e", random_engine.path)
     assert code == 0
-    assert "warning" in err and "25× off" in err
+    assert "warning" in err and "10× off" in err
+
+
+def test_pixel_size_too_far_off_is_refused_before_any_work(tmp_path, capsys, montage_2x3, random_engine):
+    """25× is beyond what tilefeet resamples: one line naming the factor and the likely slip, no output."""
+    src = write_image(montage_2x3[0][:64, :64], tmp_path / "far.ome.zarr", (100.0, 100.0))
+    code, _, err = run_cli(capsys, "segment", src, tmp_path / "o.ome.zarr", "-e", random_engine.path)
+    assert_one_line_error(code, err, "25×", "unit slip", "--pixel-size")
+    assert not (tmp_path / "o.ome.zarr").exists() and not (tmp_path / "o.ome.zarr.partial").exists()
 
 
 def test_console_script_exit_status_and_no_traceback(tmp_path):
@@ -262,7 +270,7 @@ def test_preview_renders_the_output_and_refuses_what_is_not_one(tmp_path, capsys
     rgb = iio.imread(png)
     assert rgb.shape == (300, 2 * 400 + 8, 3)
     g = zarr.open_group(str(out), mode="r")
-    labels = g["labels/membrane/0"][0].astype(bool)
+    labels = g["labels/membrane/0"][:].astype(bool)
     probs = g["0"][0]
     left, right = rgb[:, :400].astype(int), rgb[:, 408:]
     np.testing.assert_array_equal(right[..., 0], probs)  # the probability map, as stored
@@ -272,3 +280,22 @@ def test_preview_renders_the_output_and_refuses_what_is_not_one(tmp_path, capsys
     assert_one_line_error(code, err, "not a tilefeet output", "tilefeet segment")
     code, _, err = run_cli(capsys, "preview", out, tmp_path / "x.txt")
     assert_one_line_error(code, err, "give a .png")
+
+
+def test_preview_finds_the_input_from_anywhere_and_says_when_it_is_gone(tmp_path, capsys, small, random_engine, monkeypatch):
+    """The output records its input by absolute path: preview works from another folder and after the
+    output moved; a moved input or a misspelt --image is one line, never a flat grey panel."""
+    out = tmp_path / "o.ome.zarr"
+    assert run_cli(capsys, "-q", "segment", small, out, "-e", random_engine.path, "--chunk-size", "128")[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = elsewhere / "moved.ome.zarr"
+    out.rename(moved)
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(capsys, "preview", "moved.ome.zarr", "p.png")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "preview", "moved.ome.zarr", "p.png", "--image", tmp_path / "smal.ome.zarr")
+    assert_one_line_error(code, err, "smal.ome.zarr", "does not exist", "--image")
+    small.rename(tmp_path / "gone.ome.zarr")
+    code, _, err = run_cli(capsys, "preview", "moved.ome.zarr", "p.png")
+    assert_one_line_error(code, err, str(small), "moved", "--image")

@@ -292,7 +292,7 @@ def output_store(tmp_path_factory, random_engine):
     image = np.asarray(np.random.default_rng(1).integers(0, 256, (96, 80)), np.uint8)
     section = write_image(image, folder / "section.ome.zarr", (4.0, 4.0), chunk=32)
     out = segment_to_zarr(section, folder / "out.ome.zarr", random_engine.path, block_size=64, chunk_size=32)
-    membrane = np.asarray(zarr.open_array(str(out / "labels/membrane/0"), mode="r")[0])
+    membrane = np.asarray(zarr.open_array(str(out / "labels/membrane/0"), mode="r")[...])
     write_labels(membrane, section, "membrane")
     write_labels(~membrane.astype(bool), section, "other")
     return out, section, membrane

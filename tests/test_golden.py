@@ -72,6 +72,7 @@ def run_case(tmp: Path, name: str) -> dict[str, str]:
     return arrays_digest(out)
 
 
+@pytest.mark.filterwarnings("ignore::tilefeet.plan.SeamWarning")  # the crop case's overlap is below the receptive field on purpose
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_outputs_keep_their_bits(tmp_path, name):
     doc = json.loads(GOLDEN.read_text())

@@ -152,12 +152,14 @@ def test_the_warning_reaches_the_user_and_the_fix_works(tmp_path, random_engine,
 
     src = write_image(isbi_slices()[0][0].astype(np.float32) / 255, tmp_path / "f.ome.zarr", (4.0, 4.0), chunk=256)
     with pytest.warns(IntensityWarning, match="--intensity percentile"):
-        tilefeet.plan_segmentation(src, random_engine)
-    assert main(["-q", "segment", str(src), str(tmp_path / "o.ome.zarr"), "-e", str(random_engine.path)]) == 0
+        tilefeet.plan_segmentation(src, random_engine, intensity="bundle")  # asked for: warned
+    args = ["-q", "segment", str(src), str(tmp_path / "o.ome.zarr"), "-e", str(random_engine.path)]
+    assert main([*args, "--intensity", "bundle"]) == 0
     assert "tilefeet: warning: the section's intensities" in capsys.readouterr().err
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fix: no warning
-        tilefeet.plan_segmentation(src, random_engine, intensity="percentile")
+        warnings.simplefilter("error")  # the default (auto) matches the values itself: no warning
+        run = tilefeet.plan_segmentation(src, random_engine)
+    assert run.plan.intensity.mode == "percentile" and "differ from the training data" in run.describe()
 
 
 def test_nan_pixels_are_read_as_the_training_mean(tmp_path, random_engine):

@@ -26,7 +26,7 @@ def heldout(tmp_path_factory):
     img, mem = isbi_montage(2, 3)
     src = write_image(img, d / "heldout.ome.zarr", (4.0, 4.0), chunk=256)
     out = tilefeet.segment_to_zarr(src, d / "seg.ome.zarr", "isbi-membrane", chunk_size=256, block_size=768, **HELD_OUT_SETTINGS)
-    pred = zarr.open_group(str(out), mode="r")["labels/membrane/0"][0].astype(bool)
+    pred = zarr.open_group(str(out), mode="r")["labels/membrane/0"][:].astype(bool)
     return src, out, pred, mem.astype(bool)
 
 
@@ -66,7 +66,7 @@ def test_bf16_changes_few_labels_on_the_trained_engine(heldout, tmp_path):
     src, _, pred, truth = heldout
     out = tilefeet.segment_to_zarr(src, tmp_path / "bf16.ome.zarr", "isbi-membrane", chunk_size=256, block_size=768,
                                    backend="torch", precision="bf16", **HELD_OUT_SETTINGS)
-    half = zarr.open_group(str(out), mode="r")["labels/membrane/0"][0].astype(bool)
+    half = zarr.open_group(str(out), mode="r")["labels/membrane/0"][:].astype(bool)
     assert (half != pred).mean() <= 2e-3
     assert f1(half, truth) == pytest.approx(f1(pred, truth), abs=2e-3)
 
@@ -101,7 +101,7 @@ def test_no_seams_along_tile_borders(heldout, tmp_path):
     those pixels is compared.
     """
     src, _, pred, truth = heldout
-    plan, _, _ = tilefeet.plan_segmentation(src, "isbi-membrane")
+    plan = tilefeet.plan_segmentation(src, "isbi-membrane").plan
     lat = plan.lattice
 
     def seams_of(axis):
@@ -114,7 +114,7 @@ def test_no_seams_along_tile_borders(heldout, tmp_path):
     img, _ = isbi_montage(2, 3)
     src = write_image(np.pad(img, ((dy, 0), (dx, 0)), mode="symmetric"), tmp_path / "shifted.ome.zarr", (4.0, 4.0), chunk=256)
     out = tilefeet.segment_to_zarr(src, tmp_path / "shifted-seg.ome.zarr", "isbi-membrane", chunk_size=256, block_size=768, **HELD_OUT_SETTINGS)
-    mid = zarr.open_group(str(out), mode="r")["labels/membrane/0"][0, dy:, dx:].astype(bool)
+    mid = zarr.open_group(str(out), mode="r")["labels/membrane/0"][dy:, dx:].astype(bool)
     seams = _bands(pred.shape, lat.seams(0), lat.seams(1))
     on_seam, mid_tile = (pred != truth)[seams].mean(), (mid != truth)[seams].mean()
     assert on_seam <= mid_tile + 0.005, (on_seam, mid_tile)
@@ -124,7 +124,7 @@ def test_no_seams_along_block_borders(heldout, tmp_path):
     """Pixels along block borders are exactly as good as in a run with one block (they are the same bits)."""
     src, _, pred, truth = heldout
     whole = tilefeet.segment_to_zarr(src, tmp_path / "whole.ome.zarr", "isbi-membrane", chunk_size=256, block_size=4096, **HELD_OUT_SETTINGS)
-    single = zarr.open_group(str(whole), mode="r")["labels/membrane/0"][0].astype(bool)
+    single = zarr.open_group(str(whole), mode="r")["labels/membrane/0"][:].astype(bool)
     borders = _bands(pred.shape, range(768, pred.shape[0], 768), range(768, pred.shape[1], 768))
     assert (pred != truth)[borders].mean() <= (single != truth)[borders].mean()
 

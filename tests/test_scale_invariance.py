@@ -66,9 +66,9 @@ def test_same_scene_at_other_pixel_sizes_agrees_with_4nm(maps, px):
 
 def test_the_2nm_copy_reads_the_4nm_pyramid_level(scene):
     _, paths, _, _ = scene
-    plan, _, _ = tilefeet.plan_segmentation(paths[2.0], "isbi-membrane")
+    plan = tilefeet.plan_segmentation(paths[2.0], "isbi-membrane").plan
     assert plan.level == 1 and not plan.resamples_input and plan.output.pixel_size_nm == (2.0, 2.0)
-    plan, _, _ = tilefeet.plan_segmentation(paths[5.0], "isbi-membrane")
+    plan = tilefeet.plan_segmentation(paths[5.0], "isbi-membrane").plan
     assert plan.level == 0 and plan.summary()["scale_factor"][0] == pytest.approx(1.25)
 
 

@@ -82,9 +82,9 @@ def test_written_store(tmp_path, section, random_engine, monkeypatch):
     boxes = []
     original = OutputStore.write_block
 
-    def recording(self, out, record):
+    def recording(self, out, *args):
         boxes.append(out.box)
-        return original(self, out, record)
+        return original(self, out, *args)
 
     monkeypatch.setattr(OutputStore, "write_block", recording)
     out = tilefeet.segment_to_zarr(section, tmp_path / "out.ome.zarr", random_engine, chunk_size=128, block_size=256)
@@ -109,14 +109,14 @@ def test_written_store(tmp_path, section, random_engine, monkeypatch):
     np.testing.assert_array_equal(p0[:], np.round(lazy * 255).astype(np.uint8))
     # Labels are the thresholded probabilities.
     lab = root["labels/membrane/0"][:]
-    assert lab.shape == (1, 1024, 1536) and lab.dtype == np.uint8
-    np.testing.assert_array_equal(lab, (lazy >= 0.5).astype(np.uint8))
+    assert lab.shape == (1024, 1536) and lab.dtype == np.uint8  # 2-D (y, x): a labels layer in napari, no empty axis
+    np.testing.assert_array_equal(lab, (lazy[0] >= 0.5).astype(np.uint8))
     # Each pyramid level is the 2×2 mean of the level below; label levels threshold it.
     for k in (1, 2, 3, 4):
         below, here = root[str(k - 1)][:], root[str(k)][:]
         mean = downsample_mean(below, here.shape[1:])
         np.testing.assert_array_equal(here, np.round(mean).astype(np.uint8))
-        np.testing.assert_array_equal(root[f"labels/membrane/{k}"][:], (mean >= 127.5).astype(np.uint8))
+        np.testing.assert_array_equal(root[f"labels/membrane/{k}"][:], (mean[0] >= 127.5).astype(np.uint8))
     assert not (tmp_path / "out.ome.zarr.partial").exists()
     assert not (out / ".tilefeet").exists()
 
@@ -133,7 +133,7 @@ def test_output_validates_and_opens_with_ome_zarr(tmp_path, section, random_engi
     nodes = list(Reader(parse_url(str(out)))())
     assert nodes[0].data[0].shape == (1, 1024, 1536)
     label_nodes = [n for n in nodes if n.data and "image-label" in str(n.zarr.root_attrs)]
-    assert label_nodes and label_nodes[0].data[0].shape == (1, 1024, 1536)
+    assert label_nodes and label_nodes[0].data[0].shape == (1024, 1536)
 
 
 def test_lazy_segment_composes_into_a_dask_graph(section, random_engine):

@@ -36,9 +36,10 @@ def _run(section, engine, monkeypatch, budget_mb: str, **kw):
         clear_runners()
 
 
+@pytest.mark.filterwarnings("ignore::tilefeet.plan.SeamWarning")  # small tiles on purpose: much straddling
 @pytest.mark.parametrize("blend", ["gaussian", "crop"])
 def test_shared_tiles_run_once_and_the_bits_do_not_change(section, random_engine, monkeypatch, count_batches, blend):
-    plan = tilefeet.plan_segmentation(section, random_engine, **KW, blend=blend)[0]
+    plan = tilefeet.plan_segmentation(section, random_engine, **KW, blend=blend).plan
     lattice_tiles = plan.lattice.n_tiles
     evaluations = sum(plan.block(*b).n_tiles for b in plan.blocks)
     assert evaluations > 1.3 * lattice_tiles  # small blocks: much straddling to save
@@ -85,9 +86,11 @@ def test_the_local_run_takes_blocks_in_row_major_order(tmp_path, section, random
 
     seen = []
     original = tilefeet.schedule._write_block
-    monkeypatch.setattr(tilefeet.schedule, "_write_block", lambda job, index, *after: seen.append(index) or original(job, index, *after))
+    monkeypatch.setattr(
+        tilefeet.schedule, "_write_block", lambda run, store, index, *rest: seen.append(index) or original(run, store, index, *rest)
+    )
     kw = {k: v for k, v in KW.items() if k != "output_dtype"}
-    plan = tilefeet.plan_segmentation(section, random_engine, **kw, blocks_in_flight=1)[0]
+    plan = tilefeet.plan_segmentation(section, random_engine, **kw, blocks_in_flight=1).plan
     tilefeet.segment_to_zarr(section, tmp_path / "o.ome.zarr", random_engine, **kw, blocks_in_flight=1)
     assert seen == list(plan.blocks) and len(seen) > 8
     seen.clear()

@@ -17,6 +17,7 @@ __all__ = [
     "Settings",
     "TilefeetError",
     "__version__",
+    "clear_caches",
     "list_engines",
     "load_engine",
     "open_image",
@@ -24,6 +25,30 @@ __all__ = [
     "segment",
     "segment_to_zarr",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | set(globals()))
+
+
+def clear_caches() -> None:
+    """Release what tilefeet keeps per process between runs: runners (and the device memory of their
+    networks and tile caches), intensity lookup tables and blending windows on devices. Each cache is
+    bounded; call this to free the device between unrelated jobs in a long-lived process."""
+    import sys
+
+    if "tilefeet.runners" in sys.modules:
+        from .runners import clear_runners
+
+        clear_runners()
+    if "tilefeet.block" in sys.modules:
+        from .block import device_lut
+
+        device_lut.cache_clear()
+    if "tilefeet.blend" in sys.modules:
+        from .blend import device_window
+
+        device_window.cache_clear()
 
 
 def __getattr__(name: str):

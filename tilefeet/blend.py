@@ -41,16 +41,9 @@ def window(shape: Pair, kind: str) -> np.ndarray:
     return w
 
 
-_device_windows: dict = {}
-
-
-def device_window(shape: Pair, kind: str, device):  # -> torch.Tensor
+@lru_cache(maxsize=16)
+def device_window(shape: Pair, kind: str, device: str):  # -> torch.Tensor
     """:func:`window` as a torch tensor on ``device``, created once per (shape, kind, device)."""
     import torch
 
-    key = (shape, kind, str(device))
-    w = _device_windows.get(key)
-    if w is None:
-        w = torch.from_numpy(np.array(window(shape, kind))).to(device)
-        _device_windows[key] = w
-    return w
+    return torch.from_numpy(np.array(window(shape, kind))).to(device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -61,19 +62,18 @@ def finish_block(p: torch.Tensor, plan: Plan, box: Box) -> BlockOutput:
 # ------------------------------------------------------------------------------------- steps
 
 
-_luts: dict[tuple[Any, str, str], torch.Tensor] = {}
+@lru_cache(maxsize=8)
+def device_lut(imap: Any, dtype: str, device: str) -> torch.Tensor | None:
+    """The intensity map as a lookup table on ``device`` for an 8/16-bit dtype (None for floats);
+    a few are kept per process (one per section being segmented), cleared by ``tilefeet.clear_caches``."""
+    table = imap.lut(np.dtype(dtype))
+    return None if table is None else torch.from_numpy(table).to(device)
 
 
 def normalize(raw: np.ndarray, plan: Plan, device: torch.device) -> torch.Tensor:
     """Raw intensities → float32 network input via the section's intensity map (a LUT for 8/16-bit data)."""
     imap = plan.intensity
-    key = (imap, str(raw.dtype), str(device))
-    lut = _luts.get(key)
-    if lut is None:
-        table = imap.lut(raw.dtype)
-        if table is not None:
-            lut = torch.from_numpy(table).to(device)
-            _luts[key] = lut
+    lut = device_lut(imap, str(raw.dtype), str(device))
     if lut is not None:
         # Upload the narrow dtype, widen on the device (an 8-bit index would be read as a mask).
         idx = torch.from_numpy(np.ascontiguousarray(raw)).to(device).to(torch.int32)
@@ -125,7 +125,7 @@ def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) ->
     n_out = len(plan.engine.classes)
     acc = torch.zeros((n_out, *need.shape), dtype=torch.float32, device=x.device)
     wsum = None if crop else torch.zeros(need.shape, dtype=torch.float32, device=x.device)
-    window = None if crop else device_window(lattice.tile, kind, x.device)
+    window = None if crop else device_window(lattice.tile, kind, str(x.device))
     tiles = [(iy, ix) for iy in geo.tiles[0] for ix in geo.tiles[1]]  # lattice order: fixes summation order
     for (iy, ix), p in _predictions(x, tiles, geo, plan, runner):
         tb = lattice.tile_box(iy, ix)
@@ -149,7 +149,7 @@ def _predictions(x: torch.Tensor, tiles: list[Pair], geo: BlockGeometry, plan: P
     not run; the others run in fixed-size batches made of the next tiles still missing (a tile's
     bits do not depend on its batch companions), and those other blocks need go into the cache."""
     lattice, net = plan.lattice, geo.net_box
-    cache = cache_for(runner)
+    cache = cache_for(runner, plan.settings.tile_cache_mb)
     key = plan.fingerprint() if cache is not None else ""
     uses_y, uses_x = consumers(plan, key) if cache is not None else (None, None)
     batch_size = runner.spec.batch_size

@@ -38,8 +38,20 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries
 VERBOSE = typer.Option(False, "--verbose", "-v", help="More detail (the full plan, per-block timings).")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"tilefeet {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(quiet: bool = QUIET, verbose: bool = VERBOSE) -> None:
+def _main(
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     console.reset()
     set_verbosity(quiet, verbose)
 
@@ -56,7 +68,9 @@ def segment(
     tile: Optional[int] = typer.Option(None, help="Tile side in network pixels (default: the engine's)."),
     overlap: Optional[int] = typer.Option(None, help="Overlap between tiles in network pixels (default: the engine's)."),
     blend: str = typer.Option("gaussian", help="gaussian, cosine, constant, or crop (overlap-tile)."),
-    block_size: int = typer.Option(4096, "--block-size", help="Output block side; a multiple of --chunk-size."),
+    block_size: Optional[int] = typer.Option(
+        None, "--block-size", help="Output block side; a multiple of --chunk-size (default: up to 4096, less when upsampling)."
+    ),
     chunk_size: int = typer.Option(1024, "--chunk-size", help="Output chunk side."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Zarr v3 shard side (optional)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per network call."),
@@ -64,8 +78,12 @@ def segment(
     dtype: str = typer.Option("uint8", "--dtype", help="Stored probabilities: uint8, float16 or float32."),
     output_grid: str = typer.Option("input", "--output-grid", help="input (level 0 of the input) or network."),
     pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Input pixel size, e.g. 4nm or 5,4nm (overrides metadata)."),
-    intensity: str = typer.Option("bundle", help="Intensity normalization: bundle, percentile, meanstd, histogram."),
-    invert: bool = typer.Option(False, help="The section's contrast is inverted relative to the training data."),
+    intensity: str = typer.Option(
+        "auto", help="Intensity normalization: auto (bundle, or percentile when the values differ), bundle, percentile, meanstd, histogram."
+    ),
+    invert: Optional[bool] = typer.Option(
+        None, "--invert/--no-invert", help="The section's contrast is inverted relative to the training data (default: auto detects it)."
+    ),
     backend: Optional[str] = typer.Option(
         None, help="auto (default: the fastest that works here, measured once), torch, onnxruntime, tensorrt."
     ),
@@ -74,6 +92,9 @@ def segment(
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the network (default: all)."),
     blocks_in_flight: int = typer.Option(2, "--blocks-in-flight", help="Blocks in memory at once."),
+    tile_cache_mb: Optional[int] = typer.Option(
+        None, "--tile-cache-mb", help="Device memory (MiB) for tiles shared by neighbouring blocks; 0 = off (default 512, or $TILEFEET_TILE_CACHE_MB)."
+    ),
     labels: bool = typer.Option(True, "--labels/--no-labels", help="Also write labels/<class>."),
     overwrite: bool = typer.Option(False, help="Replace an existing output (kept until the new one is complete)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run into the same output."),
@@ -106,19 +127,34 @@ def segment(
         precision=precision,
         threads=threads,
         blocks_in_flight=blocks_in_flight,
+        tile_cache_mb=tile_cache_mb,
         labels=labels,
     )
     t0 = time.perf_counter()
-    planned = pipeline.plan_segmentation(str(input), engine, resume_into=output if resume else None, **options)
-    plan = planned[0]
+    run = pipeline.plan_segmentation(str(input), engine, resume_into=output if resume else None, **options)
     if dry_run:
-        typer.echo(plan.describe())
+        _check_output(run, output, overwrite=overwrite, resume=resume)
+        typer.echo(run.describe())
         return
-    _echo(plan.describe())
-    out = pipeline.write_planned(planned, output, overwrite=overwrite, resume=resume, progress=console.progress_enabled())
+    _echo(run.describe())
+    out = pipeline.write_planned(run, output, overwrite=overwrite, resume=resume, progress=console.progress_enabled())
     dt = time.perf_counter() - t0
-    h, w = plan.output.shape
+    h, w = run.plan.output.shape
     _echo(f"wrote {out} in {dt:.1f} s ({h * w / dt / 1e6:.2f} Mpx/s)")
+
+
+def _check_output(run: Any, output: Path, *, overwrite: bool, resume: bool) -> None:
+    """What ``segment`` would refuse about the output path, said by ``--dry-run`` too (nothing is written)."""
+    from .errors import OutputExistsError
+    from .storage import check_writable, staging_path
+    from .writer import check_paths
+
+    check_paths(run.plan.image.source if run.plan.image.version else None, output)
+    check_writable(output)
+    if output.exists() and not (overwrite or resume):
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it (it is kept until the new output is complete)")
+    if staging_path(output).exists() and not (overwrite or resume):
+        raise OutputExistsError(f"an interrupted run left {staging_path(output)}; pass --resume to continue it or --overwrite to start over")
 
 
 @app.command()
@@ -136,26 +172,24 @@ def info(
     if engine:
         from . import pipeline
 
-        plan, _, _ = pipeline.plan_segmentation(str(path), engine, pixel_size_nm=pixel_size)
-        typer.echo(plan.describe())
+        typer.echo(pipeline.plan_segmentation(str(path), engine, pixel_size_nm=pixel_size).describe())
 
 
 def _describe_labels(path: Path) -> None:
     import zarr
 
+    from .errors import TilefeetError
+    from .ngff import read_multiscale
+
     try:
-        root = zarr.open_group(str(path), mode="r")
-        labels: Any = root.get("labels")
-    except Exception:
+        labels = read_multiscale(path).labels
+    except TilefeetError:
         return
-    if labels is None:
-        return
-    names = dict(labels.attrs).get("ome", dict(labels.attrs)).get("labels", [])
-    for name in names:
+    for name in labels:
         try:
-            arr = labels[f"{name}/0"]
+            arr = zarr.open_array(str(path / "labels" / name / "0"), mode="r")
             typer.echo(f"  labels/{name}: {' × '.join(str(s) for s in arr.shape)} {arr.dtype}")
-        except KeyError:
+        except (KeyError, FileNotFoundError, ValueError):
             typer.echo(f"  labels/{name}: (missing)")
 
 
@@ -177,10 +211,10 @@ def convert(
     set_verbosity(quiet, False)
     from . import convert as conv
     from .errors import ConfigError
-    from .settings import _pair
+    from .settings import pair
     from .units import format_nm, parse_pixel_size
 
-    data = conv.open_input(input, grid=_pair(grid, "grid") if grid else None, stack=stack)
+    data = conv.open_input(input, grid=pair(grid, "grid") if grid else None, stack=stack)
     if labels:
         fg = [float(v) for v in foreground.split(",")] if foreground else None
         out = conv.write_labels(data, output, labels, foreground=fg, overwrite=overwrite)
@@ -299,8 +333,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         typer.echo(f"tilefeet: error: {e}", err=True)
         return e.exit_code
     except KeyboardInterrupt:
-        typer.echo("tilefeet: interrupted (rerun with --resume to continue)", err=True)
+        typer.echo("tilefeet: interrupted", err=True)
         return 130
+    except OSError as e:
+        # The operating system refused something tilefeet did not expect to fail (reading an input,
+        # a cache folder): still one line, naming the path.
+        where = f": {e.filename}" if e.filename else ""
+        typer.echo(f"tilefeet: error: {e.strerror or e}{where}", err=True)
+        return 1
     return 0
 
 

@@ -23,8 +23,7 @@ import numpy as np
 
 from .errors import ConfigError, CorruptDataError, InputNotFoundError, InvalidImageError, OutputExistsError, TilefeetWarning
 from .geometry import Pair
-from .ngff import compressor, multiscales, pyramid_shapes
-from .writer import staging_path
+from .ngff import create_levels, image_metadata, multiscales, pyramid_shapes
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 _GRID_PATTERNS = [
@@ -259,10 +258,14 @@ def write_image(
     """Write a 2-D (y, x) or 3-D (z, y, x) array (numpy or dask) as an OME-Zarr image with a pyramid.
 
     ``version`` "0.5" writes zarr v3 (the default), "0.4" zarr v2. Written to a staging folder
-    and renamed into place, so a failed conversion never leaves a half-written store.
+    and moved into place (:mod:`tilefeet.storage`), so a failed conversion never leaves a
+    half-written store and an existing one is replaced only once the new one is complete.
     """
     import dask.array as da
     import zarr
+
+    from .console import dask_progress
+    from .storage import check_writable, os_error, replace_dir, staging_path
 
     path = Path(path)
     if path.exists() and not overwrite:
@@ -272,6 +275,7 @@ def write_image(
         raise InvalidImageError(f"expected a 2-D (y, x) or 3-D (z, y, x) array, got shape {arr.shape}")
     if min(arr.shape) == 0:
         raise InvalidImageError(f"the input is empty (shape {arr.shape}); nothing to convert")
+    check_writable(path)
     lead_axes = [{"name": "z", "type": "space", "unit": unit}] if arr.ndim == 3 else []
     ch = (1,) * (arr.ndim - 2) + (chunk, chunk)
     shapes = pyramid_shapes(arr.shape[-2:], (chunk, chunk)) if levels is None else [
@@ -282,35 +286,32 @@ def write_image(
         from .units import nm_per_unit
 
         unit_scale = 1.0 / nm_per_unit(unit)
-    ms = multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, unit=unit, unit_scale=unit_scale)
-    if lead_axes:  # z keeps its scale across levels
-        for ds in ms["datasets"]:
-            ds["coordinateTransformations"][0]["scale"][0] = pixel_size_nm[0] * unit_scale
+    ms = multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, lead_scale=[pixel_size_nm[0] * unit_scale] if lead_axes else None,
+                     unit=unit, unit_scale=unit_scale)
     staging = staging_path(path)
-    if staging.exists():
-        shutil.rmtree(staging)
     fmt = 3 if version.startswith("0.5") else 2
-    root = zarr.open_group(str(staging), mode="w", zarr_format=fmt)
-    if fmt == 3:
-        root.attrs["ome"] = {"version": "0.5", "multiscales": [ms]}
-    else:
-        ms["version"] = "0.4"
-        root.attrs["multiscales"] = [ms]
-    level = arr
-    with _progress(progress, "convert"):
-        for k, shape in enumerate(shapes):
-            full = (*arr.shape[:-2], *shape)
-            chunks = tuple(min(c, s) for c, s in zip(ch, full))
-            kw: dict[str, Any] = {"dimension_names": [a["name"] for a in ms["axes"]]} if fmt == 3 else {}
-            compressors = compressor() if fmt == 3 else "auto"
-            z = root.create_array(str(k), shape=full, chunks=chunks, dtype=arr.dtype, compressors=compressors, fill_value=0, **kw)
-            # Each level is computed from the one just written, so the input is read only once.
-            src = level if k == 0 else downsample2(da.from_zarr(root[str(k - 1)]))
-            da.store(src.rechunk(chunks), z, lock=False, scheduler="threads")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
-    return path
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        root = zarr.open_group(str(staging), mode="w", zarr_format=fmt)
+        root.attrs.update(image_metadata(ms, version=version))
+        full = [(*arr.shape[:-2], *shape) for shape in shapes]
+        arrays = create_levels(root, full, chunks=ch, dtype=arr.dtype, dimension_names=[a["name"] for a in ms["axes"]] if fmt == 3 else None,
+                               compressors="auto" if fmt == 2 else "default")
+        with dask_progress("convert", enabled=progress, unit="chunk", counts=_is_store_task):
+            for k, z in enumerate(arrays):
+                # Each level is computed from the one just written, so the input is read only once.
+                src = arr if k == 0 else downsample2(da.from_zarr(arrays[k - 1]))
+                da.store(src.rechunk(z.chunks), z, lock=False, scheduler="threads")
+        return replace_dir(staging, path)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise os_error(e, path) from None
+
+
+def _is_store_task(key: Any) -> bool:
+    name = key[0] if isinstance(key, tuple) else key
+    return str(name).startswith("store-")
 
 
 def write_labels(
@@ -319,68 +320,46 @@ def write_labels(
     """Add a binary NGFF label image ``labels/<name>`` (1 = class) to an existing OME-Zarr 0.5 image.
 
     ``foreground`` lists the mask values that mean "inside the class" (default: every non-zero value).
+    The label image is listed in ``labels/`` only once it is complete, so a failed write leaves no
+    label image a reader would find.
     """
     import dask
     import dask.array as da
     import zarr
 
-    from .training_data import read_stack_meta
+    from .ngff import add_label, label_metadata, read_multiscale
 
-    image = read_stack_meta(image_path)  # not Image.open: training stacks (z, y, x) get labels too
+    image = read_multiscale(image_path, role="image")
     m = mask if isinstance(mask, da.Array) else da.from_array(np.asarray(mask), chunks=1024)
-    img_shape = image.level_shapes[0]
-    if m.shape[-2:] != img_shape[-2:] or (m.ndim == 3 and len(img_shape) == 3 and m.shape[0] != img_shape[0]):
+    img_shape = image.datasets[0].shape
+    spatial = [i for i, a in enumerate(image.axes) if a.type == "space"]
+    if m.shape[-2:] != img_shape[-2:] or (m.ndim == 3 and len(spatial) == 3 and m.shape[0] != img_shape[spatial[0]]):
         raise InvalidImageError(f"label image of shape {m.shape} does not match image {image_path} of shape {img_shape}")
+    if not image.version.startswith("0.5"):
+        raise InvalidImageError(f"{image_path} is OME-Zarr {image.version}; labels are written into 0.5 (zarr v3) images only")
     if foreground is None:
         binary = (m != 0).astype(np.uint8)
     else:
         binary = da.isin(m, list(foreground)).astype(np.uint8)
-    root = zarr.open_group(str(image_path), mode="r+")
-    if root.info._zarr_format != 3:
-        raise InvalidImageError(f"{image_path} is OME-Zarr {image.version}; labels are written into 0.5 (zarr v3) images only")
-    labels = root.require_group("labels")
-    if name in labels and not overwrite:
+    root = zarr.open_group(image.path, mode="r+")
+    if name in image.labels and not overwrite:
         raise OutputExistsError(f"{image_path}/labels/{name} exists; pass --overwrite to replace it")
-    g = labels.create_group(name, overwrite=True)
+    g = root.require_group("labels").create_group(name, overwrite=True)
     lead = [{"name": "z", "type": "space", "unit": "nanometer"}] if binary.ndim == 3 else []
-    px = image.pixel_size_nm or (1.0, 1.0)
-    n = len(image.level_shapes)
+    px = image.pixel_size_nm(0) or (1.0, 1.0)
+    n = len(image.datasets)
+    shapes = [(*binary.shape[:-2], *image.datasets[k].shape[-2:]) for k in range(n)]
+    chunks = (1,) * (binary.ndim - 2) + image.datasets[0].chunks[-2:]
+    arrays = create_levels(g, shapes, chunks=chunks, dtype="uint8", dimension_names=[*(a["name"] for a in lead), "y", "x"])
     tasks, level = [], binary
-    for k in range(n):
+    for k, z in enumerate(arrays):
         if k:
             level = downsample2(level, "max")
-        shape = (*binary.shape[:-2], *image.level_shapes[k][-2:])
-        chunks = tuple(min(c, s) for c, s in zip((1,) * (binary.ndim - 2) + image.chunks[-2:], shape))
-        z = g.create_array(str(k), shape=shape, chunks=chunks, dtype="uint8", compressors=compressor(), fill_value=0,
-                           dimension_names=[*(a["name"] for a in lead), "y", "x"])
-        tasks.append(da.store(level[..., : shape[-2], : shape[-1]].rechunk(chunks), z, lock=False, compute=False))
+        tasks.append(da.store(level[..., : z.shape[-2], : z.shape[-1]].rechunk(z.chunks), z, lock=False, compute=False))
     dask.compute(*tasks, scheduler="threads")
-    ms = multiscales(name, px, n, lead_axes=lead, method="max")
-    if lead:
-        for ds in ms["datasets"]:
-            ds["coordinateTransformations"][0]["scale"][0] = px[0]
-    g.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [ms],
-        "image-label": {"version": "0.5", "colors": [{"label-value": 1, "rgba": [255, 64, 0, 255]}], "source": {"image": "../../"}},
-    }
-    names = list(dict(labels.attrs).get("ome", {}).get("labels", []))
-    labels.attrs["ome"] = {"version": "0.5", "labels": sorted(set(names) | {name})}
-    return Path(image_path) / "labels" / name
+    ms = multiscales(name, px, n, lead_axes=lead, lead_scale=[px[0]] if lead else None, method="max")
+    g.attrs.update(label_metadata(ms, colors=[{"label-value": 1, "rgba": [255, 64, 0, 255]}]))
+    add_label(root, name)
+    return Path(image.path) / "labels" / name
 
 
-class _progress:
-    def __init__(self, enabled: bool, desc: str):
-        self.enabled, self.desc, self.cb = enabled, desc, None
-
-    def __enter__(self):
-        if self.enabled:
-            from dask.diagnostics import ProgressBar
-
-            self.cb = ProgressBar()
-            self.cb.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cb is not None:
-            self.cb.__exit__(*exc)

@@ -35,6 +35,10 @@ class ConfigError(TilefeetError, ValueError):
     """An option value that cannot work (tile size, overlap, block size, threshold, ...)."""
 
 
+class OutputWriteError(TilefeetError, OSError):
+    """The operating system refused to write the output (permissions, a full disk, a read-only file system)."""
+
+
 class OutputExistsError(TilefeetError, FileExistsError):
     """The output exists and the user did not ask to overwrite or resume it."""
 
@@ -49,6 +53,12 @@ class InvalidEngineError(TilefeetError, ValueError):
 
 class BackendUnavailableError(TilefeetError, RuntimeError):
     """An inference backend that cannot run here (library missing, no GPU)."""
+
+
+class Interrupted(TilefeetError, KeyboardInterrupt):
+    """The user interrupted a run (Ctrl-C); the message says what was kept and how to resume."""
+
+    exit_code = 130
 
 
 class TilefeetWarning(UserWarning):

@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptDataError, InputNotFoundError, InvalidImageError, TilefeetError, TilefeetWarning
+from .errors import CorruptDataError, InvalidImageError, TilefeetWarning
 from .geometry import Box, Pair, reflect_index
 from .units import format_nm, nm_per_unit
 
 FloatPair = tuple[float, float]
+#: Chunk side of numpy arrays wrapped as images (so a block task depends only on the chunks it needs).
+ARRAY_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class ImageMeta:
     version: str = ""  #: NGFF version, "" for in-memory arrays
     name: str = ""
     axes: tuple[str, ...] = ("y", "x")
+    lead_shape: tuple[int, ...] = ()  #: sizes of the axes before y, x (all 1 for a section)
+    token: str = ""  #: content token of an in-memory array (dask's); a store is identified by its path
 
     @property
     def shape(self) -> Pair:
@@ -77,8 +81,6 @@ class ImageMeta:
             levels.append(replace(lv, pixel_size_nm=px, origin_nm=origin))
         return replace(self, levels=tuple(levels))
 
-    lead_shape: tuple[int, ...] = ()  #: sizes of the axes before y, x (all 1 for a section)
-
     def describe(self) -> str:
         lead = [f"{n} {a}" for a, n in zip(self.axes[:-2], self.lead_shape) if n > 1]
         kind = f", a stack of {' × '.join(lead)} planes" if lead else ""
@@ -94,7 +96,7 @@ class Image:
     """A lazily read section: metadata plus per-level array handles."""
 
     meta: ImageMeta
-    _arrays: list[Any] = field(default_factory=list, repr=False)  #: zarr or dask/numpy arrays, per level
+    _arrays: list[Any] = field(default_factory=list, repr=False)  #: zarr or dask arrays, per level
     _lead: tuple[int, ...] = ()  #: index for the leading singleton axes
 
     # ---- construction
@@ -117,7 +119,15 @@ class Image:
         origin_nm: FloatPair = (0.0, 0.0),
         name: str = "array",
     ) -> Image:
-        """Wrap a numpy, dask or xarray 2-D array (xarray coordinates give the pixel size in nm)."""
+        """Wrap a numpy, dask or xarray 2-D array (xarray coordinates give the pixel size in nm).
+
+        The array is held as a dask array (numpy in chunks of :data:`ARRAY_CHUNK`), so that a
+        graph over the image makes each block depend on the chunks it needs, not the whole array,
+        and its content token (dask's) tells two arrays of the same shape apart in dask keys.
+        """
+        import dask.array as da
+        from dask.base import tokenize
+
         arr: Any = data
         px: Any = pixel_size_nm
         origin = origin_nm
@@ -127,11 +137,14 @@ class Image:
             origin = origin2 if origin2 is not None else origin
         if isinstance(px, (int, float)):
             px = (float(px), float(px))
+        if not isinstance(arr, da.Array):
+            arr = np.asarray(arr)
+            arr = da.from_array(arr, chunks=tuple(min(ARRAY_CHUNK, max(1, s)) for s in arr.shape))
         shape = tuple(int(s) for s in arr.shape)
         lead = _check_axes_shape(shape, tuple("?" * (len(shape) - 2)) + ("y", "x"), name)
-        chunks = tuple(int(c[0]) for c in arr.chunks)[-2:] if hasattr(arr, "chunks") and arr.chunks else shape[-2:]
+        chunks = tuple(int(c[0]) for c in arr.chunks)[-2:]
         level = Level("0", (shape[-2], shape[-1]), (chunks[-2], chunks[-1]), px, origin)
-        meta = ImageMeta(name, (level,), str(np.dtype(arr.dtype)), len(shape), "", name)
+        meta = ImageMeta(name, (level,), str(np.dtype(arr.dtype)), len(shape), "", name, token=tokenize(arr))
         _check_level(meta, 0)
         return cls(meta, [arr], lead)
 
@@ -141,181 +154,111 @@ class Image:
     def shape(self) -> Pair:
         return self.meta.shape
 
+    @property
+    def in_memory(self) -> bool:
+        """An array given in memory (numpy, dask, xarray), not an OME-Zarr store."""
+        return not self.meta.version
+
     def array(self, level: int) -> Any:
-        """The stored array of a level (zarr or dask/numpy), leading axes included."""
+        """The stored array of a level (zarr or dask), leading axes included."""
         if not self._arrays:
             self._arrays = _open_level_arrays(self.meta)
         return self._arrays[level]
 
     def read(self, level: int, box: Box) -> np.ndarray:
         """Pixels of ``box`` at ``level`` as a 2-D array; outside the image, symmetric reflection."""
+        hull = self.hull(level, box)
+        return Region(level, hull, self._read_inside(level, hull), self.meta.levels[level].shape).read(level, box)
+
+    def hull(self, level: int, box: Box) -> Box:
+        """The part of the level inside the image that reading ``box`` touches (reflection included)."""
         h, w = self.meta.levels[level].shape
-        inside = Box(0, 0, h, w)
-        if inside.contains(box):
-            return self._read_inside(level, box)
+        if Box(0, 0, h, w).contains(box):
+            return box
         ys = reflect_index(np.arange(box.y0, box.y1), h)
         xs = reflect_index(np.arange(box.x0, box.x1), w)
-        hull = Box(int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
-        data = self._read_inside(level, hull)
-        return data[np.ix_(ys - hull.y0, xs - hull.x0)]
+        return Box(int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
+
+    def lazy_region(self, level: int, box: Box) -> Any:
+        """For an in-memory image, the lazy dask array of :meth:`hull` (a task takes it as an input,
+        computed by the scheduler: no compute inside a task); ``None`` for a store (its tasks read)."""
+        if not self.in_memory:
+            return None
+        hull = self.hull(level, box)
+        return self.array(level)[self._lead + (slice(hull.y0, hull.y1), slice(hull.x0, hull.x1))]
 
     def _read_inside(self, level: int, box: Box) -> np.ndarray:
         arr = self.array(level)
         index = self._lead + (slice(box.y0, box.y1), slice(box.x0, box.x1))
+        if self.in_memory:  # a dask array read outside a graph (statistics, small in-process reads)
+            return np.asarray(arr[index].compute(scheduler="sync"))
         try:
-            data = arr[index]
-            if hasattr(data, "compute"):
-                data = data.compute()
-            return np.asarray(data)
-        except TilefeetError:
-            raise
-        except Exception as e:  # zarr/numcodecs raise plain RuntimeError/ValueError on bad bytes
+            return np.asarray(arr[index])
+        except (RuntimeError, ValueError) as e:  # what zarr and numcodecs raise on bytes they cannot decode
             raise CorruptDataError(
-                f"{self.meta.source}: could not read level {level} ({self.meta.levels[level].path}) at "
+                f"{self.meta.source}: could not decode level {level} ({self.meta.levels[level].path}) at "
                 f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
                 f"a chunk there is damaged: restore or re-convert the input"
             ) from None
 
     def __getstate__(self) -> dict:
-        # Arrays of a store are re-opened in the receiving process; in-memory ones travel as they are.
+        # Arrays never travel with the image: a store's are re-opened in the receiving process, and
+        # an in-memory one reaches tasks as explicit inputs (:meth:`lazy_region`), chunk by chunk.
         state = dict(self.__dict__)
-        if self.meta.version:
-            state["_arrays"] = []
+        state["_arrays"] = []
         return state
+
+
+@dataclass(frozen=True)
+class Region:
+    """Pixels of one level already read (``data`` covers ``hull``), read like an image: boxes that
+    reach beyond the image are reflected into the hull, as :meth:`Image.read` does."""
+
+    level: int
+    hull: Box
+    data: np.ndarray
+    shape: Pair | None = None  #: the level's shape (for reflection); None when ``hull`` needs none
+
+    def read(self, level: int, box: Box) -> np.ndarray:
+        assert level == self.level, "a region serves the level it was read from"
+        if self.hull.contains(box):
+            return self.data[box.relative_to(self.hull)]
+        h, w = self.shape if self.shape is not None else (self.hull.y1, self.hull.x1)
+        ys = reflect_index(np.arange(box.y0, box.y1), h) - self.hull.y0
+        xs = reflect_index(np.arange(box.x0, box.x1), w) - self.hull.x0
+        return self.data[np.ix_(ys, xs)]
 
 
 # ------------------------------------------------------------------------------------ OME-Zarr
 
 
 def _open_ome_zarr(path: Path, sections_only: bool = True) -> Image:
-    import zarr
+    from .ngff import read_multiscale
 
-    if not path.exists():
-        raise InputNotFoundError(f"{path} does not exist; give the path of an OME-Zarr image (convert TIFF/PNG with `tilefeet convert`)")
-    try:
-        node = zarr.open(store=str(path), mode="r")
-    except Exception:
-        raise InvalidImageError(
-            f"{path} is not a Zarr store; convert TIFF/PNG images with `tilefeet convert {path} OUT.ome.zarr --pixel-size 4nm`"
-        ) from None
-    if not isinstance(node, zarr.Group):
-        raise InvalidImageError(
-            f"{path} is a bare Zarr array, not an OME-Zarr image group; wrap it with `tilefeet convert` or give the image group"
-        )
-    attrs: dict[str, Any] = dict(node.attrs)
-    ms: Any
-    if "bioformats2raw.layout" in attrs.get("ome", attrs) and "0" in node:
-        return _open_ome_zarr(path / "0", sections_only)
-    if "ome" in attrs:
-        version = str(attrs["ome"].get("version", "0.5"))
-        ms = attrs["ome"].get("multiscales")
-    else:
-        ms = attrs.get("multiscales")
-        version = str(ms[0].get("version", "0.4")) if isinstance(ms, list) and ms and isinstance(ms[0], dict) else "0.4"
-    if not ms:
-        raise InvalidImageError(
-            f"{path} has no OME-Zarr 'multiscales' metadata, so it is not an OME-Zarr image; "
-            f"convert the data with `tilefeet convert` or add NGFF multiscales metadata"
-        )
-    _validate(path, node, version)
-    multiscale = ms[0]
-    axes = multiscale.get("axes") or [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-    axes = [a if isinstance(a, dict) else {"name": a} for a in axes]  # 0.3 wrote plain names
-    names = tuple(str(a.get("name", "?")) for a in axes)
-    space = [i for i, a in enumerate(axes) if a.get("type", "space" if a.get("name") in ("x", "y", "z") else "") == "space"]
-    if len(space) < 2 or space[-2:] != [len(axes) - 2, len(axes) - 1]:
-        raise InvalidImageError(f"{path}: the last two axes must be spatial (y, x), got axes {names}")
-    units = [axes[i].get("unit") for i in space[-2:]]
-    global_scale, global_shift = _transforms(multiscale.get("coordinateTransformations") or [], len(axes))
-    levels, lead = [], None
-    for k, ds in enumerate(multiscale.get("datasets", [])):
-        apath = ds["path"]
-        try:
-            arr: Any = node[apath]
-        except KeyError:
-            raise InvalidImageError(f"{path}: multiscales names dataset {apath!r} but the store has no such array") from None
-        shape = tuple(int(s) for s in arr.shape)
-        if len(shape) != len(axes):
-            raise InvalidImageError(f"{path}/{apath}: array has {len(shape)} dimensions but metadata declares axes {names}")
-        if k == 0:
-            lead = _check_axes_shape(shape, names, str(path)) if sections_only else (0,) * (len(shape) - 2)
-        scale, shift = _transforms(ds.get("coordinateTransformations") or [], len(axes))
-        scale = [a * b for a, b in zip(scale, global_scale)]
-        shift = [a * g + b for a, g, b in zip(shift, global_scale, global_shift)]
-        px = None
-        if all(u is not None for u in units):
-            f = [nm_per_unit(u, where=f"{path} axis {names[i]!r}") for u, i in zip(units, space[-2:])]
-            px = (scale[-2] * f[0], scale[-1] * f[1])
-            origin = (shift[-2] * f[0], shift[-1] * f[1])
-            if min(px) <= 0:
-                raise InvalidImageError(f"{path}/{apath}: scale must be positive, got {scale[-2:]}")
-        else:
-            origin = (0.0, 0.0)
-        chunks = tuple(int(c) for c in (arr.chunks or shape))
-        if k == 0:
-            scale0, shape0 = scale, shape
-        elif not _consistent(shape, scale, shape0, scale0):
+    ms = read_multiscale(path)
+    names = ms.names
+    space = [i for i, a in enumerate(ms.axes) if a.type == "space"]
+    if len(space) < 2 or space[-2:] != [len(names) - 2, len(names) - 1]:
+        raise InvalidImageError(f"{ms.path}: the last two axes must be spatial (y, x), got axes {names}")
+    lead = _check_axes_shape(ms.datasets[0].shape, names, ms.path) if sections_only else (0,) * (len(names) - 2)
+    levels = []
+    ds0 = ms.datasets[0]
+    for k, ds in enumerate(ms.datasets):
+        px = ms.pixel_size_nm(k)
+        if px is not None and min(px) <= 0:
+            raise InvalidImageError(f"{ms.path}/{ds.path}: scale must be positive, got {ds.scale[-2:]}")
+        if k and not _consistent(ds.shape, ds.scale, ds0.shape, ds0.scale):
             # The level's scale says one size, its shape another: which is wrong cannot be told, and
             # reading it would put pixels in the wrong place. Level 0 defines the section; skip it.
             warnings.warn(TilefeetWarning(
-                f"{path}/{apath}: its scale {_fmt(scale[-2:])} and shape {shape[-2]} × {shape[-1]} disagree with level 0 "
-                f"({_fmt(scale0[-2:])}, {shape0[-2]} × {shape0[-1]}); this level is ignored (fix its coordinateTransformations)"
+                f"{ms.path}/{ds.path}: its scale {_fmt(ds.scale[-2:])} and shape {ds.shape[-2]} × {ds.shape[-1]} disagree with level 0 "
+                f"({_fmt(ds0.scale[-2:])}, {ds0.shape[-2]} × {ds0.shape[-1]}); this level is ignored (fix its coordinateTransformations)"
             ), stacklevel=3)
             continue
-        levels.append(Level(str(apath), (shape[-2], shape[-1]), (chunks[-2], chunks[-1]), px, origin))
-    first: Any = node[levels[0].path]
-    meta = ImageMeta(str(path), tuple(levels), str(first.dtype), len(axes), version, str(multiscale.get("name") or ""), names,
-                     tuple(int(s) for s in first.shape[:-2]))
+        levels.append(Level(ds.path, (ds.shape[-2], ds.shape[-1]), (ds.chunks[-2], ds.chunks[-1]), px, ms.origin_nm(k) if px else (0.0, 0.0)))
+    meta = ImageMeta(ms.path, tuple(levels), ds0.dtype, len(names), ms.version, ms.name, names, tuple(ds0.shape[:-2]))
     _check_level(meta, 0)
-    return Image(meta, [], lead or ())
-
-
-def _validate(path: Path, node: Any, version: str) -> None:
-    """Validate with ome-zarr-models; its pydantic error becomes one line naming the first problem."""
-    try:
-        if version.startswith("0.5"):
-            from ome_zarr_models.v05 import Image as Model
-        elif version.startswith("0.4"):
-            from ome_zarr_models.v04 import Image as Model  # type: ignore[assignment]
-        else:
-            return  # older layouts: read leniently below
-        Model.from_zarr(node)
-    except ImportError:
-        return
-    except Exception as e:
-        first = _first_validation_error(e)
-        if "dimension_names" in first:
-            # NGFF 0.5 asks arrays to repeat the axis names; some writers leave them out. The axes
-            # metadata says the same thing, so read on, but say so.
-            warnings.warn(
-                TilefeetWarning(f"{path}: its arrays lack zarr dimension_names (NGFF 0.5 requires them); reading the axes metadata instead"),
-                stacklevel=3,
-            )
-            return
-        raise InvalidImageError(f"{path}: invalid OME-Zarr {version} multiscales metadata ({first}); fix the metadata or re-convert the image") from None
-
-
-def _first_validation_error(e: Exception) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        try:
-            err = errors()[0]
-            loc = ".".join(str(p) for p in err.get("loc", ()))
-            return f"{loc}: {err.get('msg', '')}".strip(": ")
-        except Exception:
-            pass
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def _transforms(transforms: Sequence[dict], n: int) -> tuple[list[float], list[float]]:
-    scale, shift = [1.0] * n, [0.0] * n
-    for t in transforms:
-        if t.get("type") == "scale" and "scale" in t:
-            scale = [float(v) for v in t["scale"]]
-        elif t.get("type") == "translation" and "translation" in t:
-            shift = [float(v) for v in t["translation"]]
-    return scale, shift
+    return Image(meta, [], lead)
 
 
 def _check_axes_shape(shape: tuple[int, ...], names: tuple[str, ...], where: str) -> tuple[int, ...]:
@@ -359,6 +302,12 @@ def _check_level(meta: ImageMeta, level: int) -> None:
 
 def _open_level_arrays(meta: ImageMeta) -> list[Any]:
     import zarr
+
+    if not meta.version:
+        raise RuntimeError(
+            f"the in-memory image {meta.source!r} was sent to another process without its data; "
+            "tasks receive its pixels as inputs (Image.lazy_region)"
+        )
 
     group = zarr.open_group(store=meta.source, mode="r")
     return [group[lv.path] for lv in meta.levels]

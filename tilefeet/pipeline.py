@@ -1,27 +1,33 @@
 """The public entry points: plan a run, segment lazily (dask/xarray out), or segment to OME-Zarr.
 
-    plan_segmentation(source, engine, **options)   -> Plan (what --dry-run prints)
+    plan_segmentation(source, engine, **options)   -> Run (what --dry-run prints: run.describe())
     segment(source, engine, **options)             -> lazy xarray.DataArray of probabilities
     segment_to_zarr(source, output, engine, ...)   -> the written OME-Zarr (or, compute=False, a dask Delayed)
+
+Planning is one pass: open the input and the engine, choose the level to read (refusing a pixel
+size far from the engine's before anything is read), sample the section's statistics at that
+level, build the intensity map and the plan once, and put the backend choice in the runner spec.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .engine import EngineBundle, load_engine
+from .errors import Interrupted, TilefeetError
 from .geometry import Box
 from .image import Image
-from .intensity import IntensityWarning, make_intensity_map, mismatch
-from .plan import EngineSpec, Plan, make_plan
-from .runners import RunnerSpec, get_runner
+from .intensity import IntensityWarning, inversion_warning, make_intensity_map, mismatch
+from .plan import EngineSpec, make_plan, read_level
+from .runners import RunnerSpec
+from .schedule import Run, get_runner, lazy_array, run_graph, write_graph
 from .settings import Settings
+from .storage import check_writable
 
 #: Pixels read once per section for intensity statistics (spread over the section).
 STATS_PIXELS = 1 << 24
@@ -66,77 +72,79 @@ def plan_segmentation(
     settings: Settings | None = None,
     *,
     resume_into: str | os.PathLike | None = None,
+    resolve_backend: bool = True,
     **options: Any,
-) -> tuple[Plan, Image, EngineBundle]:
-    """Open the input and the engine, compute section statistics, and plan the run.
+) -> Run:
+    """Open the input and the engine, compute section statistics, and plan the run (one pass).
 
-    ``resume_into``: the output of an interrupted run to continue; its backend choice is reused
-    (unless one is given), so the remaining blocks run exactly as the finished ones did.
+    ``resolve_backend``: choose ``--backend auto`` here (the network runs in this process); off,
+    the runner spec keeps ``"auto"`` and each process that runs the network chooses for itself
+    (cluster workers may have other hardware than the client). ``resume_into``: the output of an
+    interrupted run to continue; its recorded runner is reused, so the remaining blocks run
+    exactly as the finished ones did.
     """
-    if resume_into is not None and options.get("backend") in (None, "auto"):
-        from .writer import staged_settings
-
-        staged = staged_settings(Path(resume_into))
-        if staged:
-            options = {**options, "backend": staged["backend"], "backend_options": staged.get("backend_options", ())}
     settings = settings or Settings.create(**options)
     image = open_image(source, settings.pixel_size_nm)
     bundle = load_engine(engine)
     spec = EngineSpec.from_bundle(bundle)
-    # A plan with the identity intensity map tells which level is read; statistics come from that level.
-    probe = make_plan(image.meta, spec, settings, make_intensity_map("bundle", bundle.normalization, None, dtype=np.dtype(image.meta.dtype)))
-    # Read for every mode: "bundle" uses none, but the sample is how a wrong value range (float data
-    # in [0, 1] for an engine trained on 8-bit) is caught before a whole section is segmented.
-    bundle.check_weights()  # before reading anything: a damaged bundle is the cheaper thing to find
-    sample = section_sample(image, probe.level)
+    _, level = read_level(image.meta, spec, settings)  # refuses impossible pixel sizes before reading
+    bundle.check_weights()  # before reading pixels: a damaged bundle is the cheaper thing to find
+    sample = section_sample(image, level)
     imap = make_intensity_map(settings.intensity, bundle.normalization, sample, dtype=np.dtype(image.meta.dtype), invert=settings.invert)
-    problem = mismatch(imap, sample)
-    if problem:
-        warnings.warn(IntensityWarning(problem), stacklevel=2)
-    return choose_backend(replace(probe, intensity=imap), bundle), image, bundle
+    for problem in (mismatch(imap, sample), inversion_warning(imap, sample) if settings.invert is None else None):
+        if problem:
+            warnings.warn(IntensityWarning(problem), stacklevel=2)
+    plan = make_plan(image.meta, spec, settings, imap)
+    runner, reason = _runner_spec(plan, bundle, resume_into, resolve_backend)
+    return Run(plan, image, bundle, runner, reason)
 
 
-def choose_backend(plan: Plan, bundle: EngineBundle) -> Plan:
-    """Resolve ``--backend auto`` (or check an explicit backend) once, here in the main process, and
-    record the concrete backend and options in the plan: workers never decide for themselves, and
-    the resume fingerprint covers what actually ran."""
-    from .runners.select import resolve_backend
-
-    s = plan.settings
-    backend, options, reason = resolve_backend(
-        bundle, device=s.device, precision=s.precision, batch_size=s.batch_size, tile=plan.lattice.tile, prefer=s.backend
-    )
-    merged = tuple(sorted({**dict(options), **dict(s.backend_options)}.items()))
-    return replace(plan, settings=s.replace(backend=backend, backend_options=merged), backend_reason=reason)
-
-
-def runner_spec(plan: Plan, bundle: EngineBundle) -> RunnerSpec:
+def _runner_spec(plan: Any, bundle: EngineBundle, resume_into: Any, resolve: bool) -> tuple[RunnerSpec, str]:
+    """The runner spec of a run: the backend asked for, the one an interrupted run recorded, or
+    (``auto``, resolved here) the fastest that works here, with the reason."""
     s = plan.settings
     options = dict(s.backend_options)
     if s.threads is not None:
         options["threads"] = s.threads
-    return RunnerSpec(
+    backend, reason = s.backend, ""
+    if resume_into is not None and backend == "auto":
+        from .writer import staged_runner
+
+        staged = staged_runner(Path(resume_into))
+        if staged and staged.get("backend") not in (None, "auto"):
+            backend, reason = staged["backend"], "the backend the interrupted run used"
+            options = {**dict(map(tuple, staged.get("options", []))), **options}
+    spec = RunnerSpec(
         engine=str(bundle.path),
-        backend=s.backend,
+        backend=backend,
         device=s.device,
         precision=s.precision,
         batch_size=s.batch_size,
         tile=plan.lattice.tile,
         options=tuple(sorted(options.items())),
     )
+    if backend == "auto" and not resolve:
+        return spec, "chosen by each process that runs the network"
+    from .runners.select import resolve_backend
+
+    chosen, chosen_options, why = resolve_backend(
+        bundle, device=s.device, precision=s.precision, batch_size=s.batch_size, tile=plan.lattice.tile, prefer=backend
+    )
+    merged = tuple(sorted({**dict(chosen_options), **dict(spec.options)}.items()))
+    return RunnerSpec(spec.engine, chosen, spec.device, spec.precision, spec.batch_size, spec.tile, merged), reason or why
 
 
 def segment(source: Any, engine: str | os.PathLike | EngineBundle = "isbi-membrane", **options: Any) -> Any:
     """Lazy segmentation: an ``xarray.DataArray`` of float32 probabilities ``(c, y, x)`` backed by a
     dask array with one chunk per output block, with physical coordinates (nm) and class names.
-    Nothing is computed until you ask (``.compute()``, ``.to_zarr()``, or as part of a larger graph).
+    Nothing is computed until you ask (``.compute()``, ``.to_zarr()``, or as part of a larger graph,
+    here or on a cluster: with ``backend="auto"`` each process chooses its own backend).
     """
     import xarray as xr
 
-    from .schedule import Job, lazy_array
-
-    plan, image, bundle = plan_segmentation(source, engine, **options)
-    data = lazy_array(Job(plan, image, runner_spec(plan, bundle)))
+    run = plan_segmentation(source, engine, resolve_backend=False, **options)
+    plan = run.plan
+    data = lazy_array(run)
     (py, px), (oy, ox) = plan.output.pixel_size_nm, plan.output.origin_nm
     h, w = plan.output.shape
     coords = {
@@ -144,7 +152,7 @@ def segment(source: Any, engine: str | os.PathLike | EngineBundle = "isbi-membra
         "y": xr.Variable("y", oy + py * np.arange(h), {"units": "nm"}),
         "x": xr.Variable("x", ox + px * np.arange(w), {"units": "nm"}),
     }
-    attrs = {"engine": bundle.name, "pixel_size_nm": plan.output.pixel_size_nm, "threshold": plan.settings.threshold}
+    attrs = {"engine": run.bundle.name, "pixel_size_nm": plan.output.pixel_size_nm, "threshold": plan.settings.threshold}
     return xr.DataArray(data, dims=("c", "y", "x"), coords=coords, name="probabilities", attrs=attrs)
 
 
@@ -163,15 +171,17 @@ def segment_to_zarr(
     """Segment a section into an OME-Zarr at ``output`` (probabilities + labels, with pyramids).
 
     With ``compute=False``, returns the dask ``Delayed`` that does the whole job (for a cluster);
-    computing it returns the output path. ``resources`` (e.g. ``{"GPU": 1}``) annotates the tasks
-    that run the network, for clusters whose GPU workers declare that resource.
+    computing it returns the output path. Its ``backend="auto"`` (the default) is then chosen by
+    each worker process for itself, and the output's provenance lists what ran. ``resources``
+    (e.g. ``{"GPU": 1}``) annotates the tasks that run the network, for clusters whose GPU workers
+    declare that resource.
     """
-    planned = plan_segmentation(source, engine, resume_into=output if resume else None, **options)
-    return write_planned(planned, output, overwrite=overwrite, resume=resume, progress=progress, compute=compute, resources=resources)
+    run = plan_segmentation(source, engine, resume_into=output if resume else None, resolve_backend=compute, **options)
+    return write_planned(run, output, overwrite=overwrite, resume=resume, progress=progress, compute=compute, resources=resources)
 
 
 def write_planned(
-    planned: tuple[Plan, Image, EngineBundle],
+    run: Run,
     output: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -181,20 +191,31 @@ def write_planned(
     resources: dict | None = None,
 ) -> Path | Any:
     """Write a run planned by :func:`plan_segmentation` (the CLI prints the plan first, then writes it)."""
-    from .schedule import Job, run, write_graph
     from .writer import OutputStore
 
-    plan, image, bundle = planned
-    spec = runner_spec(plan, bundle)
-    store = OutputStore.prepare(Path(output), plan, overwrite=overwrite, resume=resume)  # path errors first: cheap
+    output = Path(output)
+    check_writable(output)
+    runner = {"backend": run.runner.backend, "options": [list(kv) for kv in run.runner.options]}
+    store = OutputStore.prepare(output, run.plan, runner=runner, overwrite=overwrite, resume=resume)  # path errors first: cheap
     if not compute:
-        return write_graph(Job(plan, image, spec, store), resources)
-    graph = write_graph(Job(plan, image, spec, store), resources, in_order=plan.settings.blocks_in_flight)
+        return write_graph(run, store, resources)
+    graph = write_graph(run, store, resources, in_order=run.plan.settings.blocks_in_flight)
     try:
         # This process's runner, built before any block: a damaged engine or a backend that
         # cannot start fails here, in one piece (the tasks then reuse it).
-        get_runner(spec)
-        return Path(run(graph, workers=plan.settings.blocks_in_flight, progress=progress))
+        get_runner(run.runner)
+        return Path(run_graph(graph, workers=run.plan.settings.blocks_in_flight, progress=progress))
+    except KeyboardInterrupt:
+        if store.discard_if_nothing_done():
+            raise Interrupted(f"interrupted before any block was finished; nothing of {output} was kept") from None
+        raise Interrupted(
+            f"interrupted: the finished blocks are kept in {store.staging}; rerun the same command with --resume to continue"
+        ) from None
+    except TilefeetError:
+        store.discard_if_nothing_done()
+        raise
+    except OSError as e:
+        raise store.write_error(e) from None
     except BaseException:
         store.discard_if_nothing_done()  # nothing to resume: leave no staging folder behind
         raise

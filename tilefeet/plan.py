@@ -1,9 +1,11 @@
 """The plan of a run: which level to read, the three grids, the tile lattice, the output blocks.
 
-Pure: built from an :class:`~tilefeet.image.ImageMeta`, an engine bundle's declarations and the
-:class:`~tilefeet.settings.Settings`, with no I/O. The intensity map (section statistics) is
-computed by the caller and carried along, so the plan holds everything a block task needs and
-pickles small enough to travel with every task.
+Pure: built from an :class:`~tilefeet.image.ImageMeta`, an engine's declarations
+(:class:`EngineSpec`) and the :class:`~tilefeet.settings.Settings`, with no I/O. Planning is one
+pass (:func:`tilefeet.pipeline.plan_run`): :func:`read_level` chooses the pyramid level (and
+refuses pixel sizes too far from the engine's, before anything is read), the caller computes the
+section's intensity map from that level, then :func:`make_plan` builds the plan once. A plan holds
+everything a block task needs and pickles small enough to travel with every task.
 """
 
 from __future__ import annotations
@@ -17,16 +19,27 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InvalidImageError, TilefeetWarning
+from .errors import ConfigError, InvalidImageError, TilefeetWarning, UnitError
 from .geometry import BlockGrid, Box, GridMap, Pair, TileLattice, resample_taps
 from .image import ImageMeta
 from .intensity import IntensityMap
 from .resolution import Grid, choose_level, mismatch, network_grid, scale_factor
-from .settings import Settings
+from .settings import DEFAULT_BLOCK, Settings
 from .units import format_nm
 
 #: A section whose pixel size is this far from the engine's gets a loud warning (it still runs).
 LOUD_MISMATCH = 8.0
+#: ... and this far is refused: a unit slip (5 um for 5 nm) would otherwise plan millions of tiles
+#: and exhaust memory. 16 still admits 1 nm data for a 16 nm engine (or the reverse).
+MAX_SCALE = 20.0
+#: Network-grid pixels along one side of a block that the automatic block size stays under; an
+#: explicit --block-size may reach MAX_NETWORK_BLOCK (memory holds a few float copies of a block).
+AUTO_NETWORK_BLOCK = 6144
+MAX_NETWORK_BLOCK = 16384
+
+
+class SeamWarning(TilefeetWarning):
+    """Crop mode with an overlap that does not cover the engine's receptive field: tiles meet at seams."""
 
 
 class PixelSizeWarning(TilefeetWarning):
@@ -87,6 +100,12 @@ class BlockGeometry:
 
 @dataclass(frozen=True)
 class Plan:
+    """Everything that decides the output bits of a run, and the geometry of its blocks (pure, picklable).
+
+    ``source``, ``network`` and ``output`` are the three pixel grids (see :mod:`tilefeet.resolution`);
+    ``lattice`` lives in the network grid, ``blocks`` in the output grid.
+    """
+
     image: ImageMeta
     engine: EngineSpec
     settings: Settings
@@ -97,7 +116,6 @@ class Plan:
     lattice: TileLattice
     blocks: BlockGrid
     intensity: IntensityMap
-    backend_reason: str = ""  #: why the backend in ``settings`` was chosen (``--backend auto``)
 
     # ---- maps between grids
 
@@ -152,7 +170,7 @@ class Plan:
         doc = {
             "image": asdict(self.image),
             "engine": self.engine.fingerprint or self.engine.path,
-            "settings": {k: v for k, v in asdict(self.settings).items() if k not in ("blocks_in_flight", "device")},
+            "settings": self.settings.fingerprint_items(),
             "level": self.level,
             "intensity": asdict(self.intensity),
         }
@@ -185,7 +203,8 @@ class Plan:
             "intensity": self.intensity.mode,
         }
 
-    def describe(self) -> str:
+    def describe(self, backend: str = "") -> str:
+        """The plan for people (``--dry-run``, the CLI's header); ``backend`` is the runner's line."""
         s = self.summary()
         f = s["scale_factor"]
         fy, fx = (f"{v:.4g}" for v in f)
@@ -197,11 +216,8 @@ class Plan:
             f"{format_nm(s['network_pixel_nm'])}" + ("" if self.resamples_input else " (no resampling)"),
             f"output      {s['output_shape'][0]} × {s['output_shape'][1]} px at {format_nm(s['output_pixel_nm'])} "
             f"({self.settings.output_grid} grid), {self.settings.output_dtype}, chunks {self.settings.chunk_size}",
-            f"intensity   {s['intensity']}" + (" (inverted contrast)" if self.settings.invert else ""),
-            f"backend     {self.settings.backend}"
-            + "".join(f", {k}={v}" for k, v in self.settings.backend_options)
-            + f" on {self.settings.device}, {self.settings.precision}"
-            + (f" ({self.backend_reason})" if self.backend_reason else ""),
+            f"intensity   {self.intensity.describe()}",
+            *([f"backend     {backend}"] if backend else []),
             f"tiles       {s['tile'][0]} × {s['tile'][1]}, overlap {s['overlap'][0]}, blend {self.settings.blend}: "
             f"{s['lattice_tiles']} lattice tiles",
             f"blocks      {s['blocks']} of {s['block_size'][0]} × {s['block_size'][1]} output px, "
@@ -213,8 +229,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensity: IntensityMap) -> Plan:
-    """Choose the level, build the grids, lattice and blocks, and check the options against the engine."""
+def read_level(image: ImageMeta, engine: EngineSpec, settings: Settings) -> tuple[ImageMeta, int]:
+    """The image as planned (``--pixel-size`` applied) and the pyramid level to read: the one closest
+    to the engine's pixel size without being coarser. Refuses, before anything is read, a pixel
+    size the engine cannot be run at (none known, or more than :data:`MAX_SCALE` × off)."""
+    given = settings.pixel_size_nm is not None
     if settings.pixel_size_nm is not None:
         image = image.with_pixel_size(settings.pixel_size_nm)
     px0 = image.levels[0].pixel_size_nm
@@ -223,16 +242,37 @@ def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensit
             f"{image.source} does not say its pixel size (no units in its axes metadata); "
             f"supply it with --pixel-size, e.g. --pixel-size 4nm"
         )
-    ratio = mismatch(px0, engine.pixel_size_nm)
-    if ratio >= LOUD_MISMATCH:
-        warnings.warn(
-            f"the section's pixel size {format_nm(px0)} is {ratio:.0f}× off the engine's "
-            f"{format_nm(engine.pixel_size_nm)}: check the metadata (or --pixel-size); running anyway",
-            PixelSizeWarning,
-            stacklevel=2,
-        )
     sizes = [lv.pixel_size_nm or px0 for lv in image.levels]
     level = choose_level(sizes, engine.pixel_size_nm, settings.resample_tolerance)
+    ratio = mismatch(sizes[level], engine.pixel_size_nm)
+    origin = "--pixel-size" if given else "the input's metadata"
+    if ratio > MAX_SCALE:
+        finer = sizes[level][0] < engine.pixel_size_nm[0]
+        raise UnitError(
+            f"the section's pixel size {format_nm(px0)} (from {origin}) is {ratio:.0f}× {'finer' if finer else 'coarser'} "
+            f"than engine {engine.name!r}'s {format_nm(engine.pixel_size_nm)}, beyond the {MAX_SCALE:.0f}× tilefeet resamples: "
+            f"a unit slip? (e.g. 5um written for 5nm) Fix {'--pixel-size' if given else 'the pixel size with --pixel-size'}"
+            + ("" if given else " (or the input's metadata)")
+            + ", or use an engine trained near this pixel size"
+        )
+    if mismatch(px0, engine.pixel_size_nm) >= LOUD_MISMATCH:
+        warnings.warn(
+            PixelSizeWarning(
+                f"the section's pixel size {format_nm(px0)} (from {origin}) is {mismatch(px0, engine.pixel_size_nm):.0f}× off "
+                f"the engine's {format_nm(engine.pixel_size_nm)}: check it; running anyway"
+            ),
+            stacklevel=2,
+        )
+    return image, level
+
+
+def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensity: IntensityMap) -> Plan:
+    """Build the grids, lattice and blocks for ``image`` (pixel size applied by :func:`read_level`),
+    and check the options against the engine."""
+    image, level = read_level(image, engine, settings)
+    px0 = image.levels[0].pixel_size_nm
+    assert px0 is not None  # read_level refuses images without one
+    sizes = [lv.pixel_size_nm or px0 for lv in image.levels]
     lv0, lv = image.levels[0], image.levels[level]
     grid0 = Grid(lv0.shape, px0, lv0.origin_nm)
     source = Grid(lv.shape, sizes[level], lv.origin_nm)
@@ -250,6 +290,51 @@ def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensit
             )
         if not 0 <= overlap[a] < tile[a]:
             raise ConfigError(f"overlap {overlap[a]} must be at least 0 and smaller than the tile ({tile[a]}); e.g. --overlap {tile[a] // 8}")
+    if settings.blend == "crop":
+        _check_crop_context(engine, tile, overlap)
     lattice = TileLattice(network.shape, tile, overlap, fitted=settings.blend != "crop")
-    blocks = BlockGrid(output.shape, settings.block_size)
+    zoom = (output.pixel_size_nm[0] / network.pixel_size_nm[0], output.pixel_size_nm[1] / network.pixel_size_nm[1])
+    block = block_size(settings, zoom)
+    settings = settings.replace(block_size=block)
+    blocks = BlockGrid(output.shape, block)
     return Plan(image, engine, settings, level, source, network, output, lattice, blocks, intensity)
+
+
+def block_size(settings: Settings, zoom: tuple[float, float]) -> Pair:
+    """The output block: ``--block-size``, or the largest multiple of the chunk (shard) up to
+    4096 whose network-grid extent (``zoom`` network pixels per output pixel) stays under
+    :data:`AUTO_NETWORK_BLOCK`. An explicit block whose network extent passes
+    :data:`MAX_NETWORK_BLOCK` is refused: a block holds a few float copies of it in memory."""
+    unit = settings.shard_size or settings.chunk_size
+    if settings.block_size is None:
+        return tuple(  # type: ignore[return-value]
+            max(unit[a], min(DEFAULT_BLOCK, int(AUTO_NETWORK_BLOCK / zoom[a])) // unit[a] * unit[a]) for a in (0, 1)
+        )
+    side = max(b * z for b, z in zip(settings.block_size, zoom))
+    if side > MAX_NETWORK_BLOCK:
+        fits = max(unit[0], int(AUTO_NETWORK_BLOCK / max(zoom)) // unit[0] * unit[0])
+        raise ConfigError(
+            f"--block-size {settings.block_size[0]} spans {side:.0f} network pixels per side at this scale (× {max(zoom):.3g}), "
+            f"about {side * side * 16 / 2**30:.0f} GiB per block in flight; use --block-size {fits}"
+            + (f" (and --chunk-size {min(unit[0], fits)})" if fits < unit[0] else "")
+        )
+    return settings.block_size
+
+
+def _check_crop_context(engine: EngineSpec, tile: Pair, overlap: Pair) -> None:
+    """Crop mode equals whole-image inference only when each tile's kept centre has the engine's
+    receptive field of context inside the tile: overlap ≥ receptive field − 1."""
+    rf = engine.receptive_field
+    if not rf or min(overlap) >= rf - 1:
+        return
+    t = max(tile)
+    fix = next((o for o in range(rf - 1, t) if (t - o) % engine.divisor == 0), None)
+    advice = f"use --overlap {fix}" if fix is not None else f"use a larger --tile (above {rf + engine.divisor}) with --overlap {rf - 1} or more"
+    warnings.warn(
+        SeamWarning(
+            f"crop mode keeps each tile's centre, which equals whole-image inference only when the overlap covers engine "
+            f"{engine.name!r}'s receptive field ({rf} px); with overlap {min(overlap)} there will be seams: {advice}, "
+            f"or blend (--blend gaussian)"
+        ),
+        stacklevel=3,
+    )

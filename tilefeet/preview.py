@@ -1,7 +1,8 @@
 """A PNG to look at: the input with the labels overlaid, beside the probability map.
 
 Reads one pyramid level of the output (the finest that fits ``max_size``), so previews of whole
-sections are cheap.
+sections are cheap. The input is the image the output records (by absolute path) unless
+``image`` names another; when it cannot be found that is an error, not a grey panel.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, InvalidImageError
+from .errors import ConfigError, InputNotFoundError, InvalidImageError, TilefeetError
 
 
 def render_preview(output: Path, png: Path, *, image: Path | None = None, max_size: int = 2048, class_index: int = 0) -> Path:
@@ -18,36 +19,39 @@ def render_preview(output: Path, png: Path, *, image: Path | None = None, max_si
     import zarr
 
     from .image import Image
-    from .ngff import LABEL_COLORS
+    from .ngff import LABEL_COLORS, read_multiscale
 
     png = Path(png)
     if png.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
         raise ConfigError(f"cannot write a preview as {png.name!r}; give a .png (or .jpg, .tif) file name")
     not_ours = InvalidImageError(f"{output} is not a tilefeet output (OME-Zarr 0.5 with probabilities); run `tilefeet segment` first")
     try:
-        root = zarr.open_group(str(output), mode="r")
-        ms = root.attrs["ome"]["multiscales"][0]
-        axes = [a["name"] if isinstance(a, dict) else a for a in ms["axes"]]
-    except Exception:
+        ms = read_multiscale(output, role="output")
+    except InputNotFoundError:
+        raise
+    except TilefeetError:
         raise not_ours from None
-    if axes != ["c", "y", "x"]:  # an input image, a label image, or someone else's store
+    if ms.names != ("c", "y", "x") or ms.is_label:  # an input image, a label image, or someone else's store
         raise not_ours
-    png.parent.mkdir(parents=True, exist_ok=True)
-    paths = [d["path"] for d in ms["datasets"]]
-    level = next((k for k, p in enumerate(paths) if max(root[p].shape[1:]) <= max_size), len(paths) - 1)
-    prob = np.asarray(root[paths[level]][class_index])
+    src = image or ms.metadata.get("input")
+    if not src:
+        raise InvalidImageError(f"{output} does not record its input image; give it with --image IMAGE.ome.zarr")
+    if not Path(src).exists():
+        hint = "check --image" if image else f"{output} records it, but it has moved or been deleted: give it with --image"
+        raise InputNotFoundError(f"the input image {src} does not exist; {hint}")
+    section = Image.open(src)
+    root = zarr.open_group(ms.path, mode="r")
+    level = next((k for k, ds in enumerate(ms.datasets) if max(ds.shape[1:]) <= max_size), len(ms.datasets) - 1)
+    path = ms.datasets[level].path
+    prob = np.asarray(root[path][class_index])
     prob = prob if prob.dtype == np.uint8 else np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
     h, w = prob.shape
     label = None
-    if "labels" in root:
-        names = root["labels"].attrs["ome"]["labels"]
-        if class_index < len(names):
-            label = np.asarray(root[f"labels/{names[class_index]}/{paths[level]}"][0]).astype(bool)
-    src = image or (ms.get("metadata") or {}).get("input")
-    if src and Path(src).exists():
-        grey = _read_like(Image.open(src), (h, w))
-    else:
-        grey = np.full((h, w), 128, np.uint8)
+    if class_index < len(ms.labels):
+        lab = np.asarray(root[f"labels/{ms.labels[class_index]}/{path}"])
+        label = lab.reshape(lab.shape[-2:]).astype(bool)  # (y, x); older outputs wrote (1, y, x)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    grey = _read_like(section, (h, w))
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
     if label is not None:
         color = np.array(LABEL_COLORS[class_index % len(LABEL_COLORS)], np.float32)

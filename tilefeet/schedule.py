@@ -1,58 +1,97 @@
 """Dask graphs around the block function: one task per output block, then the pyramid, then finalize.
 
-The graph is thin: each task is plain Python over arrays, carries only the plan, the image handle
-and a :class:`~tilefeet.runners.RunnerSpec` (never a model: each process builds its runner once),
-and returns a tiny record instead of data. Run locally with dask's threaded scheduler and
-``blocks_in_flight`` workers, at most that many blocks exist in memory at once, whatever the
+The graph is thin: each task is plain Python over arrays, carries only the :class:`Run` (the plan,
+the image handle, a :class:`~tilefeet.runners.RunnerSpec`; never a model: each process builds its
+runner once) and returns a tiny record instead of data. Run locally with dask's threaded scheduler
+and ``blocks_in_flight`` workers, at most that many blocks exist in memory at once, whatever the
 section's size; reading and writing of some blocks overlap with the device computing another.
 The same graph runs unchanged on ``dask.distributed``.
+
+Keys identify the whole job: the plan's fingerprint (input path or in-memory data token, engine,
+every setting that changes bits), the runner spec and the output path, so any number of jobs
+compose into one graph. An in-memory input reaches each block task as the dask array of the
+pixels it needs (the scheduler computes it: no ``compute`` inside a task, nothing pickled whole).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import dask
 import numpy as np
 from dask import delayed
+from dask.base import tokenize
 
 from .block import compute_block, finish_block
+from .image import Image, Region
 from .plan import Plan
-from .runners import RunnerSpec, get_runner
+from .runners import RunnerSpec
 from .writer import OutputStore
 
 log = logging.getLogger("tilefeet")
 
 
-class Job:
-    """What every task of one run shares; travels once per graph (a single dask leaf)."""
+@dataclass(frozen=True)
+class Run:
+    """One planned segmentation: what every task of its graph shares (a single dask leaf).
 
-    def __init__(self, plan: Plan, image: Any, spec: RunnerSpec, store: OutputStore | None = None):
-        self.plan, self.image, self.spec, self._store = plan, image, spec, store
+    ``runner.backend`` is concrete for runs computed here, or ``"auto"`` for graphs that may run
+    elsewhere (``compute=False``, the lazy array): each process then chooses where the network runs.
+    """
 
-    @property
-    def store(self) -> OutputStore:
-        if self._store is None:
-            raise RuntimeError("this job computes blocks lazily and has no output store")
-        return self._store
+    plan: Plan
+    image: Image
+    bundle: Any  #: the EngineBundle (metadata; its weights load in each process's runner)
+    runner: RunnerSpec
+    backend_reason: str = ""
+
+    def token(self, *extra: Any) -> str:
+        """Identifies the job (and ``extra``: an output path) in dask keys."""
+        return tokenize(self.plan.fingerprint(), self.runner, *extra)
+
+    def describe(self) -> str:
+        r = self.runner
+        options = "".join(f", {k}={v}" for k, v in r.options)
+        backend = f"{r.backend}{options} on {r.device}, {r.precision}" + (f" ({self.backend_reason})" if self.backend_reason else "")
+        return self.plan.describe(backend)
 
 
 def block_record(index: tuple[int, int]) -> str:
     return f"b{index[0]}_{index[1]}"
 
 
-def _write_block(job: Job, index: tuple[int, int], *_after: Any) -> str:
-    runner = get_runner(job.spec)
-    t0 = time.perf_counter()
-    p = compute_block(job.plan, index, job.image, runner)
-    out = finish_block(p, job.plan, job.plan.blocks.box(*index))
-    t1 = time.perf_counter()
-    record = block_record(index)
-    job.store.write_block(out, record)
+def get_runner(spec: RunnerSpec) -> Any:
+    """This process's runner for ``spec``; an ``"auto"`` spec is resolved here, where the network runs."""
+    from . import runners
+
+    return runners.get_runner(spec)
+
+
+def _source(run: Run, region: np.ndarray | None, index: tuple[int, int]) -> Any:
+    """What the block reads from: the image (a store), or its in-memory pixels given as the task's input."""
+    if region is None:
+        return run.image
+    plan = run.plan
+    hull = run.image.hull(plan.level, plan.block(*index).src_box)
+    return Region(plan.level, hull, np.asarray(region), plan.image.levels[plan.level].shape)
+
+
+def _write_block(run: Run, store: OutputStore, index: tuple[int, int], region: Any, *_after: Any) -> str:
+    try:
+        runner = get_runner(run.runner)
+        t0 = time.perf_counter()
+        p = compute_block(run.plan, index, _source(run, region, index), runner)
+        out = finish_block(p, run.plan, run.plan.blocks.box(*index))
+        t1 = time.perf_counter()
+        record = block_record(index)
+        store.write_block(out, record, runner.spec.backend)
+    except OSError as e:
+        raise store.write_error(e) from None
     if log.isEnabledFor(logging.DEBUG):
-        geo = job.plan.block(*index)
+        geo = run.plan.block(*index)
         log.debug(
             "block %s %s: %d tiles, computed in %.2f s, written in %.2f s",
             index, geo.out_box, geo.n_tiles, t1 - t0, time.perf_counter() - t1,
@@ -60,13 +99,16 @@ def _write_block(job: Job, index: tuple[int, int], *_after: Any) -> str:
     return record
 
 
-def _compute_block(job: Job, index: tuple[int, int]) -> np.ndarray:
-    runner = get_runner(job.spec)
-    return compute_block(job.plan, index, job.image, runner).cpu().numpy()
+def _compute_block(run: Run, index: tuple[int, int], region: Any) -> np.ndarray:
+    runner = get_runner(run.runner)
+    return compute_block(run.plan, index, _source(run, region, index), runner).cpu().numpy()
 
 
-def _pyramid_block(job: Job, level: int, box: Any, record: str, *_after: Any) -> str:
-    job.store.write_pyramid_block(level, box, record)
+def _pyramid_block(store: OutputStore, level: int, box: Any, record: str, *_after: Any) -> str:
+    try:
+        store.write_pyramid_block(level, box, record)
+    except OSError as e:
+        raise store.write_error(e) from None
     return record
 
 
@@ -74,11 +116,19 @@ def _barrier(*records: Any) -> int:
     return len(records)
 
 
-def _finalize(job: Job, *_after: Any) -> str:
-    return str(job.store.finalize())
+def _finalize(store: OutputStore, *_after: Any) -> str:
+    try:
+        return str(store.finalize())
+    except OSError as e:
+        raise store.write_error(e) from None
 
 
-def write_graph(job: Job, resources: dict | None = None, *, in_order: int | None = None) -> Any:
+def _region(run: Run, index: tuple[int, int]) -> Any:
+    plan = run.plan
+    return run.image.lazy_region(plan.level, plan.block(*index).src_box)
+
+
+def write_graph(run: Run, store: OutputStore, resources: dict | None = None, *, in_order: int | None = None) -> Any:
     """A dask ``Delayed`` that writes every unfinished block, builds the pyramid and finalizes the store.
 
     ``resources`` (e.g. ``{"GPU": 1}``) annotates the block tasks, the ones that run the network, so
@@ -90,9 +140,10 @@ def write_graph(job: Job, resources: dict | None = None, *, in_order: int | None
     neighbours run soon after it, while its border tiles are still cached). For the local run with
     ``n`` workers; a cluster gets the unchained graph (its parallelism is the point).
     """
-    store, plan = job.store, job.plan
-    leaf = delayed(job, traverse=False)
-    token = plan.fingerprint()[:12]
+    plan = run.plan
+    token = run.token(str(store.path.resolve()))
+    leaf = delayed(run, traverse=False, name=f"tilefeet-run-{token}")
+    store_leaf = delayed(store, traverse=False, name=f"tilefeet-store-{token}")
     tasks: list[Any] = []
     with dask.annotate(**({"resources": resources} if resources else {})):
         for index in plan.blocks:  # row-major
@@ -100,25 +151,25 @@ def write_graph(job: Job, resources: dict | None = None, *, in_order: int | None
                 continue
             after = tasks[-in_order:][:1] if in_order and len(tasks) >= in_order else []
             name = f"tilefeet-block-{token}-{index[0]}-{index[1]}"
-            tasks.append(delayed(_write_block, pure=False)(leaf, index, *after, dask_key_name=name))
+            tasks.append(delayed(_write_block, pure=False)(leaf, store_leaf, index, _region(run, index), *after, dask_key_name=name))
     after = delayed(_barrier)(*tasks, dask_key_name=f"tilefeet-level0-{token}")
-    for level in range(1, store.levels()):
+    for level in range(1, len(store.shapes)):
         level_tasks = [
-            delayed(_pyramid_block, pure=False)(leaf, level, box, record, after, dask_key_name=f"tilefeet-{record}-{token}")
+            delayed(_pyramid_block, pure=False)(store_leaf, level, box, record, after, dask_key_name=f"tilefeet-{record}-{token}")
             for record, box in store.pyramid_tasks(level)
             if record not in store.done
         ]
         after = delayed(_barrier)(after, *level_tasks, dask_key_name=f"tilefeet-level{level}-{token}")
-    return delayed(_finalize, pure=False)(leaf, after, dask_key_name=f"tilefeet-finalize-{token}")
+    return delayed(_finalize, pure=False)(store_leaf, after, dask_key_name=f"tilefeet-finalize-{token}")
 
 
-def lazy_array(job: Job) -> Any:
+def lazy_array(run: Run) -> Any:
     """Float32 probabilities ``(C, H, W)`` as a dask array with one chunk per output block (not computed)."""
     import dask.array as da
 
-    plan = job.plan
-    leaf = delayed(job, traverse=False)
-    token = plan.fingerprint()[:12]
+    plan = run.plan
+    token = run.token()
+    leaf = delayed(run, traverse=False, name=f"tilefeet-run-{token}")
     n = len(plan.engine.classes)
     ny, nx = plan.blocks.counts
     rows = []
@@ -126,51 +177,27 @@ def lazy_array(job: Job) -> Any:
         row = []
         for bx in range(nx):
             box = plan.blocks.box(by, bx)
-            d = delayed(_compute_block, pure=True)(leaf, (by, bx), dask_key_name=f"tilefeet-lazy-{token}-{by}-{bx}")
+            d = delayed(_compute_block, pure=True)(leaf, (by, bx), _region(run, (by, bx)), dask_key_name=f"tilefeet-lazy-{token}-{by}-{bx}")
             row.append(da.from_delayed(d, (n, *box.shape), dtype=np.float32))
         rows.append(row)
     return da.block(rows)
 
 
-def run(graph: Any, *, workers: int, progress: bool, description: str = "segment") -> Any:
-    """Compute ``graph`` with the threaded scheduler, ``workers`` tasks at a time, with a progress bar."""
-    with _ProgressBar(description, enabled=progress):
+def run_graph(graph: Any, *, workers: int, progress: bool, description: str = "segment") -> Any:
+    """Compute ``graph`` with the threaded scheduler, ``workers`` tasks at a time, with a progress bar
+    over the output blocks (the tasks that run the network); the pyramid that follows shows as a
+    note on the bar, so "1/1 block" means one block, not one block and a level."""
+    from .console import dask_progress
+
+    bar = dask_progress(description, enabled=progress, counts=_is_block, unit="block", note=_pyramid_note)
+    with bar:
         (result,) = dask.compute(graph, scheduler="threads", num_workers=workers)
     return result
-
-
-class _ProgressBar(dask.callbacks.Callback):
-    """A tqdm bar over the output blocks (the tasks that run the network); the pyramid that follows
-    shows as a note on the finished bar, so "1/1 block" means one block, not one block and a level."""
-
-    def __init__(self, description: str, enabled: bool):
-        super().__init__()
-        self.description, self.enabled, self.bar = description, enabled, None
-        self.pyramid_shown = False
-
-    def _start_state(self, dsk: Any, state: Any) -> None:
-        from tqdm.auto import tqdm
-
-        total = sum(1 for k in state["ready"] + list(state["waiting"]) if _is_block(k))
-        self.bar = tqdm(total=total, desc=self.description, unit="block", disable=not self.enabled, dynamic_ncols=True)
-
-    def _pretask(self, key: Any, dsk: Any, state: Any) -> None:
-        if self.bar is not None and self.enabled and _is_pyramid(key) and not self.pyramid_shown:
-            self.bar.set_postfix_str("pyramid")
-            self.pyramid_shown = True
-
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        if self.bar is not None and _is_block(key):
-            self.bar.update(1)
-
-    def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _is_block(key: Any) -> bool:
     return str(key).startswith("tilefeet-block-")
 
 
-def _is_pyramid(key: Any) -> bool:
-    return str(key).startswith("tilefeet-p")
+def _pyramid_note(key: Any) -> str | None:
+    return "pyramid" if str(key).startswith("tilefeet-p") else None

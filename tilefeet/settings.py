@@ -1,18 +1,21 @@
 """One home for the options of a segmentation run.
 
-:meth:`Settings.create` normalizes user input once (``512`` or ``(512, 384)`` tiles, ``"4nm"`` pixel
-sizes, case-insensitive modes) and checks what can be checked without the image or the engine;
-the rest of the code sees one canonical, frozen form. CLI flags map onto these fields one to one.
+:meth:`Settings.create` is the boundary: it normalizes user input once (``512`` or ``(512, 384)``
+tiles, ``"4nm"`` pixel sizes, case-insensitive modes), reads the environment's defaults
+(``$TILEFEET_BACKEND``, ``$TILEFEET_TILE_CACHE_MB``) and checks what can be checked without the
+image or the engine; the rest of the code sees one canonical, frozen form and never reads the
+environment itself. CLI flags map onto these fields one to one.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+import warnings
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, TilefeetWarning
 from .geometry import Pair
 from .intensity import INTENSITY_MODES
 from .units import parse_pixel_size
@@ -23,16 +26,24 @@ OutputDtype = Literal["uint8", "float16", "float32"]
 OUTPUT_DTYPES: tuple[str, ...] = ("uint8", "float16", "float32")
 OUTPUT_GRIDS: tuple[str, ...] = ("input", "network")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+#: Output block side when none is given: large blocks amortize the tiles straddling their borders.
+DEFAULT_BLOCK = 4096
+#: Default device memory (MiB) for tiles shared by neighbouring blocks (:mod:`tilefeet.tilecache`).
+DEFAULT_TILE_CACHE_MB = 512
+#: Settings that change no output bit (left out of the resume fingerprint and dask keys).
+NOT_IN_FINGERPRINT = ("blocks_in_flight", "device", "tile_cache_mb")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Options of one run; ``None`` means "the engine bundle's recommendation"."""
+    """Options of one run; ``None`` means "the engine bundle's recommendation" (or "decide from the data")."""
 
     tile: Pair | None = None  #: tile side (network grid), a multiple of the engine's divisor
     overlap: Pair | None = None  #: overlap between neighbouring tiles (network grid)
     blend: Blend = "gaussian"  #: window for blending overlapping tiles, or "crop" (overlap-tile)
-    block_size: Pair = (4096, 4096)  #: output block (output grid), a multiple of chunk_size
+    #: output block (output grid), a multiple of chunk_size; None: up to 4096, smaller when the
+    #: network grid is finer than the output grid (a block's network pixels stay bounded)
+    block_size: Pair | None = None
     chunk_size: Pair = (1024, 1024)  #: output chunk (output grid)
     shard_size: Pair | None = None  #: zarr v3 shard (output grid), a multiple of chunk_size
     batch_size: int = 4  #: tiles per runner call (fixed: the last batch is padded)
@@ -40,32 +51,44 @@ class Settings:
     output_dtype: OutputDtype = "uint8"  #: probabilities stored as 0..255 (uint8) or floats
     output_grid: Literal["input", "network"] = "input"  #: level 0 of the input, or the network's pixel size
     pixel_size_nm: tuple[float, float] | None = None  #: overrides (or supplies) the input's level-0 pixel size
-    intensity: str = "bundle"  #: intensity normalization mode (see tilefeet.intensity)
-    invert: bool = False  #: the section has inverted contrast relative to the training data
+    intensity: str = "auto"  #: intensity normalization mode (see tilefeet.intensity)
+    invert: bool | None = None  #: inverted contrast: True, False, or None (``auto`` decides)
     resample_tolerance: float = 0.01  #: relative pixel-size mismatch below which no resampling is done
-    #: "auto" (the fastest backend that works here, measured once and cached), "torch",
-    #: "onnxruntime" or "tensorrt". ``$TILEFEET_BACKEND`` changes the default.
-    backend: str = field(default_factory=lambda: os.environ.get("TILEFEET_BACKEND", "auto"))
+    #: "auto" (the fastest backend that works where the network runs), "torch", "onnxruntime" or
+    #: "tensorrt". :meth:`create` takes the default from ``$TILEFEET_BACKEND``.
+    backend: str = "auto"
     backend_options: tuple[tuple[str, Any], ...] = ()  #: backend-specific, e.g. (("compile", True),)
     device: str = "auto"
     precision: str = "fp32"
     threads: int | None = None  #: CPU threads for the network (None: the library's default)
     blocks_in_flight: int = 2  #: blocks read/computed/written at once (bounds memory)
     labels: bool = True  #: also write labels/<class>
+    tile_cache_mb: int = DEFAULT_TILE_CACHE_MB  #: device memory for tiles shared by neighbouring blocks; 0 = off
 
     @classmethod
     def create(cls, **kwargs: Any) -> Settings:
-        """Build from loosely typed user input; unknown names are an error."""
+        """Build from loosely typed user input; unknown names are an error. Options not given take
+        their defaults, and ``backend``/``tile_cache_mb`` the environment's
+        (``$TILEFEET_BACKEND``, ``$TILEFEET_TILE_CACHE_MB``)."""
         names = {f.name for f in fields(cls)}
         unknown = set(kwargs) - names
         if unknown:
             raise ConfigError(f"unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
         kw = {k: v for k, v in kwargs.items() if v is not None}
+        kw.setdefault("backend", os.environ.get("TILEFEET_BACKEND") or "auto")
+        if "tile_cache_mb" not in kw and os.environ.get("TILEFEET_TILE_CACHE_MB", "").strip():
+            kw["tile_cache_mb"] = _env_int("TILEFEET_TILE_CACHE_MB")
         for key in ("tile", "overlap", "block_size", "chunk_size", "shard_size"):
             if key in kw:
-                kw[key] = _pair(kw[key], key)
+                kw[key] = pair(kw[key], key)
         if "pixel_size_nm" in kw:
-            kw["pixel_size_nm"] = parse_pixel_size(kw["pixel_size_nm"], where="--pixel-size")
+            raw = kw["pixel_size_nm"]
+            kw["pixel_size_nm"] = parse_pixel_size(raw, where="--pixel-size")
+            if isinstance(raw, str) and not re.search(r"[^\d\s.,xX×eE+-]", raw):
+                warnings.warn(
+                    TilefeetWarning(f"--pixel-size {raw} has no unit: read as {raw} nm (write e.g. {raw}nm or {raw}um to say so)"),
+                    stacklevel=2,
+                )
         for key in ("blend", "output_dtype", "output_grid", "intensity", "precision", "backend"):
             if key in kw:
                 kw[key] = str(kw[key]).lower()
@@ -87,14 +110,16 @@ class Settings:
             raise ConfigError("batch size and blocks in flight must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.tile_cache_mb < 0:
+            raise ConfigError(f"the tile cache budget must be 0 (off) or more MiB, got {self.tile_cache_mb}")
         for a in (0, 1):
-            if self.chunk_size[a] < 1 or self.block_size[a] % self.chunk_size[a]:
+            if self.chunk_size[a] < 1 or (self.block_size is not None and self.block_size[a] % self.chunk_size[a]):
                 raise ConfigError(
                     f"block size {self.block_size} must be a multiple of the output chunk size {self.chunk_size}, "
                     f"so that no two blocks write one chunk; e.g. --block-size {self.chunk_size[a] * 4}"
                 )
             if self.shard_size is not None and (
-                self.shard_size[a] % self.chunk_size[a] or self.block_size[a] % self.shard_size[a]
+                self.shard_size[a] % self.chunk_size[a] or (self.block_size is not None and self.block_size[a] % self.shard_size[a])
             ):
                 raise ConfigError(
                     f"shard size {self.shard_size} must be a multiple of the chunk size {self.chunk_size} "
@@ -104,8 +129,13 @@ class Settings:
     def replace(self, **kwargs: Any) -> Settings:
         return replace(self, **kwargs)
 
+    def fingerprint_items(self) -> dict[str, Any]:
+        """The settings that can change output bits, as plain values (resume checks, dask keys)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_IN_FINGERPRINT}
 
-def _pair(v: Any, name: str) -> Pair:
+
+def pair(v: Any, name: str) -> Pair:
+    """One or two positive integers (y, x) from an int, ``"512"``, ``"512,384"``, ``"512x384"`` or a sequence."""
     if isinstance(v, str):
         v = [p for p in v.replace("x", ",").split(",") if p.strip()]
     if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -119,6 +149,14 @@ def _pair(v: Any, name: str) -> Pair:
     if len(out) != 2 or min(out) < 0 or (name != "overlap" and min(out) < 1):
         raise ConfigError(f"{name} must be one or two positive integers (y,x), got {v!r}")
     return out  # type: ignore[return-value]
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise ConfigError(f"${name} must be a number of MiB (0 turns the cache off), got {raw!r}; fix or unset it") from None
 
 
 def _options(v: Any) -> tuple[tuple[str, Any], ...]:

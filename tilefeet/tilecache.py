@@ -17,24 +17,12 @@ Blocks processed by other processes (a dask.distributed cluster) simply compute 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-#: Default budget in MiB; ``$TILEFEET_TILE_CACHE_MB`` overrides it, 0 turns the cache off.
-DEFAULT_BUDGET_MB = 512
-
-
-def budget_bytes() -> int:
-    try:
-        mb = float(os.environ.get("TILEFEET_TILE_CACHE_MB", DEFAULT_BUDGET_MB))
-    except ValueError:
-        mb = DEFAULT_BUDGET_MB
-    return max(0, int(mb * 2**20))
 
 
 @dataclass
@@ -98,15 +86,17 @@ class TileCache:
         self.used -= entry.prediction.numel() * entry.prediction.element_size()
 
 
-def cache_for(runner: Any) -> TileCache | None:
-    """The runner's tile cache (one per runner, so per device and process), or ``None`` when off."""
+def cache_for(runner: Any, budget_mb: int) -> TileCache | None:
+    """The runner's tile cache (one per runner, so per device and process), or ``None`` when off
+    (``budget_mb`` 0: ``Settings.tile_cache_mb``, from ``--tile-cache-mb`` or ``$TILEFEET_TILE_CACHE_MB``)."""
+    if budget_mb <= 0:
+        return None
+    budget = int(budget_mb * 2**20)
     cache = getattr(runner, "_tile_cache", None)
     if cache is None:
-        budget = budget_bytes()
-        if budget == 0:
-            return None
         cache = TileCache(budget)
         runner._tile_cache = cache
+    cache.budget = budget  # the run's budget (entries beyond it leave as new ones arrive)
     return cache
 
 
