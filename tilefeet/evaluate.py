@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ class EvaluateOptions:
     instances: Instances = "none"  #: objects: components of the mask, of its complement, or not scored
     ignore_border_px: int = 0  #: score only the region this far inside the image edges
     max_instance_pixels: int = MAX_INSTANCE_PIXELS  #: refuse instance scores above this many pixels
+    objects: bool = False  #: match predicted to true objects by IoU (:mod:`tilefeet.objects.match`), out of core
+    cells: bool = False  #: ... the objects being cells between membranes, with their ARE and VI
 
     @classmethod
     def create(
@@ -266,9 +268,12 @@ def _ome(group: Any) -> dict:
 
 
 def _label_names(group: Any) -> list[str]:
+    """The class label images of a store (object layers of ``tilefeet objects`` hold ids, not a class)."""
+    from .objects.store import is_objects_layer
+
     if "labels" not in group:
         return []
-    return [str(n) for n in _ome(group["labels"]).get("labels", [])]
+    return [str(n) for n in _ome(group["labels"]).get("labels", []) if not is_objects_layer(group["labels"], str(n))]
 
 
 def _level0(group: Any) -> tuple[Any, tuple[str, ...]]:
@@ -349,6 +354,9 @@ class Evaluation:
     pixel: PixelMetrics
     boundary: BoundaryMetrics
     instances: InstanceMetrics | None
+    objects: Any = None  #: :class:`tilefeet.objects.match.ObjectScores` with ``--objects`` or ``--cells``
+    cells: InstanceMetrics | None = None  #: ARE and VI of the cells with ``--cells``
+    objects_source: str = ""  #: what the predicted objects are (a stored layer, or how they were made)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (NaN becomes None)."""
@@ -361,6 +369,8 @@ class Evaluation:
             "pixel": self.pixel.to_dict(),
             "boundary": self.boundary.to_dict(),
             "instances": self.instances.to_dict() if self.instances else None,
+            "objects": {**self.objects.to_dict(), "predicted": self.objects_source} if self.objects else None,
+            "cells": self.cells.to_dict() if self.cells else None,
         }
 
 
@@ -375,6 +385,8 @@ def evaluate(
     instances: str = "none",
     ignore_border_px: int = 0,
     max_instance_pixels: int = MAX_INSTANCE_PIXELS,
+    objects: bool = False,
+    cells: bool = False,
 ) -> Evaluation:
     """Score ``prediction`` against ``truth`` for one class (see :func:`open_mask` for what each may be).
 
@@ -384,6 +396,7 @@ def evaluate(
     scores the inner region as if both were cropped to it (outlines and objects end at the crop).
     Membranes scored with ``instances="background"`` against truth whose membranes are the class
     is close to the ISBI 2012 challenge's foreground-restricted scores after border thinning.
+    ``objects`` (and ``cells``) match objects by IoU out of core (:func:`tilefeet.objects.match.score_objects`).
     """
     opts = EvaluateOptions.create(
         class_name=class_name,
@@ -393,6 +406,8 @@ def evaluate(
         instances=instances,
         ignore_border_px=int(ignore_border_px),
         max_instance_pixels=int(max_instance_pixels),
+        objects=bool(objects or cells),
+        cells=bool(cells),
     )
     pred = open_mask(prediction, role="prediction", class_name=opts.class_name, threshold=opts.threshold)
     true = open_mask(
@@ -404,7 +419,14 @@ def evaluate(
         check_fits_in_memory(region, opts.max_instance_pixels)
     crop = region.relative_to(Box.from_shape(pred.shape))
     p, t = (m.data[crop].rechunk(tuple(min(BLOCK_PX, s) for s in region.shape)) for m in (pred, true))
-    return _score(pred.source, true.source, region, opts, p, t)
+    result = _score(pred.source, true.source, region, opts, p, t)
+    if opts.objects:
+        from .objects.match import score_objects
+
+        scores, cell, what = score_objects(prediction, p, t, class_name=pred.class_name, cells=opts.cells,
+                                           use_stored=opts.threshold is None and opts.ignore_border_px == 0)
+        result = replace(result, objects=scores, cells=cell, objects_source=what)
+    return result
 
 
 def _score(pred_source: str, truth_source: str, region: Box, opts: EvaluateOptions, p: Any, t: Any) -> Evaluation:

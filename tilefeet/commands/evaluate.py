@@ -34,6 +34,10 @@ def evaluate_cmd(
     max_pixels: int = typer.Option(
         MAX_INSTANCE_PIXELS, "--max-pixels", help="Largest region whose instance scores are computed (they need it in memory)."
     ),
+    objects: bool = typer.Option(
+        False, "--objects", help="Match objects by IoU >= 0.5: precision, recall, F1, mean matched IoU, AP 0.5:0.95."
+    ),
+    cells: bool = typer.Option(False, "--cells", help="Score cells between membranes: object matching plus ARE and VI."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
 ) -> None:
     """Score a prediction against ground truth: pixel F1/Dice and IoU, boundary F1, instance ARE and VI."""
@@ -49,6 +53,8 @@ def evaluate_cmd(
         instances=instances,
         ignore_border_px=ignore_border,
         max_instance_pixels=max_pixels,
+        objects=objects,
+        cells=cells,
     )
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_table(result))
 
@@ -76,7 +82,28 @@ def format_table(ev: Evaluation) -> str:
             f"  (Rand precision {_num(i.rand_precision)}, recall {_num(i.rand_recall)})",
             f"{'VI (bits)':24s}{_num(i.vi)}  (split {_num(i.vi_split)}, merge {_num(i.vi_merge)})",
         ]
+    if ev.objects is not None:
+        rows += ["", *format_objects(ev)]
     return "\n".join(rows)
+
+
+def format_objects(ev: Evaluation) -> list[str]:
+    """The object-level rows: matching at IoU ≥ 0.5, AP over 0.5:0.95, and for cells ARE/VI."""
+    o = ev.objects
+    iou = "n/a" if math.isnan(o.mean_matched_iou) else f"{o.mean_matched_iou:.4f}"
+    rows = [
+        f"objects     {o.true_objects} true, {o.predicted_objects} predicted: {ev.objects_source}",
+        f"{'':24s}{'precision':>10s}{'recall':>10s}{'F1':>10s}{'mean IoU':>10s}",
+        f"{'matched at IoU ≥ 0.5':24s}{o.precision:10.4f}{o.recall:10.4f}{o.f1:10.4f}{iou:>10s}",
+        f"{'AP 0.5:0.95':24s}{o.ap:10.4f}  (AP50 {o.ap_at(0.5):.4f}, AP75 {o.ap_at(0.75):.4f}; AP = TP / (TP + FP + FN))",
+    ]
+    c = ev.cells
+    if c is not None:
+        rows += [
+            f"{'cells: adapted Rand err':24s}{_num(c.adapted_rand_error)}  (Rand precision {_num(c.rand_precision)}, recall {_num(c.rand_recall)})",
+            f"{'cells: VI (bits)':24s}{_num(c.vi)}  (split {_num(c.vi_split)}, merge {_num(c.vi_merge)})",
+        ]
+    return rows
 
 
 def _num(v: float) -> str:

@@ -116,7 +116,10 @@ def relabel_block(mask: np.ndarray, final: np.ndarray, connectivity: Connectivit
     labels, n = label_block(mask, connectivity)
     lut = np.zeros(n + 1, dtype=dtype)
     lut[1:] = final[:n]
-    return lut[labels]
+    out = np.zeros(mask.shape, dtype=dtype)
+    inside = np.flatnonzero(mask)  # objects are a small part of most masks: map only their pixels
+    out.ravel()[inside] = lut[labels.ravel()[inside]]
+    return out
 
 
 def cells_block(seeds: np.ndarray, halo: int, steps: int, box: Box, prob: np.ndarray) -> tuple[np.ndarray, PartialSums]:

@@ -81,14 +81,16 @@ class Runs:
 
 def runs_of(labels: np.ndarray) -> Runs:
     """The runs of a label image (any integer dtype; 0 = background)."""
+    w = labels.shape[1]
     nz = labels != 0
     starts = nz.copy()
     starts[:, 1:] &= labels[:, 1:] != labels[:, :-1]
     ends = nz
     ends[:, :-1] &= labels[:, :-1] != labels[:, 1:]
-    sy, sx = np.nonzero(starts)
-    _, ex = np.nonzero(ends)  # one end per start, in the same raster order
-    return Runs(labels[sy, sx], sy.astype(np.int64), sx.astype(np.int64), ex.astype(np.int64) + 1)
+    first = np.flatnonzero(starts)  # flat indices: several times faster than 2-D nonzero
+    last = np.flatnonzero(ends)  # one end per start, in the same raster order
+    y = first // w
+    return Runs(labels.ravel()[first], y, first - y * w, last - y * w + 1)
 
 
 # ----------------------------------------------------------------------------- one block's pieces

@@ -41,12 +41,9 @@ class Objects:
     """Objects of one class: the label image (lazy) and the measurements (computed)."""
 
     labels: Any  #: dask array (y, x) of ids, uint32 (uint64 past 2³²−1 objects); 0 = no object
-    table: Any  #: pandas DataFrame, one row per object (see :mod:`tilefeet.objects.measure`)
+    table: Any  #: pandas DataFrame, one row per object (see :mod:`tilefeet.objects.measure`); None when not asked
     plan: ObjectPlan
-
-    @property
-    def n_objects(self) -> int:
-        return len(self.table)
+    n_objects: int
 
 
 def label_objects(
@@ -62,6 +59,7 @@ def label_objects(
     cells: bool = False,
     grow: str | float | None = None,
     block_size: Any = None,
+    measure: bool = True,
     **advanced: Any,
 ) -> Objects:
     """Objects (connected components, 8-connected) or ``cells`` of a mask, exactly as if labelled whole.
@@ -70,6 +68,7 @@ def label_objects(
     ``tilefeet objects``), a 2-D boolean mask, or 2-D probabilities (numpy, dask or xarray;
     ``threshold`` default 0.5, uint8 as 0..255). Arrays need ``pixel_size_nm`` (xarray coordinates
     give it); a boolean mask's table has probability columns only with ``probabilities``.
+    ``measure=False`` skips the table (ids only: cheaper, and for cells nothing is computed twice).
     """
 
     settings = ObjectSettings.create(
@@ -91,7 +90,8 @@ def label_objects(
     windows = _windows(mask, grid, halo, False)
     shape = (h, w)
     records = _compute([
-        _delayed(pieces_block)(windows[k], halo, grid.box(*i), shape, plan.connectivity, None if cells else _block(prob, grid, k))
+        _delayed(pieces_block)(windows[k], halo, grid.box(*i), shape, plan.connectivity,
+                               None if cells or not measure else _block(prob, grid, k))
         for k, i in enumerate(grid)
     ])
     res = resolve_pieces(grid, records, plan.connectivity, plan.keep, prob.dtype)
@@ -101,17 +101,19 @@ def label_objects(
     ], dtype)
     sums = res.sums
     if cells:
-        labels, sums = _cells(labels, prob, grid, plan, res.n_objects, dtype)
+        labels, sums = _cells(labels, prob, grid, plan, res.n_objects, dtype, measure)
+    if not measure:
+        return Objects(labels, None, plan, res.n_objects)
     assert sums is not None
     df = table(sums, class_name="cell" if cells else plan.class_name, pixel_size_nm=plan.pixel_size_nm,
                origin_nm=plan.origin_nm, shape=shape, prob_scale=scale, id_dtype=dtype)
     if meta["no_probabilities"]:
         df["mean_probability"] = np.nan
         df["max_probability"] = np.nan
-    return Objects(labels, df, plan)
+    return Objects(labels, df, plan, res.n_objects)
 
 
-def _cells(seeds: Any, prob: Any, grid: BlockGrid, plan: ObjectPlan, n: int, dtype: Any) -> tuple[Any, PartialSums]:
+def _cells(seeds: Any, prob: Any, grid: BlockGrid, plan: ObjectPlan, n: int, dtype: Any, measure: bool) -> tuple[Any, PartialSums | None]:
     from dask import delayed
 
     halo = plan.steps + PERIMETER_HALO
@@ -120,9 +122,10 @@ def _cells(seeds: Any, prob: Any, grid: BlockGrid, plan: ObjectPlan, n: int, dty
         delayed(cells_block, nout=2)(windows[k], halo, plan.steps, grid.box(*i), _block(prob, grid, k))
         for k, i in enumerate(grid)
     ]
-    parts = _compute([t[1] for t in tasks])
     labels = _assemble(grid, [delayed(np.ndarray.astype)(t[0], dtype) for t in tasks], dtype)
-    return labels, combine_cells(parts, n, prob.dtype)
+    if not measure:
+        return labels, None
+    return labels, combine_cells(_compute([t[1] for t in tasks]), n, prob.dtype)
 
 
 def _filled(mask: Any, grid: BlockGrid, connectivity: int) -> Any:

@@ -76,7 +76,8 @@ def perimeter_classes(window: np.ndarray, halo: int) -> tuple[np.ndarray, np.nda
     a = window[cut : window.shape[0] - cut, cut : window.shape[1] - cut]  # core + 2
     c = a[1:-1, 1:-1]  # core + 1
     border = (c != 0) & ((a[:-2, 1:-1] != c) | (a[2:, 1:-1] != c) | (a[1:-1, :-2] != c) | (a[1:-1, 2:] != c))
-    ys, xs = np.nonzero(border[1:-1, 1:-1])
+    flat = np.flatnonzero(border[1:-1, 1:-1])
+    ys, xs = np.divmod(flat, border.shape[1] - 2)
     if len(ys) == 0:
         return ys, xs, np.zeros(0, np.int8)
     yy, xx = ys + 1, xs + 1  # in core + 1 coordinates
@@ -190,18 +191,15 @@ def _boxes(group: np.ndarray, n: int, y0: np.ndarray, x0: np.ndarray, y1: np.nda
 
 def _run_probabilities(runs: Runs, prob: np.ndarray, inv: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-label sum (exact integers for integer probabilities) and maximum of ``prob`` over the runs."""
+    # the runs' pixels, in raster order, one run after the other: then each run is one reduceat segment
     flat = np.ascontiguousarray(prob).ravel()
-    w = prob.shape[1]
-    starts = runs.y * w + runs.x0
-    ends = runs.y * w + runs.x1
-    # reduceat over interleaved [start, end) bounds: even entries are the runs, odd ones the gaps
-    bounds = np.empty(2 * len(starts), dtype=np.int64)
-    bounds[0::2], bounds[1::2] = starts, ends
-    if bounds[-1] == flat.size:
-        bounds = bounds[:-1]
+    length = runs.length
+    inside = np.repeat(runs.y * prob.shape[1] + runs.x0 - np.cumsum(length) + length, length) + np.arange(int(length.sum()))
+    values = flat[inside]
+    bounds = np.cumsum(length) - length
     integer = flat.dtype.kind in "uib"
-    run_sum = np.add.reduceat(flat, bounds, dtype=np.int64 if integer else np.float64)[0::2]
-    run_max = np.maximum.reduceat(flat, bounds)[0::2]
+    run_sum = np.add.reduceat(values, bounds, dtype=np.int64 if integer else np.float64)
+    run_max = np.maximum.reduceat(values, bounds)
     if integer:
         total = np.zeros(k, np.int64)
         np.add.at(total, inv, run_sum)

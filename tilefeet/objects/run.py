@@ -164,7 +164,7 @@ def _relabel(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     if job.cells:
         _scratch(job, "seeds")[box.y0 : box.y1, box.x0 : box.x1] = ids
     else:
-        job.label_array(0)[box.y0 : box.y1, box.x0 : box.x1] = ids
+        _write_levels(job, box, ids)
     job.staging.mark(f"b{_bid(index)}")
     return f"b{_bid(index)}"
 
@@ -177,8 +177,7 @@ def _cells(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     seeds = st.read_window(seeds_arr, window, job.plan.shape, 0, np.int64)
     seeds[~_inside(window, job.plan.shape)] = OUTSIDE
     ids, sums = cells_block(seeds, halo, job.plan.steps, box, job.source.read_prob(box))
-    arr = job.label_array(0)
-    arr[box.y0 : box.y1, box.x0 : box.x1] = ids.astype(arr.dtype)
+    _write_levels(job, box, ids.astype(job.label_array(0).dtype))
     job.save(f"c{_bid(index)}", {f"s_{k}": v for k, v in sums.arrays().items()})
     job.staging.mark(f"c{_bid(index)}")
     return f"c{_bid(index)}"
@@ -195,6 +194,22 @@ def _cells_reduce(job: ObjectsJob, *_after: Any) -> str:
     _write_table(job, sums, job.label_array(0).dtype)
     job.staging.mark("cells")
     return "cells"
+
+
+def direct_levels(plan: ObjectPlan, n_levels: int) -> int:
+    """How many levels a block writes itself: those where its part is still whole chunks (level k
+    keeps every 2^k-th pixel, so a block's part of it is its own ids[::2^k, ::2^k])."""
+    k = 1
+    while k < n_levels and all((b >> k) % c == 0 and b % (1 << k) == 0 for b, c in zip(plan.grid.block, plan.chunks)):
+        k += 1
+    return k
+
+
+def _write_levels(job: ObjectsJob, box: Box, ids: np.ndarray) -> None:
+    """A block's ids into level 0 and the levels it owns whole chunks of (:func:`direct_levels`)."""
+    for level in range(direct_levels(job.plan, job.source.levels)):
+        f = 1 << level
+        job.label_array(level)[box.y0 // f : -(-box.y1 // f), box.x0 // f : -(-box.x1 // f)] = ids[::f, ::f]
 
 
 def _pyramid(job: ObjectsJob, level: int, box: Box, record: str, *_after: Any) -> str:
@@ -286,7 +301,7 @@ def objects_graph(job: ObjectsJob, done: set[str]) -> Any:
     if job.cells:
         after = once(_cells_reduce, "cells", per_block(_cells, "c", after))
     shapes = st.level_shapes(job.plan.shape, job.source.levels)
-    for level in range(1, len(shapes)):
+    for level in range(direct_levels(job.plan, len(shapes)), len(shapes)):
         tasks = [
             delayed(_pyramid, pure=False)(leaf, level, box, record, after, dask_key_name=f"tilefeet-objects-{record}-{token}")
             for record, box in _pyramid_boxes(job.plan, shapes[level], level)

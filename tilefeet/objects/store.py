@@ -196,6 +196,14 @@ def level_shapes(shape: Pair, levels: int) -> list[Pair]:
     return shapes
 
 
+def is_objects_layer(labels_group: Any, name: str) -> bool:
+    """Whether ``labels/<name>`` is an objects (or cells) layer written by tilefeet objects."""
+    try:
+        return _ome(labels_group[name].attrs)["multiscales"][0]["metadata"]["method"] == "tilefeet.objects"
+    except Exception:
+        return False
+
+
 def read_window(array: Any, box: Box, shape: Pair, fill: Any, dtype: Any) -> np.ndarray:
     """``array[box]`` of a 2-D array (or (1, y, x)), with ``fill`` outside the image."""
     inner = box.intersect(Box(0, 0, *shape))
