@@ -407,3 +407,42 @@ def test_objects_of_a_real_segment_output(tmp_path, section, random_engine):
     assert_table_equal(read_table(result.path), lab, np.asarray(root["0"][0]), pixel=4.0, cls="membrane")
     meta = json.loads((out / "labels" / "membrane-objects" / "zarr.json").read_text())["attributes"]["ome"]
     assert meta["multiscales"][0]["metadata"]["class"] == "membrane"
+
+
+def test_ids_switch_to_uint64_in_a_store(tmp_path):
+    mask = np.zeros((48, 48), bool)
+    mask[::3, ::3] = True  # 256 single pixels
+    store = make_output(tmp_path / "seg.ome.zarr", probs_for(mask), chunk=16)
+    result = write_objects(store, block_size=16, uint32_limit=255)
+    assert result.dtype == "uint64"
+    arrays = [zarr.open_array(str(result.path / k), mode="r") for k in ("0", "1")]
+    assert all(a.dtype == np.uint64 for a in arrays)
+    np.testing.assert_array_equal(arrays[0][:], reference(mask))
+    assert read_table(result.path)["id"].dtype == np.uint64
+
+
+def test_objects_of_a_segment_run_still_in_its_staging_folder(tmp_path):
+    """What `segment --objects` does: objects into OUT.partial before it is renamed to OUT."""
+    mask = adversarial(64, 80, corner=16)
+    partial = make_output(tmp_path / "out.ome.zarr.partial", probs_for(mask), chunk=16)
+    write_objects(partial, block_size=32)
+    assert not list(tmp_path.glob("*.mitochondrion-objects.*"))  # its own staging folder is gone
+    partial.rename(tmp_path / "out.ome.zarr")
+    out = tmp_path / "out.ome.zarr"
+    np.testing.assert_array_equal(zarr.open_array(str(out / "labels/mitochondrion-objects/0"), mode="r")[:], reference(mask))
+    assert len(read_table(out / "labels" / "mitochondrion-objects")) == reference(mask).max()
+
+
+def test_object_colours_are_stable_and_distinct():
+    from tilefeet.objects.colors import id_colors, outlines
+
+    ids = reference(adversarial())
+    rgb = id_colors(ids)
+    assert rgb.shape == (*ids.shape, 3) and rgb.dtype == np.uint8
+    assert (rgb[ids == 0] == 0).all() and (rgb[ids > 0].max(axis=-1) > 0).all()
+    np.testing.assert_array_equal(id_colors(ids[::2, ::2]), rgb[::2, ::2])  # the same colour at every level
+    first = id_colors(np.arange(1, 65))
+    assert len({tuple(c) for c in first}) == 64  # neighbours in raster order get different colours
+    assert np.abs(first[1:].astype(int) - first[:-1].astype(int)).sum(axis=1).min() > 60
+    edge = outlines(ids)
+    assert edge[ids == 0].sum() == 0 and edge[0, :].all()  # the frame spanning the section is all outline on the edge

@@ -27,6 +27,7 @@ module          holds
 ``run``         the out-of-core dask graph with completion records (``write_objects``)
 ``lazy``        the lazy call (``label_objects``)
 ``match``       object-level scores against ground truth (``evaluate --objects``)
+``colors``      a stable colour per id, and object outlines, for previews
 ==============  ==========================================================================
 """
 
