@@ -1,4 +1,6 @@
-"""The runner conformance suite: every backend and precision passes the same tests.
+"""The runner conformance suite: every backend and precision passes the same tests, on every kind
+of bundle: tilefeet's U-Net, a foreign network imported from ONNX (a MONAI BasicUNet exported in
+the test) and the same network as a ``torch.export`` program (``bundle_from_module``).
 
 A case is a runner recipe (backend, device, precision, options). Each case runs at several batch
 sizes on non-square tiles and must: honour the output contract (shape, float32, device, values in
@@ -18,9 +20,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.foreign_nets import import_monai_onnx, monai_pt2_bundle
 from tilefeet.errors import BackendUnavailableError, ConfigError
 from tilefeet.runners import RunnerSpec, runner_class
-from tilefeet.runners.onnx_export import TOLERANCE, relative_error
+from tilefeet.runners.onnx_export import TOLERANCE, reference_output, relative_error
 from tilefeet.runners.select import unavailable_reason
 
 TILE = (64, 96)  # non-square: a height/width mix-up cannot pass
@@ -79,9 +82,47 @@ GPU_CASES = [
     Case("tensorrt", "bf16", "cuda"),
     Case("tensorrt", "fp16", "cuda", (("typing", "strong"),)),
 ]
-CASES = [pytest.param(c, id=c.id) for c in CPU_CASES] + [
-    pytest.param(c, id=c.id, marks=pytest.mark.gpu) for c in GPU_CASES
-]
+#: Bundle kinds and the backends their network runs on (``EngineBundle.backends``).
+KINDS = {
+    "unet": ("torch", "onnxruntime", "tensorrt"),
+    "monai-onnx": ("onnxruntime", "tensorrt"),
+    "monai-pt2": ("torch", "onnxruntime", "tensorrt"),
+}
+#: The foreign bundles run the cases that differ in kind (not every option again): eager and
+#: compiled torch, ONNX Runtime and TensorRT at each precision the network's graph allows.
+FOREIGN_CASES = {
+    Case("torch"), Case("torch", "bf16"), Case("torch", options=(("compile", True),)), Case("onnxruntime"),
+    Case("onnxruntime", "fp16"), Case("torch", "fp32", "cuda"), Case("torch", "bf16", "cuda", (("compile", True),)),
+    Case("onnxruntime", "fp32", "cuda"), Case("onnxruntime", "fp16", "cuda"), Case("tensorrt", "fp32", "cuda"),
+    Case("tensorrt", "fp16", "cuda"),
+}
+
+
+def _params(cases: list[Case], gpu: bool) -> list[Any]:
+    marks = [pytest.mark.gpu] if gpu else []
+    out = []
+    for kind, backends in KINDS.items():
+        for c in cases:
+            if c.backend in backends and (kind == "unet" or c in FOREIGN_CASES):
+                out.append(pytest.param(kind, c, id=c.id if kind == "unet" else f"{kind}-{c.id}", marks=marks))
+    return out
+
+
+CASES = _params(CPU_CASES, False) + _params(GPU_CASES, True)
+
+
+@pytest.fixture(scope="module")
+def bundles(runner_bundle, tmp_path_factory):
+    """Bundles by kind, made on first use (exporting the MONAI network takes seconds)."""
+    made: dict[str, Any] = {"unet": runner_bundle}
+
+    def get(kind: str):
+        if kind not in made:
+            folder = tmp_path_factory.mktemp(kind)
+            made[kind] = import_monai_onnx(folder) if kind == "monai-onnx" else monai_pt2_bundle(folder)
+        return made[kind]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +131,21 @@ def bundle(runner_bundle):
 
 
 @pytest.fixture(scope="module")
-def runners(bundle):
-    """Runners built once per (case, batch) for the whole module: compiling is the slow part."""
-    built: dict[tuple[Case, int], Any] = {}
+def runners(bundles):
+    """Runners built once per (kind, case, batch) for the whole module: compiling is the slow part."""
+    built: dict[tuple[str, Case, int], Any] = {}
 
-    def get(case: Case, batch: int):
+    def get(kind: str, case: Case, batch: int):
         reason = case.skip_reason()
         if reason:
             pytest.skip(reason)
-        if (case, batch) not in built:
-            spec = RunnerSpec(str(bundle.path), case.backend, case.device, case.precision, batch, TILE, case.options)
-            built[case, batch] = runner_class(case.backend)(bundle, spec)
-        return built[case, batch]
+        if kind != "unet" and batch != max(BATCHES):
+            pytest.skip("foreign bundles run at one batch size (building their runners is the suite's cost)")
+        if (kind, case, batch) not in built:
+            b = bundles(kind)
+            spec = RunnerSpec(str(b.path), case.backend, case.device, case.precision, batch, TILE, case.options)
+            built[kind, case, batch] = runner_class(case.backend)(b, spec)
+        return built[kind, case, batch]
 
     yield get
     for r in built.values():
@@ -114,15 +158,16 @@ def tiles(batch: int, seed: int, bundle) -> torch.Tensor:
 
 
 def reference(bundle, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return bundle.build_model()(x.cpu())
+    """The bundle's network in fp32 on the CPU (ONNX Runtime on its own graph for an ONNX bundle)."""
+    return reference_output(bundle, x)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind, case", CASES)
 class TestConformance:
-    def test_output_contract(self, case, batch, runners, bundle):
-        runner = runners(case, batch)
+    def test_output_contract(self, kind, case, batch, runners, bundles):
+        bundle = bundles(kind)
+        runner = runners(kind, case, batch)
         y = runner(tiles(batch, 0, bundle).to(runner.device))
         assert isinstance(y, torch.Tensor)
         assert y.shape == (batch, bundle.out_channels, *TILE)
@@ -130,19 +175,22 @@ class TestConformance:
         assert y.device == runner.device
         assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
 
-    def test_agrees_with_torch_fp32(self, case, batch, runners, bundle):
-        runner = runners(case, batch)
+    def test_agrees_with_torch_fp32(self, kind, case, batch, runners, bundles):
+        bundle = bundles(kind)
+        runner = runners(kind, case, batch)
         x = tiles(batch, 1, bundle)
         err = relative_error(runner(x.to(runner.device)), reference(bundle, x))
         assert err <= TOLERANCE[case.precision], f"{case.id}: relative error {err:.2e}"
 
-    def test_repeats_bit_for_bit(self, case, batch, runners, bundle):
-        runner = runners(case, batch)
+    def test_repeats_bit_for_bit(self, kind, case, batch, runners, bundles):
+        bundle = bundles(kind)
+        runner = runners(kind, case, batch)
         x = tiles(batch, 2, bundle).to(runner.device)
         assert torch.equal(runner(x), runner(x))
 
-    def test_outputs_are_not_reused_and_inputs_not_touched(self, case, batch, runners, bundle):
-        runner = runners(case, batch)
+    def test_outputs_are_not_reused_and_inputs_not_touched(self, kind, case, batch, runners, bundles):
+        bundle = bundles(kind)
+        runner = runners(kind, case, batch)
         x1, x2 = tiles(batch, 3, bundle).to(runner.device), tiles(batch, 4, bundle).to(runner.device)
         x1_before = x1.clone()
         y1 = runner(x1)
@@ -153,12 +201,13 @@ class TestConformance:
         assert not torch.equal(y1, y2)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_tiles_do_not_depend_on_their_batch(case, runners, bundle):
+@pytest.mark.parametrize("kind, case", CASES)
+def test_tiles_do_not_depend_on_their_batch(kind, case, runners, bundles):
     """Blocks batch a tile with different neighbours depending on the block size: its result must
     not change, or the output would depend on how the section was split into blocks."""
+    bundle = bundles(kind)
     batch = max(BATCHES)
-    runner = runners(case, batch)
+    runner = runners(kind, case, batch)
     x = tiles(batch, 5, bundle)
     other = x.clone()
     other[1:] = tiles(batch - 1, 6, bundle)
