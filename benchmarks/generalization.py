@@ -7,7 +7,9 @@ microscopes, with and without resolution normalization, for each intensity mode.
    agreement (F1 of the two membrane maps on a common 4 nm grid).
 
 "Without resolution normalization" forces ``--pixel-size`` to the engine's 4 nm: what a user who
-ignores pixel sizes gets. Run:
+ignores pixel sizes gets. The scoring functions (:func:`score_isbi`, :func:`score_lucchi`,
+:func:`score_pssr`) are shared with ``benchmarks/train_ablation.py`` and
+``benchmarks/train_measure.py``, so every table scores engines the same way. Run:
 
     python benchmarks/generalization.py --data ../shared/data/em --out benchmarks/results/generalization.json
 """
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,60 +29,113 @@ import tilefeet
 from tilefeet.metrics import boundary_metrics, instance_metrics, pixel_metrics
 
 MODES = ("bundle", "percentile", "meanstd", "histogram")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "em"
 
 
-def lucchi(data: Path, engine: str) -> list[dict]:
+@dataclass(frozen=True)
+class Targets:
+    """The project's three scoring targets, in memory."""
+
+    isbi: tuple[np.ndarray, np.ndarray]  #: held-out ISBI slices 24-29 as a 2 x 3 montage (image, membrane mask), 4 nm
+    lucchi: tuple[list[np.ndarray], list[np.ndarray]]  #: the 5 Lucchi test slices and their membrane masks, 5 nm
+    pssr: tuple[np.ndarray, np.ndarray]  #: the PSSR pair (2 nm, 8 nm)
+
+
+def load_targets(data: Path = DATA) -> Targets:
     import imageio.v3 as iio
+    import tifffile
+
+    from tilefeet.sample import montage
 
     names = sorted(p.name for p in (data / "lucchi" / "test" / "slices").glob("*.png"))
     imgs = [iio.imread(data / "lucchi" / "test" / "slices" / n) for n in names]
     masks = [iio.imread(data / "lucchi" / "test" / "membranes" / n) > 127 for n in names]
+    pssr = (tifffile.imread(data / "pssr" / "HR_2nm.tif"), tifffile.imread(data / "pssr" / "LR_8nm.tif"))
+    img, truth = montage(2, 3, mirror=False)
+    return Targets((img, truth.astype(bool)), (imgs, masks), pssr)
+
+
+def _segment(img: np.ndarray, engine: Any, **options: Any) -> np.ndarray:
+    return np.asarray(tilefeet.segment(img, engine, **options).values[0])
+
+
+def score_isbi(targets: Targets, engine: Any, *, intensity: str = "bundle", threads: int | None = None) -> dict:
+    """Membrane pixel F1, boundary F1 (2 px) and the cells' adapted Rand error on the held-out ISBI montage."""
+    img, truth = targets.isbi
+    t0 = time.perf_counter()
+    pred = _segment(img, engine, pixel_size_nm="4nm", intensity=intensity, threads=threads) >= 0.5
+    px, bd = pixel_metrics(pred, truth), boundary_metrics(pred, truth, 2.0)
+    inst = instance_metrics(pred, truth, "background")
+    return {"f1": px.f1, "boundary_f1": bd.f1, "adapted_rand_error": inst.adapted_rand_error, "seconds": time.perf_counter() - t0}
+
+
+def score_lucchi(
+    targets: Targets, engine: Any, *, normalize: bool = True, intensity: str = "bundle", threads: int | None = None
+) -> dict:
+    """Membrane scores on the 5 Lucchi test slices (true 5 nm, or forced 4 nm without ``normalize``)."""
+    imgs, masks = targets.lucchi
+    t0 = time.perf_counter()
+    px = "5nm" if normalize else "4nm"  # the truth, or what a user who ignores pixel sizes says
+    preds = [_segment(img, engine, pixel_size_nm=px, intensity=intensity, threads=threads) >= 0.5 for img in imgs]
+    pred, truth = np.concatenate(preds, axis=1), np.concatenate(masks, axis=1)
+    p, bd = pixel_metrics(pred, truth), boundary_metrics(pred, truth, 2.0)
+    # The regions between membranes (cells), scored per slice: insensitive to how thick a
+    # membrane is drawn, which pixel F1 is not (Lucchi's membrane masks are thick).
+    inst = [instance_metrics(a, t, "background") for a, t in zip(preds, masks)]
+    return {"f1": p.f1, "iou": p.iou, "boundary_f1": bd.f1,
+            "adapted_rand_error": float(np.mean([i.adapted_rand_error for i in inst])),
+            "membrane_fraction": float(pred.mean()), "truth_membrane_fraction": float(truth.mean()),
+            "seconds": time.perf_counter() - t0}
+
+
+def score_pssr(
+    targets: Targets, engine: Any, *, normalize: bool = True, intensity: str = "bundle", threads: int | None = None
+) -> dict:
+    """Agreement of the membrane maps of the 2 nm and the 8 nm image on a common 4 nm grid."""
+    from skimage.transform import resize
+
+    hr, lr = targets.pssr
+    common = (hr.shape[0] // 2, hr.shape[1] // 2)  # the 4 nm grid over the same field of view
+    t0 = time.perf_counter()
+    maps = []
+    for img, px in ((hr, "2nm"), (lr, "8nm")):
+        kw = {"output_grid": "network"} if normalize else {"pixel_size_nm": "4nm"}
+        p = _segment(img, engine, **{"pixel_size_nm": px, "intensity": intensity, "threads": threads, **kw})
+        if p.shape != common:
+            p = resize(p, common, order=1, anti_aliasing=p.shape[0] > common[0], preserve_range=True)
+        maps.append(p >= 0.5)
+    agree = pixel_metrics(maps[0], maps[1])
+    return {"agreement_f1": agree.f1, "agreement_iou": agree.iou,
+            "membrane_fraction_2nm": float(maps[0].mean()), "membrane_fraction_8nm": float(maps[1].mean()),
+            "seconds": time.perf_counter() - t0}
+
+
+def score_all(targets: Targets, engine: Any, *, threads: int | None = None) -> dict:
+    """The headline score of each target, flat (what the training tables compare engines by)."""
+    isbi = score_isbi(targets, engine, threads=threads)
+    luc = score_lucchi(targets, engine, threads=threads)
+    ps = score_pssr(targets, engine, threads=threads)
+    return {"isbi_f1": isbi["f1"], "isbi_boundary_f1": isbi["boundary_f1"],
+            "lucchi_f1": luc["f1"], "lucchi_boundary_f1": luc["boundary_f1"], "lucchi_are": luc["adapted_rand_error"],
+            "lucchi_membrane_fraction": luc["membrane_fraction"], "pssr_agreement_f1": ps["agreement_f1"]}
+
+
+def lucchi(targets: Targets, engine: str) -> list[dict]:
     rows = []
     for normalize in (True, False):
         for mode in MODES:
-            t0 = time.perf_counter()
-            preds = []
-            for img in imgs:
-                px = "5nm" if normalize else "4nm"  # the truth, or what a user who ignores pixel sizes says
-                p = tilefeet.segment(img, engine, pixel_size_nm=px, intensity=mode).values[0]
-                preds.append(p >= 0.5)
-            pred, truth = np.concatenate(preds, axis=1), np.concatenate(masks, axis=1)
-            px, bd = pixel_metrics(pred, truth), boundary_metrics(pred, truth, 2.0)
-            # The regions between membranes (cells), scored per slice: insensitive to how thick a
-            # membrane is drawn, which pixel F1 is not (Lucchi's membrane masks are thick).
-            inst = [instance_metrics(p, t, "background") for p, t in zip(preds, masks)]
             rows.append({"dataset": "lucchi (FIB-SEM, 5 nm)", "resolution_normalization": normalize, "intensity": mode,
-                         "f1": px.f1, "iou": px.iou, "boundary_f1": bd.f1,
-                         "adapted_rand_error": float(np.mean([i.adapted_rand_error for i in inst])),
-                         "membrane_fraction": float(pred.mean()), "truth_membrane_fraction": float(truth.mean()),
-                         "seconds": time.perf_counter() - t0})
+                         **score_lucchi(targets, engine, normalize=normalize, intensity=mode)})
             print(_row(rows[-1]), flush=True)
     return rows
 
 
-def pssr(data: Path, engine: str) -> list[dict]:
-    import tifffile
-    from skimage.transform import resize
-
-    hr = tifffile.imread(data / "pssr" / "HR_2nm.tif")
-    lr = tifffile.imread(data / "pssr" / "LR_8nm.tif")
-    common = (hr.shape[0] // 2, hr.shape[1] // 2)  # the 4 nm grid over the same field of view
+def pssr(targets: Targets, engine: str) -> list[dict]:
     rows = []
     for normalize in (True, False):
         for mode in MODES:
-            t0 = time.perf_counter()
-            maps = []
-            for img, px in ((hr, "2nm"), (lr, "8nm")):
-                kw = {"output_grid": "network"} if normalize else {"pixel_size_nm": "4nm"}
-                p = tilefeet.segment(img, engine, **{"pixel_size_nm": px, "intensity": mode, **kw}).values[0]
-                if p.shape != common:
-                    p = resize(p, common, order=1, anti_aliasing=p.shape[0] > common[0], preserve_range=True)
-                maps.append(p >= 0.5)
-            agree = pixel_metrics(maps[0], maps[1])
             rows.append({"dataset": "pssr (tSEM, 2 nm vs 8 nm)", "resolution_normalization": normalize, "intensity": mode,
-                         "agreement_f1": agree.f1, "agreement_iou": agree.iou,
-                         "membrane_fraction_2nm": float(maps[0].mean()), "membrane_fraction_8nm": float(maps[1].mean()),
-                         "seconds": time.perf_counter() - t0})
+                         **score_pssr(targets, engine, normalize=normalize, intensity=mode)})
             print(_row(rows[-1]), flush=True)
     return rows
 
@@ -108,11 +165,12 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "em")
+    ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--engine", default="isbi-membrane")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "generalization.json")
     args = ap.parse_args()
-    rows = lucchi(args.data, args.engine) + pssr(args.data, args.engine)
+    targets = load_targets(args.data)
+    rows = lucchi(targets, args.engine) + pssr(targets, args.engine)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"engine": args.engine, "rows": rows}, indent=1))
     print(table(rows))

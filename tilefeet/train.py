@@ -1,16 +1,23 @@
 """Train a segmentation network and write it as an engine bundle (``tilefeet train``).
 
 Data: 2-D raw images (any integer or float dtype) with per-class binary masks ``(C, H, W)`` at
-the engine's pixel size. Training samples random crops with augmentation that covers what
-differs between microscopes: flips and 90° rotations, scale jitter (so a pixel size that is a few
-percent off does not matter), and intensity jitter (gamma, contrast, brightness, noise, blur).
-Inputs are normalized exactly as inference normalizes them (:class:`tilefeet.engine.Normalization`
-in ``meanstd`` mode, from the training data's statistics, recorded in the bundle with a reference
-histogram). Checkpoints make an interrupted run resumable; the best validation checkpoint becomes
-the bundle.
+the engine's pixel size, from one dataset or several (each with a sampling weight). Training
+samples random crops: flips and 90° rotations, scale jitter (so a pixel size that is a few percent
+off does not matter), and domain randomization (:mod:`tilefeet.augment`: intensity, noise, blur,
+elastic deformation, section artefacts). Inputs are normalized exactly as inference normalizes them
+(:class:`tilefeet.engine.Normalization` in ``meanstd`` mode, from the training data's statistics,
+recorded in the bundle with a reference histogram). Checkpoints make an interrupted run resumable;
+the best validation checkpoint becomes the bundle.
 
-:func:`train_engine` trains on arrays; :func:`train_from_zarr` (behind ``tilefeet train``) reads an
-annotated OME-Zarr image or stack and its label images first (:mod:`tilefeet.training_data`).
+**Fine-tuning** (``--from ENGINE``, :func:`resolve_parent`) starts from a bundle's weights and
+takes its architecture, pixel size (the data are resampled to it) and classes. The labels must
+annotate the parent's classes (all of them, or a subset, whose rows of the output layer are kept);
+other classes are refused unless ``new_head`` replaces the output layer. The new bundle records its
+parent (name and weights sha256) in ``[training.parent]``. The normalization statistics are the
+fine-tuning data's, so the network sees the new data standardized as its parent saw its own.
+
+:func:`train_engine` trains on arrays; :func:`train_from_zarr` (behind ``tilefeet train``) reads
+annotated OME-Zarr images or stacks and their label images first (:mod:`tilefeet.training_data`).
 """
 
 from __future__ import annotations
@@ -24,18 +31,25 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from .engine import ENGINE_FILE, EngineBundle, Normalization, dump_toml, load_engine, write_bundle
+from .augment import ALL, parse_augment, randomize
+from .engine import ENGINE_FILE, EngineBundle, dump_toml, load_engine, write_bundle
 from .errors import BackendUnavailableError, ConfigError, InvalidEngineError
-from .intensity import training_normalization
-from .training_data import MAX_TRAINING_PIXELS, ValidationSplit, load_training_set
+from .intensity import Normalization, training_normalization
+from .metrics import PixelMetrics, pixel_metrics
+from .training_data import MAX_TRAINING_PIXELS, DataSpec, ValidationSplit, class_names, load_training_data
+from .units import parse_pixel_size
 
 #: Settings that only label the bundle (or say how long to train), so a checkpoint made with other
 #: values still resumes: more ``steps`` extends a finished run.
 _RESUMABLE_CHANGES = ("steps", "description", "tile", "overlap")
+
+#: What changes when a run starts from a parent engine (``--from``) and the option is not given:
+#: a small annotated set needs fewer, gentler steps (measured in benchmarks/train_measure.py).
+FINETUNE_DEFAULTS: dict[str, Any] = {"steps": 300, "lr": 5e-4, "batch_size": 4, "val_every": 50}
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,8 @@ class TrainConfig:
     val_every: int = 250
     seed: int = 0
     scale_jitter: tuple[float, float] = (0.8, 1.25)  #: random zoom range (1 = off)
-    intensity_jitter: bool = True
+    augment: tuple[str, ...] = ALL  #: domain randomization groups (tilefeet.augment), or ("legacy",)
+    freeze_encoder: bool = False  #: fine-tuning: train the decoder only (the encoder's batch-norm statistics still adapt)
     dice_weight: float = 1.0
     device: str = "auto"
     tile: int = 512  #: recommended inference tile written to the bundle
@@ -70,6 +85,81 @@ class TrainResult:
     best_step: int
     best_val_f1: list[float]
     history: list[dict]
+    seconds: float = 0.0  #: wall time of this call's training loop (a resumed run counts its own part)
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The engine a fine-tuning run starts from, and what becomes of its output layer."""
+
+    bundle: EngineBundle
+    head: Literal["kept", "subset", "new"]  #: all classes, a subset of them (in the labels' order), or a fresh layer
+    rows: tuple[int, ...] = ()  #: the parent's output channel of each new class ("kept", "subset")
+
+    def record(self) -> dict[str, Any]:
+        """The ``[training.parent]`` table."""
+        return {
+            "name": self.bundle.name,
+            "weights_sha256": self.bundle.weights_digest,
+            "path": str(self.bundle.path),
+            "classes": list(self.bundle.classes),
+            "head": self.head,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The parent's weights, with the output layer cut to the new classes (or left out for a new one)."""
+        from safetensors.torch import load_file
+
+        b = self.bundle
+        b.check_weights()
+        try:
+            state = load_file(str(b.weights_path))
+        except Exception as e:  # safetensors raises its own SafetensorError for damaged files
+            raise InvalidEngineError(
+                f"--from {b.name}: {b.weights_path} is not a readable safetensors file ({str(e).splitlines()[0]}); re-copy the bundle"
+            ) from None
+        head = [k for k in state if k.startswith("head.")]
+        for k in head:
+            if self.head == "new":
+                del state[k]
+            else:
+                state[k] = state[k][list(self.rows)].clone()
+        return state
+
+
+def resolve_parent(engine: str | os.PathLike | EngineBundle, classes: Sequence[str], *, new_head: bool = False, **arch: Any) -> Parent:
+    """Check that ``engine`` can be fine-tuned on labels of ``classes``, before any data is read.
+
+    ``arch`` holds architecture options the user gave (``base_channels``, ``depth``); they must agree
+    with the parent's (a fine-tuned network keeps its parent's shape). The labels' classes must be
+    the parent's, or some of them (matched by name); ``new_head`` instead replaces the output layer
+    with an untrained one for ``classes`` (what to do for a class the parent never learned).
+    """
+    bundle = load_engine(engine)  # a missing weights file is refused here
+    bundle.check_weights()
+    where = f"--from {bundle.name}"
+    a = dict(bundle.architecture)
+    if a.get("name") != "unet2d":
+        raise ConfigError(f"{where}: its architecture is {a.get('name')!r}; tilefeet train fine-tunes unet2d engines only")
+    if bundle.activation != "sigmoid" or bundle.in_channels != 1:
+        raise ConfigError(
+            f"{where}: a {bundle.activation} engine with {bundle.in_channels} input channel(s); tilefeet train fine-tunes "
+            f"single-channel sigmoid engines only"
+        )
+    differ = [f"--{k.replace('_', '-')} {v} (the engine has {a.get(k)})" for k, v in arch.items() if v is not None and v != a.get(k)]
+    if differ:
+        raise ConfigError(f"{where}: {', '.join(differ)}: a fine-tuned network keeps its parent's architecture; drop these options")
+    if new_head:
+        return Parent(bundle, "new")
+    missing = [c for c in classes if c not in bundle.classes]
+    if missing:
+        raise ConfigError(
+            f"{where}: the labels annotate {', '.join(classes)} but the engine's classes are {', '.join(bundle.classes)}; "
+            f"name the label images after the engine's classes with --class (e.g. --class {bundle.classes[0]}), or pass "
+            f"--new-head to train a new output layer for {', '.join(missing)}"
+        )
+    rows = tuple(bundle.classes.index(c) for c in classes)
+    return Parent(bundle, "kept" if rows == tuple(range(len(bundle.classes))) else "subset", rows)
 
 
 def train_engine(
@@ -80,6 +170,10 @@ def train_engine(
     *,
     val_images: Sequence[np.ndarray] = (),
     val_masks: Sequence[np.ndarray] = (),
+    dataset: Sequence[int] = (),
+    val_dataset: Sequence[int] = (),
+    dataset_weights: Sequence[float] = (1.0,),
+    parent: Parent | None = None,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     training_info: Mapping[str, Any] | None = None,
@@ -87,6 +181,11 @@ def train_engine(
     """Train, validate every ``val_every`` steps, and write the best network as a bundle in ``out_dir``.
 
     ``masks[i]`` is ``(C, H, W)`` (or ``(H, W)`` for one class), non-zero inside the class.
+    ``dataset[i]`` says which dataset image ``i`` belongs to (default: all one); a crop comes from
+    dataset ``d`` with probability ``dataset_weights[d] / sum``, then from its images in proportion
+    to their size. Validation scores each dataset and keeps the checkpoint with the best mean.
+    With ``parent``, the network starts from its weights (and step 0 is validated: the parent's
+    score on this data, kept if no later step beats it).
     With ``checkpoint_dir``, the run saves its state there (at every validation and at the end) and
     resumes from it when restarted; a checkpoint made with other settings is refused, except for
     the settings in ``_RESUMABLE_CHANGES`` (a larger ``steps`` continues a finished run; its cosine
@@ -101,6 +200,8 @@ def train_engine(
     masks = [_as_chw(m, len(config.classes)) for m in masks]
     val_images = [np.asarray(a) for a in val_images]
     val_masks = [_as_chw(m, len(config.classes)) for m in val_masks]
+    dataset = list(dataset) or [0] * len(images)
+    val_dataset = list(val_dataset) or [0] * len(val_images)
     for a, m in zip(images + val_images, masks + val_masks):
         if a.ndim != 2 or a.shape != m.shape[1:]:
             raise ConfigError(f"image of shape {a.shape} does not match its label image of shape {m.shape[1:]}")
@@ -109,14 +210,21 @@ def train_engine(
         raise ConfigError("no training images")
     if min(min(a.shape) for a in images) < 16:
         raise ConfigError("training images must be at least 16 pixels on each side")
+    if len(dataset) != len(images) or len(val_dataset) != len(val_images) or max(dataset + val_dataset) >= len(dataset_weights):
+        raise ConfigError(f"dataset indices {sorted(set(dataset + val_dataset))} do not fit {len(dataset_weights)} dataset weight(s)")
 
     device = _pick_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     norm = training_normalization(images)
-    model = UNet2d(1, len(config.classes), config.base_channels, config.depth).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model = UNet2d(1, len(config.classes), config.base_channels, config.depth)
+    if parent is not None:
+        _load_parent(model, parent)
+    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if config.freeze_encoder:
+        for block in (*model.down, model.bottom):
+            block.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, config.steps // 20)
 
     def lr_factor(s: int) -> float:
@@ -124,8 +232,21 @@ def train_engine(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     history: list[dict] = []
-    best = {"f1": [-1.0], "step": 0, "state": None}
+    best: dict[str, Any] = {"f1": [-1.0], "step": 0, "state": None}
     start = 0
+    n_sets = len(dataset_weights)
+
+    def validate(done: int, loss: float, seconds: float) -> None:
+        nonlocal best
+        per_set = validation_f1(model, val_images, val_masks, val_dataset, n_sets, norm, device) if val_images else []
+        f1 = [float(np.nanmean(c)) for c in zip(*per_set)] if per_set else [float("nan")]
+        record: dict[str, Any] = {"step": done, "loss": loss, "val_f1": f1, "seconds": seconds}
+        if n_sets > 1:
+            record["val_f1_datasets"] = per_set
+        history.append(record)
+        score = float(np.nanmean(per_set)) if val_images else float(done)
+        if score >= float(np.nanmean(best["f1"])) or not val_images:
+            best = {"f1": f1, "step": done, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     if ckpt is not None and ckpt.is_file():
@@ -140,8 +261,10 @@ def train_engine(
         if state["config"]["steps"] != config.steps:  # extended: the next step's rate from the new schedule
             for group, base in zip(opt.param_groups, sched.base_lrs):
                 group["lr"] = base * lr_factor(start)
+    elif parent is not None and parent.head != "new" and val_images:
+        validate(0, float("nan"), 0.0)  # the parent as it is: what fine-tuning must beat
 
-    sampler = _CropSampler(images, masks, config, norm, rng)
+    sampler = _CropSampler(images, masks, dataset, dataset_weights, config, norm, rng)
     bar = _progress(config.steps, start, progress)
     t0 = time.perf_counter()
     for step in range(start, config.steps):
@@ -159,11 +282,7 @@ def train_engine(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1
         if done % config.val_every == 0 or done == config.steps:
-            f1 = evaluate_f1(model, val_images, val_masks, norm, device) if val_images else [float("nan")]
-            history.append({"step": done, "loss": float(loss.item()), "val_f1": f1, "seconds": time.perf_counter() - t0})
-            score = float(np.nanmean(f1)) if val_images else float(done)
-            if score >= float(np.nanmean(best["f1"])) or not val_images:
-                best = {"f1": f1, "step": done, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            validate(done, float(loss.item()), time.perf_counter() - t0)
             if ckpt is not None:
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 tmp = ckpt.with_suffix(".tmp")
@@ -183,8 +302,12 @@ def train_engine(
                 )
                 tmp.replace(ckpt)  # atomic: a crash mid-save keeps the previous checkpoint
     bar.close()
+    seconds = time.perf_counter() - t0
 
     arch = {"name": "unet2d", "base_channels": config.base_channels, "depth": config.depth}
+    info = dict(training_info or {})
+    if parent is not None:
+        info["parent"] = parent.record()
     bundle = write_bundle(
         Path(out_dir),
         name=config.name,
@@ -199,58 +322,124 @@ def train_engine(
         metrics={"validation_f1": [round(float(v), 4) for v in best["f1"]], "best_step": best["step"]},
         training={
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in _config_dict(config).items() if k != "notes" and v != ""},
-            **dict(training_info or {}),
+            **info,
         },
     )
     (Path(out_dir) / "training_history.json").write_text(json.dumps(history, indent=1))
-    return TrainResult(bundle, int(best["step"]), list(best["f1"]), history)
+    return TrainResult(bundle, int(best["step"]), list(best["f1"]), history, seconds)
+
+
+def _load_parent(model: Any, parent: Parent) -> None:
+    """The parent's weights into ``model``; only a replaced output layer may stay untrained."""
+    state = parent.state_dict()
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise InvalidEngineError(
+            f"--from {parent.bundle.name}: its weights do not fit its declared architecture ({str(e).splitlines()[-1].strip()}); re-copy the bundle"
+        ) from None
+    allowed = {"head.weight", "head.bias"} if parent.head == "new" else set()
+    if set(missing) - allowed or unexpected:
+        raise InvalidEngineError(
+            f"--from {parent.bundle.name}: its weights do not fit its declared architecture (missing "
+            f"{sorted(set(missing) - allowed)[:3]}, unexpected {sorted(unexpected)[:3]}); re-copy the bundle"
+        )
 
 
 def train_from_zarr(
-    image: str | os.PathLike,
+    image: str | os.PathLike | None,
     labels: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
+    data: Sequence[DataSpec] = (),
+    parent: str | os.PathLike | EngineBundle | None = None,
+    new_head: bool = False,
     name: str | None = None,
     classes: Sequence[str] | None = None,
     pixel_size: str | float | tuple | None = None,
+    engine_pixel_size: str | float | tuple | None = None,
     split: ValidationSplit = ValidationSplit(),
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
     max_pixels: int = MAX_TRAINING_PIXELS,
     **options: Any,
 ) -> TrainResult:
-    """Train an engine from an annotated OME-Zarr image or (z, y, x) stack and one label image per class.
+    """Train an engine from annotated OME-Zarr images or (z, y, x) stacks, one label image per class.
 
-    ``options`` are :class:`TrainConfig` fields (``steps``, ``crop``, ``base_channels``, ...); the
-    pixel size comes from the image's metadata unless ``pixel_size`` overrides it; ``split`` chooses
-    the validation slices (or region). The data's fingerprint is part of the checkpoint's settings,
-    so a resumed run refuses other data or another split.
+    The data are ``image`` with ``labels`` (its pixel size from its metadata unless ``pixel_size``
+    overrides it), then each of ``data`` (several datasets, each with a sampling weight).
+    ``options`` are :class:`TrainConfig` fields (``steps``, ``crop``, ``base_channels``, ...).
+    ``parent`` (an engine name or folder) fine-tunes that engine (:func:`resolve_parent`): its
+    architecture, pixel size, classes and recommended tile come with it, and options not given
+    take :data:`FINETUNE_DEFAULTS`. Without a parent, the engine's pixel size is
+    ``engine_pixel_size``, else the first dataset's. Every dataset is resampled to it; ``split``
+    chooses each one's validation slices (or region). The data's fingerprint (and the parent's
+    weights) are part of the checkpoint's settings, so a resumed run refuses other data.
     """
-    data = load_training_set(image, labels, classes=classes, pixel_size=pixel_size, split=split, max_pixels=max_pixels)
-    config = make_config(name or Path(out_dir).name, data.pixel_size_nm, data.classes, data.fingerprint(), **options)
+    specs = list(data)
+    if image is not None:
+        px = parse_pixel_size(pixel_size, where="--pixel-size") if pixel_size is not None else None
+        specs.insert(0, DataSpec(str(image), tuple(str(p) for p in labels), 1.0, px))
+    elif labels:
+        raise ConfigError("--labels belongs to an IMAGE argument; with --data only, give each dataset as IMAGE:LABELS")
+    if not specs:
+        raise ConfigError("no training data: give IMAGE --labels LABELS, or --data IMAGE:LABELS (repeatable)")
+    names = class_names(specs[0], classes)
+    target = parse_pixel_size(engine_pixel_size, where="--engine-pixel-size") if engine_pixel_size is not None else None
+    resolved = None
+    if parent is not None:
+        arch = {k: options.pop(k, None) for k in ("base_channels", "depth")}
+        resolved = resolve_parent(parent, names, new_head=new_head, **arch)
+        if target is not None and tuple(target) != resolved.bundle.pixel_size_nm:
+            raise ConfigError(
+                f"--engine-pixel-size {target[0]:g} nm: a fine-tuned engine keeps its parent's pixel size "
+                f"({resolved.bundle.pixel_size_nm[0]:g} nm); drop the option (the data are resampled to it)"
+            )
+        target = resolved.bundle.pixel_size_nm
+        defaults = {**FINETUNE_DEFAULTS, "tile": resolved.bundle.tile, "overlap": resolved.bundle.overlap}
+        options = {**{k: v for k, v in defaults.items() if options.get(k) is None}, **{k: v for k, v in options.items() if v is not None}}
+        options.update(base_channels=resolved.bundle.architecture["base_channels"], depth=resolved.bundle.architecture["depth"])
+    elif new_head:
+        raise ConfigError("--new-head replaces the output layer of a parent engine; it needs --from ENGINE")
+    elif options.get("freeze_encoder"):
+        raise ConfigError("--freeze-encoder keeps a parent engine's encoder; it needs --from ENGINE")
+    options = {k: v for k, v in options.items() if v is not None}
+    ts = load_training_data(specs, classes=classes, pixel_size_nm=target, split=split, max_pixels=max_pixels)
+    notes = {"parent_sha256": resolved.bundle.weights_digest, "head": resolved.head} if resolved else {}
+    config = make_config(name or Path(out_dir).name, ts.pixel_size_nm, ts.classes, ts.fingerprint(), notes=notes, **options)
     return train_engine(
-        data.images,
-        data.masks,
+        ts.images,
+        ts.masks,
         Path(out_dir),
         config,
-        val_images=data.val_images,
-        val_masks=data.val_masks,
+        val_images=ts.val_images,
+        val_masks=ts.val_masks,
+        dataset=ts.dataset,
+        val_dataset=ts.val_dataset,
+        dataset_weights=ts.weights,
+        parent=resolved,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
         progress=progress,
-        training_info=data.provenance,
+        training_info=ts.provenance,
     )
 
 
-def make_config(name: str, pixel_size_nm: tuple[float, float], classes: Sequence[str], data_sha256: str, **options: Any) -> TrainConfig:
-    """A :class:`TrainConfig` from keyword options, refusing names it does not have."""
+def make_config(
+    name: str, pixel_size_nm: tuple[float, float], classes: Sequence[str], data_sha256: str, *, notes: Mapping[str, Any] | None = None, **options: Any
+) -> TrainConfig:
+    """A :class:`TrainConfig` from keyword options, refusing names it does not have. ``notes`` (with the
+    data's sha256) are settings a resumed run must share but the bundle need not show."""
     known = {f.name for f in fields(TrainConfig)} - {"name", "pixel_size_nm", "classes", "notes"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if "scale_jitter" in options:
         options["scale_jitter"] = tuple(float(v) for v in options["scale_jitter"])
-    config = TrainConfig(name=name, pixel_size_nm=tuple(pixel_size_nm), classes=tuple(classes), notes={"data_sha256": data_sha256}, **options)
+    if "augment" in options:
+        options["augment"] = parse_augment(options["augment"])
+    config = TrainConfig(
+        name=name, pixel_size_nm=(float(pixel_size_nm[0]), float(pixel_size_nm[1])), classes=tuple(classes), notes={"data_sha256": data_sha256, **dict(notes or {})}, **options
+    )
     validate_config(config)
     return config
 
@@ -336,7 +525,7 @@ def check_resumable(saved: Mapping[str, Any], wanted: Mapping[str, Any], ckpt: P
 
 def _describe_change(key: str, old: Any, new: Any) -> str:
     if key == "notes":
-        return "the training data or its split changed"
+        return "the training data, its split or the parent engine changed"
     return f"{key} was {old!r}, now {new!r}"
 
 
@@ -381,11 +570,20 @@ def _loss(logits, target, dice_weight: float):
 class _CropSampler:
     """Random augmented crops, drawn with one numpy generator (so a resumed run continues the stream)."""
 
-    def __init__(self, images, masks, config: TrainConfig, norm: Normalization, rng: np.random.Generator):
+    def __init__(self, images, masks, dataset: Sequence[int], weights: Sequence[float], config: TrainConfig, norm: Normalization, rng: np.random.Generator):
         self.images, self.masks, self.cfg, self.norm, self.rng = images, masks, config, norm, rng
-        self.weights = np.array([a.size for a in images], dtype=np.float64)
+        size = np.array([a.size for a in images], dtype=np.float64)
+        d = np.asarray(dataset)
+        per_set = np.bincount(d, weights=size, minlength=len(weights))
+        # dataset d with probability weights[d] / sum, then its images in proportion to their size
+        self.weights = np.asarray(weights, dtype=np.float64)[d] * size / per_set[d]
         self.weights /= self.weights.sum()
-        self.max_value = 255.0 if images[0].dtype == np.uint8 else float(max(a.max() for a in images))
+        self.tops = [self._top([a for a, k in zip(images, d) if k == i]) for i in d]
+
+    @staticmethod
+    def _top(images: Sequence[np.ndarray]) -> float:
+        """The value range of a dataset's raw data, which augmentation works in fractions of."""
+        return 255.0 if images[0].dtype == np.uint8 else float(max(a.max() for a in images))
 
     def batch(self):
         import torch
@@ -412,49 +610,40 @@ class _CropSampler:
             x = F.interpolate(xt, size=(cfg.crop, cfg.crop), mode="bilinear", antialias=side > cfg.crop, align_corners=False)[0, 0].numpy()
             yt = torch.from_numpy(y)[None]
             y = (F.interpolate(yt, size=(cfg.crop, cfg.crop), mode="bilinear", align_corners=False)[0] > 0.5).numpy().astype(np.float32)
-        k = rng.integers(4)
+        k = int(rng.integers(4))
         x, y = np.rot90(x, k), np.rot90(y, k, axes=(1, 2))
         if rng.random() < 0.5:
             x, y = x[:, ::-1], y[:, :, ::-1]
-        if cfg.intensity_jitter:
-            x = self._jitter(x)
+        x, y = randomize(x, y, cfg.augment, rng, top=self.tops[i])
         x = self.norm.to_network(x).astype(np.float32)
         return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
-    def _jitter(self, x: np.ndarray) -> np.ndarray:
-        """Contrast, brightness, gamma, blur and noise, in raw units (so normalization follows as at inference)."""
-        rng, top = self.rng, self.max_value
-        u = np.clip(x / top, 0, 1)
-        u = u ** math.exp(rng.uniform(-0.35, 0.35))
-        mean = u.mean()
-        u = (u - mean) * rng.uniform(0.7, 1.3) + mean + rng.uniform(-0.1, 0.1)
-        if rng.random() < 0.3:
-            from scipy.ndimage import gaussian_filter
 
-            u = gaussian_filter(u, rng.uniform(0.3, 1.2))
-        if rng.random() < 0.5:
-            u = u + rng.normal(0, rng.uniform(0.0, 0.06), u.shape)
-        return (np.clip(u, 0, 1) * top).astype(np.float32)
-
-
-def evaluate_f1(model, images, masks, norm: Normalization, device) -> list[float]:
-    """Pixel F1 per class at threshold 0.5 of whole validation images (padded to the divisor)."""
+def validation_f1(model, images, masks, dataset: Sequence[int], n_datasets: int, norm: Normalization, device) -> list[list[float]]:
+    """Pixel F1 per dataset and class at threshold 0.5, of whole validation images (padded to the
+    divisor), as :func:`tilefeet.metrics.pixel_metrics` scores it; a dataset without validation images scores NaN."""
     import torch
 
     model.eval()
-    tp = fp = fn = None
+    counts = [[PixelMetrics(0, 0, 0, 0) for _ in range(model.head.out_channels)] for _ in range(n_datasets)]
     with torch.inference_mode():
-        for img, m in zip(images, masks):
+        for img, m, d in zip(images, masks, dataset):
             h, w = img.shape
             div = 2**model.depth
             ph, pw = -h % div + 32, -w % div + 32
             x = torch.from_numpy(np.pad(norm.to_network(img.astype(np.float32)), ((16, ph - 16), (16, pw - 16)), mode="symmetric"))
             x = x[None, None].to(device, memory_format=torch.channels_last).float()
             p = torch.sigmoid(model(x))[0, :, 16 : 16 + h, 16 : 16 + w].cpu().numpy() >= 0.5
-            t = m.astype(bool)
-            a, b, c = (p & t).sum((1, 2)), (p & ~t).sum((1, 2)), (~p & t).sum((1, 2))
-            tp, fp, fn = (a, b, c) if tp is None else (tp + a, fp + b, fn + c)
-    return [float(2 * a / max(2 * a + b + c, 1)) for a, b, c in zip(tp, fp, fn)]
+            for c, (pc, tc) in enumerate(zip(p, m.astype(bool))):
+                a, b = counts[d][c], pixel_metrics(pc, tc)
+                counts[d][c] = PixelMetrics(a.tp + b.tp, a.fp + b.fp, a.fn + b.fn, a.tn + b.tn)
+    seen = set(dataset)
+    return [[c.f1 if d in seen else float("nan") for c in per_set] for d, per_set in enumerate(counts)]
+
+
+def evaluate_f1(model, images, masks, norm: Normalization, device) -> list[float]:
+    """Pixel F1 per class at threshold 0.5 over all ``images`` (one dataset)."""
+    return validation_f1(model, images, masks, [0] * len(images), 1, norm, device)[0]
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -13,6 +13,10 @@ its far end (one band, not scattered pixels, so that few validation pixels borde
     z 0 ... n-k-1 │ n-k ... n-1      ┌──────────────┬────┐
        training   │  validation      │   training   │val │  (last fraction of the longer axis)
                                      └──────────────┴────┘
+
+Several datasets (:class:`DataSpec`, ``--data``) are each split this way, then resampled to one
+pixel size (a parent engine's, or the first dataset's): images and labels alike, so a dataset at
+5 nm trains a 4 nm engine with membranes as wide in nm as they were drawn.
 """
 
 from __future__ import annotations
@@ -88,9 +92,44 @@ def parse_slices(text: str | Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """One annotated dataset: an OME-Zarr image (2-D or a stack), one label image per class, and how
+    often training draws from it relative to the other datasets."""
+
+    image: str
+    labels: tuple[str, ...]
+    weight: float = 1.0
+    pixel_size_nm: tuple[float, float] | None = None  #: overrides the image's metadata
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            raise ConfigError(f"dataset {self.image}: give at least one label image, e.g. --labels {self.image}/labels/mito")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"dataset {self.image}: sampling weight must be a positive number, got {self.weight}")
+
+    @classmethod
+    def parse(cls, text: str) -> DataSpec:
+        """``IMAGE:LABELS[:WEIGHT]`` (``--data``); several classes' label images joined by ``+``:
+        ``lucchi.ome.zarr:lucchi.ome.zarr/labels/mito+lucchi.ome.zarr/labels/membrane:2``."""
+        parts = text.split(":")
+        weight = 1.0
+        if len(parts) == 3:
+            try:
+                weight = float(parts[2])
+            except ValueError:
+                raise ConfigError(f"--data {text!r}: the weight after the second ':' must be a number, e.g. IMAGE:LABELS:2") from None
+        elif len(parts) != 2:
+            raise ConfigError(f"--data takes IMAGE:LABELS or IMAGE:LABELS:WEIGHT (label images of several classes joined by +), got {text!r}")
+        if not parts[0] or not parts[1]:
+            raise ConfigError(f"--data {text!r}: IMAGE and LABELS must not be empty")
+        return cls(parts[0], tuple(p for p in parts[1].split("+") if p), weight)
+
+
 @dataclass
 class TrainingSet:
-    """What the trainer consumes: 2-D images, their ``(C, H, W)`` masks, and how they were chosen."""
+    """What the trainer consumes: 2-D images at one pixel size, their ``(C, H, W)`` masks, which dataset
+    each came from, and how they were chosen."""
 
     images: list[np.ndarray]
     masks: list[np.ndarray]
@@ -99,15 +138,24 @@ class TrainingSet:
     classes: tuple[str, ...]
     pixel_size_nm: tuple[float, float]
     provenance: dict[str, Any] = field(default_factory=dict)  #: recorded in the bundle's [training] table
+    dataset: list[int] = field(default_factory=list)  #: dataset index of each training image (default: all 0)
+    val_dataset: list[int] = field(default_factory=list)  #: ... of each validation image
+    weights: tuple[float, ...] = (1.0,)  #: sampling weight of each dataset
+
+    def __post_init__(self) -> None:
+        self.dataset = self.dataset or [0] * len(self.images)
+        self.val_dataset = self.val_dataset or [0] * len(self.val_images)
 
     def fingerprint(self) -> str:
-        """sha256 of the pixels, masks and split: a resumed run must train on exactly this data."""
+        """sha256 of the pixels, masks, split and weights: a resumed run must train on exactly this data."""
         h = hashlib.sha256()
         for part in (self.images, self.masks, self.val_images, self.val_masks):
             h.update(str(len(part)).encode())
             for a in part:
                 h.update(str((a.shape, a.dtype.str)).encode())
                 h.update(np.ascontiguousarray(a).tobytes())
+        if len(self.weights) > 1:  # one dataset keeps the fingerprint of earlier versions
+            h.update(str((self.dataset, self.val_dataset, self.weights)).encode())
         return h.hexdigest()
 
 
@@ -146,16 +194,16 @@ def read_stack_meta(path: str | os.PathLike, *, role: str = "image") -> StackMet
         group = zarr.open_group(str(p), mode="r")
     except Exception:
         raise InvalidImageError(f"{role} {p} is not an OME-Zarr image group; convert it with `tilefeet convert` first") from None
-    attrs = dict(group.attrs)
-    ome = dict(attrs.get("ome", attrs))
+    attrs: dict[str, Any] = dict(group.attrs)
+    ome: dict[str, Any] = dict(attrs.get("ome", attrs))
     if "bioformats2raw.layout" in ome and "0" in group:
         return read_stack_meta(p / "0", role=role)
-    ms = ome.get("multiscales")
+    ms: Any = ome.get("multiscales")
     if not ms:
         raise InvalidImageError(f"{role} {p} has no NGFF 'multiscales' metadata; convert it with `tilefeet convert` first")
     paths = tuple(str(d["path"]) for d in ms[0].get("datasets", []))
     try:
-        arrays = [group[a] for a in paths]
+        arrays: list[Any] = [group[a] for a in paths]
     except KeyError as e:
         raise InvalidImageError(f"{role} {p}: multiscales names dataset {e} but the store has no such array") from None
     if not arrays:
@@ -187,7 +235,8 @@ def read_volume(path: str | os.PathLike, *, max_pixels: int = MAX_TRAINING_PIXEL
             f"training run reads into memory; train on a cropped region or fewer slices, or raise --max-pixels"
         )
     try:
-        data = np.asarray(zarr.open_group(meta.path, mode="r")[meta.level_paths[0]][meta.index])
+        array: Any = zarr.open_group(meta.path, mode="r")[meta.level_paths[0]]
+        data = np.asarray(array[meta.index])
     except Exception as e:
         raise CorruptDataError(f"{role} {meta.path}: could not read level 0 ({type(e).__name__}: {e}); re-convert it") from None
     if np.dtype(data.dtype).kind not in "uifb":
@@ -303,26 +352,137 @@ def load_training_set(
     """
     if not labels:
         raise ConfigError("give at least one label image with --labels, e.g. --labels IMAGE/labels/mito")
-    names = tuple(classes) if classes else tuple(default_class_name(p) for p in labels)
-    if len(names) != len(labels):
-        raise ConfigError(f"{len(labels)} label images (--labels) but {len(names)} class names (--class); give one --class per --labels")
+    px = parse_pixel_size(pixel_size, where="--pixel-size") if pixel_size is not None else None
+    return load_training_data([DataSpec(str(image), tuple(str(p) for p in labels), 1.0, px)], classes=classes, split=split, max_pixels=max_pixels)
+
+
+def class_names(spec: DataSpec, classes: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The class of each label image of a dataset: ``classes`` in order, or each label image's name."""
+    names = tuple(classes) if classes else tuple(default_class_name(p) for p in spec.labels)
+    if len(names) != len(spec.labels):
+        raise ConfigError(f"{len(spec.labels)} label images (--labels) but {len(names)} class names (--class); give one --class per --labels")
     if len(set(names)) != len(names):
         raise ConfigError(f"class names must differ, got {', '.join(names)}; name them with --class")
-    img = read_volume(image, max_pixels=max_pixels, role="image")
-    px = parse_pixel_size(pixel_size, where="--pixel-size") if pixel_size is not None else img.pixel_size_nm
-    if px is None:
-        raise ConfigError(f"image {img.path} records no physical pixel size (its y/x axes have no unit); give it with --pixel-size, e.g. --pixel-size 5nm")
-    masks = np.stack([_read_mask(p, img, name, max_pixels) for p, name in zip(labels, names)], axis=1)  # (z, C, y, x)
-    parts, where = _split(img, masks, split)
-    _check_has_foreground(parts[1], names, img.path)
-    provenance = {
-        "image": str(image),
-        "labels": [str(p) for p in labels],
-        **where,
-        "training_pixels": int(sum(a.size for a in parts[0])),
-        "validation_pixels": int(sum(a.size for a in parts[2])),
+    return names
+
+
+def load_training_data(
+    specs: Sequence[DataSpec],
+    *,
+    classes: Sequence[str] | None = None,
+    pixel_size_nm: tuple[float, float] | None = None,
+    split: ValidationSplit = ValidationSplit(),
+    max_pixels: int = MAX_TRAINING_PIXELS,
+) -> TrainingSet:
+    """Read several annotated datasets, split each, and resample them all to one pixel size.
+
+    ``classes`` names the label images of every dataset in order (default: their names); every
+    dataset must annotate the same classes (their label images may come in any order). The pixel
+    size is ``pixel_size_nm`` (a parent engine's), else the first dataset's; a dataset at another
+    pixel size is resampled to it, image and labels alike (:func:`resample`), after the split, so a
+    validation band or slice is chosen in the data's own pixels. ``split`` applies to each dataset.
+    """
+    if not specs:
+        raise ConfigError("no training data: give IMAGE --labels LABELS, or --data IMAGE:LABELS (repeatable)")
+    names = class_names(specs[0], classes)
+    target = pixel_size_nm
+    parts: list[tuple[list[np.ndarray], ...]] = []
+    records: list[dict[str, Any]] = []
+    for spec in specs:
+        own = class_names(spec, classes)
+        if set(own) != set(names):
+            raise ConfigError(
+                f"dataset {spec.image} annotates {', '.join(own)} but {specs[0].image} annotates {', '.join(names)}; "
+                f"every dataset needs a label image of each class (name them with --class)"
+            )
+        img = read_volume(spec.image, max_pixels=max_pixels, role="image")
+        px = spec.pixel_size_nm or img.pixel_size_nm
+        if px is None:
+            raise ConfigError(
+                f"image {img.path} records no physical pixel size (its y/x axes have no unit); give it with --pixel-size, "
+                f"e.g. --pixel-size 5nm, or write it with `tilefeet convert ... --pixel-size 5nm`"
+            )
+        target = target or (float(px[0]), float(px[1]))
+        order = [own.index(n) for n in names]
+        masks = np.stack([_read_mask(spec.labels[k], img, names[j], max_pixels) for j, k in enumerate(order)], axis=1)  # (z, C, y, x)
+        (tr_i, tr_m, va_i, va_m), where = _split(img, masks, split)
+        _check_has_foreground(tr_m, names, img.path)
+        if needs_resampling(px, target):
+            tr_i, tr_m = _resample_all(tr_i, tr_m, px, target)
+            va_i, va_m = _resample_all(va_i, va_m, px, target)
+            n = sum(a.size for a in tr_i) + sum(a.size for a in va_i)
+            if n > max_pixels:
+                raise ConfigError(
+                    f"image {img.path} resampled from {px[0]:g} to {target[0]:g} nm has {n:,} pixels, more than the "
+                    f"{max_pixels:,} a training run reads into memory; train on a cropped region, or raise --max-pixels"
+                )
+        parts.append((list(tr_i), list(tr_m), list(va_i), list(va_m)))
+        records.append({
+            "image": spec.image,
+            "labels": [spec.labels[k] for k in order],
+            "weight": spec.weight,
+            "pixel_size_nm": [float(px[0]), float(px[1])],
+            **where,
+            "training_pixels": int(sum(a.size for a in tr_i)),
+            "validation_pixels": int(sum(a.size for a in va_i)),
+        })
+    assert target is not None
+    provenance: dict[str, Any] = {
+        "training_pixels": sum(r["training_pixels"] for r in records),
+        "validation_pixels": sum(r["validation_pixels"] for r in records),
     }
-    return TrainingSet(*parts, classes=names, pixel_size_nm=(float(px[0]), float(px[1])), provenance=provenance)
+    if len(records) == 1:  # one dataset: its description at the top of [training], as before several existed
+        provenance = {**records[0], **provenance}
+        del provenance["weight"]
+        provenance["data_pixel_size_nm"] = provenance.pop("pixel_size_nm")  # [training] pixel_size_nm is the engine's
+    else:
+        provenance.update({f"data_{i + 1}": r for i, r in enumerate(records)})
+    return TrainingSet(
+        images=[a for p in parts for a in p[0]],
+        masks=[m for p in parts for m in p[1]],
+        val_images=[a for p in parts for a in p[2]],
+        val_masks=[m for p in parts for m in p[3]],
+        classes=names,
+        pixel_size_nm=(float(target[0]), float(target[1])),
+        provenance=provenance,
+        dataset=[i for i, p in enumerate(parts) for _ in p[0]],
+        val_dataset=[i for i, p in enumerate(parts) for _ in p[2]],
+        weights=tuple(float(s.weight) for s in specs),
+    )
+
+
+#: Relative pixel-size difference below which training data is used as is (as inference does).
+RESAMPLE_TOLERANCE = 0.01
+
+
+def needs_resampling(px: Sequence[float], target: Sequence[float]) -> bool:
+    return any(abs(a / b - 1) > RESAMPLE_TOLERANCE for a, b in zip(px, target))
+
+
+def _resample_all(images: list[np.ndarray], masks: list[np.ndarray], px: Sequence[float], target: Sequence[float]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    pairs = [resample(a, m, px, target) for a, m in zip(images, masks)]
+    return [a for a, _ in pairs], [m for _, m in pairs]
+
+
+def resample(image: np.ndarray, masks: np.ndarray, px: Sequence[float], target: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """An image ``(H, W)`` and its masks ``(C, H, W)`` from pixel size ``px`` to ``target`` (nm, y and x).
+
+    Linear interpolation, antialiased when shrinking (as inference resamples sections); integer
+    images are rounded back to their dtype, so the bundle's normalization and histogram see the
+    same value range. Masks are resampled as coverage and kept where at least half a pixel is
+    inside, so a structure keeps its width in nm.
+    """
+    from skimage.transform import resize
+
+    h, w = image.shape
+    shape = (max(1, round(h * px[0] / target[0])), max(1, round(w * px[1] / target[1])))
+    shrink = shape[0] < h or shape[1] < w
+    out = resize(image.astype(np.float32), shape, order=1, anti_aliasing=shrink, preserve_range=True)
+    if image.dtype.kind in "ui":
+        info = np.iinfo(image.dtype)
+        out = np.clip(np.rint(out), info.min, info.max).astype(image.dtype)
+    m = np.stack([resize(c.astype(np.float32), shape, order=1, anti_aliasing=shrink, preserve_range=True) >= 0.5 for c in masks])
+    return out, m.astype(np.uint8)
 
 
 def _split(img: Volume, masks: np.ndarray, split: ValidationSplit) -> tuple[tuple[list[np.ndarray], ...], dict[str, Any]]:

@@ -1,8 +1,14 @@
-"""``tilefeet train IMAGE --labels LABELS --out engines/NAME``: a new engine bundle from annotated OME-Zarr.
+"""``tilefeet train``: a new engine bundle from annotated OME-Zarr, from scratch or fine-tuned from another.
 
     tilefeet convert slices/ train.ome.zarr --stack --pixel-size 5nm
     tilefeet convert masks/ train.ome.zarr --labels mito
     tilefeet train train.ome.zarr --labels train.ome.zarr/labels/mito --out engines/mito --val-slices 24-26
+
+    # fine-tune a shipped engine on a few annotated tiles of your own data (minutes on a CPU)
+    tilefeet train mine.ome.zarr --labels mine.ome.zarr/labels/membrane --out engines/my-membrane --from isbi-membrane
+
+    # several datasets, each resampled to the engine's pixel size, drawn 2 : 1
+    tilefeet train --data a.ome.zarr:a.ome.zarr/labels/membrane:2 --data b.ome.zarr:b.ome.zarr/labels/membrane --out engines/ab
 
 Reading and splitting live in :mod:`tilefeet.training_data`, training in :mod:`tilefeet.train`;
 this module maps flags onto them one to one and decides what happens to an earlier run's
@@ -17,10 +23,18 @@ from typing import Optional
 
 import typer
 
-from ..train import TrainConfig
+from ..train import FINETUNE_DEFAULTS, TrainConfig
 
 #: TrainConfig's defaults, so each flag's default has one home
 _D = TrainConfig(name="", pixel_size_nm=(1.0, 1.0))
+
+
+def _default(name: str) -> str:
+    """Help text for an option whose default differs with --from."""
+    value = getattr(_D, name)
+    if name in FINETUNE_DEFAULTS:
+        return f" (default {value:g}; {FINETUNE_DEFAULTS[name]:g} with --from)"
+    return f" (default {value:g}; the parent's with --from)"
 
 
 def register(app: typer.Typer) -> None:
@@ -28,33 +42,48 @@ def register(app: typer.Typer) -> None:
 
 
 def train_cmd(
-    image: Path = typer.Argument(..., help="OME-Zarr image: one 2-D section or a (z, y, x) stack (tilefeet convert --stack)."),
+    image: Optional[Path] = typer.Argument(
+        None, help="OME-Zarr image: one 2-D section or a (z, y, x) stack (tilefeet convert --stack). Optional with --data."
+    ),
     labels: list[Path] = typer.Option(
-        ..., "--labels", "-l", help="Label image of a class (e.g. IMAGE/labels/mito), same shape; repeat for several classes."
+        [], "--labels", "-l", help="Label image of a class (e.g. IMAGE/labels/mito), same shape; repeat for several classes."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write, e.g. engines/NAME."),
+    data: list[str] = typer.Option(
+        [], "--data", help="Another dataset IMAGE:LABELS[:WEIGHT] (label images of several classes joined by +); repeatable. "
+        "Each is resampled to the engine's pixel size; WEIGHT (default 1) is how often crops come from it relative to the others.",
+    ),
+    parent: Optional[str] = typer.Option(
+        None, "--from", help="Fine-tune this engine (name or folder): its weights, architecture, classes and pixel size."
+    ),
+    new_head: bool = typer.Option(False, "--new-head", help="With --from: a new output layer for classes the parent does not have."),
+    freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="With --from: train the decoder only."),
     name: Optional[str] = typer.Option(None, help="Engine name (default: the --out folder's name)."),
     class_names: Optional[list[str]] = typer.Option(
         None, "--class", "-c", help="Class name per --labels, in order (default: each label image's name)."
     ),
-    pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Pixel size, e.g. 5nm (default: from IMAGE's metadata)."),
+    pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Pixel size of IMAGE, e.g. 5nm (default: from its metadata)."),
+    engine_pixel_size: Optional[str] = typer.Option(
+        None, "--engine-pixel-size", help="Pixel size the engine works at (default: the first dataset's; the parent's with --from)."
+    ),
     val_slices: Optional[str] = typer.Option(None, "--val-slices", help="z-slices of a stack held out for validation, e.g. 24,25,26 or 24-26."),
     val_fraction: Optional[float] = typer.Option(
         None, "--val-fraction", help="Hold out the last fraction of the slices (stack) or of the longer axis (2-D image); default 0.1, 0 = none."
     ),
-    steps: int = typer.Option(_D.steps, help="Optimizer steps in all (a larger value with --resume extends a finished run)."),
-    batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Crops per step."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps in all; more with --resume extends a finished run." + _default("steps")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per step." + _default("batch_size")),
     crop: int = typer.Option(_D.crop, help="Crop side in pixels, a multiple of 2 ** depth."),
-    lr: float = typer.Option(_D.lr, help="Peak learning rate (AdamW, warm-up then cosine decay)."),
-    base_channels: int = typer.Option(_D.base_channels, "--base-channels", help="U-Net channels at full resolution."),
-    depth: int = typer.Option(_D.depth, help="U-Net down-sampling steps."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW, warm-up then cosine decay)." + _default("lr")),
+    base_channels: Optional[int] = typer.Option(None, "--base-channels", help="U-Net channels at full resolution." + _default("base_channels")),
+    depth: Optional[int] = typer.Option(None, help="U-Net down-sampling steps." + _default("depth")),
     scale_jitter: str = typer.Option(
         ",".join(f"{v:g}" for v in _D.scale_jitter), "--scale-jitter", help="Random zoom range LOW,HIGH (1 or 1,1 = off)."
     ),
-    intensity_jitter: bool = typer.Option(
-        _D.intensity_jitter, "--intensity-jitter/--no-intensity-jitter", help="Random gamma, contrast, brightness, blur and noise."
+    augment: str = typer.Option(
+        "all", "--augment", help="Domain randomization: all, none, legacy, or groups of intensity, noise, blur, elastic, artefacts "
+        "(e.g. all,-elastic).",
     ),
-    val_every: int = typer.Option(_D.val_every, "--val-every", help="Validate (and save the checkpoint) every N steps."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate (and save the checkpoint) every N steps." + _default("val_every")),
     seed: int = typer.Option(_D.seed, help="Random seed (weights, crops, augmentation)."),
     device: str = typer.Option(_D.device, help="auto (CUDA when present), cpu, cuda, cuda:N."),
     checkpoint_dir: Optional[Path] = typer.Option(
@@ -62,18 +91,19 @@ def train_cmd(
     ),
     resume: bool = typer.Option(False, help="Continue the run whose checkpoint is in --checkpoint-dir (same settings)."),
     overwrite: bool = typer.Option(False, help="Replace a bundle that already exists in --out."),
-    tile: int = typer.Option(_D.tile, help="Inference tile recommended in the bundle."),
-    overlap: int = typer.Option(_D.overlap, help="Inference overlap recommended in the bundle."),
+    tile: Optional[int] = typer.Option(None, help="Inference tile recommended in the bundle." + _default("tile")),
+    overlap: Optional[int] = typer.Option(None, help="Inference overlap recommended in the bundle." + _default("overlap")),
     description: str = typer.Option(_D.description, help="One line describing the engine (written to engine.toml)."),
     max_pixels: int = typer.Option(1 << 28, "--max-pixels", help="Refuse images larger than this (they are read into memory)."),
 ) -> None:
-    """Train a U-Net on an annotated OME-Zarr image or stack and write it as an engine bundle."""
+    """Train a U-Net on annotated OME-Zarr images or stacks (or fine-tune an engine) and write it as an engine bundle."""
     from .. import console
     from ..train import default_checkpoint_dir, train_from_zarr
-    from ..training_data import ValidationSplit
+    from ..training_data import DataSpec, ValidationSplit
 
     name = name or out.name
     split = ValidationSplit.create(val_slices, val_fraction)
+    specs = [DataSpec.parse(d) for d in data]
     ckpt_dir = checkpoint_dir or default_checkpoint_dir(out, name)
     check_outputs(out, ckpt_dir, resume=resume, overwrite=overwrite)
     console.echo(f"checkpoints: {ckpt_dir}" + ("" if (ckpt_dir / "checkpoint.pt").is_file() else " (starting at step 0)"))
@@ -82,9 +112,13 @@ def train_cmd(
         image,
         labels,
         out,
+        data=specs,
+        parent=parent,
+        new_head=new_head,
         name=name,
         classes=class_names or None,
         pixel_size=pixel_size,
+        engine_pixel_size=engine_pixel_size,
         split=split,
         checkpoint_dir=ckpt_dir,
         progress=console.progress_enabled(),
@@ -96,7 +130,8 @@ def train_cmd(
         base_channels=base_channels,
         depth=depth,
         scale_jitter=parse_scale_jitter(scale_jitter),
-        intensity_jitter=intensity_jitter,
+        augment=augment,
+        freeze_encoder=freeze_encoder,
         val_every=val_every,
         seed=seed,
         device=device,
@@ -105,7 +140,11 @@ def train_cmd(
         description=description,
     )
     f1 = ", ".join(f"{c} {v:.4f}" for c, v in zip(result.bundle.classes, result.best_val_f1))
-    console.echo(f"wrote {out} in {time.perf_counter() - t0:.0f} s: best validation F1 {f1} at step {result.best_step}")
+    line = f"wrote {out} in {time.perf_counter() - t0:.0f} s: best validation F1 {f1} at step {result.best_step}"
+    first = result.history[0] if result.history and result.history[0]["step"] == 0 else None
+    if first is not None:
+        line += " (the parent scored " + ", ".join(f"{v:.4f}" for v in first["val_f1"]) + ")"
+    console.echo(line)
 
 
 def check_outputs(out: Path, ckpt_dir: Path, *, resume: bool, overwrite: bool) -> None:
