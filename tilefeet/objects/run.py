@@ -8,10 +8,15 @@ tables and the faces (O(height × block columns + width × block rows)). ``--res
 finished task; the result does not depend on where a crash happened. The same graph runs on
 ``dask.distributed`` (``compute=False``): tasks carry the plan and paths, never arrays.
 
-    holes → fill        (--fill-holes)
-    pieces → resolve → relabel                              objects: ids → level 0, table
-    pieces → resolve → relabel (seeds) → cells → table      --cells
+    holes → fill                                      --fill-holes: a filled mask (scratch array)
+    pieces → resolve → relabel                        objects: the table at resolve, ids at relabel
+    pieces → resolve → relabel (seeds) → cells → table   --cells: seeds (scratch array), grown cells
     pyramid levels → publish
+
+A block writes its ids to level 0 and to every coarser level where its part is still whole chunks
+(:func:`direct_levels`: level k keeps every 2^k-th pixel, so that part is ``ids[::2^k, ::2^k]``);
+the pyramid tasks make the rest, each from the level below. Scratch arrays and records live in
+the staging folder's ``.tilefeet/`` and go with it.
 """
 
 from __future__ import annotations
