@@ -446,3 +446,25 @@ def test_object_colours_are_stable_and_distinct():
     assert np.abs(first[1:].astype(int) - first[:-1].astype(int)).sum(axis=1).min() > 60
     edge = outlines(ids)
     assert edge[ids == 0].sum() == 0 and edge[0, :].all()  # the frame spanning the section is all outline on the edge
+
+
+def test_objects_graph_chained_behind_the_pixels_it_reads(tmp_path):
+    """compute=False + after=: the graph is built from the metadata alone and reads pixels only after
+    ``after`` ran, as `segment --objects` chains it behind the segment graph."""
+    import dask
+    from dask import delayed
+
+    mask = adversarial(64, 96, corner=16)
+    prob = probs_for(mask)
+    store = make_output(tmp_path / "out.ome.zarr.partial", np.zeros_like(prob), chunk=16)
+
+    def write_pixels() -> str:
+        root = zarr.open_group(str(store), mode="r+")
+        root["0"][0] = prob
+        root["labels/mitochondrion/0"][:] = (prob >= 128).astype(np.uint8)
+        return "written"
+
+    graph = write_objects(store, block_size=32, compute=False, after=delayed(write_pixels)())
+    (path,) = dask.compute(graph, scheduler="threads", num_workers=2)
+    np.testing.assert_array_equal(zarr.open_array(str(Path(path) / "0"), mode="r")[:], reference(mask))
+    assert_table_equal(read_table(Path(path)), reference(mask), prob)

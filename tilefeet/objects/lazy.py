@@ -3,9 +3,11 @@
 :func:`label_objects` runs the passes that every id depends on (holes, pieces) at once, with the
 default dask scheduler (a ``dask.distributed`` client when one is active), and returns the label
 image as a dask array whose blocks are computed when asked (a block reads its own mask again and
-maps its pieces to their final ids), with the table as a pandas DataFrame. Memory: a few blocks at
-a time plus O(objects). For cells the table needs the grown cells of every block, so those are
-computed once for the table and again for the blocks you ask for.
+maps its pieces to their final ids), with the table as a pandas DataFrame. Memory: the blocks dask
+has in flight (and the neighbouring chunks their halos read) plus O(objects); :func:`write_objects`
+is the call with a hard bound (blocks in flight). For cells the table needs the grown cells of every
+block, so those are computed once for the table and again for the blocks you ask for
+(``measure=False``: ids only, computed once).
 """
 
 from __future__ import annotations

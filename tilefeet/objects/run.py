@@ -278,8 +278,9 @@ def _provenance(job: ObjectsJob, n: int, dtype: Any) -> dict:
 # ---------------------------------------------------------------------------------- graph
 
 
-def objects_graph(job: ObjectsJob, done: set[str]) -> Any:
-    """A dask ``Delayed`` that runs every unfinished task of the run and returns the layer's path."""
+def objects_graph(job: ObjectsJob, done: set[str], after: Any = None) -> Any:
+    """A dask ``Delayed`` that runs every unfinished task of the run and returns the layer's path;
+    its first tasks wait for ``after`` (a ``Delayed``, e.g. the segment run's last pyramid level)."""
     leaf = delayed(job, traverse=False)
     token = st.fingerprint({"staging": str(job.staging.path), "plan": repr(job.plan)})[:10]
     blocks = list(job.grid)  # row-major
@@ -297,7 +298,6 @@ def objects_graph(job: ObjectsJob, done: set[str]) -> Any:
             return after
         return delayed(fn, pure=False)(leaf, after, dask_key_name=f"tilefeet-objects-{record}-{token}")
 
-    after: Any = None
     if job.plan.settings.fill_holes:
         after = once(_holes_reduce, "holes", per_block(_holes, "h", after))
         after = per_block(_fill, "f", after)
@@ -375,6 +375,7 @@ def write_objects(
     resume: bool = False,
     progress: bool = False,
     compute: bool = True,
+    after: Any = None,
     **advanced: Any,
 ) -> ObjectsResult | Any:
     """Find the objects (or ``cells``) of one class of a segment output and add them to it as
@@ -382,7 +383,9 @@ def write_objects(
 
     ``store`` is a finished segment output or a segment run's staging folder (``OUT.partial``)
     before it is moved into place. ``compute=False`` returns the dask ``Delayed`` of the whole
-    job (for a ``dask.distributed`` client; computing it returns the layer's path).
+    job (for a ``dask.distributed`` client; computing it returns the layer's path); its first tasks
+    wait for ``after`` (a ``Delayed``: chain it behind a segment graph that is still to run; the
+    store's metadata and ``labels/<class>`` listing must exist already, only its pixels may not).
     """
     settings = ObjectSettings.create(
         class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells, grow_nm=grow,
@@ -390,7 +393,7 @@ def write_objects(
     )
     t0 = time.perf_counter()
     job, done = prepare_job(store, settings, overwrite=overwrite, resume=resume)
-    graph = objects_graph(job, done)
+    graph = objects_graph(job, done, after)
     if not compute:
         return graph
     with _Progress(enabled=progress):
