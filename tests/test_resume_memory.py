@@ -58,7 +58,9 @@ def test_killed_run_resumes_to_identical_output(tmp_path, random_engine, monkeyp
 
     computed = []
     original = tilefeet.schedule._write_block
-    monkeypatch.setattr(tilefeet.schedule, "_write_block", lambda job, index, *after: computed.append(index) or original(job, index, *after))
+    monkeypatch.setattr(
+        tilefeet.schedule, "_write_block", lambda run, store, index, *rest: computed.append(index) or original(run, store, index, *rest)
+    )
     tilefeet.segment_to_zarr(src, out, random_engine.path, resume=True, chunk_size=256, block_size=256, blocks_in_flight=1, threads=threads)
     assert len(computed) == 32 - len(finished_before)  # finished blocks were not redone
 

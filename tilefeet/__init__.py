@@ -24,6 +24,7 @@ __all__ = [
     "plan_segmentation",
     "segment",
     "segment_to_zarr",
+    "write_planned",
 ]
 
 
@@ -53,7 +54,7 @@ def clear_caches() -> None:
 
 def __getattr__(name: str):
     # Lazy public API: keeps `import tilefeet` light (no torch, no zarr until used).
-    if name in ("segment", "segment_to_zarr", "plan_segmentation", "open_image"):
+    if name in ("segment", "segment_to_zarr", "plan_segmentation", "write_planned", "open_image"):
         from . import pipeline
 
         return getattr(pipeline, name)

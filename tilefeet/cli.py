@@ -216,7 +216,9 @@ def convert(
 
     data = conv.open_input(input, grid=pair(grid, "grid") if grid else None, stack=stack)
     if labels:
-        fg = [float(v) for v in foreground.split(",")] if foreground else None
+        from .evaluate import parse_values
+
+        fg = list(parse_values(foreground, "--foreground") or []) or None
         out = conv.write_labels(data, output, labels, foreground=fg, overwrite=overwrite)
         _echo(f"wrote {out}")
         return

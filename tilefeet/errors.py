@@ -55,8 +55,9 @@ class BackendUnavailableError(TilefeetError, RuntimeError):
     """An inference backend that cannot run here (library missing, no GPU)."""
 
 
-class Interrupted(TilefeetError, KeyboardInterrupt):
-    """The user interrupted a run (Ctrl-C); the message says what was kept and how to resume."""
+class Interrupted(TilefeetError):
+    """The user interrupted a run (Ctrl-C); the message says what was kept and how to resume. Not a
+    ``KeyboardInterrupt``: click would swallow it into "Aborted!" and the message would be lost."""
 
     exit_code = 130
 

@@ -200,8 +200,37 @@ def _open_path(
         return _open_zarr(path, role, class_name, hinted, threshold, foreground)
     from .convert import open_input
 
-    data = binarize(_as_2d(open_input(path), str(path)), threshold=threshold, foreground=foreground)
+    values = _as_2d(open_input(path), str(path))
+    if threshold is None and foreground is None:
+        check_mask_like(values, str(path), role)
+    data = binarize(values, threshold=threshold, foreground=foreground)
     return Mask(data, f"{path}{_rule_text(threshold, foreground)}")
+
+
+#: A mask has a few values (0/1, 0/255, a handful of classes); more than this and "non-zero"
+#: would make a grey image into a wrong mask, silently.
+MAX_MASK_VALUES = 16
+
+
+def check_mask_like(values: Any, source: str, role: str) -> None:
+    """Refuse to read a grey image as a mask (every non-zero pixel "in the class"): it has many
+    distinct values. Counted on up to 16 chunk-sized windows spread over the image (cheap on a
+    gigapixel). Label images (NGFF image-label) may hold any number of ids and are not checked."""
+    h, w = (int(n) for n in values.shape)
+    ch, cw = (min(int(c[0]), 512) for c in values.chunks)
+    ys = np.unique(np.linspace(0, max(h - ch, 0), 4).astype(int))
+    xs = np.unique(np.linspace(0, max(w - cw, 0), 4).astype(int))
+    seen: set = set()
+    for y in ys:
+        for x in xs:
+            seen.update(np.unique(np.asarray(values[y : y + ch, x : x + cw])).tolist())
+            if len(seen) > MAX_MASK_VALUES:
+                example = ", ".join(f"{v:g}" for v in sorted(seen)[:4])
+                raise ConfigError(
+                    f"the {role} {source} has more than {MAX_MASK_VALUES} distinct values ({example}, ...): a grey image, "
+                    f"not a mask; give its label image (IMAGE.ome.zarr/labels/NAME, written by `tilefeet convert MASKS IMAGE "
+                    f"--labels NAME`), or say which values are the class with --truth-foreground (or --threshold for probabilities)"
+                )
 
 
 def _open_zarr(
@@ -225,7 +254,7 @@ def _open_zarr(
     if threshold is not None and "image-label" in _ome(group):
         raise ConfigError(f"--threshold scores probabilities, but the {role} {path} is a label image; leave out --threshold")
     if not _ome(group).get("multiscales"):  # let Image.open explain (or follow a bioformats2raw layout)
-        return _image_mask(path, f"{path}{rule}", foreground=foreground, threshold=threshold)
+        return _image_mask(path, f"{path}{rule}", foreground=foreground, threshold=threshold, role=role)
     data, axes = _level0(group)
     channels = _channel_names(group, data, axes)
     if threshold is not None and channels:
@@ -237,7 +266,7 @@ def _open_zarr(
             f"{role} {path} holds {len(channels)} probability channels ({', '.join(channels)}) and no label images; "
             f"pass --threshold T (and --class NAME) to score one of them"
         )
-    return _image_mask(path, f"{path}{rule}", foreground=foreground, threshold=threshold)
+    return _image_mask(path, f"{path}{rule}", foreground=foreground, threshold=threshold, role=role)
 
 
 def _image_mask(
@@ -247,14 +276,18 @@ def _image_mask(
     foreground: Sequence[float] | None = None,
     threshold: float | None = None,
     class_name: str | None = None,
+    role: str = "input",
 ) -> Mask:
     """Level 0 of an OME-Zarr image or label image, read through :class:`Image` (validation, axes)."""
     import dask.array as da
 
     from .image import Image
+    from .ngff import read_multiscale
 
     arr = Image.open(path).array(0)
     data = da.from_zarr(arr)[(0,) * (arr.ndim - 2)]
+    if threshold is None and foreground is None and not read_multiscale(path).is_label:
+        check_mask_like(data, source, role)
     return Mask(binarize(data, threshold=threshold, foreground=foreground), source, class_name)
 
 

@@ -295,7 +295,7 @@ def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensit
     lattice = TileLattice(network.shape, tile, overlap, fitted=settings.blend != "crop")
     zoom = (output.pixel_size_nm[0] / network.pixel_size_nm[0], output.pixel_size_nm[1] / network.pixel_size_nm[1])
     block = block_size(settings, zoom)
-    settings = settings.replace(block_size=block)
+    settings = settings.replace(block_size=block, tile=tile, overlap=overlap)  # the plan's settings are concrete
     blocks = BlockGrid(output.shape, block)
     return Plan(image, engine, settings, level, source, network, output, lattice, blocks, intensity)
 

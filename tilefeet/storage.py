@@ -66,7 +66,7 @@ def check_writable(path: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise os_error(e, path) from None
+        raise os_error(OSError(e.errno, e.strerror), path) from None  # the probe's name means nothing to the user
 
 
 def os_error(e: OSError, path: str | os.PathLike, *, staging: Path | None = None, kept: bool = False) -> OutputWriteError:

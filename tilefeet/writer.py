@@ -79,6 +79,8 @@ class OutputStore:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it (it is kept until the new output is complete)")
         if (path / STATE_DIR).exists() and not staging.exists():
             shutil.rmtree(path / STATE_DIR, ignore_errors=True)  # a finalize interrupted after its rename
+        if staging.exists() and not read_state(staging):
+            shutil.rmtree(staging)  # a run that died while creating it: nothing in it to resume
         if staging.exists():
             if resume:
                 state = read_state(staging)
