@@ -309,13 +309,13 @@ def _module_from_state_dict(weights: Any, folder: Path, where: str) -> Any:
 
 
 def _export_for_import(net: Any, declared: Declared, path: Path) -> None:
-    from .engine import _export_program
+    from .engine import export_program
     from .models import foreign
 
     channels = declared.in_channels or 1
     divisor, _ = foreign._size_divisor(foreign.torch_run_fn(net), channels, "the network")
     stride = foreign.torch_stride(net, channels)(256) or 1
-    _export_program(net, channels, max(divisor, stride), path)
+    export_program(net, channels, max(divisor, stride), path)
 
 
 def _own_unet(descr: Any, folder: Path, out: Path, config: Mapping[str, Any], name: str, overwrite: bool) -> EngineBundle | None:

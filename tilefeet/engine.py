@@ -700,7 +700,7 @@ def bundle_from_module(
             )
 
         def save(folder: Path) -> None:
-            _export_program(net, in_channels, geometry.divisor, folder / "model.pt2")
+            export_program(net, in_channels, geometry.divisor, folder / "model.pt2")
 
         _write_foreign(tmp, name, declared, geometry, {"name": "torch_export"}, "model.pt2", save,
                        description=f"{type(module).__name__} exported by tilefeet.bundle_from_module", overwrite=True,
@@ -710,7 +710,7 @@ def bundle_from_module(
     return load_engine(folder)
 
 
-def _export_program(net: Any, in_channels: int, divisor: int, path: Path) -> None:
+def export_program(net: Any, in_channels: int, divisor: int, path: Path) -> None:
     """``torch.export`` a module with dynamic batch, and height and width multiples of ``divisor``."""
     import torch
     from torch.export import Dim

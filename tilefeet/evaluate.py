@@ -29,7 +29,6 @@ from .metrics import (
     InstanceMetrics,
     Instances,
     PixelMetrics,
-    _histogram,
     boundary_codes,
     instance_metrics,
     pixel_codes,
@@ -237,26 +236,27 @@ def _open_zarr(
     path: Path, role: str, class_name: str | None, hinted: bool, threshold: float | None, foreground: Sequence[float] | None
 ) -> Mask:
     """A store's label image of the class; with a threshold, its probability channel of the class;
-    otherwise (no classes) the image itself."""
+    otherwise (no classes) the image itself. Metadata through :func:`tilefeet.ngff.read_multiscale`."""
+    import dask.array as da
     import zarr
 
+    from .ngff import read_multiscale
+    from .objects.store import is_objects_layer
+
     rule = _rule_text(threshold, foreground)
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception:
-        raise InvalidImageError(
-            f"{role} {path} is a Zarr array or a damaged store, not an OME-Zarr image group; give the image's folder"
-        ) from None
-    names = _label_names(group)
+    ms = read_multiscale(path, role=role)
+    root = zarr.open_group(ms.path, mode="r")
+    # Object layers of `tilefeet objects` hold ids, not a class.
+    names = [n for n in ms.labels if not is_objects_layer(root["labels"], n)]
     if threshold is None and names:
         name = _choose_class(names, class_name, hinted, path, role, "label images")
         return _image_mask(path / "labels" / name, f"{path / 'labels' / name}{rule}", foreground=foreground, class_name=name)
-    if threshold is not None and "image-label" in _ome(group):
+    if threshold is not None and ms.is_label:
         raise ConfigError(f"--threshold scores probabilities, but the {role} {path} is a label image; leave out --threshold")
-    if not _ome(group).get("multiscales"):  # let Image.open explain (or follow a bioformats2raw layout)
-        return _image_mask(path, f"{path}{rule}", foreground=foreground, threshold=threshold, role=role)
-    data, axes = _level0(group)
-    channels = _channel_names(group, data, axes)
+    data = da.from_zarr(root[ms.datasets[0].path])
+    axes = ms.names
+    n_channels = int(data.shape[axes.index("c")]) if "c" in axes[:-2] else 0
+    channels = list(ms.channels) if len(ms.channels) == n_channels else [str(i) for i in range(n_channels)]
     if threshold is not None and channels:
         name = _choose_class(channels, class_name, hinted, path, role, "probabilities")
         plane = _plane(data, axes, channels.index(name), path)
@@ -266,7 +266,7 @@ def _open_zarr(
             f"{role} {path} holds {len(channels)} probability channels ({', '.join(channels)}) and no label images; "
             f"pass --threshold T (and --class NAME) to score one of them"
         )
-    return _image_mask(path, f"{path}{rule}", foreground=foreground, threshold=threshold, role=role)
+    return _image_mask(path, f"{path}{rule}", foreground=foreground, threshold=threshold, role=role, is_label=ms.is_label)
 
 
 def _image_mask(
@@ -277,55 +277,23 @@ def _image_mask(
     threshold: float | None = None,
     class_name: str | None = None,
     role: str = "input",
+    is_label: bool = True,
 ) -> Mask:
-    """Level 0 of an OME-Zarr image or label image, read through :class:`Image` (validation, axes)."""
+    """Level 0 of an OME-Zarr image or label image, read through :class:`Image` (validation, axes);
+    an image that is not a label image is checked to look like a mask (:func:`check_mask_like`)."""
     import dask.array as da
 
     from .image import Image
-    from .ngff import read_multiscale
 
     arr = Image.open(path).array(0)
     data = da.from_zarr(arr)[(0,) * (arr.ndim - 2)]
-    if threshold is None and foreground is None and not read_multiscale(path).is_label:
+    if threshold is None and foreground is None and not is_label:
         check_mask_like(data, source, role)
     return Mask(binarize(data, threshold=threshold, foreground=foreground), source, class_name)
 
 
 def _is_zarr(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zattrs"))
-
-
-def _ome(group: Any) -> dict:
-    attrs = dict(group.attrs)
-    return dict(attrs.get("ome", attrs))
-
-
-def _label_names(group: Any) -> list[str]:
-    """The class label images of a store (object layers of ``tilefeet objects`` hold ids, not a class)."""
-    from .objects.store import is_objects_layer
-
-    if "labels" not in group:
-        return []
-    return [str(n) for n in _ome(group["labels"]).get("labels", []) if not is_objects_layer(group["labels"], str(n))]
-
-
-def _level0(group: Any) -> tuple[Any, tuple[str, ...]]:
-    """Level 0 of a multiscales group as a dask array, with its axis names."""
-    import dask.array as da
-
-    ms = _ome(group)["multiscales"]
-    axes = tuple(a.get("name", "?") if isinstance(a, dict) else str(a) for a in ms[0].get("axes", ()))
-    arr = da.from_zarr(group[ms[0]["datasets"][0]["path"]])
-    return arr, axes if len(axes) == arr.ndim else tuple("?" * (arr.ndim - 2)) + ("y", "x")
-
-
-def _channel_names(group: Any, data: Any, axes: tuple[str, ...]) -> list[str]:
-    """Names of the ``c`` axis entries (omero channel labels, else their indices); [] without one."""
-    if "c" not in axes[:-2]:
-        return []
-    n = int(data.shape[axes.index("c")])
-    labels = [str(c.get("label", i)) for i, c in enumerate(_ome(group).get("omero", {}).get("channels", []))]
-    return labels if len(labels) == n else [str(i) for i in range(n)]
 
 
 def _plane(data: Any, axes: tuple[str, ...], channel: int, path: Path) -> Any:
@@ -515,15 +483,12 @@ def check_fits_in_memory(region: Box, max_pixels: int) -> None:
 # -------------------------------------------------------------------------------------- helpers
 
 
-def _block_histogram(codes: np.ndarray, n: int) -> np.ndarray:
-    return _histogram(codes, n).reshape(1, 1, n)
-
-
 def _summed_histograms(codes: Any, n: int) -> Any:
-    """A lazy histogram of a dask array of small codes: one bincount per block, summed."""
-    ny, nx = codes.numblocks
-    per_block = codes.map_blocks(_block_histogram, n, new_axis=2, chunks=((1,) * ny, (1,) * nx, (n,)), dtype=np.int64)
-    return per_block.sum(axis=(0, 1))
+    """A lazy count of each code ``0 .. n-1`` of a dask array (dask's histogram: one per block, summed)."""
+    import dask.array as da
+
+    counts, _ = da.histogram(codes, bins=n, range=(0, n))
+    return counts
 
 
 def _aligned(pred: Any, truth: Any) -> tuple[Any, Any]:

@@ -92,13 +92,6 @@ class Box:
         return f"[{self.y0}:{self.y1}, {self.x0}:{self.x1}]"
 
 
-def hull_of(boxes: list[Box]) -> Box:
-    out = boxes[0]
-    for b in boxes[1:]:
-        out = out.hull(b)
-    return out
-
-
 # ------------------------------------------------------------------------------------ lattice
 
 
@@ -165,11 +158,6 @@ class TileLattice:
         assert not self.fitted, "kept regions belong to the partition layout (crop mode)"
         sy, sx = self.stride
         return Box(iy * sy, ix * sx, (iy + 1) * sy, (ix + 1) * sx)
-
-    @property
-    def crop_margin(self) -> Pair:
-        """Offset of the kept region inside a tile: ``overlap // 2``."""
-        return (self.overlap[0] // 2, self.overlap[1] // 2)
 
     def tiles_touching(self, box: Box, *, crop: bool = False) -> tuple[range, range]:
         """Lattice indices of every tile whose extent (or, with ``crop``, kept region) meets ``box``."""
@@ -303,9 +291,6 @@ class GridMap:
     def shift(self) -> Pair:
         """The integer shift of an :attr:`is_integer_shift` map."""
         return (int(self.y.offset), int(self.x.offset))
-
-
-IDENTITY = GridMap(AxisMap(1.0, 0.0), AxisMap(1.0, 0.0))
 
 
 # ------------------------------------------------------------------------------ resampling taps

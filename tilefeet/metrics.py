@@ -55,22 +55,22 @@ class PixelMetrics:
     @property
     def precision(self) -> float:
         """tp / (tp + fp): the fraction of predicted pixels that are right."""
-        return _ratio(self.tp, self.tp + self.fp)
+        return ratio(self.tp, self.tp + self.fp)
 
     @property
     def recall(self) -> float:
         """tp / (tp + fn): the fraction of true pixels that are found."""
-        return _ratio(self.tp, self.tp + self.fn)
+        return ratio(self.tp, self.tp + self.fn)
 
     @property
     def f1(self) -> float:
         """2 tp / (2 tp + fp + fn), the harmonic mean of precision and recall; equal to the Dice coefficient."""
-        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
+        return ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
 
     @property
     def iou(self) -> float:
         """tp / (tp + fp + fn): intersection over union (Jaccard index); IoU = F1 / (2 − F1)."""
-        return _ratio(self.tp, self.tp + self.fp + self.fn)
+        return ratio(self.tp, self.tp + self.fp + self.fn)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "precision": self.precision, "recall": self.recall, "f1": self.f1, "iou": self.iou}
@@ -83,7 +83,7 @@ def pixel_codes(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def pixel_metrics(pred: np.ndarray, truth: np.ndarray) -> PixelMetrics:
     """Pixel scores of two in-memory boolean masks of the same shape."""
-    return PixelMetrics.from_histogram(_histogram(pixel_codes(pred, truth), 4))
+    return PixelMetrics.from_histogram(code_counts(pixel_codes(pred, truth), 4))
 
 
 # --------------------------------------------------------------------------- boundary metrics
@@ -116,12 +116,12 @@ class BoundaryMetrics:
     @property
     def precision(self) -> float:
         """The fraction of predicted boundary pixels within the tolerance of a true boundary pixel."""
-        return _ratio(self.predicted_matched, self.predicted)
+        return ratio(self.predicted_matched, self.predicted)
 
     @property
     def recall(self) -> float:
         """The fraction of true boundary pixels within the tolerance of a predicted boundary pixel."""
-        return _ratio(self.true_matched, self.true)
+        return ratio(self.true_matched, self.true)
 
     @property
     def f1(self) -> float:
@@ -171,7 +171,7 @@ def boundary_codes(pred: np.ndarray, truth: np.ndarray, tolerance_px: float) -> 
 
 def boundary_metrics(pred: np.ndarray, truth: np.ndarray, tolerance_px: float = 2.0) -> BoundaryMetrics:
     """Boundary scores of two in-memory boolean masks of the same shape."""
-    return BoundaryMetrics.from_histogram(_histogram(boundary_codes(pred, truth, tolerance_px), 16), tolerance_px)
+    return BoundaryMetrics.from_histogram(code_counts(boundary_codes(pred, truth, tolerance_px), 16), tolerance_px)
 
 
 # --------------------------------------------------------------------------- instance metrics
@@ -198,7 +198,7 @@ class InstanceMetrics:
         return self.vi_split + self.vi_merge
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_float(v) for k, v in {**asdict(self), "vi": self.vi}.items()}
+        return {k: json_float(v) for k, v in {**asdict(self), "vi": self.vi}.items()}
 
 
 def instance_labels(mask: np.ndarray, mode: Instances) -> np.ndarray:
@@ -238,12 +238,12 @@ def instance_metrics(pred: np.ndarray, truth: np.ndarray, mode: Instances = "bac
         return InstanceMetrics(mode, n_true, n_pred, nan, nan, nan, nan, nan)
     table = sparse.csr_array(contingency_table(t, p, ignore_labels=(0,)))
     are = float(adapted_rand_error(table=table)[0])
-    precision, recall = _rand_precision_recall(table)
+    precision, recall = rand_precision_recall(table)
     split, merge = variation_of_information(t, p, table=table / table.sum())  # images only for its shape check
     return InstanceMetrics(mode, n_true, n_pred, are, precision, recall, float(split), float(merge))
 
 
-def _rand_precision_recall(table: Any) -> tuple[float, float]:
+def rand_precision_recall(table: Any) -> tuple[float, float]:
     """Rand precision and recall from a contingency table (rows: truth, columns: prediction).
 
     Computed here rather than taken from ``adapted_rand_error``, whose precision and recall are
@@ -253,17 +253,17 @@ def _rand_precision_recall(table: Any) -> tuple[float, float]:
     both = float(table.multiply(table).sum()) - n  # ordered pairs in one object in both
     true_pairs = float((np.asarray(table.sum(axis=1)).ravel() ** 2).sum()) - n
     pred_pairs = float((np.asarray(table.sum(axis=0)).ravel() ** 2).sum()) - n
-    return _ratio(both, pred_pairs), _ratio(both, true_pairs)
+    return ratio(both, pred_pairs), ratio(both, true_pairs)
 
 
-def _ratio(num: float, den: float) -> float:
+def ratio(num: float, den: float) -> float:
     """num / den, and 1 when den is 0 (nothing that could be wrong: the module's convention)."""
     return float(num) / float(den) if den else 1.0
 
 
-def _json_float(v: Any) -> Any:
+def json_float(v: Any) -> Any:
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def _histogram(codes: np.ndarray, n: int) -> np.ndarray:
+def code_counts(codes: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(codes.ravel(), minlength=n).astype(np.int64)

@@ -12,7 +12,6 @@ NGFF scale/translation convention). The network grid spans the same physical ext
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,8 +87,3 @@ def scale_factor(read: Grid, net: Grid) -> FloatPair:
 def mismatch(pixel_nm: FloatPair, target_nm: FloatPair) -> float:
     """How far apart two pixel sizes are, as a factor >= 1 (worst axis)."""
     return max(max(a / b, b / a) for a, b in zip(pixel_nm, target_nm))
-
-
-def is_power_of_two_ratio(a: float, b: float) -> bool:
-    r = a / b
-    return r > 0 and abs(math.log2(r) - round(math.log2(r))) < 1e-6

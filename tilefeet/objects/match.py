@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import InstanceMetrics, _ratio
+from ..metrics import InstanceMetrics, ratio
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  #: IoU thresholds of AP 0.5:0.95
 
@@ -105,21 +105,21 @@ class ObjectScores:
     @property
     def precision(self) -> float:
         """Matched predicted objects at IoU ≥ 0.5 / predicted objects."""
-        return _ratio(self.tp, self.predicted_objects)
+        return ratio(self.tp, self.predicted_objects)
 
     @property
     def recall(self) -> float:
         """Matched true objects at IoU ≥ 0.5 / true objects."""
-        return _ratio(self.tp, self.true_objects)
+        return ratio(self.tp, self.true_objects)
 
     @property
     def f1(self) -> float:
-        return _ratio(2 * self.tp, self.predicted_objects + self.true_objects)
+        return ratio(2 * self.tp, self.predicted_objects + self.true_objects)
 
     def ap_at(self, threshold: float) -> float:
         """TP / (TP + FP + FN) at an IoU threshold of the list."""
         m = self.matches[self.thresholds.index(round(threshold, 2))]
-        return _ratio(m, self.predicted_objects + self.true_objects - m)
+        return ratio(m, self.predicted_objects + self.true_objects - m)
 
     @property
     def ap(self) -> float:
@@ -167,7 +167,7 @@ def cell_scores(ov: Overlaps) -> InstanceMetrics:
     from scipy import sparse
     from skimage.metrics import adapted_rand_error, variation_of_information
 
-    from ..metrics import _rand_precision_recall
+    from ..metrics import rand_precision_recall
 
     n_pred = len(np.unique(ov.pred_ids[ov.pred_ids != 0]))
     keep = ov.true_ids != 0
@@ -180,7 +180,7 @@ def cell_scores(ov: Overlaps) -> InstanceMetrics:
     _, pj = np.unique(p, return_inverse=True)
     table = sparse.csr_array((c.astype(np.float64), (ti.ravel(), pj.ravel())))
     are = float(adapted_rand_error(table=table)[0])
-    precision, recall = _rand_precision_recall(table)
+    precision, recall = rand_precision_recall(table)
     shape_check = np.zeros(1)  # scikit-image checks two images' shapes even when given the table
     split, merge = variation_of_information(shape_check, shape_check, table=table / table.sum())
     return InstanceMetrics("cells", n_true, n_pred, are, precision, recall, float(split), float(merge))
