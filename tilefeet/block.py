@@ -31,11 +31,13 @@ from .tilecache import cache_for, consumers
 
 @dataclass
 class BlockOutput:
-    """What a block writes: probabilities in the output dtype and one binary label plane per class."""
+    """What a block writes: probabilities in the output dtype, one binary label plane per class, and
+    (``--uncertainty``) the disagreement of the test-time augmentations as 0..255."""
 
     box: Box
     probabilities: np.ndarray  #: (C, h, w)
     labels: np.ndarray | None  #: (C, h, w) uint8, or None
+    uncertainty: np.ndarray | None = None  #: (h, w) uint8, or None
 
 
 def compute_block(plan: Plan, index: tuple[int, int], image: Any, runner: Any) -> torch.Tensor:
@@ -51,12 +53,15 @@ def compute_block(plan: Plan, index: tuple[int, int], image: Any, runner: Any) -
 def finish_block(p: torch.Tensor, plan: Plan, box: Box) -> BlockOutput:
     """Quantize probabilities to the stored dtype and threshold the labels (on the device), then copy to host."""
     s = plan.settings
+    n = len(plan.engine.classes)
+    probs = p[:n]
     if s.output_dtype == "uint8":
-        q = torch.round(p * 255.0).clamp_(0, 255).to(torch.uint8)
+        q = torch.round(probs * 255.0).clamp_(0, 255).to(torch.uint8)
     else:
-        q = p.to(torch.float16 if s.output_dtype == "float16" else torch.float32)
-    labels = (p >= s.threshold).to(torch.uint8).cpu().numpy() if s.labels else None
-    return BlockOutput(box, q.cpu().numpy(), labels)
+        q = probs.to(torch.float16 if s.output_dtype == "float16" else torch.float32)
+    labels = (probs >= s.threshold).to(torch.uint8).cpu().numpy() if s.labels else None
+    spread = torch.round(p[n] * 255.0).clamp_(0, 255).to(torch.uint8).cpu().numpy() if s.uncertainty else None
+    return BlockOutput(box, q.cpu().numpy(), labels, spread)
 
 
 # ------------------------------------------------------------------------------------- steps
@@ -122,7 +127,7 @@ def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) ->
     """
     lattice, need = plan.lattice, geo.need
     crop, kind = plan.crop, plan.settings.blend
-    n_out = len(plan.engine.classes)
+    n_out = plan.channels
     acc = torch.zeros((n_out, *need.shape), dtype=torch.float32, device=x.device)
     wsum = None if crop else torch.zeros(need.shape, dtype=torch.float32, device=x.device)
     window = None if crop else device_window(lattice.tile, kind, str(x.device))
@@ -170,8 +175,7 @@ def _predictions(x: torch.Tensor, tiles: list[Pair], geo: BlockGeometry, plan: P
                 batch[k, 0] = x[lattice.tile_box(iy, ix).relative_to(net)]
             if len(group) < batch_size:
                 batch[len(group) :] = 0
-            with runner.lock:
-                pred = runner(batch)
+            pred = predict(runner, batch, plan.tta, uncertainty=plan.settings.uncertainty)
             for k, t in enumerate(group):
                 if cache is not None:
                     assert uses_y is not None and uses_x is not None
@@ -181,6 +185,52 @@ def _predictions(x: torch.Tensor, tiles: list[Pair], geo: BlockGeometry, plan: P
                     ahead[t] = pred[k]
             p = pred[0]
         yield tile, p
+
+
+def predict(runner: Any, batch: torch.Tensor, transforms: tuple[int, ...], *, uncertainty: bool = False) -> torch.Tensor:
+    """The runner's probabilities for ``batch``, averaged over the test-time ``transforms`` (indices
+    into :data:`TRANSFORMS`, each undone on its output), summed in the order given so every tile
+    gets the same arithmetic; with ``uncertainty``, one more channel: twice the standard deviation
+    of the members' probabilities, averaged over classes (0 = the members agree, 1 = they split
+    evenly between 0 and 1). Each member is a full fixed-size batch (compiled runners keep one shape)."""
+    total = squares = None
+    for t in transforms:
+        with runner.lock:
+            out = undo(runner(apply(batch, t)), t)
+        total = out if total is None else total + out
+        if uncertainty:
+            squares = out * out if squares is None else squares + out * out
+    assert total is not None
+    n = float(len(transforms))
+    mean = total / n if len(transforms) > 1 else total
+    if not uncertainty:
+        return mean
+    assert squares is not None
+    spread = (2.0 * torch.sqrt(torch.clamp(squares / n - mean * mean, min=0.0))).mean(dim=1, keepdim=True)
+    return torch.cat([mean, spread], dim=1)
+
+
+#: The dihedral group of the square as (quarter turns, then a left-right flip?), in the order
+#: ``--tta N`` takes its first N: 2 = + left-right flip, 4 = + up-down flip and half turn, 8 = all.
+TRANSFORMS: tuple[tuple[int, bool], ...] = ((0, False), (0, True), (2, True), (2, False), (1, False), (1, True), (3, False), (3, True))
+
+
+def apply(x: torch.Tensor, t: int) -> torch.Tensor:
+    turns, flip = TRANSFORMS[t]
+    if turns:
+        x = torch.rot90(x, turns, dims=(2, 3))
+    if flip:
+        x = torch.flip(x, dims=(3,))
+    return x.contiguous()
+
+
+def undo(y: torch.Tensor, t: int) -> torch.Tensor:
+    turns, flip = TRANSFORMS[t]
+    if flip:
+        y = torch.flip(y, dims=(3,))
+    if turns:
+        y = torch.rot90(y, -turns, dims=(2, 3))
+    return y.contiguous()
 
 
 def to_output_grid(p: torch.Tensor, geo: BlockGeometry, plan: Plan) -> torch.Tensor:

@@ -96,6 +96,10 @@ def segment(
         None, "--tile-cache-mb", help="Device memory (MiB) for tiles shared by neighbouring blocks; 0 = off (default 512, or $TILEFEET_TILE_CACHE_MB)."
     ),
     labels: bool = typer.Option(True, "--labels/--no-labels", help="Also write labels/<class>."),
+    tta: int = typer.Option(1, "--tta", help="Test-time augmentation: average each tile over 1 (off), 2, 4 or 8 flips/turns."),
+    uncertainty: bool = typer.Option(
+        False, "--uncertainty", help="Also write uncertainty/: where the TTA members disagree (turns on --tta 8 if off)."
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing output (kept until the new one is complete)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run into the same output."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
@@ -107,7 +111,7 @@ def segment(
 
     set_verbosity(quiet, verbose)
 
-    options = dict(
+    options: dict[str, Any] = dict(
         tile=tile,
         overlap=overlap,
         blend=blend,
@@ -129,6 +133,8 @@ def segment(
         blocks_in_flight=blocks_in_flight,
         tile_cache_mb=tile_cache_mb,
         labels=labels,
+        tta=tta,
+        uncertainty=uncertainty,
     )
     t0 = time.perf_counter()
     run = pipeline.plan_segmentation(str(input), engine, resume_into=output if resume else None, **options)

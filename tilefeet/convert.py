@@ -17,7 +17,7 @@ import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -90,7 +90,7 @@ class TiffRegions:
             with tifffile.TiffFile(self.path) as tif:
                 series = tif.series[0]
                 self.shape, self.dtype = tuple(series.shape), np.dtype(series.dtype)
-                page = tif.pages[0]
+                page: Any = tif.pages[0]
                 # Uncompressed, contiguous pixels are memory-mapped: any region reads only its pages.
                 self.contiguous = bool(page.is_contiguous) and page.compression == 1 and len(tif.series) == 1
                 if self.contiguous:
@@ -289,7 +289,7 @@ def write_image(
     ms = multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, lead_scale=[pixel_size_nm[0] * unit_scale] if lead_axes else None,
                      unit=unit, unit_scale=unit_scale)
     staging = staging_path(path)
-    fmt = 3 if version.startswith("0.5") else 2
+    fmt: Literal[2, 3] = 3 if version.startswith("0.5") else 2
     try:
         if staging.exists():
             shutil.rmtree(staging)
@@ -329,7 +329,7 @@ def write_labels(
 
     from .ngff import add_label, label_metadata, read_multiscale
 
-    image = read_multiscale(image_path, role="image")
+    image = read_multiscale(Path(image_path), role="image")
     m = mask if isinstance(mask, da.Array) else da.from_array(np.asarray(mask), chunks=1024)
     img_shape = image.datasets[0].shape
     spatial = [i for i, a in enumerate(image.axes) if a.type == "space"]

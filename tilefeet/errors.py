@@ -64,3 +64,15 @@ class Interrupted(TilefeetError):
 
 class TilefeetWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints it as one line)."""
+
+
+class RemoteStorageError(TilefeetError, OSError):
+    """An object store or web server (``s3://``, ``http(s)://``) refused or failed a request."""
+
+
+class AccessDeniedError(RemoteStorageError, PermissionError):
+    """Credentials missing, wrong, or not allowed to do what was asked (read the input, write the output)."""
+
+
+class EndpointUnreachableError(RemoteStorageError, ConnectionError):
+    """The server of a URL (an S3 endpoint, a web server) cannot be reached."""

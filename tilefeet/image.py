@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import CorruptDataError, InvalidImageError, TilefeetWarning
 from .geometry import Box, Pair, reflect_index
+from .storage import Remote, is_remote_error, is_url, remote_error
 from .units import format_nm, nm_per_unit
 
 FloatPair = tuple[float, float]
@@ -98,16 +99,26 @@ class Image:
     meta: ImageMeta
     _arrays: list[Any] = field(default_factory=list, repr=False)  #: zarr or dask arrays, per level
     _lead: tuple[int, ...] = ()  #: index for the leading singleton axes
+    #: how to reach a URL ``meta.source`` (see :mod:`tilefeet.storage`): kept out of the metadata, so
+    #: that neither the plan's fingerprint nor anything written holds credentials
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ---- construction
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, sections_only: bool = True) -> Image:
-        """Open an OME-Zarr image (0.5 or 0.4) by path; only metadata is read.
+    def open(cls, path: str | os.PathLike, *, sections_only: bool = True, storage_options: Mapping[str, Any] | None = None) -> Image:
+        """Open an OME-Zarr image (0.5 or 0.4) by path or ``http(s)://`` / ``s3://`` URL; only
+        metadata is read. ``storage_options`` reach a URL (anonymous access, endpoint, credentials:
+        :mod:`tilefeet.storage`); without them, the environment's (and the command's) are used.
 
         ``sections_only`` refuses leading axes longer than one (stacks, channels): tilefeet
         segments 2-D sections. ``tilefeet info`` turns it off to describe any image.
         """
+        if is_url(path):
+            remote = Remote.create(str(path), storage_options)
+            image = _open_ome_zarr(remote.url, sections_only, dict(remote.options))
+            image.storage_options = dict(remote.options)
+            return image
         return _open_ome_zarr(Path(path), sections_only)
 
     @classmethod
@@ -162,7 +173,7 @@ class Image:
     def array(self, level: int) -> Any:
         """The stored array of a level (zarr or dask), leading axes included."""
         if not self._arrays:
-            self._arrays = _open_level_arrays(self.meta)
+            self._arrays = _open_level_arrays(self.meta, self.storage_options)
         return self._arrays[level]
 
     def read(self, level: int, box: Box) -> np.ndarray:
@@ -194,7 +205,12 @@ class Image:
             return np.asarray(arr[index].compute(scheduler="sync"))
         try:
             return np.asarray(arr[index])
-        except (RuntimeError, ValueError) as e:  # what zarr and numcodecs raise on bytes they cannot decode
+        except Exception as e:
+            if is_url(self.meta.source) and is_remote_error(e):  # the server or the network, not the data
+                raise remote_error(e, Remote.create(self.meta.source, self.storage_options)) from None
+            if not isinstance(e, (RuntimeError, ValueError)):
+                raise
+            # what zarr and numcodecs raise on bytes they cannot decode
             raise CorruptDataError(
                 f"{self.meta.source}: could not decode level {level} ({self.meta.levels[level].path}) at "
                 f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
@@ -232,10 +248,10 @@ class Region:
 # ------------------------------------------------------------------------------------ OME-Zarr
 
 
-def _open_ome_zarr(path: Path, sections_only: bool = True) -> Image:
+def _open_ome_zarr(path: str | Path, sections_only: bool = True, storage_options: Mapping[str, Any] | None = None) -> Image:
     from .ngff import read_multiscale
 
-    ms = read_multiscale(path)
+    ms = read_multiscale(path, storage_options=storage_options)
     names = ms.names
     space = [i for i, a in enumerate(ms.axes) if a.type == "space"]
     if len(space) < 2 or space[-2:] != [len(names) - 2, len(names) - 1]:
@@ -300,7 +316,8 @@ def _check_level(meta: ImageMeta, level: int) -> None:
         raise InvalidImageError(f"{meta.source} has dtype {meta.dtype}; expected integer or floating-point intensities")
 
 
-def _open_level_arrays(meta: ImageMeta) -> list[Any]:
+def _open_level_arrays(meta: ImageMeta, storage_options: Mapping[str, Any] | None = None) -> list[Any]:
+    """The arrays of every level, opened in this process from ``meta.source`` (a path or a URL)."""
     import zarr
 
     if not meta.version:
@@ -309,7 +326,12 @@ def _open_level_arrays(meta: ImageMeta) -> list[Any]:
             "tasks receive its pixels as inputs (Image.lazy_region)"
         )
 
-    group = zarr.open_group(store=meta.source, mode="r")
+    if is_url(meta.source):
+        from .ngff import open_group
+
+        group = open_group(meta.source, storage_options=storage_options)
+    else:
+        group = zarr.open_group(store=meta.source, mode="r")
     return [group[lv.path] for lv in meta.levels]
 
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import InputNotFoundError, InvalidImageError, TilefeetWarning
 from .geometry import Pair
+from .storage import Remote, is_remote_error, is_url, join, remote_error
 from .units import nm_per_unit
 
 #: Display colours of label classes, in class order (NGFF image-label "colors").
@@ -104,10 +105,14 @@ class Multiscale:
         )
 
 
-def open_group(path: str | Path, *, role: str = "input") -> Any:
-    """The zarr group at ``path`` (read-only); one-line errors for a missing path, a bare array, or no store."""
+def open_group(path: str | Path, *, role: str = "input", storage_options: Mapping[str, Any] | None = None) -> Any:
+    """The zarr group at ``path`` (read-only): a local path, or an ``http(s)://`` or ``s3://`` URL
+    (``storage_options``: see :mod:`tilefeet.storage`); one-line errors for a missing path, URL or
+    bucket, refused credentials, an unreachable server, a bare array, or no store."""
     import zarr
 
+    if is_url(path):
+        return _open_remote_group(Remote.create(str(path), storage_options, role=role), role)
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError(
@@ -119,9 +124,30 @@ def open_group(path: str | Path, *, role: str = "input") -> Any:
         raise InvalidImageError(
             f"{role} {p} is not a Zarr store; convert TIFF/PNG images with `tilefeet convert {p} OUT.ome.zarr --pixel-size 4nm`"
         ) from None
+    return _check_group(node, role, p)
+
+
+def _open_remote_group(remote: Remote, role: str) -> Any:
+    import zarr
+    from zarr.errors import NodeNotFoundError
+
+    try:
+        node = zarr.open(store=remote.zarr_store(read_only=True), mode="r")
+    except NodeNotFoundError:
+        raise remote.missing(role=role) from None
+    except Exception as e:
+        if is_remote_error(e):
+            raise remote_error(e, remote, role=role) from None
+        raise InvalidImageError(f"{role} {remote.url} is not a Zarr store ({type(e).__name__}); check the URL") from None
+    return _check_group(node, role, remote.url)
+
+
+def _check_group(node: Any, role: str, where: Any) -> Any:
+    import zarr
+
     if not isinstance(node, zarr.Group):
         raise InvalidImageError(
-            f"{role} {p} is a bare Zarr array, not an OME-Zarr image group; wrap it with `tilefeet convert` or give the image group"
+            f"{role} {where} is a bare Zarr array, not an OME-Zarr image group; wrap it with `tilefeet convert` or give the image group"
         )
     return node
 
@@ -132,13 +158,15 @@ def ome_attrs(group: Any) -> dict:
     return dict(attrs.get("ome", attrs))
 
 
-def read_multiscale(path: str | Path, *, role: str = "input", validate: bool = True) -> Multiscale:
-    """The NGFF multiscale image or label image at ``path`` (see the module docstring)."""
-    group = open_group(path, role=role)
+def read_multiscale(
+    path: str | Path, *, role: str = "input", validate: bool = True, storage_options: Mapping[str, Any] | None = None
+) -> Multiscale:
+    """The NGFF multiscale image or label image at ``path``, a local path or a URL (see the module docstring)."""
+    group = open_group(path, role=role, storage_options=storage_options)
     attrs = dict(group.attrs)
     ome = ome_attrs(group)
     if "bioformats2raw.layout" in ome and "0" in group:
-        return read_multiscale(Path(path) / "0", role=role, validate=validate)
+        return read_multiscale(join(path, "0"), role=role, validate=validate, storage_options=storage_options)
     ms = ome.get("multiscales")
     if "ome" in attrs:
         version = str(ome.get("version", "0.5"))
@@ -150,7 +178,7 @@ def read_multiscale(path: str | Path, *, role: str = "input", validate: bool = T
             f"convert the data with `tilefeet convert` or add NGFF multiscales metadata"
         )
     if validate:
-        _validate(Path(path), group, version, label="image-label" in ome)
+        _validate(str(path), group, version, label="image-label" in ome)
     first = ms[0]
     raw_axes = first.get("axes") or []
     raw_axes = [a if isinstance(a, dict) else {"name": str(a)} for a in raw_axes]  # 0.3 wrote plain names
@@ -191,7 +219,7 @@ def read_multiscale(path: str | Path, *, role: str = "input", validate: bool = T
         labels = tuple(str(n) for n in ome_attrs(group["labels"]).get("labels", []))
     channels = tuple(str(c.get("label", i)) for i, c in enumerate(ome.get("omero", {}).get("channels", [])))
     return Multiscale(
-        path=str(path),
+        path=Remote.create(str(path), {}, role=role).url if is_url(path) else str(path),
         version=version,
         name=str(first.get("name") or ""),
         axes=axes,
@@ -203,7 +231,7 @@ def read_multiscale(path: str | Path, *, role: str = "input", validate: bool = T
     )
 
 
-def _validate(path: Path, group: Any, version: str, *, label: bool) -> None:
+def _validate(path: str, group: Any, version: str, *, label: bool) -> None:
     """Validate with ome-zarr-models; its pydantic error becomes one line naming the first problem."""
     try:
         if version.startswith("0.5"):

@@ -148,7 +148,7 @@ def segment(source: Any, engine: str | os.PathLike | EngineBundle = "isbi-membra
     (py, px), (oy, ox) = plan.output.pixel_size_nm, plan.output.origin_nm
     h, w = plan.output.shape
     coords = {
-        "c": list(plan.engine.classes),
+        "c": list(plan.engine.classes) + (["uncertainty"] if plan.settings.uncertainty else []),
         "y": xr.Variable("y", oy + py * np.arange(h), {"units": "nm"}),
         "x": xr.Variable("x", ox + px * np.arange(w), {"units": "nm"}),
     }

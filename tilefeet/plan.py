@@ -141,6 +141,16 @@ class Plan:
     def crop(self) -> bool:
         return self.settings.blend == "crop"
 
+    @property
+    def tta(self) -> tuple[int, ...]:
+        """The test-time transforms each tile is run under (indices into ``block.TRANSFORMS``)."""
+        return tuple(range(self.settings.tta))
+
+    @property
+    def channels(self) -> int:
+        """Channels a block computes: one per class, plus the uncertainty with ``--uncertainty``."""
+        return len(self.engine.classes) + (1 if self.settings.uncertainty else 0)
+
     # ---- per block
 
     def block(self, by: int, bx: int) -> BlockGeometry:
@@ -200,6 +210,8 @@ class Plan:
             "overlap_factor": self.lattice.n_tiles * tile_px / net_px,
             "straddle_factor": evaluated / self.lattice.n_tiles,
             "total_factor": evaluated * tile_px / net_px,
+            "tta": self.settings.tta,
+            "network_factor": evaluated * tile_px / net_px * self.settings.tta,
             "intensity": self.intensity.mode,
         }
 
@@ -224,7 +236,10 @@ class Plan:
             f"{self.settings.blocks_in_flight} in flight",
             f"work        {s['tiles_evaluated']} tile evaluations = {s['total_factor']:.2f} × the section's pixels "
             f"(overlap × {s['overlap_factor']:.2f}, block straddling × {s['straddle_factor']:.2f}"
-            + (", at most: tiles shared by neighbouring blocks run once per process)" if s["straddle_factor"] > 1 else ")"),
+            + (", at most: tiles shared by neighbouring blocks run once per process" if s["straddle_factor"] > 1 else "")
+            + (f"; test-time augmentation × {self.settings.tta} network calls per tile" if self.settings.tta > 1 else "")
+            + ")",
+            *(["uncertainty the TTA members' disagreement, written to uncertainty/"] if self.settings.uncertainty else []),
         ]
         return "\n".join(lines)
 
@@ -292,10 +307,15 @@ def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensit
             raise ConfigError(f"overlap {overlap[a]} must be at least 0 and smaller than the tile ({tile[a]}); e.g. --overlap {tile[a] // 8}")
     if settings.blend == "crop":
         _check_crop_context(engine, tile, overlap)
+    tta = settings.tta
+    if settings.uncertainty and tta == 1:
+        tta = 8 if tile[0] == tile[1] else 4  # disagreement needs members
+    if tta == 8 and tile[0] != tile[1]:
+        raise ConfigError(f"--tta 8 turns tiles by quarter turns, which needs square tiles, not {tile[0]} × {tile[1]}; use --tta 4 or a square --tile")
     lattice = TileLattice(network.shape, tile, overlap, fitted=settings.blend != "crop")
     zoom = (output.pixel_size_nm[0] / network.pixel_size_nm[0], output.pixel_size_nm[1] / network.pixel_size_nm[1])
     block = block_size(settings, zoom)
-    settings = settings.replace(block_size=block, tile=tile, overlap=overlap)  # the plan's settings are concrete
+    settings = settings.replace(block_size=block, tile=tile, overlap=overlap, tta=tta)  # the plan's settings are concrete
     blocks = BlockGrid(output.shape, block)
     return Plan(image, engine, settings, level, source, network, output, lattice, blocks, intensity)
 

@@ -8,6 +8,7 @@ sections are cheap. The input is the image the output records (by absolute path)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def render_preview(output: Path, png: Path, *, image: Path | None = None, max_si
         hint = "check --image" if image else f"{output} records it, but it has moved or been deleted: give it with --image"
         raise InputNotFoundError(f"the input image {src} does not exist; {hint}")
     section = Image.open(src)
-    root = zarr.open_group(ms.path, mode="r")
+    root: Any = zarr.open_group(ms.path, mode="r")
     level = next((k for k, ds in enumerate(ms.datasets) if max(ds.shape[1:]) <= max_size), len(ms.datasets) - 1)
     path = ms.datasets[level].path
     prob = np.asarray(root[path][class_index])

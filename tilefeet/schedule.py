@@ -164,13 +164,14 @@ def write_graph(run: Run, store: OutputStore, resources: dict | None = None, *, 
 
 
 def lazy_array(run: Run) -> Any:
-    """Float32 probabilities ``(C, H, W)`` as a dask array with one chunk per output block (not computed)."""
+    """Float32 probabilities ``(C, H, W)`` as a dask array with one chunk per output block (not computed);
+    with ``--uncertainty`` one more channel, the TTA members' disagreement (0..1)."""
     import dask.array as da
 
     plan = run.plan
     token = run.token()
     leaf = delayed(run, traverse=False, name=f"tilefeet-run-{token}")
-    n = len(plan.engine.classes)
+    n = plan.channels
     ny, nx = plan.blocks.counts
     rows = []
     for by in range(ny):

@@ -26,6 +26,7 @@ OutputDtype = Literal["uint8", "float16", "float32"]
 OUTPUT_DTYPES: tuple[str, ...] = ("uint8", "float16", "float32")
 OUTPUT_GRIDS: tuple[str, ...] = ("input", "network")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+TTA_CHOICES: tuple[int, ...] = (1, 2, 4, 8)
 #: Output block side when none is given: large blocks amortize the tiles straddling their borders.
 DEFAULT_BLOCK = 4096
 #: Default device memory (MiB) for tiles shared by neighbouring blocks (:mod:`tilefeet.tilecache`).
@@ -64,6 +65,11 @@ class Settings:
     blocks_in_flight: int = 2  #: blocks read/computed/written at once (bounds memory)
     labels: bool = True  #: also write labels/<class>
     tile_cache_mb: int = DEFAULT_TILE_CACHE_MB  #: device memory for tiles shared by neighbouring blocks; 0 = off
+    #: test-time augmentation: each tile's prediction averaged over its first N dihedral transforms
+    #: (1 = off, 2 = + left-right flip, 4 = + up-down flip and half turn, 8 = all flips and quarter turns)
+    tta: int = 1
+    #: also write the disagreement of the TTA members (``uncertainty/``); turns on TTA (8, or 4 for non-square tiles) if off
+    uncertainty: bool = False
 
     @classmethod
     def create(cls, **kwargs: Any) -> Settings:
@@ -110,6 +116,8 @@ class Settings:
             raise ConfigError("batch size and blocks in flight must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.tta not in TTA_CHOICES:
+            raise ConfigError(f"--tta takes {', '.join(map(str, TTA_CHOICES))} (transforms per tile), got {self.tta}")
         if self.tile_cache_mb < 0:
             raise ConfigError(f"the tile cache budget must be 0 (off) or more MiB, got {self.tile_cache_mb}")
         for a in (0, 1):

@@ -6,6 +6,8 @@ Layout (NGFF 0.5, zarr v3)::
       0/ 1/ 2/ ...                (classes, y, x) uint8 0..255 (or float); level k is 2^k × coarser
       labels/                     {"labels": [class, ...]}
         <class>/                  multiscales + image-label; (y, x) uint8, 1 = class
+      uncertainty/                (--uncertainty) an image of its own: (y, x) uint8, the disagreement
+                                  of the test-time augmentations, 0 (agree) .. 255 (split evenly)
 
 Safety: everything is written into a staging folder beside the output (``out.ome.zarr.partial``)
 and moved into place only when complete (:mod:`tilefeet.storage`), so an existing output is never
@@ -13,7 +15,8 @@ half-overwritten and a crash never leaves a broken store at the output path. Blo
 chunks (no two tasks write one chunk) and record their completion *after* their data, so
 ``--resume`` redoes exactly the blocks that were not finished and the result does not depend on
 where the crash happened. The completion records (``.tilefeet/done/<block>``) hold the backend
-that computed the block; the finished output's provenance lists them.
+that computed the block (and its count of uncertain pixels); the finished output's provenance
+lists them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from .plan import Plan
 from .storage import os_error, recover, replace_dir, staging_path
 
 STATE_DIR = ".tilefeet"
+#: An output pixel counts as uncertain (for the section's summary) at this disagreement (0..1).
+UNCERTAIN_AT = 0.25
 
 
 def check_paths(inp: str | None, out: Path) -> None:
@@ -146,6 +151,22 @@ class OutputStore:
                     )
                 )
                 add_label(root, name)
+        if s.uncertainty:
+            g = root.create_group("uncertainty")
+            create_levels(g, shapes, chunks=s.chunk_size, shards=s.shard_size, dtype="uint8", dimension_names=["y", "x"])
+            g.attrs.update(
+                image_metadata(
+                    self._multiscales("uncertainty", len(shapes), {
+                        "method": "tilefeet.segment --uncertainty",
+                        "description": "twice the standard deviation of the test-time augmentations' probabilities, "
+                        "averaged over classes, as 0..255",
+                        "tta": s.tta,
+                        "uncertain_at": UNCERTAIN_AT,
+                    }),
+                    channels=[{"label": "uncertainty", "color": "FF00FF", "active": True,
+                               "window": {"start": 0, "end": 255, "min": 0, "max": 255}}],
+                )
+            )
         state = self.staging / STATE_DIR
         (state / "done").mkdir(parents=True, exist_ok=True)
         (state / "plan.json").write_text(json.dumps({**plan_state(plan), "runner": self.runner}, default=str))
@@ -169,7 +190,11 @@ class OutputStore:
         if out.labels is not None:
             for i, cls in enumerate(self.plan.engine.classes):
                 root[f"labels/{label_name(cls)}/0"][b.y0 : b.y1, b.x0 : b.x1] = out.labels[i]
-        self.mark_done(record, backend)
+        counts = {}
+        if out.uncertainty is not None:
+            root["uncertainty/0"][b.y0 : b.y1, b.x0 : b.x1] = out.uncertainty
+            counts = {"uncertain": int((out.uncertainty >= round(UNCERTAIN_AT * 255)).sum()), "pixels": int(out.uncertainty.size)}
+        self.mark_done(record, backend, **counts)
 
     def discard_if_nothing_done(self) -> bool:
         """Remove the staging folder of a run that failed before finishing any block (and did not
@@ -188,8 +213,13 @@ class OutputStore:
         kept = not self.discard_if_nothing_done()
         return os_error(e, self.path, staging=self.staging, kept=kept)
 
-    def mark_done(self, record: str, backend: str = "") -> None:
-        (self.staging / STATE_DIR / "done" / record).write_text(backend)
+    def mark_done(self, record: str, backend: str = "", **counts: int) -> None:
+        (self.staging / STATE_DIR / "done" / record).write_text(json.dumps({"backend": backend, **counts}))
+
+    def records(self) -> list[dict]:
+        """The completion records of the output blocks (backend, counts)."""
+        done = self.staging / STATE_DIR / "done"
+        return [json.loads(p.read_text() or "{}") for p in done.iterdir() if p.name.startswith("b")]
 
     def pyramid_tasks(self, level: int) -> list[tuple[str, Box]]:
         """The (record, box) of each block of pyramid ``level`` (≥ 1), in that level's pixels."""
@@ -221,6 +251,9 @@ class OutputStore:
             for i, cls in enumerate(self.plan.engine.classes):
                 lab = (mean[i] >= s.threshold * scale).astype(np.uint8)
                 root[f"labels/{label_name(cls)}/{level}"][box.y0 : box.y1, box.x0 : box.x1] = lab
+        if s.uncertainty:
+            u = root[f"uncertainty/{level - 1}"][region.y0 : region.y1, region.x0 : region.x1]
+            root[f"uncertainty/{level}"][box.y0 : box.y1, box.x0 : box.x1] = np.round(downsample_mean(u[None], box.shape)[0]).astype(np.uint8)
         self.mark_done(record)
 
     def finalize(self) -> Path:
@@ -228,21 +261,21 @@ class OutputStore:
         an old one, crash-safely), then drop the completion records."""
         import zarr
 
-        backends = self.backends()
+        records = self.records()
+        summary: dict[str, Any] = {"backends": dict(Counter(r.get("backend") or "?" for r in records))}
+        if self.plan.settings.uncertainty:
+            pixels = sum(r.get("pixels", 0) for r in records)
+            summary["uncertain_fraction"] = sum(r.get("uncertain", 0) for r in records) / max(pixels, 1)
+            summary["uncertain_at"] = UNCERTAIN_AT
         root: Any = zarr.open_group(str(self.staging), mode="r+")
         ome = dict(root.attrs["ome"])
         ms = dict(ome["multiscales"][0])
-        ms["metadata"] = {**ms.get("metadata", {}), "backends": backends}
+        ms["metadata"] = {**ms.get("metadata", {}), **summary}
         ome["multiscales"] = [ms, *ome["multiscales"][1:]]
         root.attrs["ome"] = ome
         replace_dir(self.staging, self.path)
         shutil.rmtree(self.path / STATE_DIR, ignore_errors=True)
         return self.path
-
-    def backends(self) -> dict[str, int]:
-        """Blocks per backend that computed them (from the completion records)."""
-        done = self.staging / STATE_DIR / "done"
-        return dict(Counter(p.read_text() or "?" for p in done.iterdir() if p.name.startswith("b")))
 
 
 def plan_state(plan: Plan) -> dict[str, Any]:
