@@ -13,7 +13,11 @@ same run), and the relative error against the torch fp32 network. Prints a markd
 writes JSON (``benchmarks/results/runners-<device>.json``).
 
 Without ``--engine`` the network is a randomly initialized U-Net of the shipped architecture
-(4 levels, 32 base channels): speed does not depend on the weights.
+(4 levels, 32 base channels): speed does not depend on the weights. ``--engine`` takes any bundle,
+tilefeet's own or an imported one (ONNX, torch.export); configurations its network cannot run on
+are listed as skipped, and FLOPs per pixel of a foreign network are counted from its ONNX graph.
+``--monai basicunet`` builds one: MONAI's ``BasicUNet`` (default features, batch norm, random
+weights) exported to ONNX and imported with ``tilefeet import-engine``'s code.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from tilefeet.engine import Normalization, load_engine, write_bundle
 from tilefeet.errors import TilefeetError
 from tilefeet.models.unet import UNet2d
 from tilefeet.runners import RunnerSpec, runner_class
-from tilefeet.runners.onnx_export import relative_error
+from tilefeet.runners.onnx_export import export_onnx, reference_output, relative_error
 from tilefeet.runners.select import cpu_model, library_versions, unavailable_reason
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,9 +93,15 @@ BASELINE = ("torch eager", "fp32")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle = (
-        load_engine(args.engine) if args.engine else random_bundle(Path(tempfile.mkdtemp(prefix="tilefeet-bench-")))
-    )
+    scratch = Path(tempfile.mkdtemp(prefix="tilefeet-bench-"))
+    # (bundle, group): runners of one group run the same network, and share a baseline and reference.
+    bundles = [(load_engine(e), load_engine(e).name) for e in args.engine or []]
+    if args.monai:
+        onnx_bundle, pt2_bundle = monai_bundles(scratch)
+        bundles += [(onnx_bundle, "monai-basicunet"), (pt2_bundle, "monai-basicunet")]
+    if not bundles:
+        bundles = [(random_bundle(scratch), "random-unet32")]
+    bundle = bundles[0][0]
     configs = [
         c
         for c in (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
@@ -105,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             else c
             for c in configs
         ]
-    flops = bundle.flops_per_pixel()
+    flops = {name: flops_per_pixel(b) for b, name in bundles}
     load_before = os.getloadavg()
     peaks_before = measured_peaks(device)
     rows = [
-        row for batch in args.batch for row in measure_batch(configs, bundle, device, batch, args.tile, args.seconds)
+        row for batch in args.batch for row in measure_batch(configs, bundles, device, batch, args.tile, args.seconds)
     ]
     # The peak is measured before and after the runners and the higher kept: on a shared machine
     # one of the two may have been slowed down by other work.
@@ -132,16 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         "engine": {
             "name": bundle.name,
             "architecture": dict(bundle.architecture),
+            "network": bundle.network,
             "random_weights": not args.engine,
-            "flops_per_pixel": flops,
+            "flops_per_pixel": flops[bundles[0][1]],
         },
+        "engines": [
+            {"name": b.name, "group": g, "network": b.network, "architecture": dict(b.architecture), "flops_per_pixel": flops[g]}
+            for b, g in bundles
+        ],
         "tile": args.tile,
         "seconds_per_measurement": args.seconds,
         "measured_peak_tflops": peaks,
         "datasheet_peak_tflops": datasheet,
         "results": rows,
     }
-    out = args.out or RESULTS / f"runners-{slug(device_name(device))}.json"
+    suffix = "" if not (args.engine or args.monai) else "-" + "-".join(dict.fromkeys(slug(g) for _, g in bundles))
+    out = args.out or RESULTS / f"runners-{slug(device_name(device))}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(markdown_table(doc))
@@ -151,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", help="engine bundle name or folder (default: a random U-Net, 32 base channels, depth 4)")
+    p.add_argument("--engine", action="append", help="engine bundle name or folder, repeatable (default: a random U-Net, 32 base channels, depth 4)")
+    p.add_argument("--monai", choices=["basicunet"], help="benchmark MONAI's BasicUNet, exported to ONNX and imported")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--tile", type=int, default=256, help="tile side (default 256 on the CPU; use 1024 on a GPU)")
     p.add_argument(
@@ -177,27 +194,67 @@ def random_bundle(folder: Path):
     )
 
 
+def monai_bundles(folder: Path):
+    """MONAI's BasicUNet (default features (32, 32, 64, 128, 256, 32), batch norm, random weights)
+    exported to ONNX by torch's dynamo exporter and imported as tilefeet's import-engine does, and
+    the same module as a torch.export bundle (``bundle_from_module``): the torch rows run the same
+    network, and torch eager on it is what a MONAI user runs, the baseline."""
+    from monai.networks.nets import BasicUNet
+    from torch.export import Dim
+
+    from tilefeet.engine import Declared, bundle_from_module, import_network
+
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, norm="batch").eval()
+    path = folder / "basicunet.onnx"
+    shapes = {"x": {0: Dim("b", min=1), 2: 16 * Dim("h", min=1), 3: 16 * Dim("w", min=1)}}
+    program = torch.onnx.export(net, (torch.zeros(2, 1, 64, 96),), dynamo=True, verbose=False, dynamic_shapes=shapes)
+    assert program is not None  # the dynamo exporter returns one
+    program.save(str(path))
+    declared = Declared.create(pixel_size_nm="4nm", classes="membrane", activation="sigmoid", normalization="meanstd:125,43")
+    onnx_bundle = import_network(path, folder / "monai-basicunet", declared, name="monai-basicunet")
+    pt2_bundle = bundle_from_module(net, pixel_size_nm="4nm", classes=["membrane"], normalization="meanstd:125,43",
+                                    name="monai-basicunet-pt2", cache=folder)
+    return onnx_bundle, pt2_bundle
+
+
+def flops_per_pixel(bundle) -> float:
+    """The bundle's FLOPs per pixel; for a torch.export bundle, counted from its ONNX export."""
+    flops = bundle.flops_per_pixel()
+    if flops != flops and "onnxruntime" in bundle.backends:  # NaN: not recorded at import
+        from tilefeet.models.foreign import onnx_flops_per_pixel
+
+        flops = onnx_flops_per_pixel(export_onnx(bundle, "fp32").path)
+    return flops
+
+
 # -------------------------------------------------------------------------------------- measuring
 
 
 def measure_batch(
-    configs: list[Config], bundle, device: torch.device, batch: int, tile: int, seconds: float
+    configs: list[Config], bundles: list[tuple[Any, str]], device: torch.device, batch: int, tile: int, seconds: float
 ) -> list[dict[str, Any]]:
-    """One row per configuration at one batch size. All runners are built and warmed up first, then
-    timed in turns (one call each per round) for ``seconds`` × their number: on a machine shared
-    with other work, a slow spell then slows every runner alike instead of whichever was timed in it."""
-    x = torch.randn(batch, bundle.in_channels, tile, tile, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        ref = bundle.build_model()(x)
-    rows, live = [], []
-    for cfg in configs:
-        row, runner = build_runner(cfg, bundle, device, batch, tile)
-        rows.append(row)
-        if runner is not None:
-            xd = x.to(runner.device)
-            y = [runner(xd) for _ in range(2)][-1]  # warm-up: lazy initialization, autotuning
-            row["relative_error_vs_torch_fp32"] = relative_error(y, ref)
-            live.append((row, runner, xd, []))
+    """One row per configuration and bundle (those whose network runs on the configuration's
+    backend) at one batch size. All runners are built and warmed up first, then timed in turns (one
+    call each per round) for ``seconds`` × their number: on a machine shared with other work, a slow
+    spell then slows every runner alike instead of whichever was timed in it."""
+    x = torch.randn(batch, bundles[0][0].in_channels, tile, tile, generator=torch.Generator().manual_seed(0))
+    refs: dict[str, torch.Tensor] = {}
+    rows: list[dict[str, Any]] = []
+    live: list[tuple[dict[str, Any], Any, torch.Tensor, list[float]]] = []
+    for bundle, group in bundles:
+        ref = refs.setdefault(group, reference_output(bundle, x))
+        for cfg in configs:
+            if cfg.backend not in bundle.backends:
+                continue
+            row, runner = build_runner(cfg, bundle, device, batch, tile)
+            row.update(engine=bundle.name, group=group, network=bundle.network)
+            rows.append(row)
+            if runner is not None:
+                xd = x.to(runner.device)
+                y = [runner(xd) for _ in range(2)][-1]  # warm-up: lazy initialization, autotuning
+                row["relative_error_vs_torch_fp32"] = relative_error(y, ref)
+                live.append((row, runner, xd, []))
     deadline = time.perf_counter() + seconds * len(live)
     rounds = 0
     while live and (rounds < 3 or time.perf_counter() < deadline):
@@ -304,24 +361,29 @@ def slug(text: str) -> str:
 # ---------------------------------------------------------------------------------------- report
 
 
-def add_rates(rows: list[dict[str, Any]], flops: float, peaks: dict[str, float], datasheet: dict | None) -> None:
-    """TFLOP/s achieved and its fraction of the measured (and datasheet) peak of the same precision."""
+def add_rates(rows: list[dict[str, Any]], flops: dict[str, float], peaks: dict[str, float], datasheet: dict | None) -> None:
+    """TFLOP/s achieved (FLOPs per pixel of each row's network) and its fraction of the measured
+    (and datasheet) peak of the same precision."""
     for r in rows:
         if "mpx_per_s" not in r:
             continue
         kind = "tf32" if r["precision"] == "fp32" and r["options"].get("tf32") else r["precision"]
-        r["tflops"] = r["mpx_per_s"] * 1e6 * flops / 1e12
+        r["tflops"] = r["mpx_per_s"] * 1e6 * flops[r["group"]] / 1e12
         r["fraction_of_measured_peak"] = r["tflops"] / peaks[kind]
         if datasheet:
             r["fraction_of_datasheet_peak"] = r["tflops"] / datasheet[kind]
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Speed relative to the baseline (torch eager fp32) at the same batch size."""
-    base = {r["batch"]: r["mpx_per_s"] for r in rows if (r["label"], r["precision"]) == BASELINE and "mpx_per_s" in r}
+    """Speed relative to the baseline (torch eager fp32 on the same network) at the same batch size."""
+    base = {
+        (r["group"], r["batch"]): r["mpx_per_s"]
+        for r in rows
+        if (r["label"], r["precision"]) == BASELINE and "mpx_per_s" in r
+    }
     for r in rows:
-        if "mpx_per_s" in r and r["batch"] in base:
-            r["vs_baseline"] = r["mpx_per_s"] / base[r["batch"]]
+        if "mpx_per_s" in r and (r["group"], r["batch"]) in base:
+            r["vs_baseline"] = r["mpx_per_s"] / base[r["group"], r["batch"]]
 
 
 def row_text(r: dict[str, Any]) -> str:
@@ -332,24 +394,26 @@ def row_text(r: dict[str, Any]) -> str:
 
 
 def markdown_table(doc: dict[str, Any]) -> str:
-    flops = doc["engine"]["flops_per_pixel"]
+    flops = {e["group"]: e["flops_per_pixel"] for e in doc["engines"]}
     threads = doc["host"]["threads"]
     head = (
         f"Device: {doc['device']} ({threads} thread{'s' if threads > 1 else ''}); tile {doc['tile']}²; "
-        f"{flops / 1e6:.3f} MFLOP per pixel; peak = dense matmul measured in the same run"
+        + ", ".join(f"{g} {f / 1e6:.3f} MFLOP per pixel" for g, f in flops.items())
+        + "; peak = dense matmul measured in the same run"
     )
     lines = [
         head,
         "",
-        "| runner | precision | batch | Mpx/s | × torch eager fp32 | TFLOP/s | % of peak | rel. error | build s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| network | bundle | runner | precision | batch | Mpx/s | × torch eager fp32 | TFLOP/s | % of peak | rel. error | build s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["results"]:
+        where = f"| {r['group']} | {r['network']} "
         if "skipped" in r:
-            lines.append(f"| {r['label']} | {r['precision']} | {r['batch']} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"{where}| {r['label']} | {r['precision']} | {r['batch']} | skipped: {r['skipped']} | | | | | |")
             continue
         lines.append(
-            f"| {r['label']} | {r['precision']} | {r['batch']} | {r['mpx_per_s']:.3f} | {r.get('vs_baseline', float('nan')):.2f} | "
+            f"{where}| {r['label']} | {r['precision']} | {r['batch']} | {r['mpx_per_s']:.3f} | {r.get('vs_baseline', float('nan')):.2f} | "
             f"{r['tflops']:.4f} | {100 * r['fraction_of_measured_peak']:.1f} | {r['relative_error_vs_torch_fp32']:.1e} | {r['build_s']:.1f} |"
         )
     return "\n".join(lines)

@@ -200,13 +200,21 @@ def benchmark(
     options = dict(options or {})
     workdir.mkdir(parents=True, exist_ok=True)
     reason = ""
+    from .engine import load_engine
+
+    bundle = load_engine(engine)
+    skipped: dict[str, str] = {}
+    if "torch" not in bundle.backends:
+        # MONAI's sliding window runs a torch module; a network torch cannot run (an ONNX graph) has none.
+        for name in ("monai", "monai-runner"):
+            if name in baselines:
+                skipped[name] = f"the engine's {bundle.network} network has no torch module for MONAI to run"
+        baselines = tuple(b for b in baselines if b not in skipped)
     if options.get("backend", "auto") == "auto":
         # Decide (and build: ONNX export, TensorRT plan, CPU timings) before the clock starts; those
         # are one-time costs, cached on disk, not part of segmenting a section.
-        from .engine import load_engine
         from .runners.select import resolve_backend
 
-        bundle = load_engine(engine)
         tile = options.get("tile", bundle.tile)
         backend, backend_options, reason = resolve_backend(
             bundle, device=options.get("device", "auto"), precision=options.get("precision", "fp32"),
@@ -252,6 +260,8 @@ def benchmark(
         "engine": engine,
         "options": options,
         "backend_reason": reason,
+        "flops_per_pixel": bundle.flops_per_pixel(),
+        "skipped_baselines": skipped,
         "results": results,
     }
 
