@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tilefeet
-from tests.foreign_nets import NORMALIZE, export_onnx_file, import_monai_onnx, monai_net, monai_pt2_bundle
+from tests.foreign_nets import export_onnx_file, import_monai_onnx, monai_net, monai_pt2_bundle
 from tilefeet.cli import main
 from tilefeet.convert import write_image
 from tilefeet.engine import Declared, import_network, load_engine
@@ -240,6 +240,27 @@ def test_onnx_bundle_takes_the_same_onnx_to_plan_path_on_fake_tensorrt(monai_onn
         export_onnx(monai_onnx, "bf16", cache=tmp_path)
 
 
-def test_monai_normalization_constant_is_what_the_cli_declares():
-    assert load_engine  # the module's public names import
-    assert NORMALIZE == "meanstd:125,43"
+def test_import_and_export_commands(tmp_path, capsys):
+    """The CLI a user meets: import-engine prints the bundle folder (what it measured on stderr),
+    export-engine --bioimageio prints the package, and the package imports back to the same outputs."""
+    path = export_onnx_file(monai_net(), tmp_path / "m.onnx")
+    code = main(["import-engine", str(path), "-o", str(tmp_path / "mine"), "--pixel-size", "5nm", "--classes", "membrane",
+                 "--normalize", "percentile:1,99.5"])
+    out, err = capsys.readouterr()
+    assert code == 0 and Path(out.strip()) == tmp_path / "mine", err
+    assert "divisor 16" in err and "receptive field" in err and "onnxruntime, tensorrt" in err
+    bundle = load_engine(tmp_path / "mine")
+    assert bundle.pixel_size_nm == (5.0, 5.0) and bundle.normalization.adaptive == "percentile"
+    assert main(["export-engine", str(bundle.path), "--bioimageio", "-o", str(tmp_path / "mine.zip")]) == 0
+    assert Path(capsys.readouterr().out.strip()).is_file()
+    assert main(["import-engine", str(tmp_path / "mine.zip"), "-o", str(tmp_path / "back")]) == 0
+    capsys.readouterr()
+    back = load_engine(tmp_path / "back")
+    assert back.normalization.adaptive == "percentile" and back.normalization.percentiles == (1.0, 99.5)
+    x = torch.randn(2, 1, 64, 96)
+    a = get_runner(RunnerSpec(str(bundle.path), "onnxruntime", "cpu", "fp32", 2, (64, 96)))(x)
+    b = get_runner(RunnerSpec(str(back.path), "onnxruntime", "cpu", "fp32", 2, (64, 96)))(x)
+    assert (a - b).abs().max() <= 1e-6
+    err = one_line_error(capsys, ["import-engine", str(path), "-o", str(tmp_path / "mine"), "--pixel-size", "5nm",
+                                  "--classes", "membrane"])
+    assert "exists" in err and "--overwrite" in err
