@@ -41,13 +41,20 @@ class BlockOutput:
 
 
 def compute_block(plan: Plan, index: tuple[int, int], image: Any, runner: Any) -> torch.Tensor:
-    """Float32 probabilities ``(C, h, w)`` of output block ``index``, on the runner's device."""
+    """Float32 probabilities ``(C, h, w)`` of output block ``index``, on the runner's device; 0
+    outside the tissue mask (a block wholly outside it reads nothing and runs nothing)."""
     geo = plan.block(*index)
+    if not plan.block_active(*index):
+        return torch.zeros((plan.channels, *geo.out_box.shape), dtype=torch.float32, device=runner.device)
     raw = image.read(plan.level, geo.src_box)
     x = normalize(raw, plan, runner.device)
     x = to_network_grid(x, geo, plan)
     p = blend_tiles(x, geo, plan, runner)
-    return to_output_grid(p, geo, plan)
+    p = to_output_grid(p, geo, plan)
+    kept = plan.kept_pixels(geo.out_box)
+    if kept is not None and not kept.all():
+        p = p * torch.from_numpy(kept).to(p.device, p.dtype)  # × 1.0 inside: the same bits as without a mask
+    return p
 
 
 def finish_block(p: torch.Tensor, plan: Plan, box: Box) -> BlockOutput:
@@ -131,7 +138,8 @@ def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) ->
     acc = torch.zeros((n_out, *need.shape), dtype=torch.float32, device=x.device)
     wsum = None if crop else torch.zeros(need.shape, dtype=torch.float32, device=x.device)
     window = None if crop else device_window(lattice.tile, kind, str(x.device))
-    tiles = [(iy, ix) for iy in geo.tiles[0] for ix in geo.tiles[1]]  # lattice order: fixes summation order
+    # lattice order fixes the summation order; tiles outside the tissue mask do not run
+    tiles = [(iy, ix) for iy in geo.tiles[0] for ix in geo.tiles[1] if plan.tile_runs(iy, ix)]
     for (iy, ix), p in _predictions(x, tiles, geo, plan, runner):
         tb = lattice.tile_box(iy, ix)
         region = (lattice.kept_box(iy, ix) if crop else tb).intersect(need)
@@ -146,7 +154,11 @@ def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) ->
             w = window[src]
             acc[(slice(None), *dst)] += p * w
             wsum[dst] += w
-    return acc if wsum is None else acc / wsum
+    if wsum is None:
+        return acc
+    if plan.mask is None:
+        return acc / wsum
+    return torch.where(wsum > 0, acc / wsum, 0.0)  # pixels no running tile reaches lie outside the mask: 0
 
 
 def _predictions(x: torch.Tensor, tiles: list[Pair], geo: BlockGeometry, plan: Plan, runner: Any) -> Iterator[tuple[Pair, torch.Tensor]]:

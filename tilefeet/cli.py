@@ -100,6 +100,9 @@ def segment(
     uncertainty: bool = typer.Option(
         False, "--uncertainty", help="Also write uncertainty/: where the TTA members disagree (turns on --tta 8 if off)."
     ),
+    mask: str = typer.Option(
+        "none", "--mask", help="Run the network only on tissue: none, auto (found in the section), or a label image path."
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing output (kept until the new one is complete)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run into the same output."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
@@ -135,6 +138,7 @@ def segment(
         labels=labels,
         tta=tta,
         uncertainty=uncertainty,
+        mask=mask,
     )
     t0 = time.perf_counter()
     run = pipeline.plan_segmentation(str(input), engine, resume_into=output if resume else None, **options)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,24 @@ from .errors import Interrupted, TilefeetError
 from .geometry import Box
 from .image import Image
 from .intensity import IntensityWarning, inversion_warning, make_intensity_map, mismatch
-from .plan import EngineSpec, make_plan, read_level
+from .mask import TissueMask, auto_mask, mask_from_labels
+from .plan import EngineSpec, grids, make_plan
 from .runners import RunnerSpec
 from .schedule import Run, get_runner, lazy_array, run_graph, write_graph
 from .settings import Settings
-from .storage import check_writable
+from .storage import OutputLocation, output_location
 
 #: Pixels read once per section for intensity statistics (spread over the section).
 STATS_PIXELS = 1 << 24
 
 
-def open_image(source: Any, pixel_size_nm: Any = None) -> Image:
-    """An :class:`Image` from a path, an :class:`Image`, or a numpy / dask / xarray array."""
+def open_image(source: Any, pixel_size_nm: Any = None, storage_options: Mapping[str, Any] | None = None) -> Image:
+    """An :class:`Image` from a path or URL (reached with ``storage_options``), an :class:`Image`, or
+    a numpy / dask / xarray array."""
     if isinstance(source, Image):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return Image.open(source)
+        return Image.open(source, storage_options=storage_options)
     from .units import parse_pixel_size
 
     px = parse_pixel_size(pixel_size_nm) if pixel_size_nm is not None else None
@@ -71,8 +74,9 @@ def plan_segmentation(
     engine: str | os.PathLike | EngineBundle = "isbi-membrane",
     settings: Settings | None = None,
     *,
-    resume_into: str | os.PathLike | None = None,
+    resume_into: str | os.PathLike | OutputLocation | None = None,
     resolve_backend: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Run:
     """Open the input and the engine, compute section statistics, and plan the run (one pass).
@@ -81,22 +85,32 @@ def plan_segmentation(
     the runner spec keeps ``"auto"`` and each process that runs the network chooses for itself
     (cluster workers may have other hardware than the client). ``resume_into``: the output of an
     interrupted run to continue; its recorded runner is reused, so the remaining blocks run
-    exactly as the finished ones did.
+    exactly as the finished ones did. ``storage_options`` reach a URL ``source`` (``anon``,
+    ``endpoint_url``, credentials: :mod:`tilefeet.storage`; default: the environment's).
     """
     settings = settings or Settings.create(**options)
-    image = open_image(source, settings.pixel_size_nm)
+    image = open_image(source, settings.pixel_size_nm, storage_options)
     bundle = load_engine(engine)
     spec = EngineSpec.from_bundle(bundle)
-    _, level = read_level(image.meta, spec, settings)  # refuses impossible pixel sizes before reading
+    g = grids(image.meta, spec, settings)  # refuses impossible pixel sizes before reading
     bundle.check_weights()  # before reading pixels: a damaged bundle is the cheaper thing to find
-    sample = section_sample(image, level)
+    sample = section_sample(image, g.level)
     imap = make_intensity_map(settings.intensity, bundle.normalization, sample, dtype=np.dtype(image.meta.dtype), invert=settings.invert)
     for problem in (mismatch(imap, sample), inversion_warning(imap, sample) if settings.invert is None else None):
         if problem:
             warnings.warn(IntensityWarning(problem), stacklevel=2)
-    plan = make_plan(image.meta, spec, settings, imap)
+    plan = make_plan(image.meta, spec, settings, imap, tissue_mask(settings.mask, image, g))
     runner, reason = _runner_spec(plan, bundle, resume_into, resolve_backend)
     return Run(plan, image, bundle, runner, reason)
+
+
+def tissue_mask(option: str, image: Image, g: Any) -> TissueMask | None:
+    """``--mask``: none, auto (found in the section, :func:`tilefeet.mask.auto_mask`), or a label image."""
+    if option in ("", "none"):
+        return None
+    if option == "auto":
+        return auto_mask(image, g.level, g.source, g.network)
+    return mask_from_labels(option, g.network, g.level0)
 
 
 def _runner_spec(plan: Any, bundle: EngineBundle, resume_into: Any, resolve: bool) -> tuple[RunnerSpec, str]:
@@ -110,7 +124,7 @@ def _runner_spec(plan: Any, bundle: EngineBundle, resume_into: Any, resolve: boo
     if resume_into is not None and backend == "auto":
         from .writer import staged_runner
 
-        staged = staged_runner(Path(resume_into))
+        staged = staged_runner(resume_into)
         if staged and staged.get("backend") not in (None, "auto"):
             backend, reason = staged["backend"], "the backend the interrupted run used"
             options = {**dict(map(tuple, staged.get("options", []))), **options}
@@ -166,9 +180,16 @@ def segment_to_zarr(
     progress: bool = False,
     compute: bool = True,
     resources: dict | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    output_storage_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Path | Any:
     """Segment a section into an OME-Zarr at ``output`` (probabilities + labels, with pyramids).
+
+    ``source`` and ``output`` may be URLs: the input ``http(s)://`` or ``s3://``, the output
+    ``s3://`` (written in place, published last: :mod:`tilefeet.storage`). ``storage_options``
+    reach both; ``output_storage_options`` override them for the output (read a public bucket
+    with ``{"anon": True}``, write with credentials: ``{"anon": False}``).
 
     With ``compute=False``, returns the dask ``Delayed`` that does the whole job (for a cluster);
     computing it returns the output path. Its ``backend="auto"`` (the default) is then chosen by
@@ -176,13 +197,23 @@ def segment_to_zarr(
     (e.g. ``{"GPU": 1}``) annotates the tasks that run the network, for clusters whose GPU workers
     declare that resource.
     """
-    run = plan_segmentation(source, engine, resume_into=output if resume else None, resolve_backend=compute, **options)
-    return write_planned(run, output, overwrite=overwrite, resume=resume, progress=progress, compute=compute, resources=resources)
+    location = output_location(output, output_options(storage_options, output_storage_options))
+    run = plan_segmentation(
+        source, engine, resume_into=location if resume else None, resolve_backend=compute, storage_options=storage_options, **options
+    )
+    return write_planned(run, location, overwrite=overwrite, resume=resume, progress=progress, compute=compute, resources=resources)
+
+
+def output_options(storage_options: Mapping[str, Any] | None, output_storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The storage options of the output: the run's, updated by the output's own (None: the command's defaults)."""
+    if storage_options is None and output_storage_options is None:
+        return None
+    return {**(storage_options or {}), **(output_storage_options or {})}
 
 
 def write_planned(
     run: Run,
-    output: str | os.PathLike,
+    output: str | os.PathLike | OutputLocation,
     *,
     overwrite: bool = False,
     resume: bool = False,
@@ -190,13 +221,14 @@ def write_planned(
     compute: bool = True,
     resources: dict | None = None,
 ) -> Path | Any:
-    """Write a run planned by :func:`plan_segmentation` (the CLI prints the plan first, then writes it)."""
+    """Write a run planned by :func:`plan_segmentation` (the CLI prints the plan first, then writes it)
+    to a path, an ``s3://`` URL (reached with the command's storage options) or a location."""
     from .writer import OutputStore
 
-    output = Path(output)
-    check_writable(output)
+    location = output_location(output)
+    location.check_writable()
     runner = {"backend": run.runner.backend, "options": [list(kv) for kv in run.runner.options]}
-    store = OutputStore.prepare(output, run.plan, runner=runner, overwrite=overwrite, resume=resume)  # path errors first: cheap
+    store = OutputStore.prepare(location, run.plan, runner=runner, overwrite=overwrite, resume=resume)  # path errors first: cheap
     if not compute:
         return write_graph(run, store, resources)
     graph = write_graph(run, store, resources, in_order=run.plan.settings.blocks_in_flight)
@@ -204,10 +236,11 @@ def write_planned(
         # This process's runner, built before any block: a damaged engine or a backend that
         # cannot start fails here, in one piece (the tasks then reuse it).
         get_runner(run.runner)
-        return Path(run_graph(graph, workers=run.plan.settings.blocks_in_flight, progress=progress))
+        run_graph(graph, workers=run.plan.settings.blocks_in_flight, progress=progress)
+        return location.final
     except KeyboardInterrupt:
         if store.discard_if_nothing_done():
-            raise Interrupted(f"interrupted before any block was finished; nothing of {output} was kept") from None
+            raise Interrupted(f"interrupted before any block was finished; nothing of {location.final} was kept") from None
         raise Interrupted(
             f"interrupted: the finished blocks are kept in {store.staging}; rerun the same command with --resume to continue"
         ) from None

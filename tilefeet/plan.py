@@ -23,6 +23,7 @@ from .errors import ConfigError, InvalidImageError, TilefeetWarning, UnitError
 from .geometry import BlockGrid, Box, GridMap, Pair, TileLattice, resample_taps
 from .image import ImageMeta
 from .intensity import IntensityMap
+from .mask import TissueMask, tile_activity
 from .resolution import Grid, choose_level, mismatch, network_grid, scale_factor
 from .settings import DEFAULT_BLOCK, Settings
 from .units import format_nm
@@ -116,6 +117,7 @@ class Plan:
     lattice: TileLattice
     blocks: BlockGrid
     intensity: IntensityMap
+    mask: TissueMask | None = None  #: where the network runs (``--mask``); None: everywhere
 
     # ---- maps between grids
 
@@ -140,6 +142,23 @@ class Plan:
     @property
     def crop(self) -> bool:
         return self.settings.blend == "crop"
+
+    @cached_property
+    def _active_tiles(self) -> np.ndarray | None:
+        return None if self.mask is None else tile_activity(self.mask, self.network, self.lattice)
+
+    def tile_runs(self, iy: int, ix: int) -> bool:
+        """Does lattice tile (iy, ix) run (no mask, or it meets the grown mask)?"""
+        active = self._active_tiles
+        return True if active is None else bool(active[iy, ix])
+
+    def block_active(self, by: int, bx: int) -> bool:
+        """Does output block (by, bx) hold any pixel of the mask (else it computes and writes nothing)?"""
+        return self.mask is None or self.mask.any_in(self.output, self.blocks.box(by, bx))
+
+    def kept_pixels(self, box: Box) -> np.ndarray | None:
+        """(h, w) bool of the output pixels of ``box`` inside the mask; None without a mask."""
+        return None if self.mask is None else self.mask.pixels(self.output, box)
 
     @property
     def tta(self) -> tuple[int, ...]:
@@ -183,12 +202,13 @@ class Plan:
             "settings": self.settings.fingerprint_items(),
             "level": self.level,
             "intensity": asdict(self.intensity),
+            "mask": self.mask.token() if self.mask is not None else None,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def summary(self) -> dict[str, Any]:
         """Counts for ``--dry-run`` and logs: tiles, blocks, and the extra work of overlap and straddling."""
-        per_block = [self.block(by, bx).n_tiles for by, bx in self.blocks]
+        per_block = [self._running(self.block(by, bx)) for by, bx in self.blocks if self.block_active(by, bx)]
         evaluated = int(sum(per_block))
         net_px = self.network.shape[0] * self.network.shape[1]
         tile_px = self.lattice.tile[0] * self.lattice.tile[1]
@@ -213,7 +233,20 @@ class Plan:
             "tta": self.settings.tta,
             "network_factor": evaluated * tile_px / net_px * self.settings.tta,
             "intensity": self.intensity.mode,
+            **self._mask_summary(),
         }
+
+    def _running(self, geo: BlockGeometry) -> int:
+        active = self._active_tiles
+        if active is None:
+            return geo.n_tiles
+        return int(active[geo.tiles[0].start : geo.tiles[0].stop, geo.tiles[1].start : geo.tiles[1].stop].sum())
+
+    def _mask_summary(self) -> dict[str, Any]:
+        active = self._active_tiles
+        if active is None or self.mask is None:
+            return {}
+        return {"mask": self.mask.source, "tiles_skipped": 1 - float(active.mean()), "area_skipped": 1 - self.mask.fraction}
 
     def describe(self, backend: str = "") -> str:
         """The plan for people (``--dry-run``, the CLI's header); ``backend`` is the runner's line."""
@@ -240,6 +273,11 @@ class Plan:
             + (f"; test-time augmentation × {self.settings.tta} network calls per tile" if self.settings.tta > 1 else "")
             + ")",
             *(["uncertainty the TTA members' disagreement, written to uncertainty/"] if self.settings.uncertainty else []),
+            *(
+                [f"mask        {s['mask']}: {s['area_skipped']:.0%} of the section is not tissue; {s['tiles_skipped']:.0%} of the "
+                 f"lattice tiles skipped (outside it the output reads 0)"]
+                if "mask" in s else []
+            ),
         ]
         return "\n".join(lines)
 
@@ -281,9 +319,21 @@ def read_level(image: ImageMeta, engine: EngineSpec, settings: Settings) -> tupl
     return image, level
 
 
-def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensity: IntensityMap) -> Plan:
-    """Build the grids, lattice and blocks for ``image`` (pixel size applied by :func:`read_level`),
-    and check the options against the engine."""
+@dataclass(frozen=True)
+class Grids:
+    """The level read and the grids of a run (:func:`grids`): level 0, the level read, network, output."""
+
+    image: ImageMeta  #: with ``--pixel-size`` applied
+    level: int
+    level0: Grid
+    source: Grid
+    network: Grid
+    output: Grid
+
+
+def grids(image: ImageMeta, engine: EngineSpec, settings: Settings) -> Grids:
+    """The level to read and the three grids (pure): what statistics and the tissue mask are taken
+    on before the plan is built, and what :func:`make_plan` builds it on."""
     image, level = read_level(image, engine, settings)
     px0 = image.levels[0].pixel_size_nm
     assert px0 is not None  # read_level refuses images without one
@@ -293,6 +343,16 @@ def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensit
     source = Grid(lv.shape, sizes[level], lv.origin_nm)
     network = network_grid(grid0, source, engine.pixel_size_nm, settings.resample_tolerance)
     output = grid0 if settings.output_grid == "input" else network
+    return Grids(image, level, grid0, source, network, output)
+
+
+def make_plan(
+    image: ImageMeta, engine: EngineSpec, settings: Settings, intensity: IntensityMap, mask: TissueMask | None = None
+) -> Plan:
+    """Build the grids, lattice and blocks for ``image`` (pixel size applied by :func:`read_level`),
+    and check the options against the engine."""
+    g = grids(image, engine, settings)
+    image, level, source, network, output = g.image, g.level, g.source, g.network, g.output
 
     tile = settings.tile or (engine.tile, engine.tile)
     overlap = settings.overlap if settings.overlap is not None else (engine.overlap, engine.overlap)
@@ -317,7 +377,7 @@ def make_plan(image: ImageMeta, engine: EngineSpec, settings: Settings, intensit
     block = block_size(settings, zoom)
     settings = settings.replace(block_size=block, tile=tile, overlap=overlap, tta=tta)  # the plan's settings are concrete
     blocks = BlockGrid(output.shape, block)
-    return Plan(image, engine, settings, level, source, network, output, lattice, blocks, intensity)
+    return Plan(image, engine, settings, level, source, network, output, lattice, blocks, intensity, mask)
 
 
 def block_size(settings: Settings, zoom: tuple[float, float]) -> Pair:

@@ -80,6 +80,9 @@ def _source(run: Run, region: np.ndarray | None, index: tuple[int, int]) -> Any:
 
 
 def _write_block(run: Run, store: OutputStore, index: tuple[int, int], region: Any, *_after: Any) -> str:
+    if not run.plan.block_active(*index):  # wholly outside the tissue mask: no chunk written (reads as 0)
+        store.mark_done(block_record(index), skipped=1)
+        return block_record(index)
     try:
         runner = get_runner(run.runner)
         t0 = time.perf_counter()
@@ -125,6 +128,8 @@ def _finalize(store: OutputStore, *_after: Any) -> str:
 
 def _region(run: Run, index: tuple[int, int]) -> Any:
     plan = run.plan
+    if not plan.block_active(*index):
+        return None
     return run.image.lazy_region(plan.level, plan.block(*index).src_box)
 
 

@@ -70,6 +70,9 @@ class Settings:
     tta: int = 1
     #: also write the disagreement of the TTA members (``uncertainty/``); turns on TTA (8, or 4 for non-square tiles) if off
     uncertainty: bool = False
+    #: where the network runs: "none" (everywhere), "auto" (where the section has tissue, see
+    #: tilefeet.mask), or the path of a label image (non-zero = run there)
+    mask: str = "none"
 
     @classmethod
     def create(cls, **kwargs: Any) -> Settings:

@@ -678,7 +678,7 @@ class ObjectStoreOutput(OutputLocation):
     def open_group(self, mode: str) -> Any:
         import zarr
 
-        store = _unpublished(self.remote.zarr_store(read_only=False))
+        store = _unpublished(self.remote.zarr_store(read_only=False), self.remote)
         if mode == "w":
             self._clear()
             return zarr.open_group(store, mode="a", zarr_format=3)
@@ -738,36 +738,52 @@ def _unpublished_store_class() -> type:
     class UnpublishedMetadata(WrapperStore):
         """A zarr store that keeps every metadata document (``zarr.json``) under ``.tilefeet/meta/``
         and passes chunks through: while an output is being written, no reader finds its Zarr
-        metadata, so none can open it; :meth:`ObjectStoreOutput.publish` moves the documents out."""
+        metadata, so none can open it; :meth:`ObjectStoreOutput.publish` moves the documents out.
+        What the server or the network says becomes one line (an ``OSError``, as a disk's would be)."""
+
+        def __init__(self, store: Any, remote: Remote | None = None) -> None:
+            super().__init__(store)
+            self._remote = remote
+
+        def _with_store(self, store: Any) -> Any:
+            return type(self)(store, self._remote)
 
         @staticmethod
         def _key(key: str) -> str:
             return f"{STATE_DIR}/meta/{key}" if _is_metadata(key) else key
 
+        async def _call(self, awaitable: Any) -> Any:
+            try:
+                return await awaitable
+            except Exception as e:
+                if self._remote is None or isinstance(e, TilefeetError) or not is_remote_error(e):
+                    raise
+                raise remote_error(e, self._remote, role="output", writing=True) from None
+
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-            return await self._store.get(self._key(key), prototype, byte_range)
+            return await self._call(self._store.get(self._key(key), prototype, byte_range))
 
         async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
-            return await self._store.get_partial_values(prototype, [(self._key(k), r) for k, r in key_ranges])
+            return await self._call(self._store.get_partial_values(prototype, [(self._key(k), r) for k, r in key_ranges]))
 
         async def exists(self, key: str) -> bool:
-            return await self._store.exists(self._key(key))
+            return bool(await self._call(self._store.exists(self._key(key))))
 
         async def set(self, key: str, value: Any) -> None:
-            await self._store.set(self._key(key), value)
+            await self._call(self._store.set(self._key(key), value))
 
         async def set_if_not_exists(self, key: str, value: Any) -> None:
-            await self._store.set_if_not_exists(self._key(key), value)
+            await self._call(self._store.set_if_not_exists(self._key(key), value))
 
         async def delete(self, key: str) -> None:
-            await self._store.delete(self._key(key))
+            await self._call(self._store.delete(self._key(key)))
 
     return UnpublishedMetadata
 
 
-def _unpublished(store: Any) -> Any:
+def _unpublished(store: Any, remote: Remote) -> Any:
     """``store`` wrapped so that its metadata documents stay unpublished (zarr is imported on first use)."""
-    return _unpublished_store_class()(store)
+    return _unpublished_store_class()(store, remote)
 
 
 def output_location(target: str | os.PathLike | OutputLocation, storage_options: Mapping[str, Any] | None = None) -> OutputLocation:

@@ -9,9 +9,11 @@ Layout (NGFF 0.5, zarr v3)::
       uncertainty/                (--uncertainty) an image of its own: (y, x) uint8, the disagreement
                                   of the test-time augmentations, 0 (agree) .. 255 (split evenly)
 
-Safety: everything is written into a staging folder beside the output (``out.ome.zarr.partial``)
-and moved into place only when complete (:mod:`tilefeet.storage`), so an existing output is never
-half-overwritten and a crash never leaves a broken store at the output path. Blocks own whole
+Safety: on a file system everything is written into a staging folder beside the output
+(``out.ome.zarr.partial``) and moved into place only when complete, so an existing output is never
+half-overwritten and a crash never leaves a broken store at the output path. On an object store
+(``s3://``, no rename) the output is written in place with its Zarr metadata held back and
+published last, root document last (:class:`tilefeet.storage.ObjectStoreOutput`). Blocks own whole
 chunks (no two tasks write one chunk) and record their completion *after* their data, so
 ``--resume`` redoes exactly the blocks that were not finished and the result does not depend on
 where the crash happened. The completion records (``.tilefeet/done/<block>``) hold the backend
@@ -21,9 +23,10 @@ lists them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
+import shutil  # noqa: F401  (tests/test_trust.py reaches shutil.rmtree, which storage's finalize calls, through writer.shutil)
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,38 +34,48 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, OutputExistsError, OutputWriteError
+from .errors import ConfigError, OutputExistsError, TilefeetError
 from .geometry import BlockGrid, Box, Pair
 from .ngff import LABEL_COLORS, add_label, create_levels, image_metadata, label_metadata, label_name, multiscales, pyramid_shapes
 from .plan import Plan
-from .storage import os_error, recover, replace_dir, staging_path
+from .storage import OutputLocation, Url, is_remote_error, is_url, location_text, output_location
 
-STATE_DIR = ".tilefeet"
 #: An output pixel counts as uncertain (for the section's summary) at this disagreement (0..1).
 UNCERTAIN_AT = 0.25
 
 
-def check_paths(inp: str | None, out: Path) -> None:
-    """Refuse an output that is, contains, or lies inside the input."""
+def check_paths(inp: str | None, out: str | os.PathLike) -> None:
+    """Refuse an output that is, contains, or lies inside the input (paths or URLs)."""
     if not inp:
         return
-    a, b = Path(inp).resolve(), out.resolve()
-    if a == b or a in b.parents or b in a.parents:
+    if is_url(inp) or is_url(out):
+        a, b = location_text(inp).rstrip("/"), location_text(out).rstrip("/")
+        overlap = a == b or b.startswith(a + "/") or a.startswith(b + "/")
+    else:
+        pa, pb = Path(inp).resolve(), Path(out).resolve()
+        overlap = pa == pb or pa in pb.parents or pb in pa.parents
+    if overlap:
         raise ConfigError(f"output {out} overlaps the input {inp}; write the output somewhere else")
 
 
 @dataclass
 class OutputStore:
-    """An output being written (in its staging folder) and its completion records."""
+    """An output being written (in its staging store) and its completion records."""
 
-    path: Path  #: final output path
+    location: OutputLocation  #: where: a local folder, or an S3 prefix (:mod:`tilefeet.storage`)
     plan: Plan
     done: set[str] = field(default_factory=set)
     runner: dict = field(default_factory=dict)  #: the runner spec as recorded (backend, options, ...)
 
     @property
-    def staging(self) -> Path:
-        return staging_path(self.path)
+    def path(self) -> Path | Url:
+        """The finished output's path (or URL)."""
+        return self.location.final
+
+    @property
+    def staging(self) -> Path | Url:
+        """Where the run writes until it is finished (an object store output: the output itself)."""
+        return self.location.staging
 
     @property
     def shapes(self) -> list[Pair]:
@@ -73,53 +86,51 @@ class OutputStore:
 
     @classmethod
     def prepare(
-        cls, path: str | os.PathLike, plan: Plan, *, runner: dict | None = None, overwrite: bool = False, resume: bool = False
+        cls,
+        path: str | os.PathLike | OutputLocation,
+        plan: Plan,
+        *,
+        runner: dict | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+        storage_options: dict | None = None,
     ) -> OutputStore:
-        """Check the output path, then create (or reopen, with ``resume``) the staging store."""
-        path = Path(path)
-        recover(path)
-        check_paths(plan.image.source if plan.image.version else None, path)
-        staging = staging_path(path)
-        if path.exists() and not (overwrite or resume):
-            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it (it is kept until the new output is complete)")
-        if (path / STATE_DIR).exists() and not staging.exists():
-            shutil.rmtree(path / STATE_DIR, ignore_errors=True)  # a finalize interrupted after its rename
-        if staging.exists() and not read_state(staging):
-            shutil.rmtree(staging)  # a run that died while creating it: nothing in it to resume
-        if staging.exists():
+        """Check the output (a path, an ``s3://`` URL reached with ``storage_options``, or a
+        location), then create (or reopen, with ``resume``) the staging store. The same rules hold
+        everywhere: an existing output needs ``overwrite``, an interrupted run ``resume`` or
+        ``overwrite``; only what ``overwrite`` does to the old output differs (see the location's note)."""
+        loc = output_location(path, storage_options)
+        loc.recover()
+        check_paths(plan.image.source if plan.image.version else None, loc.final)
+        check_output(loc, overwrite=overwrite, resume=resume)
+        if loc.has_staging():
             if resume:
-                state = read_state(staging)
+                state = loc.read_state()
                 differs = describe_difference(state, plan_state(plan))
                 if differs:
                     raise OutputExistsError(
-                        f"{staging} was started with {differs}; rerun with the same options to resume it, "
+                        f"{loc.staging} was started with {differs}; rerun with the same options to resume it, "
                         f"or pass --overwrite to start over"
                     )
-                done = {p.name for p in (staging / STATE_DIR / "done").iterdir()}
-                return cls(path, plan, done, dict(state.get("runner") or runner or {}))
-            if not overwrite:
-                raise OutputExistsError(
-                    f"an interrupted run left {staging}; pass --resume to continue it or --overwrite to start over"
-                )
-            shutil.rmtree(staging)
-        if path.exists() and resume and not overwrite:
-            raise OutputExistsError(f"{path} is already complete; nothing to resume (pass --overwrite to redo it)")
-        if path.exists() and not path.is_dir():
-            raise OutputExistsError(f"{path} exists and is not a folder; remove it or choose another output path")
-        store = cls(path, plan, set(), dict(runner or {}))
+                return cls(loc, plan, loc.record_names(), dict(state.get("runner") or runner or {}))
+            loc.discard_staging()
+        if loc.exists() and resume and not overwrite:
+            raise OutputExistsError(f"{loc.final} is already complete; nothing to resume (pass --overwrite to redo it)")
+        loc.check_kind()
+        store = cls(loc, plan, set(), dict(runner or {}))
         try:
             store._create()
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise os_error(e, path) from None
+        except Exception as e:
+            if not (isinstance(e, OSError) or is_remote_error(e)):
+                raise
+            with contextlib.suppress(Exception):  # the cause may forbid this too: its error is the one to tell
+                loc.discard_staging()
+            raise loc.write_error(e, kept=None) from None
         return store
 
     def _create(self) -> None:
-        import zarr
-
         plan, s = self.plan, self.plan.settings
-        self.staging.parent.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(self.staging), mode="w", zarr_format=3)
+        root = self.location.open_group("w")
         classes = plan.engine.classes
         shapes = self.shapes
         create_levels(
@@ -167,9 +178,7 @@ class OutputStore:
                                "window": {"start": 0, "end": 255, "min": 0, "max": 255}}],
                 )
             )
-        state = self.staging / STATE_DIR
-        (state / "done").mkdir(parents=True, exist_ok=True)
-        (state / "plan.json").write_text(json.dumps({**plan_state(plan), "runner": self.runner}, default=str))
+        self.location.write_state({**plan_state(plan), "runner": self.runner})
 
     def _multiscales(self, name: str, n_levels: int, metadata: dict | None, *, lead: bool = False, method: str = "mean") -> dict:
         out = self.plan.output
@@ -182,9 +191,7 @@ class OutputStore:
 
     def write_block(self, out: Any, record: str, backend: str = "") -> None:
         """Write one block's probabilities and labels to level 0, then its completion record."""
-        import zarr
-
-        root: Any = zarr.open_group(str(self.staging), mode="r+")
+        root: Any = self.location.open_group("r+")
         b = out.box
         root["0"][:, b.y0 : b.y1, b.x0 : b.x1] = out.probabilities
         if out.labels is not None:
@@ -193,33 +200,41 @@ class OutputStore:
         counts = {}
         if out.uncertainty is not None:
             root["uncertainty/0"][b.y0 : b.y1, b.x0 : b.x1] = out.uncertainty
-            counts = {"uncertain": int((out.uncertainty >= round(UNCERTAIN_AT * 255)).sum()), "pixels": int(out.uncertainty.size)}
+            kept = self.plan.kept_pixels(b)
+            uncertain = out.uncertainty >= round(UNCERTAIN_AT * 255)
+            counts = {
+                "uncertain": int(uncertain.sum() if kept is None else (uncertain & kept).sum()),
+                "pixels": int(uncertain.size if kept is None else kept.sum()),
+            }
         self.mark_done(record, backend, **counts)
 
     def discard_if_nothing_done(self) -> bool:
-        """Remove the staging folder of a run that failed before finishing any block (and did not
+        """Remove the staging store of a run that failed before finishing any block (and did not
         resume an earlier one): there is nothing in it to resume. True if it was removed."""
-        if not self.staging.exists() or self.done or self.anything_done():
+        try:
+            if self.done or not self.location.has_staging() or self.anything_done():
+                return False
+            self.location.discard_staging()
+        except (OSError, TilefeetError):  # the store cannot be reached now: say it is kept
             return False
-        shutil.rmtree(self.staging, ignore_errors=True)
         return True
 
     def anything_done(self) -> bool:
-        done = self.staging / STATE_DIR / "done"
-        return done.exists() and any(done.iterdir())
+        return bool(self.location.record_names())
 
-    def write_error(self, e: OSError) -> OutputWriteError:
-        """An OS error met while writing, as one line that says whether the staging folder is kept."""
+    def write_error(self, e: BaseException) -> TilefeetError:
+        """An error met while writing (the OS's, or a server's), as one line that says whether the
+        staging store is kept."""
         kept = not self.discard_if_nothing_done()
-        return os_error(e, self.path, staging=self.staging, kept=kept)
+        return self.location.write_error(e, kept=kept)
 
     def mark_done(self, record: str, backend: str = "", **counts: int) -> None:
-        (self.staging / STATE_DIR / "done" / record).write_text(json.dumps({"backend": backend, **counts}))
+        """The completion record of a block (its backend, counts), written after its data."""
+        self.location.mark(record, json.dumps({"backend": backend, **counts}))
 
     def records(self) -> list[dict]:
         """The completion records of the output blocks (backend, counts)."""
-        done = self.staging / STATE_DIR / "done"
-        return [json.loads(p.read_text() or "{}") for p in done.iterdir() if p.name.startswith("b")]
+        return [json.loads(text or "{}") for text in self.location.records("b").values()]
 
     def pyramid_tasks(self, level: int) -> list[tuple[str, Box]]:
         """The (record, box) of each block of pyramid ``level`` (≥ 1), in that level's pixels."""
@@ -234,9 +249,7 @@ class OutputStore:
     def write_pyramid_block(self, level: int, box: Box, record: str) -> None:
         """Level ``level`` over ``box`` from level ``level - 1``: 2×2 means of the probabilities; labels
         are the mean probability thresholded (so every label level agrees with its probability level)."""
-        import zarr
-
-        root: Any = zarr.open_group(str(self.staging), mode="r+")
+        root: Any = self.location.open_group("r+")
         s = self.plan.settings
         src = root[str(level - 1)]
         hs, ws = src.shape[1:]
@@ -256,26 +269,35 @@ class OutputStore:
             root[f"uncertainty/{level}"][box.y0 : box.y1, box.x0 : box.x1] = np.round(downsample_mean(u[None], box.shape)[0]).astype(np.uint8)
         self.mark_done(record)
 
-    def finalize(self) -> Path:
-        """Record which backends computed the blocks, move the finished store into place (replacing
-        an old one, crash-safely), then drop the completion records."""
-        import zarr
-
+    def finalize(self) -> Path | Url:
+        """Record which backends computed the blocks, make the finished store the output (on a file
+        system: moved into place, replacing an old one, crash-safely; on an object store: its
+        metadata published, root last), then drop the completion records."""
         records = self.records()
-        summary: dict[str, Any] = {"backends": dict(Counter(r.get("backend") or "?" for r in records))}
+        summary: dict[str, Any] = {"backends": dict(Counter(r.get("backend") or "?" for r in records if not r.get("skipped")))}
+        if self.plan.mask is not None:
+            summary["blocks_outside_mask"] = sum(1 for r in records if r.get("skipped"))
         if self.plan.settings.uncertainty:
             pixels = sum(r.get("pixels", 0) for r in records)
             summary["uncertain_fraction"] = sum(r.get("uncertain", 0) for r in records) / max(pixels, 1)
             summary["uncertain_at"] = UNCERTAIN_AT
-        root: Any = zarr.open_group(str(self.staging), mode="r+")
+        root: Any = self.location.open_group("r+")
         ome = dict(root.attrs["ome"])
         ms = dict(ome["multiscales"][0])
         ms["metadata"] = {**ms.get("metadata", {}), **summary}
         ome["multiscales"] = [ms, *ome["multiscales"][1:]]
         root.attrs["ome"] = ome
-        replace_dir(self.staging, self.path)
-        shutil.rmtree(self.path / STATE_DIR, ignore_errors=True)
-        return self.path
+        return self.location.publish()
+
+
+def check_output(location: OutputLocation, *, overwrite: bool, resume: bool) -> None:
+    """The rules about what is already at an output, before anything is written (``--dry-run``
+    says them too): an existing output needs ``overwrite`` (or ``resume``, which then says it is
+    complete), an interrupted run ``resume`` or ``overwrite``."""
+    if location.exists() and not (overwrite or resume):
+        raise OutputExistsError(f"{location.final} already exists; pass --overwrite to replace it ({location.overwrite_note})")
+    if location.has_staging() and not (overwrite or resume):
+        raise OutputExistsError(f"an interrupted run left {location.staging}; pass --resume to continue it or --overwrite to start over")
 
 
 def plan_state(plan: Plan) -> dict[str, Any]:
@@ -314,10 +336,9 @@ def _show(v: Any) -> str:
     return "default" if v is None else str(v)
 
 
-def staged_runner(path: Path) -> dict | None:
+def staged_runner(path: str | os.PathLike | OutputLocation, storage_options: dict | None = None) -> dict | None:
     """The runner an interrupted run into ``path`` recorded (backend, options), or None."""
-    state = read_state(staging_path(path))
-    return state.get("runner") or None
+    return output_location(path, storage_options).read_state().get("runner") or None
 
 
 def downsample_mean(a: np.ndarray, out_shape: Pair) -> np.ndarray:
@@ -331,13 +352,6 @@ def downsample_mean(a: np.ndarray, out_shape: Pair) -> np.ndarray:
         return total.astype(np.float32) * np.float32(0.25)
     a = a.astype(np.float32)
     return (a[:, 0::2, 0::2] + a[:, 1::2, 0::2] + a[:, 0::2, 1::2] + a[:, 1::2, 1::2]) * np.float32(0.25)
-
-
-def read_state(staging: Path) -> dict:
-    try:
-        return json.loads((staging / STATE_DIR / "plan.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _max_value(dtype: str) -> float:
@@ -355,11 +369,12 @@ def _provenance(plan: Plan, runner: dict) -> dict:
         "engine": plan.engine.name,
         "engine_sha256": plan.engine.fingerprint,
         # An absolute path: the output may be moved or read from another folder (preview finds the input by it).
-        "input": str(Path(source).resolve()) if plan.image.version else source,
+        "input": location_text(source) if plan.image.version else source,
         "input_level": plan.level,
         "scale_factor": list(s["scale_factor"]),
         "network_pixel_size_nm": list(plan.network.pixel_size_nm),
         "intensity": plan.intensity.describe(),
+        "mask": {k: s[k] for k in ("mask", "tiles_skipped", "area_skipped") if k in s} or None,
         "runner": runner,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.settings.fingerprint_items().items()},
     }
