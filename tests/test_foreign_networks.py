@@ -19,7 +19,7 @@ from tests.foreign_nets import export_onnx_file, import_monai_onnx, monai_net, m
 from tilefeet.cli import main
 from tilefeet.convert import write_image
 from tilefeet.engine import Declared, import_network, load_engine
-from tilefeet.errors import ConfigError, InvalidEngineError
+from tilefeet.errors import ConfigError, InvalidEngineError, TilefeetError
 from tilefeet.models.foreign import onnx_run_fn, onnx_session
 from tilefeet.runners import MAX_RUNNERS, RunnerSpec, clear_runners, get_runner, resolve_spec
 from tilefeet.runners.onnx_export import export_onnx
@@ -264,3 +264,30 @@ def test_import_and_export_commands(tmp_path, capsys):
     err = one_line_error(capsys, ["import-engine", str(path), "-o", str(tmp_path / "mine"), "--pixel-size", "5nm",
                                   "--classes", "membrane"])
     assert "exists" in err and "--overwrite" in err
+
+
+def test_an_interrupted_run_on_an_onnx_bundle_resumes_to_the_same_bits(monai_onnx, small_section, tmp_path, monkeypatch):
+    import zarr
+
+    import tilefeet.schedule
+
+    kw = dict(backend="onnxruntime", tile=128, overlap=32, chunk_size=64, block_size=128, blocks_in_flight=1, batch_size=2)
+    ref = tilefeet.segment_to_zarr(small_section, tmp_path / "ref.ome.zarr", monai_onnx, **kw)
+    original, written = tilefeet.schedule._write_block, []
+
+    def failing(*args, **kwargs):
+        if len(written) == 5:
+            raise KeyboardInterrupt  # as Ctrl-C would, mid-run
+        written.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tilefeet.schedule, "_write_block", failing)
+    out = tmp_path / "out.ome.zarr"
+    with pytest.raises((KeyboardInterrupt, TilefeetError)):  # the run says what is kept and how to resume
+        tilefeet.segment_to_zarr(small_section, out, monai_onnx, **kw)
+    assert written and (tmp_path / "out.ome.zarr.partial").is_dir()
+    monkeypatch.setattr(tilefeet.schedule, "_write_block", original)
+    tilefeet.segment_to_zarr(small_section, out, monai_onnx, resume=True, **kw)
+    got, want = zarr.open_group(str(out), mode="r"), zarr.open_group(str(ref), mode="r")
+    for name in ("0", "1", "labels/membrane/0"):
+        np.testing.assert_array_equal(got[name][:], want[name][:], err_msg=name)
