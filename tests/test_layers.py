@@ -12,8 +12,8 @@ import tilefeet
 #: Lower layers never import higher ones (lazy imports inside functions included): pure core,
 #: then data in and out, then planning and engines, the block function, graphs, entry points.
 LAYERS: list[list[str]] = [
-    ["errors", "units", "geometry", "console", "artifacts", "device"],
-    ["resolution", "blend", "intensity", "metrics", "ngff", "storage", "models", "sample"],
+    ["errors", "units", "geometry", "console", "artifacts", "device", "profile"],
+    ["resolution", "blend", "intensity", "metrics", "ngff", "storage", "models", "sample", "mask"],
     ["settings", "image", "engine", "convert", "training_data", "augment"],
     ["plan", "runners", "train", "bioimageio"],
     ["block", "tilecache", "writer"],

@@ -61,12 +61,26 @@ def job_tilefeet(section: str, out: str, engine: str, options: dict) -> dict:
     import torch  # noqa: F401
     import zarr  # noqa: F401
 
+    from . import profile as prof
     from .pipeline import segment_to_zarr
     from .runners import select  # noqa: F401
 
+    options = dict(options)
+    stages = options.pop("profile", False)
+    if stages:
+        prof.enable(sync=False)  # device time of the network by CUDA events: nothing waits
     t0 = time.perf_counter()
     segment_to_zarr(section, out, engine, overwrite=True, **options)
-    return {"seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    result: dict[str, Any] = {"seconds": seconds}
+    if stages:
+        result["profile"] = prof.PROFILE.report(seconds)
+        # A second run charges each stage what it costs: the device waits at every stage boundary.
+        prof.enable(sync=True)
+        t0 = time.perf_counter()
+        segment_to_zarr(section, out, engine, overwrite=True, **options)
+        result["stages"] = prof.PROFILE.report(time.perf_counter() - t0)
+    return result
 
 
 def job_monai(section: str, out: str, engine: str, options: dict, model: str = "plain") -> dict:
@@ -198,6 +212,7 @@ def benchmark(
 
         raise ConfigError(f"--size {size} is too small to time anything; give a section side of at least 16 px, e.g. --size 4096")
     options = dict(options or {})
+    profile = bool(options.pop("profile", False))
     workdir.mkdir(parents=True, exist_ok=True)
     reason = ""
     from .engine import load_engine
@@ -226,7 +241,8 @@ def benchmark(
     results: dict[str, dict] = {}
 
     def best(name: str, **extra: Any) -> dict:
-        runs = [run_job(name if name in JOBS else "monai", section, workdir / f"out-{name}.zarr", engine, options, **extra) for _ in range(repeats)]
+        opts = {**options, "profile": profile} if name == "tilefeet" else options
+        runs = [run_job(name if name in JOBS else "monai", section, workdir / f"out-{name}.zarr", engine, opts, **extra) for _ in range(repeats)]
         r = min(runs, key=lambda x: x["seconds"])
         r["mpx_per_s"] = mpx / r["seconds"]
         return r
@@ -282,4 +298,8 @@ def format_report(report: dict) -> str:
         elif name == "pipeline":
             extra = f"   (everything but the network: {100 * v['seconds'] / t['seconds']:.0f} % of tilefeet's time)"
         lines.append(f"{name:<14}{v['seconds']:>10.2f}{v['mpx_per_s']:>10.2f}{v['peak_rss_mb']:>10.0f}   ×{ratio:.2f}{extra}")
+    if "stages" in t:
+        busy = t.get("profile", {}).get("device_busy_fraction")
+        lines.append("tilefeet by stage (a second run, synchronized at each stage):" + (f" device busy {busy:.0%} of the first run" if busy else ""))
+        lines += [f"  {k:<14}{v['seconds']:>9.2f} s  {v['calls']:>6} calls" for k, v in t["stages"]["stages"].items()]
     return "\n".join(lines)

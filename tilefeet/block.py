@@ -26,6 +26,7 @@ import torch
 from .blend import device_window
 from .geometry import Box, Pair, resample_taps
 from .plan import BlockGeometry, Plan
+from .profile import PROFILE
 from .tilecache import cache_for, consumers
 
 
@@ -46,11 +47,16 @@ def compute_block(plan: Plan, index: tuple[int, int], image: Any, runner: Any) -
     geo = plan.block(*index)
     if not plan.block_active(*index):
         return torch.zeros((plan.channels, *geo.out_box.shape), dtype=torch.float32, device=runner.device)
-    raw = image.read(plan.level, geo.src_box)
-    x = normalize(raw, plan, runner.device)
-    x = to_network_grid(x, geo, plan)
+    device = runner.device
+    with PROFILE.stage("read"):
+        raw = image.read(plan.level, geo.src_box)
+    with PROFILE.stage("upload", device):
+        x = normalize(raw, plan, device)
+    with PROFILE.stage("resample_in", device):
+        x = to_network_grid(x, geo, plan)
     p = blend_tiles(x, geo, plan, runner)
-    p = to_output_grid(p, geo, plan)
+    with PROFILE.stage("resample_out", device):
+        p = to_output_grid(p, geo, plan)
     kept = plan.kept_pixels(geo.out_box)
     if kept is not None and not kept.all():
         p = p * torch.from_numpy(kept).to(p.device, p.dtype)  # × 1.0 inside: the same bits as without a mask
@@ -59,6 +65,11 @@ def compute_block(plan: Plan, index: tuple[int, int], image: Any, runner: Any) -
 
 def finish_block(p: torch.Tensor, plan: Plan, box: Box) -> BlockOutput:
     """Quantize probabilities to the stored dtype and threshold the labels (on the device), then copy to host."""
+    with PROFILE.stage("download", p.device):
+        return _finish(p, plan, box)
+
+
+def _finish(p: torch.Tensor, plan: Plan, box: Box) -> BlockOutput:
     s = plan.settings
     n = len(plan.engine.classes)
     probs = p[:n]
@@ -146,14 +157,15 @@ def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) ->
         if region.empty:
             continue
         dst, src = region.relative_to(need), region.relative_to(tb)
-        p = p[(slice(None), *src)]
-        if wsum is None:  # crop: each pixel is kept by exactly one tile
-            acc[(slice(None), *dst)] = p
-        else:
-            assert window is not None
-            w = window[src]
-            acc[(slice(None), *dst)] += p * w
-            wsum[dst] += w
+        with PROFILE.stage("blend", x.device):
+            p = p[(slice(None), *src)]
+            if wsum is None:  # crop: each pixel is kept by exactly one tile
+                acc[(slice(None), *dst)] = p
+            else:
+                assert window is not None
+                w = window[src]
+                acc[(slice(None), *dst)] += p * w
+                wsum[dst] += w
     if wsum is None:
         return acc
     if plan.mask is None:
@@ -183,10 +195,11 @@ def _predictions(x: torch.Tensor, tiles: list[Pair], geo: BlockGeometry, plan: P
                     break
                 if later not in ahead and (cache is None or (key, *later) not in cache):
                     group.append(later)
-            for k, (iy, ix) in enumerate(group):
-                batch[k, 0] = x[lattice.tile_box(iy, ix).relative_to(net)]
-            if len(group) < batch_size:
-                batch[len(group) :] = 0
+            with PROFILE.stage("tiles", x.device):
+                for k, (iy, ix) in enumerate(group):
+                    batch[k, 0] = x[lattice.tile_box(iy, ix).relative_to(net)]
+                if len(group) < batch_size:
+                    batch[len(group) :] = 0
             pred = predict(runner, batch, plan.tta, uncertainty=plan.settings.uncertainty)
             for k, t in enumerate(group):
                 if cache is not None:
@@ -207,7 +220,7 @@ def predict(runner: Any, batch: torch.Tensor, transforms: tuple[int, ...], *, un
     evenly between 0 and 1). Each member is a full fixed-size batch (compiled runners keep one shape)."""
     total = squares = None
     for t in transforms:
-        with runner.lock:
+        with runner.lock, PROFILE.stage("network", batch.device):
             out = undo(runner(apply(batch, t)), t)
         total = out if total is None else total + out
         if uncertainty:

@@ -28,6 +28,7 @@ from dask.base import tokenize
 from .block import compute_block, finish_block
 from .image import Image, Region
 from .plan import Plan
+from .profile import PROFILE
 from .runners import RunnerSpec
 from .writer import OutputStore
 
@@ -90,7 +91,8 @@ def _write_block(run: Run, store: OutputStore, index: tuple[int, int], region: A
         out = finish_block(p, run.plan, run.plan.blocks.box(*index))
         t1 = time.perf_counter()
         record = block_record(index)
-        store.write_block(out, record, runner.spec.backend)
+        with PROFILE.stage("write"):
+            store.write_block(out, record, runner.spec.backend)
     except OSError as e:
         raise store.write_error(e) from None
     if log.isEnabledFor(logging.DEBUG):
@@ -109,7 +111,8 @@ def _compute_block(run: Run, index: tuple[int, int], region: Any) -> np.ndarray:
 
 def _pyramid_block(store: OutputStore, level: int, box: Any, record: str, *_after: Any) -> str:
     try:
-        store.write_pyramid_block(level, box, record)
+        with PROFILE.stage("pyramid"):
+            store.write_pyramid_block(level, box, record)
     except OSError as e:
         raise store.write_error(e) from None
     return record
@@ -121,7 +124,8 @@ def _barrier(*records: Any) -> int:
 
 def _finalize(store: OutputStore, *_after: Any) -> str:
     try:
-        return str(store.finalize())
+        with PROFILE.stage("finalize"):
+            return str(store.finalize())
     except OSError as e:
         raise store.write_error(e) from None
 
