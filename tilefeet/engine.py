@@ -439,13 +439,19 @@ class Declared:
     overlap: int | None = None
 
     @classmethod
-    def create(cls, *, pixel_size_nm: Any, classes: Any, activation: str = "sigmoid", normalization: Any = "zscore",
+    def create(cls, *, pixel_size_nm: Any, classes: Any, activation: str = "sigmoid", normalization: Any = None,
                **kw: Any) -> Declared:
-        """From loose user input (``"4nm"``, ``"membrane,mito"``, ``"meanstd:125,43"``); one-line errors."""
+        """From loose user input (``"4nm"``, ``"membrane,mito"``, ``"meanstd:125,43"``); one-line errors.
+        Pixel size, classes and normalization have no defaults: a guess would run and give wrong answers."""
         from .units import parse_pixel_size
 
         if pixel_size_nm is None or pixel_size_nm == "":
             raise ConfigError("missing pixel size: say what pixel size the network was trained at, e.g. --pixel-size 4nm")
+        if normalization is None or normalization == "":
+            raise ConfigError(
+                "missing normalization: say what the network expects its input to be, with --normalize "
+                f"{' | '.join(NORMALIZE_FORMS)} (e.g. meanstd:125,43 for the training data's mean and standard deviation)"
+            )
         names = tuple(c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes or ()) if c.strip())
         if not names:
             raise ConfigError("missing classes: name the network's output channels, e.g. --classes membrane (or membrane,mito)")
@@ -647,7 +653,7 @@ def bundle_from_module(
     pixel_size_nm: Any,
     classes: Any,
     activation: str = "sigmoid",
-    normalization: Any = "zscore",
+    normalization: Any = None,
     in_channels: int = 1,
     name: str = "module",
     receptive_field: int | None = None,
@@ -664,7 +670,7 @@ def bundle_from_module(
     workers do not share the cache's file system, put ``$TILEFEET_CACHE`` on a shared one, or import
     the module once into a bundle folder with :func:`import_network` and pass that path.
 
-    ``normalization``: a :class:`Normalization` or a ``--normalize`` form (:func:`parse_normalization`)."""
+    ``normalization`` (required): a :class:`Normalization` or a ``--normalize`` form (:func:`parse_normalization`)."""
     import copy
     import json
 

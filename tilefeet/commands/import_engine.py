@@ -29,7 +29,7 @@ def import_engine(
     pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Pixel size the network was trained at, e.g. 4nm (a package's axes say it)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Names of the output channels, comma-separated, e.g. membrane or membrane,mito."),
     activation: str = typer.Option("sigmoid", "--activation", help="Applied to the network's output: sigmoid, softmax, or none (it returns probabilities)."),
-    normalize: str = typer.Option("zscore", "--normalize", help="What the network expects: meanstd:MEAN,STD, range:LOW,HIGH, percentile:P1,P2 (per section), zscore (per section)."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="What the network expects (required for network files): meanstd:MEAN,STD, range:LOW,HIGH, percentile:P1,P2 (per section), zscore (per section)."),
     channels: Optional[int] = typer.Option(None, "--channels", help="Input channels (read from ONNX and .pt2 graphs; needed for TorchScript)."),
     receptive_field: Optional[int] = typer.Option(None, "--receptive-field", help="Declare the receptive field (px) instead of measuring it."),
     name: Optional[str] = typer.Option(None, "--name", help="Engine name (default: the folder's name)."),
