@@ -137,7 +137,9 @@ def _region(run: Run, index: tuple[int, int]) -> Any:
     return run.image.lazy_region(plan.level, plan.block(*index).src_box)
 
 
-def write_graph(run: Run, store: OutputStore, resources: dict | None = None, *, in_order: int | None = None) -> Any:
+def write_graph(
+    run: Run, store: OutputStore, resources: dict | None = None, *, in_order: int | None = None, before_finalize: Any = None
+) -> Any:
     """A dask ``Delayed`` that writes every unfinished block, builds the pyramid and finalizes the store.
 
     ``resources`` (e.g. ``{"GPU": 1}``) annotates the block tasks, the ones that run the network, so
@@ -148,6 +150,9 @@ def write_graph(run: Run, store: OutputStore, resources: dict | None = None, *, 
     row-major order is what lets neighbouring blocks share tiles through the tile cache (a block's
     neighbours run soon after it, while its border tiles are still cached). For the local run with
     ``n`` workers; a cluster gets the unchained graph (its parallelism is the point).
+
+    ``before_finalize(after) -> Delayed`` chains more work (objects) behind the pyramid, into the
+    staging store, before it is moved into place.
     """
     plan = run.plan
     token = run.token(str(store.path.resolve()))
@@ -169,6 +174,8 @@ def write_graph(run: Run, store: OutputStore, resources: dict | None = None, *, 
             if record not in store.done
         ]
         after = delayed(_barrier)(after, *level_tasks, dask_key_name=f"tilefeet-level{level}-{token}")
+    if before_finalize is not None:
+        after = before_finalize(after)
     return delayed(_finalize, pure=False)(store_leaf, after, dask_key_name=f"tilefeet-finalize-{token}")
 
 
