@@ -313,7 +313,7 @@ def _export_for_import(net: Any, declared: Declared, path: Path) -> None:
     from .models import foreign
 
     channels = declared.in_channels or 1
-    divisor, _ = foreign._size_divisor(foreign.torch_run_fn(net), channels, "the network")
+    divisor, _ = foreign.size_divisor(foreign.torch_run_fn(net), channels, "the network")
     stride = foreign.torch_stride(net, channels)(256) or 1
     export_program(net, channels, max(divisor, stride), path)
 

@@ -522,7 +522,7 @@ def import_network(
         try:
             program = torch.export.load(str(src))
         except Exception as e:
-            raise InvalidEngineError(f"{src} is not a loadable torch.export program ({foreign._first_line(e)})") from None
+            raise InvalidEngineError(f"{src} is not a loadable torch.export program ({foreign.first_line(e)})") from None
         shape = _program_input_shape(program, where)
         channels = shape[1] if isinstance(shape[1], int) else (declared.in_channels or 1)
         fixed_hw = tuple(shape[2:]) if all(isinstance(v, int) for v in shape[2:]) else None
@@ -540,7 +540,7 @@ def import_network(
             script = torch.jit.load(str(src), map_location="cpu").eval()
         except Exception as e:
             raise InvalidEngineError(
-                f"{src} is not TorchScript ({foreign._first_line(e)}); tilefeet loads no pickled modules: "
+                f"{src} is not TorchScript ({foreign.first_line(e)}); tilefeet loads no pickled modules: "
                 "save the network with torch.jit.save, torch.export.save (.pt2) or export it to ONNX"
             ) from None
         channels, fixed_hw, fixed_batch = declared.in_channels or 1, None, None

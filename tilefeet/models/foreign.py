@@ -130,7 +130,7 @@ def load_onnx(path: Path) -> Any:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as e:  # protobuf, onnx and OS errors: all mean "not a usable graph"
-        raise InvalidEngineError(f"{path} is not a readable ONNX graph with its weights ({_first_line(e)})") from None
+        raise InvalidEngineError(f"{path} is not a readable ONNX graph with its weights ({first_line(e)})") from None
     return model
 
 
@@ -145,7 +145,7 @@ def onnx_session(model_or_path: Any, where: str) -> Any:
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own types
         raise InvalidEngineError(
-            f"{where}: ONNX Runtime cannot load the graph ({_first_line(e)}): its weights do not match it or it is damaged"
+            f"{where}: ONNX Runtime cannot load the graph ({first_line(e)}): its weights do not match it or it is damaged"
         ) from None
 
 
@@ -199,13 +199,13 @@ def load_module(bundle: Any) -> Any:  # -> torch.nn.Module
         try:
             program = torch.export.load(str(path))
         except Exception as e:  # deserialization raises many types
-            raise InvalidEngineError(f"{path} is not a loadable torch.export program ({_first_line(e)})") from None
+            raise InvalidEngineError(f"{path} is not a loadable torch.export program ({first_line(e)})") from None
         return program.module()
     if bundle.network == "torchscript":
         try:
             return torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as e:
-            raise InvalidEngineError(f"{path} is not loadable TorchScript ({_first_line(e)})") from None
+            raise InvalidEngineError(f"{path} is not loadable TorchScript ({first_line(e)})") from None
     from ..errors import ConfigError
 
     raise ConfigError(
@@ -260,7 +260,7 @@ def measure(
         _same_size(y, fixed_tile, where)
         divisor, out_channels = fixed_tile[0], y.shape[1]
     else:
-        divisor, out_channels = _size_divisor(run, in_channels, where)
+        divisor, out_channels = size_divisor(run, in_channels, where)
     batch = fixed_batch or 2
     rf = receptive_field if receptive_field is not None else _receptive_field(run, in_channels, divisor, fixed_tile, fixed_batch, where)
     if fixed_tile is None:
@@ -297,7 +297,7 @@ def _same_size(y: np.ndarray, hw: Sequence[int], where: str) -> None:
         )
 
 
-def _size_divisor(run: RunFn, in_channels: int, where: str) -> tuple[int, int]:
+def size_divisor(run: RunFn, in_channels: int, where: str) -> tuple[int, int]:
     """The smallest ``d`` such that inputs whose sides are odd multiples of ``d`` keep their size."""
     failures: list[str] = []
     for d in DIVISORS:
@@ -308,7 +308,7 @@ def _size_divisor(run: RunFn, in_channels: int, where: str) -> tuple[int, int]:
         except InvalidEngineError:
             raise
         except Exception as e:  # the network refuses this size
-            failures.append(f"{h}×{w}: {_first_line(e)}")
+            failures.append(f"{h}×{w}: {first_line(e)}")
             continue
         _same_size(y, (h, w), where)
         return d, int(y.shape[1])
@@ -506,6 +506,6 @@ def onnx_flops_per_pixel(model: Any, *, side: int = 256) -> float:
     return flops / pixels
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
