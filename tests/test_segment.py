@@ -200,3 +200,23 @@ def test_a_level_whose_scale_contradicts_its_shape_is_ignored(tmp_path, montage_
         image = Image.open(a)
     assert [lv.path for lv in image.meta.levels] == ["0", "2"]
     assert image.meta.levels[1].pixel_size_nm == (16.0, 16.0)
+
+
+def test_a_torch_module_as_the_network(tmp_path, montage_2x3):
+    """segment(model=nn.Module): exported once into a cached bundle, then tiled like any engine:
+    bit-identical across block sizes; what cannot be inferred must be declared."""
+    from monai.networks.nets import BasicUNet
+
+    from tilefeet.errors import ConfigError
+
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=(8, 8, 16, 32, 64, 8), norm="batch").eval()
+    img = montage_2x3[0][:384, :512]
+    kw = dict(model=net, pixel_size_nm="4nm", classes=["membrane"], normalization="meanstd:125,43", chunk_size=128, tile=256, overlap=32)
+    ref = tilefeet.segment(img, block_size=128, **kw)
+    assert list(ref.c.values) == ["membrane"] and ref.values.std() > 0
+    np.testing.assert_array_equal(tilefeet.segment(img, block_size=384, **kw).values, ref.values)
+    with pytest.raises(ConfigError, match="classes"):
+        tilefeet.segment(img, **{**kw, "classes": None})
+    with pytest.raises(ConfigError, match="give model= too"):
+        tilefeet.segment(img, "isbi-membrane", classes=["membrane"])

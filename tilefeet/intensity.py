@@ -370,6 +370,11 @@ def _auto(norm: Normalization, sample: np.ndarray | None, dtype: np.dtype, inver
     if invert is None and looks_inverted(norm, sample):
         flip = True
         reasons.append("contrast inverted: the section's histogram matches the training data's mirror image (pass --no-invert to keep it)")
+    if norm.adaptive in ("percentile", "meanstd") and sample is not None and np.asarray(sample).size:
+        # The network was trained on each image normalized by its own statistics (an imported
+        # network's zero_mean_unit_variance / scale_range): do the same with the section's.
+        why = f"the engine normalizes each image by its own statistics ({norm.adaptive})"
+        return replace(make_intensity_map(norm.adaptive, norm, sample, dtype=dtype, invert=flip), reason="; ".join([why, *reasons]))
     bundle = make_intensity_map("bundle", norm, sample, dtype=dtype, invert=flip)
     problem = mismatch(bundle, sample)
     if problem is None or "no contrast" in problem or "no finite" in problem:
