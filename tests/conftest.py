@@ -19,7 +19,6 @@ if "TILEFEET_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["TILEFEET_CACHE"], True)
 
 DATA = Path(__file__).parent / "data"
-HELD_OUT = (24, 25, 26, 27, 28, 29)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,21 +42,18 @@ def _fresh_runner_cache():
 
 
 def isbi_slices() -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The six held-out ISBI slices (uint8, 512²) and their membrane masks (1 = membrane)."""
-    import imageio.v3 as iio
+    """The six held-out ISBI slices (uint8, 512²) and their membrane masks (1 = membrane): the
+    sample tilefeet ships (``tilefeet sample``), read from tests/data/isbi."""
+    from tilefeet.sample import isbi_sample
 
-    imgs = [iio.imread(DATA / "isbi" / "image" / f"{i}.png") for i in HELD_OUT]
-    mems = [(iio.imread(DATA / "isbi" / "label" / f"{i}.png") < 128).astype(np.uint8) for i in HELD_OUT]
-    return imgs, mems
+    return isbi_sample()
 
 
 def isbi_montage(rows: int = 2, cols: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """A rows × cols montage of the held-out slices (mirror-tiled when more tiles than slices)."""
-    imgs, mems = isbi_slices()
-    pick = [(i % len(imgs)) for i in range(rows * cols)]
-    img = np.block([[imgs[pick[r * cols + c]] for c in range(cols)] for r in range(rows)])
-    mem = np.block([[mems[pick[r * cols + c]] for c in range(cols)] for r in range(rows)])
-    return img, mem
+    """A rows × cols montage of the held-out slices (repeating them when more tiles than slices)."""
+    from tilefeet.sample import montage
+
+    return montage(rows, cols, mirror=False)
 
 
 def make_random_engine(folder: Path, *, base: int = 8, depth: int = 4, classes=("membrane",), seed: int = 0, sharpen: float = 200.0,

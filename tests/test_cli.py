@@ -13,23 +13,9 @@ import numpy as np
 import pytest
 import zarr
 
-from tilefeet.cli import main
 from tilefeet.convert import write_image
 
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code != 0
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("tilefeet: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n.lower() in lines[0].lower(), lines[0]
+from .helpers import assert_one_line_error, run_cli
 
 
 def snapshot(path: Path) -> dict[str, bytes]:

@@ -10,7 +10,6 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from tilefeet.cli import main
 from tilefeet.convert import write_image, write_labels
 from tilefeet.errors import ConfigError, InputNotFoundError, InvalidImageError
 from tilefeet.evaluate import boundary_metrics_blockwise, evaluate, pixel_metrics_blockwise
@@ -23,6 +22,8 @@ from tilefeet.metrics import (
     near,
     pixel_metrics,
 )
+
+from . import helpers
 
 ISBI_LABEL = Path(__file__).parent / "data" / "isbi" / "label" / "24.png"  # 255 interior, 0 membrane
 
@@ -43,12 +44,7 @@ def walls(shape=(30, 60), cols=()) -> np.ndarray:
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(args)
-    except SystemExit as e:  # click's standalone mode exits on success and on usage errors
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return helpers.run_cli(capsys, *args)
 
 
 # ------------------------------------------------------------------------------ pixel metrics

@@ -16,7 +16,7 @@ from tilefeet.convert import write_image, write_labels
 from tilefeet.mask import TissueMask, tissue_cells
 
 from .conftest import isbi_montage
-from .test_cli import assert_one_line_error, run_cli
+from .helpers import assert_one_line_error, run_cli
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "em"
 KW = dict(chunk_size=128, block_size=256, output_dtype="float32", batch_size=2, threads=1)

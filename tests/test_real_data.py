@@ -12,6 +12,7 @@ import tilefeet
 from tilefeet.convert import write_image
 
 from .conftest import bundled_engine_available, isbi_montage
+from .helpers import f1
 
 pytestmark = pytest.mark.skipif(not bundled_engine_available(), reason="engines/isbi-membrane is not in this checkout")
 
@@ -28,11 +29,6 @@ def heldout(tmp_path_factory):
     out = tilefeet.segment_to_zarr(src, d / "seg.ome.zarr", "isbi-membrane", chunk_size=256, block_size=768, **HELD_OUT_SETTINGS)
     pred = zarr.open_group(str(out), mode="r")["labels/membrane/0"][:].astype(bool)
     return src, out, pred, mem.astype(bool)
-
-
-def f1(pred: np.ndarray, truth: np.ndarray) -> float:
-    tp = np.sum(pred & truth)
-    return float(2 * tp / (pred.sum() + truth.sum()))
 
 
 def stated_f1() -> float:
@@ -118,15 +114,6 @@ def test_no_seams_along_tile_borders(heldout, tmp_path):
     seams = _bands(pred.shape, lat.seams(0), lat.seams(1))
     on_seam, mid_tile = (pred != truth)[seams].mean(), (mid != truth)[seams].mean()
     assert on_seam <= mid_tile + 0.005, (on_seam, mid_tile)
-
-
-def test_no_seams_along_block_borders(heldout, tmp_path):
-    """Pixels along block borders are exactly as good as in a run with one block (they are the same bits)."""
-    src, _, pred, truth = heldout
-    whole = tilefeet.segment_to_zarr(src, tmp_path / "whole.ome.zarr", "isbi-membrane", chunk_size=256, block_size=4096, **HELD_OUT_SETTINGS)
-    single = zarr.open_group(str(whole), mode="r")["labels/membrane/0"][:].astype(bool)
-    borders = _bands(pred.shape, range(768, pred.shape[0], 768), range(768, pred.shape[1], 768))
-    assert (pred != truth)[borders].mean() <= (single != truth)[borders].mean()
 
 
 def test_block_size_changes_nothing_on_real_data(heldout, tmp_path):

@@ -17,10 +17,7 @@ import tilefeet.schedule
 from tilefeet.convert import write_image
 
 from .conftest import isbi_montage
-
-
-def _cli(*args) -> list[str]:
-    return [sys.executable, "-c", "import sys; from tilefeet.cli import main; sys.exit(main())", *map(str, args)]
+from .helpers import cli_command
 
 
 def _arrays(path) -> dict[str, np.ndarray]:
@@ -38,7 +35,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path, random_engine, monkeyp
     threads = torch.get_num_threads()
     opts = ["-e", random_engine.path, "--chunk-size", "256", "--block-size", "256", "--blocks-in-flight", "1", "--threads", str(threads)]
     out = tmp_path / "out.ome.zarr"
-    proc = subprocess.Popen(_cli("-q", "segment", src, out, *opts), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_command("-q", "segment", src, out, *opts), stderr=subprocess.DEVNULL)
     done_dir = tmp_path / "out.ome.zarr.partial" / ".tilefeet" / "done"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -53,7 +50,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path, random_engine, monkeyp
     assert 6 <= len(finished_before) < 32
 
     # Without --resume the leftover is reported, not silently clobbered.
-    code = subprocess.run(_cli("segment", src, out, *opts), capture_output=True, text=True)
+    code = subprocess.run(cli_command("segment", src, out, *opts), capture_output=True, text=True)
     assert code.returncode == 2 and "--resume" in code.stderr
 
     computed = []
@@ -76,7 +73,7 @@ def _peak_rss_mb(args: list[str]) -> float:
         "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "assert r.returncode == 0; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    r = subprocess.run([sys.executable, "-c", wrapper, *_cli(*args)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    r = subprocess.run([sys.executable, "-c", wrapper, *cli_command(*args)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr
     return int(r.stdout.strip().splitlines()[-1]) / 1024
 

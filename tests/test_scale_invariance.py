@@ -17,6 +17,7 @@ import tilefeet
 from tilefeet.convert import write_image
 
 from .conftest import bundled_engine_available, isbi_montage
+from .helpers import f1
 
 pytestmark = pytest.mark.skipif(not bundled_engine_available(), reason="engines/isbi-membrane is not in this checkout")
 
@@ -24,10 +25,6 @@ pytestmark = pytest.mark.skipif(not bundled_engine_available(), reason="engines/
 #: (engines/isbi-membrane/README.md, "Resolution normalization"): 0.994 at 2 nm, 0.973 at 5 nm,
 #: 0.953 at 8 nm; the floors leave about 0.02 for numerical differences between CPUs.
 FLOORS = {2.0: 0.97, 5.0: 0.95, 8.0: 0.93}
-
-
-def _f1(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.sum(a & b) / (a.sum() + b.sum()))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +58,7 @@ def maps(scene):
 
 @pytest.mark.parametrize("px", [2.0, 5.0, 8.0])
 def test_same_scene_at_other_pixel_sizes_agrees_with_4nm(maps, px):
-    assert _f1(maps[px], maps[4.0]) >= FLOORS[px]
+    assert f1(maps[px], maps[4.0]) >= FLOORS[px]
 
 
 def test_the_2nm_copy_reads_the_4nm_pyramid_level(scene):
@@ -79,6 +76,6 @@ def test_without_resolution_normalization_8nm_is_clearly_worse(scene, maps):
     in training makes the network tolerate ±25 %, not the 2× that 8 nm read as 4 nm amounts to.)"""
     d, paths, shape4, truth = scene
     forced = _segment(paths[8.0], d / "forced.ome.zarr", shape4, pixel_size_nm="4nm")
-    with_norm, without = _f1(maps[8.0], truth), _f1(forced, truth)
+    with_norm, without = f1(maps[8.0], truth), f1(forced, truth)
     assert with_norm - without >= 0.05, (with_norm, without)
-    assert _f1(forced, maps[4.0]) <= _f1(maps[8.0], maps[4.0]) - 0.10
+    assert f1(forced, maps[4.0]) <= f1(maps[8.0], maps[4.0]) - 0.10

@@ -21,7 +21,7 @@ from tilefeet.cli import main
 from tilefeet.convert import write_image
 
 from .conftest import bundled_engine_available, isbi_montage
-from .test_cli import assert_one_line_error, run_cli
+from .helpers import assert_one_line_error, cli_command, f1, run_cli
 
 KW = dict(chunk_size=128, block_size=256, output_dtype="float32", batch_size=2, backend="torch")
 
@@ -92,10 +92,6 @@ def test_dask_input_is_part_of_the_graph_not_computed_inside_a_task(random_engin
 # ----------------------------------------------------------------- 16-bit, float, inverted
 
 
-def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
-    return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not bundled_engine_available(), reason="engines/isbi-membrane is not in this checkout")
 def test_16bit_float_and_inverted_sections_segment_right_by_default(tmp_path):
@@ -111,16 +107,16 @@ def test_16bit_float_and_inverted_sections_segment_right_by_default(tmp_path):
         "inverted": 255 - img,
         "inverted float": 1.0 - img.astype(np.float32) / 255,
     }
-    f1, described = {}, {}
+    scores, described = {}, {}
     for name, data in variants.items():
         src = write_image(data, tmp_path / f"{name}.ome.zarr", (4.0, 4.0), chunk=512)
         run = tilefeet.plan_segmentation(src, "isbi-membrane", block_size=1024, chunk_size=512)
         described[name] = run.describe()
         out = tilefeet.write_planned(run, tmp_path / f"{name}-seg.ome.zarr")
-        f1[name] = _f1(zarr.open_group(str(out), mode="r")["labels/membrane/0"][:].astype(bool), truth)
-    assert f1["uint8"] > 0.78
-    for name, value in f1.items():
-        assert value == pytest.approx(f1["uint8"], abs=0.02), (name, f1)
+        scores[name] = f1(zarr.open_group(str(out), mode="r")["labels/membrane/0"][:].astype(bool), truth)
+    assert scores["uint8"] > 0.78
+    for name, value in scores.items():
+        assert value == pytest.approx(scores["uint8"], abs=0.02), (name, scores)
     assert "percentile" in described["uint16"] and "inverted" in described["inverted"] and "inverted" not in described["uint8"]
 
 
@@ -321,27 +317,25 @@ def test_sigkill_at_random_moments_resumes_to_the_same_bits(tmp_path, random_eng
     import signal
     import time
 
-    from .test_resume_memory import _cli
-
     src = write_image(isbi_montage(2, 2)[0], tmp_path / "s.ome.zarr", (4.0, 4.0), chunk=256)
     opts = ["-e", random_engine.path, "--chunk-size", "128", "--block-size", "256", "--threads", "1", "-q"]
     t0 = time.perf_counter()
     ref = tmp_path / "ref.ome.zarr"
-    assert subprocess.run(_cli("segment", src, ref, *opts)).returncode == 0
+    assert subprocess.run(cli_command("segment", src, ref, *opts)).returncode == 0
     total = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     for i, fraction in enumerate(sorted(rng.uniform(0.25, 1.0, 4))):
         out = tmp_path / f"o{i}.ome.zarr"
-        proc = subprocess.Popen(_cli("segment", src, out, *opts), stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cli_command("segment", src, out, *opts), stderr=subprocess.DEVNULL)
         time.sleep(total * fraction)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         for _ in range(3):
-            r = subprocess.run(_cli("segment", src, out, *opts, "--resume"), capture_output=True, text=True)
+            r = subprocess.run(cli_command("segment", src, out, *opts, "--resume"), capture_output=True, text=True)
             if r.returncode == 0 or "already complete" in r.stderr:
                 break
             assert "nothing to resume" not in r.stderr
-            r = subprocess.run(_cli("segment", src, out, *opts), capture_output=True, text=True)  # killed before any block
+            r = subprocess.run(cli_command("segment", src, out, *opts), capture_output=True, text=True)  # killed before any block
         assert _digest(out) == _digest(ref), (i, fraction)
 
 

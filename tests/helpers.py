@@ -1,0 +1,40 @@
+"""Helpers the test modules share: the CLI as a user meets it, and the scores tests compare."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``tilefeet ARGS`` in this process: exit status, stdout, stderr."""
+    from tilefeet.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    """A bad input: non-zero status, exactly one ``tilefeet: error:`` line holding every needle
+    (case-insensitive), no traceback. Returns the line."""
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("tilefeet: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def cli_command(*args) -> list[str]:
+    """``tilefeet ARGS`` as a command line for a subprocess (killed, timed or measured from outside)."""
+    return [sys.executable, "-c", "import sys; from tilefeet.cli import main; sys.exit(main())", *map(str, args)]
+
+
+def f1(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Pixel F1 of two masks (tilefeet's own metric, the one evaluate reports)."""
+    from tilefeet.metrics import pixel_metrics
+
+    return pixel_metrics(np.asarray(pred, bool), np.asarray(truth, bool)).f1
