@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def job_monai(section: str, out: str, engine: str, options: dict, model: str = "
     else:
         predictor = bundle.build_model().to(device)
     t0 = time.perf_counter()
-    raw = zarr.open_group(section, mode="r")["0"][:]
+    raw: Any = zarr.open_array(f"{section}/0", mode="r")[:]
     x = torch.from_numpy(bundle.normalization.to_network(raw.astype(np.float32)))[None, None]
     t1 = time.perf_counter()
     with torch.inference_mode():
@@ -129,7 +130,7 @@ def job_io(section: str, out: str, engine: str, options: dict) -> dict:
 
     t0 = time.perf_counter()
     src = da.from_zarr(zarr.open_group(section, mode="r")["0"])
-    z = zarr.create_array(out, shape=src.shape, chunks=src.chunksize, dtype="uint8", compressors=compressor(), overwrite=True)
+    z: Any = zarr.create_array(out, shape=src.shape, chunks=src.chunksize, dtype="uint8", compressors=compressor(), overwrite=True)
     da.store((src // 2).astype(np.uint8), z, lock=False, scheduler="threads")
     return {"seconds": time.perf_counter() - t0}
 
@@ -201,8 +202,12 @@ def benchmark(
     options: dict | None = None,
     baselines: tuple[str, ...] = ("io", "pipeline", "monai", "monai-runner"),
     repeats: int = 1,
+    on_result: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Time tilefeet and the baselines on one ``size²`` section; returns a JSON-ready report."""
+    """Time tilefeet and the baselines on one ``size²`` section; returns a JSON-ready report.
+
+    tilefeet runs first, then the baselines in the order given. ``on_result`` is called with the
+    report so far after each job (a script that may be stopped keeps what finished)."""
     import torch
 
     from . import __version__
@@ -252,22 +257,7 @@ def benchmark(
         from .errors import ConfigError
 
         raise ConfigError(f"unknown baseline(s) {sorted(unknown)}; use {', '.join(BASELINES)}")
-    results["tilefeet"] = best("tilefeet")
-    if "io" in baselines:
-        results["io"] = best("io")
-    if "pipeline" in baselines:
-        null = null_engine(engine, workdir / "null-engine")
-        runs = []
-        for _ in range(repeats):
-            null_options = {**options, "backend": "torch", "backend_options": []}
-            runs.append(run_job("tilefeet", section, workdir / "out-pipeline.zarr", str(null), null_options))
-        results["pipeline"] = min(runs, key=lambda x: x["seconds"])
-        results["pipeline"]["mpx_per_s"] = mpx / results["pipeline"]["seconds"]
-    if "monai" in baselines:
-        results["monai"] = best("monai", model="plain")
-    if "monai-runner" in baselines:
-        results["monai-runner"] = best("monai-runner", model="runner")
-    return {
+    report = {
         "device": device_name(options.get("device", "auto")),
         "tilefeet_version": __version__,
         "torch": torch.__version__,
@@ -280,6 +270,22 @@ def benchmark(
         "skipped_baselines": skipped,
         "results": results,
     }
+    for name in dict.fromkeys(("tilefeet", *baselines)):
+        if name == "pipeline":
+            null = null_engine(engine, workdir / "null-engine")
+            runs = []
+            for _ in range(repeats):
+                null_options = {**options, "backend": "torch", "backend_options": []}
+                runs.append(run_job("tilefeet", section, workdir / "out-pipeline.zarr", str(null), null_options))
+            results["pipeline"] = min(runs, key=lambda x: x["seconds"])
+            results["pipeline"]["mpx_per_s"] = mpx / results["pipeline"]["seconds"]
+        elif name.startswith("monai"):
+            results[name] = best(name, model="runner" if name == "monai-runner" else "plain")
+        else:
+            results[name] = best(name)
+        if on_result is not None:
+            on_result(report)
+    return report
 
 
 def format_report(report: dict) -> str:
