@@ -17,6 +17,7 @@ import typer
 from . import console
 from .console import echo as _echo
 from .errors import TilefeetError, TilefeetWarning
+from .storage import STORAGE_HELP
 
 app = typer.Typer(
     add_completion=False,
@@ -62,8 +63,8 @@ def set_verbosity(quiet: bool, verbose: bool) -> None:
 
 @app.command()
 def segment(
-    input: Path = typer.Argument(..., help="OME-Zarr image of the section (NGFF 0.5 or 0.4)."),
-    output: Path = typer.Argument(..., help="Output OME-Zarr (probabilities + labels)."),
+    input: str = typer.Argument(..., help="OME-Zarr image of the section (NGFF 0.5 or 0.4): a path, or an http(s):// or s3:// URL."),
+    output: str = typer.Argument(..., help="Output OME-Zarr (probabilities + labels): a path, or an s3:// URL."),
     engine: str = typer.Option("isbi-membrane", "--engine", "-e", help="Engine bundle name or folder."),
     tile: Optional[int] = typer.Option(None, help="Tile side in network pixels (default: the engine's)."),
     overlap: Optional[int] = typer.Option(None, help="Overlap between tiles in network pixels (default: the engine's)."),
@@ -105,14 +106,25 @@ def segment(
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output (kept until the new one is complete)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run into the same output."),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
+    output_storage_option: list[str] = typer.Option(
+        [], "--output-storage-option", help="A storage option for the output only, overriding --storage-option (repeatable)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ) -> None:
     """Segment a section: probabilities and labels, written as OME-Zarr."""
     from . import pipeline
+    from .storage import output_location, parse_storage_options
+    from .writer import check_output
 
     set_verbosity(quiet, verbose)
+    storage = parse_storage_options(storage_option)
+    location = output_location(output, {**storage, **parse_storage_options(output_storage_option, "--output-storage-option")})
+    # Before any work: an output that cannot be written, or that the flags do not allow, is said at once.
+    location.check_writable()
+    check_output(location, overwrite=overwrite, resume=resume)
 
     options: dict[str, Any] = dict(
         tile=tile,
@@ -141,63 +153,61 @@ def segment(
         mask=mask,
     )
     t0 = time.perf_counter()
-    run = pipeline.plan_segmentation(str(input), engine, resume_into=output if resume else None, **options)
+    run = pipeline.plan_segmentation(input, engine, resume_into=location if resume else None, storage_options=storage, **options)
     if dry_run:
-        _check_output(run, output, overwrite=overwrite, resume=resume)
+        _check_output(run, location, overwrite=overwrite, resume=resume)
         typer.echo(run.describe())
         return
     _echo(run.describe())
-    out = pipeline.write_planned(run, output, overwrite=overwrite, resume=resume, progress=console.progress_enabled())
+    out = pipeline.write_planned(run, location, overwrite=overwrite, resume=resume, progress=console.progress_enabled())
     dt = time.perf_counter() - t0
     h, w = run.plan.output.shape
     _echo(f"wrote {out} in {dt:.1f} s ({h * w / dt / 1e6:.2f} Mpx/s)")
 
 
-def _check_output(run: Any, output: Path, *, overwrite: bool, resume: bool) -> None:
-    """What ``segment`` would refuse about the output path, said by ``--dry-run`` too (nothing is written)."""
-    from .errors import OutputExistsError
-    from .storage import check_writable, staging_path
-    from .writer import check_paths
+def _check_output(run: Any, location: Any, *, overwrite: bool, resume: bool) -> None:
+    """What ``segment`` would refuse about the output (an OutputLocation), said by ``--dry-run`` too
+    (nothing is left written)."""
+    from .writer import check_output, check_paths
 
-    check_paths(run.plan.image.source if run.plan.image.version else None, output)
-    check_writable(output)
-    if output.exists() and not (overwrite or resume):
-        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it (it is kept until the new output is complete)")
-    if staging_path(output).exists() and not (overwrite or resume):
-        raise OutputExistsError(f"an interrupted run left {staging_path(output)}; pass --resume to continue it or --overwrite to start over")
+    check_paths(run.plan.image.source if run.plan.image.version else None, location.final)
+    location.check_writable()
+    check_output(location, overwrite=overwrite, resume=resume)
 
 
 @app.command()
 def info(
-    path: Path = typer.Argument(..., help="An OME-Zarr image."),
+    path: str = typer.Argument(..., help="An OME-Zarr image: a path, or an http(s):// or s3:// URL."),
     engine: Optional[str] = typer.Option(None, "--engine", "-e", help="Also show what segmenting with this engine would read."),
     pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Override the input's pixel size."),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
 ) -> None:
     """Levels, shapes, chunks, pixel size and dtype of an OME-Zarr image (and its labels)."""
     from .image import Image
+    from .storage import parse_storage_options
 
-    image = Image.open(path, sections_only=engine is not None)
+    storage = parse_storage_options(storage_option)
+    image = Image.open(path, sections_only=engine is not None, storage_options=storage)
     typer.echo(image.meta.describe())
-    _describe_labels(path)
+    _describe_labels(path, storage)
     if engine:
         from . import pipeline
 
-        typer.echo(pipeline.plan_segmentation(str(path), engine, pixel_size_nm=pixel_size).describe())
+        typer.echo(pipeline.plan_segmentation(path, engine, pixel_size_nm=pixel_size, storage_options=storage).describe())
 
 
-def _describe_labels(path: Path) -> None:
-    import zarr
-
+def _describe_labels(path: str, storage: dict) -> None:
     from .errors import TilefeetError
-    from .ngff import read_multiscale
+    from .ngff import open_group, read_multiscale
 
     try:
-        labels = read_multiscale(path).labels
+        ms = read_multiscale(path, storage_options=storage)
+        root: Any = open_group(ms.path, storage_options=storage) if ms.labels else None
     except TilefeetError:
         return
-    for name in labels:
+    for name in ms.labels:
         try:
-            arr = zarr.open_array(str(path / "labels" / name / "0"), mode="r")
+            arr = root[f"labels/{name}/0"]
             typer.echo(f"  labels/{name}: {' × '.join(str(s) for s in arr.shape)} {arr.dtype}")
         except (KeyError, FileNotFoundError, ValueError):
             typer.echo(f"  labels/{name}: (missing)")
@@ -205,8 +215,10 @@ def _describe_labels(path: Path) -> None:
 
 @app.command()
 def convert(
-    input: Path = typer.Argument(..., help="A TIFF/PNG file, or a folder of tiles (montage) or slices (--stack)."),
-    output: Path = typer.Argument(..., help="OME-Zarr to write (or, with --labels, the image to add labels to)."),
+    input: str = typer.Argument(
+        ..., help="A TIFF/PNG file, or a folder of tiles (montage) or slices (--stack); or an OME-Zarr http(s):// or s3:// URL to copy."
+    ),
+    output: str = typer.Argument(..., help="OME-Zarr to write, a path or an s3:// URL (or, with --labels, the local image to add labels to)."),
     pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Pixel size, e.g. 4nm or 0.004um (required for images)."),
     grid: Optional[str] = typer.Option(None, help="Montage layout ROWSxCOLS when file names do not say it."),
     stack: bool = typer.Option(False, help="A folder of slices → a (z, y, x) stack (for training), not a montage."),
@@ -215,34 +227,50 @@ def convert(
     labels: Optional[str] = typer.Option(None, help="Write INPUT as the binary label image labels/NAME of OUTPUT."),
     foreground: Optional[str] = typer.Option(None, help="With --labels: mask values inside the class, e.g. 0 or 1,2 (default: non-zero)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
     quiet: bool = QUIET,
 ) -> None:
-    """Convert TIFF/PNG images, montage folders or slice stacks to an OME-Zarr pyramid."""
+    """Convert TIFF/PNG images, montage folders or slice stacks to an OME-Zarr pyramid (or copy a
+    remote OME-Zarr section into a fresh pyramid)."""
     set_verbosity(quiet, False)
     from . import convert as conv
     from .errors import ConfigError
     from .settings import pair
+    from .storage import Url, is_url, parse_storage_options
     from .units import format_nm, parse_pixel_size
 
-    data = conv.open_input(input, grid=pair(grid, "grid") if grid else None, stack=stack)
+    storage = parse_storage_options(storage_option)
+    if is_url(input):
+        data, found_px = conv.open_ome_zarr(input, storage_options=storage)
+        name = Url(input).name.split(".")[0]
+    else:
+        data, found_px = conv.open_input(Path(input), grid=pair(grid, "grid") if grid else None, stack=stack), None
+        name = Path(input).stem
     if labels:
         from .evaluate import parse_values
 
+        if is_url(output):
+            raise ConfigError(f"--labels adds a label image to a local OME-Zarr image, not to {output}; write the labels locally first")
         fg = list(parse_values(foreground, "--foreground") or []) or None
-        out = conv.write_labels(data, output, labels, foreground=fg, overwrite=overwrite)
-        _echo(f"wrote {out}")
+        _echo(f"wrote {conv.write_labels(data, output, labels, foreground=fg, overwrite=overwrite)}")
         return
-    if pixel_size is None:
+    if pixel_size is not None:
+        px = parse_pixel_size(pixel_size, where="--pixel-size")
+    elif found_px is not None:
+        px = found_px
+    else:
         raise ConfigError("give the pixel size of the input with --pixel-size, e.g. --pixel-size 4nm")
-    px = parse_pixel_size(pixel_size, where="--pixel-size")
-    out = conv.write_image(data, output, px, chunk=chunk, version=ngff_version, name=input.stem, overwrite=overwrite, progress=console.progress_enabled())
+    out = conv.write_image(
+        data, output, px, chunk=chunk, version=ngff_version, name=name, overwrite=overwrite, progress=console.progress_enabled(),
+        storage_options=storage,
+    )
     _echo(f"wrote {out}")
     if data.ndim == 3:  # a training stack: Image (and `info`) read 2-D sections only
         _echo(f"  {data.shape[0]} slices of {data.shape[1]} × {data.shape[2]} px, {format_nm(px)}, {data.dtype}")
         return
     from .image import Image
 
-    _echo(Image.open(out).meta.describe())
+    _echo(Image.open(out, storage_options=storage).meta.describe())
 
 
 @app.command()
@@ -265,15 +293,18 @@ def sample(
 
 @app.command()
 def preview(
-    output: Path = typer.Argument(..., help="A tilefeet output OME-Zarr."),
+    output: str = typer.Argument(..., help="A tilefeet output OME-Zarr: a path, or an http(s):// or s3:// URL."),
     png: Path = typer.Argument(..., help="PNG to write."),
-    image: Optional[Path] = typer.Option(None, help="The input image (default: the one recorded in the output)."),
+    image: Optional[str] = typer.Option(None, help="The input image, a path or URL (default: the one recorded in the output)."),
     max_size: int = typer.Option(2048, "--max-size", help="Largest side of the preview (picks the pyramid level)."),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
 ) -> None:
     """A PNG of a segmentation: the input with labels overlaid, beside the probability map."""
     from .preview import render_preview
+    from .storage import default_storage_options, parse_storage_options
 
-    _echo(f"wrote {render_preview(output, png, image=image, max_size=max_size)}")
+    with default_storage_options(parse_storage_options(storage_option)):
+        _echo(f"wrote {render_preview(output, png, image=image, max_size=max_size)}")
 
 
 @app.command()

@@ -11,11 +11,11 @@ are expected to be registered already).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ import numpy as np
 from .errors import ConfigError, CorruptDataError, InputNotFoundError, InvalidImageError, OutputExistsError, TilefeetWarning
 from .geometry import Pair
 from .ngff import create_levels, image_metadata, multiscales, pyramid_shapes
+from .storage import Url
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 _GRID_PATTERNS = [
@@ -222,6 +223,19 @@ def open_input(path: Path, *, grid: Pair | None = None, stack: bool = False) -> 
     raise InvalidImageError(f"{path}: unsupported file type {path.suffix!r}; give a TIFF, PNG or a folder of them")
 
 
+def open_ome_zarr(location: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, tuple[float, float] | None]:
+    """Level 0 of an OME-Zarr section (a path or an ``http(s)://`` / ``s3://`` URL) as a lazy dask
+    array, and its pixel size in nm (None when its metadata has no units): to copy a remote section
+    into a local (or differently chunked) pyramid."""
+    import dask.array as da
+
+    from .image import Image
+
+    image = Image.open(location, storage_options=storage_options)
+    arr = image.array(0)
+    return da.from_zarr(arr)[(0,) * (arr.ndim - 2)], image.meta.pixel_size_nm
+
+
 # ------------------------------------------------------------------------------------- writing
 
 
@@ -254,28 +268,31 @@ def write_image(
     overwrite: bool = False,
     progress: bool = False,
     unit: str = "nanometer",
-) -> Path:
-    """Write a 2-D (y, x) or 3-D (z, y, x) array (numpy or dask) as an OME-Zarr image with a pyramid.
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | Url:
+    """Write a 2-D (y, x) or 3-D (z, y, x) array (numpy or dask) as an OME-Zarr image with a pyramid,
+    at a path or an ``s3://`` URL (reached with ``storage_options``).
 
     ``version`` "0.5" writes zarr v3 (the default), "0.4" zarr v2. Written to a staging folder
     and moved into place (:mod:`tilefeet.storage`), so a failed conversion never leaves a
-    half-written store and an existing one is replaced only once the new one is complete.
+    half-written store and an existing one is replaced only once the new one is complete. On S3
+    (no rename) the store is written in place with its metadata published last, and an existing
+    one is deleted first.
     """
     import dask.array as da
-    import zarr
 
     from .console import dask_progress
-    from .storage import check_writable, os_error, replace_dir, staging_path
+    from .storage import output_location
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+    location = output_location(path, storage_options)
+    if location.exists() and not overwrite:
+        raise OutputExistsError(f"{location.final} already exists; pass --overwrite to replace it")
     arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=chunk)
     if arr.ndim not in (2, 3):
         raise InvalidImageError(f"expected a 2-D (y, x) or 3-D (z, y, x) array, got shape {arr.shape}")
     if min(arr.shape) == 0:
         raise InvalidImageError(f"the input is empty (shape {arr.shape}); nothing to convert")
-    check_writable(path)
+    location.check_writable()
     lead_axes = [{"name": "z", "type": "space", "unit": unit}] if arr.ndim == 3 else []
     ch = (1,) * (arr.ndim - 2) + (chunk, chunk)
     shapes = pyramid_shapes(arr.shape[-2:], (chunk, chunk)) if levels is None else [
@@ -288,12 +305,11 @@ def write_image(
         unit_scale = 1.0 / nm_per_unit(unit)
     ms = multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, lead_scale=[pixel_size_nm[0] * unit_scale] if lead_axes else None,
                      unit=unit, unit_scale=unit_scale)
-    staging = staging_path(path)
     fmt: Literal[2, 3] = 3 if version.startswith("0.5") else 2
     try:
-        if staging.exists():
-            shutil.rmtree(staging)
-        root = zarr.open_group(str(staging), mode="w", zarr_format=fmt)
+        if location.has_staging():
+            location.discard_staging()
+        root = location.open_group("w", zarr_format=fmt)
         root.attrs.update(image_metadata(ms, version=version))
         full = [(*arr.shape[:-2], *shape) for shape in shapes]
         arrays = create_levels(root, full, chunks=ch, dtype=arr.dtype, dimension_names=[a["name"] for a in ms["axes"]] if fmt == 3 else None,
@@ -303,10 +319,11 @@ def write_image(
                 # Each level is computed from the one just written, so the input is read only once.
                 src = arr if k == 0 else downsample2(da.from_zarr(arrays[k - 1]))
                 da.store(src.rechunk(z.chunks), z, lock=False, scheduler="threads")
-        return replace_dir(staging, path)
+        return location.publish()
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise os_error(e, path) from None
+        with contextlib.suppress(OSError):
+            location.discard_staging()
+        raise location.write_error(e, kept=None) from None
 
 
 def _is_store_task(key: Any) -> bool:

@@ -33,6 +33,7 @@ from .metrics import (
     instance_metrics,
     pixel_codes,
 )
+from .storage import Url, is_url, join
 
 #: Largest region (pixels) whose instance scores are computed; they need the region in memory.
 MAX_INSTANCE_PIXELS = 1 << 26
@@ -181,6 +182,8 @@ def open_mask(
     ``class_hint`` picks among several classes when ``class_name`` is not given (the truth takes
     the class found in the prediction). ``role`` ("prediction", "truth") names the input in errors.
     """
+    if is_url(source):  # an OME-Zarr store behind a URL (reached with the command's storage options)
+        return _open_zarr(Url(str(source)), role, class_name or class_hint, class_name is None, threshold, foreground)
     if isinstance(source, (str, os.PathLike)):
         return _open_path(Path(source), role, class_name or class_hint, class_name is None, threshold, foreground)
     data = getattr(source, "data", source) if hasattr(source, "dims") else source  # xarray → its array
@@ -233,24 +236,24 @@ def check_mask_like(values: Any, source: str, role: str) -> None:
 
 
 def _open_zarr(
-    path: Path, role: str, class_name: str | None, hinted: bool, threshold: float | None, foreground: Sequence[float] | None
+    path: Path | Url, role: str, class_name: str | None, hinted: bool, threshold: float | None, foreground: Sequence[float] | None
 ) -> Mask:
     """A store's label image of the class; with a threshold, its probability channel of the class;
     otherwise (no classes) the image itself. Metadata through :func:`tilefeet.ngff.read_multiscale`."""
     import dask.array as da
-    import zarr
 
-    from .ngff import read_multiscale
+    from .ngff import open_group, read_multiscale
     from .objects.store import is_objects_layer
 
     rule = _rule_text(threshold, foreground)
     ms = read_multiscale(path, role=role)
-    root = zarr.open_group(ms.path, mode="r")
+    root = open_group(ms.path, role=role)
     # Object layers of `tilefeet objects` hold ids, not a class.
     names = [n for n in ms.labels if not is_objects_layer(root["labels"], n)]
     if threshold is None and names:
         name = _choose_class(names, class_name, hinted, path, role, "label images")
-        return _image_mask(path / "labels" / name, f"{path / 'labels' / name}{rule}", foreground=foreground, class_name=name)
+        labels = join(path, "labels", name)
+        return _image_mask(labels, f"{labels}{rule}", foreground=foreground, class_name=name)
     if threshold is not None and ms.is_label:
         raise ConfigError(f"--threshold scores probabilities, but the {role} {path} is a label image; leave out --threshold")
     data = da.from_zarr(root[ms.datasets[0].path])
@@ -270,7 +273,7 @@ def _open_zarr(
 
 
 def _image_mask(
-    path: Path,
+    path: Path | Url,
     source: str,
     *,
     foreground: Sequence[float] | None = None,
@@ -296,7 +299,7 @@ def _is_zarr(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zattrs"))
 
 
-def _plane(data: Any, axes: tuple[str, ...], channel: int, path: Path) -> Any:
+def _plane(data: Any, axes: tuple[str, ...], channel: int, path: Path | Url) -> Any:
     index = []
     for name, size in zip(axes[:-2], data.shape[:-2]):
         if name == "c":
@@ -308,7 +311,7 @@ def _plane(data: Any, axes: tuple[str, ...], channel: int, path: Path) -> Any:
     return data[tuple(index)]
 
 
-def _choose_class(names: Sequence[str], class_name: str | None, hinted: bool, path: Path, role: str, what: str) -> str:
+def _choose_class(names: Sequence[str], class_name: str | None, hinted: bool, path: Path | Url, role: str, what: str) -> str:
     """The entry of ``names`` for ``class_name`` (spelt as given or as its label group name); a
     hinted name (not the user's) only chooses among several, and a single class needs none."""
     from .ngff import label_name

@@ -12,15 +12,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputNotFoundError, InvalidImageError, TilefeetError
+from .errors import ConfigError, InputNotFoundError, InvalidImageError, RemoteStorageError, TilefeetError
 
 
-def render_preview(output: Path, png: Path, *, image: Path | None = None, max_size: int = 2048, class_index: int = 0) -> Path:
+def render_preview(
+    output: str | Path, png: Path, *, image: str | Path | None = None, max_size: int = 2048, class_index: int = 0
+) -> Path:
+    """The preview of ``output`` (a path or URL; URLs are reached with the command's storage options)."""
     import imageio.v3 as iio
-    import zarr
 
     from .image import Image
-    from .ngff import LABEL_COLORS, read_multiscale
+    from .ngff import LABEL_COLORS, open_group, read_multiscale
+    from .storage import is_url
 
     png = Path(png)
     if png.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
@@ -28,7 +31,7 @@ def render_preview(output: Path, png: Path, *, image: Path | None = None, max_si
     not_ours = InvalidImageError(f"{output} is not a tilefeet output (OME-Zarr 0.5 with probabilities); run `tilefeet segment` first")
     try:
         ms = read_multiscale(output, role="output")
-    except InputNotFoundError:
+    except (InputNotFoundError, RemoteStorageError):
         raise
     except TilefeetError:
         raise not_ours from None
@@ -37,11 +40,11 @@ def render_preview(output: Path, png: Path, *, image: Path | None = None, max_si
     src = image or ms.metadata.get("input")
     if not src:
         raise InvalidImageError(f"{output} does not record its input image; give it with --image IMAGE.ome.zarr")
-    if not Path(src).exists():
+    if not is_url(src) and not Path(src).exists():
         hint = "check --image" if image else f"{output} records it, but it has moved or been deleted: give it with --image"
         raise InputNotFoundError(f"the input image {src} does not exist; {hint}")
     section = Image.open(src)
-    root: Any = zarr.open_group(ms.path, mode="r")
+    root: Any = open_group(ms.path, role="output")
     level = next((k for k, ds in enumerate(ms.datasets) if max(ds.shape[1:]) <= max_size), len(ms.datasets) - 1)
     path = ms.datasets[level].path
     prob = np.asarray(root[path][class_index])

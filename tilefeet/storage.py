@@ -171,6 +171,11 @@ STORAGE_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "header.NAME": (("http", "https"), "an HTTP request header, e.g. header.Authorization=Bearer ..."),
 }
 _BOOLEAN_OPTIONS = ("anon", "requester_pays")
+#: The command line's help for ``--storage-option``.
+STORAGE_HELP = (
+    "How to reach http(s):// and s3:// URLs, KEY=VALUE (repeatable): anon=true, endpoint_url=URL, region=, key=, secret=, "
+    "token=, profile=, requester_pays=true, header.NAME=VALUE; credentials otherwise from the environment (AWS_*)."
+)
 #: Storage options of the command being run (the CLI's ``--storage-option``): the default of
 #: :meth:`Remote.create` where none are given. Objects that outlive the call (an :class:`Image`,
 #: an output location) capture their options when created, so worker threads need not see this.
@@ -469,8 +474,9 @@ class OutputLocation(ABC):
         """Delete the unfinished run's staging store."""
 
     @abstractmethod
-    def open_group(self, mode: str) -> Any:
-        """The staging store's root group: ``"w"`` creates it anew (deleting what was there), ``"r+"`` reopens it."""
+    def open_group(self, mode: str, *, zarr_format: int = 3) -> Any:
+        """The staging store's root group: ``"w"`` creates it anew (deleting what was there) in
+        ``zarr_format``, ``"r+"`` reopens it."""
 
     @abstractmethod
     def mark(self, record: str, text: str) -> None:
@@ -543,12 +549,12 @@ class LocalOutput(OutputLocation):
     def discard_staging(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def open_group(self, mode: str) -> Any:
+    def open_group(self, mode: str, *, zarr_format: int = 3) -> Any:
         import zarr
 
         if mode == "w":
             self.staging.parent.mkdir(parents=True, exist_ok=True)
-            return zarr.open_group(str(self.staging), mode="w", zarr_format=3)
+            return zarr.open_group(str(self.staging), mode="w", zarr_format=zarr_format)  # type: ignore[arg-type]
         return zarr.open_group(str(self.staging), mode=mode)  # type: ignore[arg-type]
 
     def mark(self, record: str, text: str) -> None:
@@ -626,8 +632,12 @@ class ObjectStoreOutput(OutputLocation):
 
     # ---- state
 
+    def _published(self) -> bool:
+        """Is the root metadata document there (v3's, or v2's attributes)?"""
+        return self._exists("zarr.json") or self._exists(".zattrs")
+
     def recover(self) -> None:
-        published, running = self._exists("zarr.json"), self.has_staging()
+        published, running = self._published(), self.has_staging()
         if published and running:
             self._call(self._fs().rm, self._path(STATE_DIR), recursive=True)  # finalize died after publishing
         elif not published and not running and self._listing(STATE_DIR):
@@ -641,7 +651,7 @@ class ObjectStoreOutput(OutputLocation):
         self._call(fs.rm_file, probe)
 
     def exists(self) -> bool:
-        if self._exists("zarr.json"):
+        if self._published():
             return True
         return bool(self._listing()) and not self.has_staging()
 
@@ -670,18 +680,19 @@ class ObjectStoreOutput(OutputLocation):
         """Delete everything under the prefix: the root document first, so that from the first request
         on no reader takes what is left for an output."""
         fs = self._fs()
-        with contextlib.suppress(FileNotFoundError):
-            self._call(fs.rm_file, self._path("zarr.json"))
+        for root in ("zarr.json", ".zattrs"):
+            with contextlib.suppress(FileNotFoundError):
+                self._call(fs.rm_file, self._path(root))
         with contextlib.suppress(FileNotFoundError):
             self._call(fs.rm, self._path(), recursive=True)
 
-    def open_group(self, mode: str) -> Any:
+    def open_group(self, mode: str, *, zarr_format: int = 3) -> Any:
         import zarr
 
         store = _unpublished(self.remote.zarr_store(read_only=False), self.remote)
         if mode == "w":
             self._clear()
-            return zarr.open_group(store, mode="a", zarr_format=3)
+            return zarr.open_group(store, mode="a", zarr_format=zarr_format)  # type: ignore[arg-type]
         return zarr.open_group(store, mode=mode)  # type: ignore[arg-type]
 
     # ---- records
@@ -704,15 +715,14 @@ class ObjectStoreOutput(OutputLocation):
     def publish(self) -> Url:
         fs = self._fs()
         meta = self._path(STATE_DIR, "meta")
-        docs = sorted(self._call(fs.find, meta), key=lambda p: (p.count("/"), p), reverse=True)  # deepest first, root last
+        docs = self._call(fs.find, meta)
         contents = self._call(fs.cat, docs) if docs else {}
-        root = self._path("zarr.json")
-        for doc in docs:
-            target = self._path(doc[len(meta) + 1 :])
-            if target != root:
-                self._call(fs.pipe_file, target, contents[doc])
-        if meta + "/zarr.json" in contents:
-            self._call(fs.pipe_file, root, contents[meta + "/zarr.json"])  # the output exists from here on
+        inner = {self._path(doc[len(meta) + 1 :]): contents[doc] for doc in docs if "/" in doc[len(meta) + 1 :]}
+        if inner:
+            self._call(fs.pipe, inner)  # every document but the root's, at once
+        for name in (".zgroup", ".zattrs", "zarr.json"):  # v2's root documents, then v3's
+            if f"{meta}/{name}" in contents:
+                self._call(fs.pipe_file, self._path(name), contents[f"{meta}/{name}"])  # the output exists from here on
         self._call(fs.rm, self._path(STATE_DIR), recursive=True)
         return self.final
 
@@ -727,8 +737,12 @@ class ObjectStoreOutput(OutputLocation):
         return type(err)(f"{err}; {state}")
 
 
+#: Zarr metadata documents: v3's, and v2's (an NGFF 0.4 output).
+_METADATA_NAMES = ("zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata")
+
+
 def _is_metadata(key: str) -> bool:
-    return key == "zarr.json" or key.endswith("/zarr.json")
+    return key.rsplit("/", 1)[-1] in _METADATA_NAMES
 
 
 @functools.cache

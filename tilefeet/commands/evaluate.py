@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..evaluate import MAX_INSTANCE_PIXELS, Evaluation
+from ..storage import STORAGE_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -17,9 +17,11 @@ def register(app: typer.Typer) -> None:
 
 
 def evaluate_cmd(
-    prediction: Path = typer.Argument(..., help="tilefeet output store, OME-Zarr image or label image, or PNG/TIFF."),
-    truth: Path = typer.Argument(
-        ..., help="Ground truth: OME-Zarr label image (e.g. image.ome.zarr/labels/membrane), OME-Zarr image, or PNG/TIFF."
+    prediction: str = typer.Argument(
+        ..., help="tilefeet output store, OME-Zarr image or label image (a path or an http(s):// or s3:// URL), or PNG/TIFF."
+    ),
+    truth: str = typer.Argument(
+        ..., help="Ground truth: OME-Zarr label image (e.g. image.ome.zarr/labels/membrane; or a URL), OME-Zarr image, or PNG/TIFF."
     ),
     class_name: Optional[str] = typer.Option(None, "--class", "-c", help="Class to score in a store with several."),
     threshold: Optional[float] = typer.Option(None, help="Score the prediction's probabilities >= T instead of its labels."),
@@ -39,23 +41,26 @@ def evaluate_cmd(
     ),
     cells: bool = typer.Option(False, "--cells", help="Score cells between membranes: object matching plus ARE and VI."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
 ) -> None:
     """Score a prediction against ground truth: pixel F1/Dice and IoU, boundary F1, instance ARE and VI."""
     from ..evaluate import evaluate
+    from ..storage import default_storage_options, parse_storage_options
 
-    result = evaluate(
-        str(prediction),
-        str(truth),
-        class_name=class_name,
-        threshold=threshold,
-        truth_foreground=truth_foreground,
-        tolerance_px=tolerance,
-        instances=instances,
-        ignore_border_px=ignore_border,
-        max_instance_pixels=max_pixels,
-        objects=objects,
-        cells=cells,
-    )
+    with default_storage_options(parse_storage_options(storage_option)):
+        result = evaluate(
+            prediction,
+            truth,
+            class_name=class_name,
+            threshold=threshold,
+            truth_foreground=truth_foreground,
+            tolerance_px=tolerance,
+            instances=instances,
+            ignore_border_px=ignore_border,
+            max_instance_pixels=max_pixels,
+            objects=objects,
+            cells=cells,
+        )
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_table(result))
 
 
