@@ -126,10 +126,6 @@ class ObjectPlan:
         """Of the objects (8-connected) or of the cells' seeds (4-connected)."""
         return 1 if self.settings.cells else 2
 
-    @property
-    def measure_halo(self) -> int:
-        return 2
-
     def keep(self, area_px: Any) -> Any:
         """Which objects (by pixel count) are at least the minimum size; the same expression as the table's area."""
         return area_px * self.pixel_size_nm[0] * self.pixel_size_nm[1] >= self.min_size_nm2
