@@ -116,7 +116,7 @@ def segment(
 ) -> None:
     """Segment a section: probabilities and labels, written as OME-Zarr."""
     from . import pipeline
-    from .storage import output_location, parse_storage_options
+    from .storage import default_storage_options, output_location, parse_storage_options
     from .writer import check_output
 
     set_verbosity(quiet, verbose)
@@ -153,7 +153,8 @@ def segment(
         mask=mask,
     )
     t0 = time.perf_counter()
-    run = pipeline.plan_segmentation(input, engine, resume_into=location if resume else None, storage_options=storage, **options)
+    with default_storage_options(storage):  # for what else the run opens by URL (a --mask label image)
+        run = pipeline.plan_segmentation(input, engine, resume_into=location if resume else None, storage_options=storage, **options)
     if dry_run:
         _check_output(run, location, overwrite=overwrite, resume=resume)
         typer.echo(run.describe())
