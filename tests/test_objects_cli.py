@@ -23,7 +23,8 @@ from tilefeet.objects import label_objects, write_objects
 from tilefeet.objects.store import read_table
 
 from .conftest import DATA
-from .test_cli import assert_one_line_error, run_cli, snapshot
+from .helpers import assert_one_line_error, cli_command, run_cli
+from .test_cli import snapshot
 from .test_objects import PIXEL, make_output, probs_for, reference
 
 
@@ -42,10 +43,6 @@ def mito_probs(size: int) -> np.ndarray:
 def mito_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("objects-cli") / "seg.ome.zarr"
     return make_output(path, mito_probs(384), chunk=64)
-
-
-def _cli(*args) -> list[str]:
-    return [sys.executable, "-c", "import sys; from tilefeet.cli import main; sys.exit(main())", *map(str, args)]
 
 
 def _layer_arrays(layer: Path) -> dict[str, np.ndarray]:
@@ -133,7 +130,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_bits(tmp_path):
     kill_at = sorted(int(k) for k in rng.integers(5, n_blocks - 5, 4) + np.arange(4) * (n_blocks + 1))
     for killed, target in enumerate(kill_at):
         args = [*opts, "--resume"] if killed else opts
-        proc = subprocess.Popen(_cli("objects", src, *args), stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cli_command("objects", src, *args), stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             if done.exists() and len(os.listdir(done)) >= target:
@@ -146,7 +143,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_bits(tmp_path):
         assert zarr.open_group(str(src / "labels"), mode="r").attrs["ome"]["labels"] == ["mitochondrion"]
     finished_before = len(os.listdir(done))
     assert finished_before >= kill_at[-1]
-    r = subprocess.run(_cli("objects", src, *opts), capture_output=True, text=True)  # without --resume: refused
+    r = subprocess.run(cli_command("objects", src, *opts), capture_output=True, text=True)  # without --resume: refused
     assert r.returncode == 2 and "--resume" in r.stderr
     computed = []
     import tilefeet.objects.run as run
@@ -233,7 +230,7 @@ def _peak_rss_mb(args: list[str]) -> float:
         "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "assert r.returncode == 0; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    r = subprocess.run([sys.executable, "-c", wrapper, *_cli(*args)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", wrapper, *cli_command(*args)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return int(r.stdout.strip().splitlines()[-1]) / 1024
 

@@ -18,7 +18,7 @@ from tilefeet.objects import write_objects
 from tilefeet.objects.match import THRESHOLDS, cell_scores, match_objects, overlaps
 
 from .conftest import DATA
-from .test_cli import run_cli
+from .helpers import run_cli
 from .test_objects import make_output, membranes, probs_for, whole_image_cells
 
 
