@@ -128,6 +128,11 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
 
     from ..units import nm_per_unit
 
+    if "://" in str(store):
+        raise ConfigError(
+            f"{store}: objects are written next to the probabilities, on a local file system only; "
+            f"run `tilefeet objects` on a local copy of the segment output"
+        )
     path = Path(store)
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
         raise ConfigError(f"--threshold must be a probability between 0 and 1, got {threshold}")
