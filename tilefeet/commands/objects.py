@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 
 def objects_cmd(
-    output: Path = typer.Argument(..., help="A tilefeet segment output (OME-Zarr with probabilities)."),
+    output: str = typer.Argument(..., help="A tilefeet segment output (OME-Zarr with probabilities), on a local file system."),
     class_name: Optional[str] = typer.Option(None, "--class", "-c", help="Class whose objects to find (default: the only one)."),
     threshold: Optional[float] = typer.Option(
         None, help="Probability at and above which a pixel is in the mask (default: the run's, i.e. labels/<class>)."
