@@ -367,6 +367,29 @@ def test_an_s3_run_killed_with_sigkill_resumes_to_the_same_bits(s3, tmp_path, ra
     assert s3_objects(s3, key) == local_objects(ref)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::DeprecationWarning")
+def test_a_cluster_reads_http_and_writes_s3_like_a_local_run(http, s3, random_engine, reference):
+    """Worker processes reopen the input by its URL (the image's source) and the output by its
+    location: no array or connection travels in a task. Same bits as the local run."""
+    distributed = pytest.importorskip("distributed")
+    environ = dict(os.environ)
+    url = f"s3://{_prefix()}/o.ome.zarr"
+    try:
+        with (
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            distributed.Client(cluster) as client,
+        ):
+            graph = tilefeet.segment_to_zarr(f"{http.url}/section.ome.zarr", url, random_engine, compute=False,
+                                             output_storage_options=s3.options, **KW)
+            assert client.compute(graph).result() == url
+    finally:  # starting a LocalCluster sets OMP_NUM_THREADS=1 here for good
+        os.environ.clear()
+        os.environ.update(environ)
+    got, want = s3_objects(s3, url[len("s3://") :]), local_objects(reference)
+    assert {k: v for k, v in got.items() if k != "zarr.json"} == {k: v for k, v in want.items() if k != "zarr.json"}
+
+
 # ------------------------------------------------------------------------------------ errors
 
 

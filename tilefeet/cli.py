@@ -104,7 +104,9 @@ def segment(
     mask: str = typer.Option(
         "none", "--mask", help="Run the network only on tissue: none, auto (found in the section), or a label image path."
     ),
-    overwrite: bool = typer.Option(False, help="Replace an existing output (kept until the new one is complete)."),
+    overwrite: bool = typer.Option(
+        False, help="Replace an existing output (a folder is kept until the new one is complete; an S3 output is deleted first)."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run into the same output."),
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
     output_storage_option: list[str] = typer.Option(

@@ -693,7 +693,8 @@ class ObjectStoreOutput(OutputLocation):
         if mode == "w":
             self._clear()
             return zarr.open_group(store, mode="a", zarr_format=zarr_format)  # type: ignore[arg-type]
-        return zarr.open_group(store, mode=mode)  # type: ignore[arg-type]
+        # The format is known: no requests for the other format's documents.
+        return zarr.open_group(store, mode=mode, zarr_format=zarr_format)  # type: ignore[arg-type]
 
     # ---- records
 
