@@ -405,7 +405,7 @@ def finished(path: Path, seconds: float = 0.0) -> ObjectsResult:
     """Describe a published layer (after ``compute=False`` graphs, too)."""
     import zarr
 
-    ms: Any = st._ome(zarr.open_group(str(path), mode="r").attrs)["multiscales"][0]
+    ms: Any = st.ome_attrs(zarr.open_group(str(path), mode="r").attrs)["multiscales"][0]
     meta = ms["metadata"]
     scale = next(t["scale"] for t in ms["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
     h, w = zarr.open_array(str(path / "0"), mode="r").shape[-2:]

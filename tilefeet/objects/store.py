@@ -103,7 +103,8 @@ def _array(store: str, path: str) -> Any:
     return zarr.open_array(str(Path(store) / path), mode="r")
 
 
-def _ome(attrs: Any) -> dict:
+def ome_attrs(attrs: Any) -> dict:
+    """The NGFF metadata of a group's attributes (under "ome" in 0.5, at the top level in 0.4)."""
     attrs = dict(attrs)
     return dict(attrs.get("ome", attrs))
 
@@ -112,7 +113,7 @@ def _provenance(store: str) -> Any:
     try:
         import zarr
 
-        return _ome(zarr.open_group(store, mode="r").attrs)["multiscales"][0].get("metadata", {})
+        return ome_attrs(zarr.open_group(store, mode="r").attrs)["multiscales"][0].get("metadata", {})
     except Exception:
         return {}
 
@@ -144,7 +145,7 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
     )
     try:
         root: Any = zarr.open_group(str(path), mode="r")
-        ome = _ome(root.attrs)
+        ome = ome_attrs(root.attrs)
         ms = ome["multiscales"][0]
         axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms["axes"]]
         level0 = ms["datasets"][0]
@@ -179,7 +180,7 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
     settings = (ms.get("metadata") or {}).get("settings", {})
     stored = float(settings.get("threshold", 0.5))
     mask_path = None
-    labels_listed = _ome(root["labels"].attrs).get("labels", []) if "labels" in root else []
+    labels_listed = ome_attrs(root["labels"].attrs).get("labels", []) if "labels" in root else []
     name = label_name(cls)
     if (threshold is None or math.isclose(threshold, stored, abs_tol=1e-12)) and name in labels_listed:
         mask_path = f"labels/{name}/0"
@@ -204,7 +205,7 @@ def level_shapes(shape: Pair, levels: int) -> list[Pair]:
 def is_objects_layer(labels_group: Any, name: str) -> bool:
     """Whether ``labels/<name>`` is an objects (or cells) layer written by tilefeet objects."""
     try:
-        return _ome(labels_group[name].attrs)["multiscales"][0]["metadata"]["method"] == "tilefeet.objects"
+        return ome_attrs(labels_group[name].attrs)["multiscales"][0]["metadata"]["method"] == "tilefeet.objects"
     except Exception:
         return False
 
