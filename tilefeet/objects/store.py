@@ -119,15 +119,14 @@ def _provenance(store: str) -> Any:
 
 
 def open_class(store: str | os.PathLike, class_name: str | None = None, threshold: float | None = None) -> ClassSource:
-    """The class ``class_name`` (or the store's only class) of a segment output.
+    """The class ``class_name`` (or the store's only class) of a segment output, read (and
+    validated) through :func:`tilefeet.ngff.read_multiscale`.
 
     The mask is ``labels/<class>`` exactly when no threshold is given or the given one is the
     run's (so objects agree with the stored labels pixel for pixel); another threshold is applied
     to the stored probabilities (uint8 values compare with ``threshold × 255``).
     """
-    import zarr
-
-    from ..units import nm_per_unit
+    from ..ngff import read_multiscale
 
     if "://" in str(store):
         raise ConfigError(
@@ -144,19 +143,17 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
         f"named classes); give the output of `tilefeet segment IN OUT` (the OUT folder itself)"
     )
     try:
-        root: Any = zarr.open_group(str(path), mode="r")
-        ome = ome_attrs(root.attrs)
-        ms = ome["multiscales"][0]
-        axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms["axes"]]
-        level0 = ms["datasets"][0]
-        prob: Any = root[level0["path"]]
-    except Exception:
-        raise InvalidImageError(not_ours) from None
-    if "image-label" in ome:
+        ms = read_multiscale(path, role="segment output")
+    except InvalidImageError as e:
+        if "multiscales" in str(e) and "no OME-Zarr" in str(e):
+            raise InvalidImageError(not_ours) from None
+        raise
+    if ms.is_label:
         raise InvalidImageError(f"{path} is a label image, not a segment output; give the segment output it belongs to (two folders up)")
-    channels = [str(c.get("label", "")) for c in ome.get("omero", {}).get("channels", [])]
-    if axes != ["c", "y", "x"] or len(channels) != prob.shape[0] or not all(channels):
+    level0 = ms.datasets[0]
+    if ms.names != ("c", "y", "x") or len(ms.channels) != level0.shape[0] or not all(ms.channels):
         raise InvalidImageError(not_ours)
+    channels = list(ms.channels)
     if class_name is None:
         if len(channels) > 1:
             raise ConfigError(f"{path} holds several classes ({', '.join(channels)}); choose one with --class")
@@ -167,29 +164,18 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
             raise ConfigError(f"{path} has no class {class_name!r}; it has: {', '.join(channels)}")
         channel = found[0]
     cls = channels[channel]
-    scale, translation = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
-    for t in level0.get("coordinateTransformations", []):
-        if t.get("type") == "scale":
-            scale = [float(v) for v in t["scale"]]
-        elif t.get("type") == "translation":
-            translation = [float(v) for v in t["translation"]]
-    units = [nm_per_unit(a.get("unit"), where=f"{path} axis {a.get('name')}") if isinstance(a, dict) and a.get("unit") else 1.0
-             for a in ms["axes"][1:]]
-    pixel = (scale[1] * units[0], scale[2] * units[1])
-    origin = (translation[1] * units[0], translation[2] * units[1])
-    settings = (ms.get("metadata") or {}).get("settings", {})
-    stored = float(settings.get("threshold", 0.5))
-    mask_path = None
-    labels_listed = ome_attrs(root["labels"].attrs).get("labels", []) if "labels" in root else []
+    pixel = ms.pixel_size_nm(0)
+    if pixel is None:
+        raise InvalidImageError(f"{path} gives no unit on its y/x axes, so its pixel size is unknown; areas and lengths need it")
+    stored = float(ms.metadata.get("settings", {}).get("threshold", 0.5))
     name = label_name(cls)
-    if (threshold is None or math.isclose(threshold, stored, abs_tol=1e-12)) and name in labels_listed:
-        mask_path = f"labels/{name}/0"
-    chunks = tuple(int(c) for c in (prob.chunks if hasattr(prob, "chunks") else prob.shape))[1:]
+    use_labels = (threshold is None or math.isclose(threshold, stored, abs_tol=1e-12)) and name in ms.labels
     return ClassSource(
-        store=str(path), prob_path=str(level0["path"]), channel=channel, class_name=cls,
-        shape=(int(prob.shape[1]), int(prob.shape[2])), chunks=(chunks[0], chunks[1]),
-        pixel_size_nm=pixel, origin_nm=origin, prob_dtype=str(prob.dtype),
-        threshold=stored if threshold is None else float(threshold), mask_path=mask_path, levels=len(ms["datasets"]),
+        store=str(path), prob_path=level0.path, channel=channel, class_name=cls,
+        shape=(level0.shape[1], level0.shape[2]), chunks=(level0.chunks[1], level0.chunks[2]),
+        pixel_size_nm=pixel, origin_nm=ms.origin_nm(0), prob_dtype=level0.dtype,
+        threshold=stored if threshold is None else float(threshold), mask_path=f"labels/{name}/0" if use_labels else None,
+        levels=len(ms.datasets),
     )
 
 
