@@ -754,7 +754,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-fetch", action="store_true", help="with --prepare: check .whl/ as it is, download nothing")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes: the same code paths in about a minute (CI)")
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-check-out"), help="results ($OUT)")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/tilefeet-gpu-check-out"),
+                   help="results (default $OUT, else /tmp/tilefeet-gpu-check-out)")
     p.add_argument("--workdir", type=Path, help="scratch (sections, outputs); default: a folder in /tmp")
     p.add_argument("--deadline", type=float, help="seconds for all steps (default 450; quick: none)")
     p.add_argument("--steps", help="comma-separated subset of: " + ", ".join(s.name for s in STEPS))
