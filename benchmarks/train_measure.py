@@ -107,8 +107,12 @@ def main() -> None:
     targets = load_targets(args.data)
     done = {r["id"] for r in doc["rows"]}
 
+    cache: dict[str, dict] = {}
+
     def record(row: dict, engine) -> None:
-        row.update(score_all(targets, engine, threads=args.threads))
+        if isinstance(engine, str):  # a zero-shot engine: scored once for its three rows
+            cache[engine] = cache.get(engine) or score_all(targets, engine, threads=args.threads)
+        row.update(cache[engine] if isinstance(engine, str) else score_all(targets, engine, threads=args.threads))
         doc["rows"] = [r for r in doc["rows"] if r["id"] != row["id"]] + [row]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1))
