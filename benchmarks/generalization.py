@@ -59,24 +59,25 @@ def _segment(img: np.ndarray, engine: Any, **options: Any) -> np.ndarray:
     return np.asarray(tilefeet.segment(img, engine, **options).values[0])
 
 
-def score_isbi(targets: Targets, engine: Any, *, intensity: str = "bundle", threads: int | None = None) -> dict:
-    """Membrane pixel F1, boundary F1 (2 px) and the cells' adapted Rand error on the held-out ISBI montage."""
+def score_isbi(targets: Targets, engine: Any, *, intensity: str = "bundle", threads: int | None = None, **options: Any) -> dict:
+    """Membrane pixel F1, boundary F1 (2 px) and the cells' adapted Rand error on the held-out ISBI montage;
+    ``options`` go to ``tilefeet.segment`` (e.g. ``tta=8``), as in the other scores."""
     img, truth = targets.isbi
     t0 = time.perf_counter()
-    pred = _segment(img, engine, pixel_size_nm="4nm", intensity=intensity, threads=threads) >= 0.5
+    pred = _segment(img, engine, pixel_size_nm="4nm", intensity=intensity, threads=threads, **options) >= 0.5
     px, bd = pixel_metrics(pred, truth), boundary_metrics(pred, truth, 2.0)
     inst = instance_metrics(pred, truth, "background")
     return {"f1": px.f1, "boundary_f1": bd.f1, "adapted_rand_error": inst.adapted_rand_error, "seconds": time.perf_counter() - t0}
 
 
 def score_lucchi(
-    targets: Targets, engine: Any, *, normalize: bool = True, intensity: str = "bundle", threads: int | None = None
+    targets: Targets, engine: Any, *, normalize: bool = True, intensity: str = "bundle", threads: int | None = None, **options: Any
 ) -> dict:
     """Membrane scores on the 5 Lucchi test slices (true 5 nm, or forced 4 nm without ``normalize``)."""
     imgs, masks = targets.lucchi
     t0 = time.perf_counter()
     px = "5nm" if normalize else "4nm"  # the truth, or what a user who ignores pixel sizes says
-    preds = [_segment(img, engine, pixel_size_nm=px, intensity=intensity, threads=threads) >= 0.5 for img in imgs]
+    preds = [_segment(img, engine, pixel_size_nm=px, intensity=intensity, threads=threads, **options) >= 0.5 for img in imgs]
     pred, truth = np.concatenate(preds, axis=1), np.concatenate(masks, axis=1)
     p, bd = pixel_metrics(pred, truth), boundary_metrics(pred, truth, 2.0)
     # The regions between membranes (cells), scored per slice: insensitive to how thick a
@@ -89,7 +90,7 @@ def score_lucchi(
 
 
 def score_pssr(
-    targets: Targets, engine: Any, *, normalize: bool = True, intensity: str = "bundle", threads: int | None = None
+    targets: Targets, engine: Any, *, normalize: bool = True, intensity: str = "bundle", threads: int | None = None, **options: Any
 ) -> dict:
     """Agreement of the membrane maps of the 2 nm and the 8 nm image on a common 4 nm grid."""
     from skimage.transform import resize
@@ -100,7 +101,7 @@ def score_pssr(
     maps = []
     for img, px in ((hr, "2nm"), (lr, "8nm")):
         kw = {"output_grid": "network"} if normalize else {"pixel_size_nm": "4nm"}
-        p = _segment(img, engine, **{"pixel_size_nm": px, "intensity": intensity, "threads": threads, **kw})
+        p = _segment(img, engine, **{"pixel_size_nm": px, "intensity": intensity, "threads": threads, **kw, **options})
         if p.shape != common:
             p = resize(p, common, order=1, anti_aliasing=p.shape[0] > common[0], preserve_range=True)
         maps.append(p >= 0.5)
@@ -110,11 +111,11 @@ def score_pssr(
             "seconds": time.perf_counter() - t0}
 
 
-def score_all(targets: Targets, engine: Any, *, threads: int | None = None) -> dict:
+def score_all(targets: Targets, engine: Any, *, threads: int | None = None, **options: Any) -> dict:
     """The headline score of each target, flat (what the training tables compare engines by)."""
-    isbi = score_isbi(targets, engine, threads=threads)
-    luc = score_lucchi(targets, engine, threads=threads)
-    ps = score_pssr(targets, engine, threads=threads)
+    isbi = score_isbi(targets, engine, threads=threads, **options)
+    luc = score_lucchi(targets, engine, threads=threads, **options)
+    ps = score_pssr(targets, engine, threads=threads, **options)
     return {"isbi_f1": isbi["f1"], "isbi_boundary_f1": isbi["boundary_f1"],
             "lucchi_f1": luc["f1"], "lucchi_boundary_f1": luc["boundary_f1"], "lucchi_are": luc["adapted_rand_error"],
             "lucchi_membrane_fraction": luc["membrane_fraction"], "pssr_agreement_f1": ps["agreement_f1"]}

@@ -62,11 +62,11 @@ def write_slices(data: Path, target: str, names: tuple[str, ...], tmp: Path) -> 
     return specs
 
 
-def train(specs: list, out: Path, parent: str | None, new_head: bool, steps: int | None, seed: int):
+def train(specs: list, out: Path, parent: str | None, new_head: bool, steps: int | None, seed: int, freeze_encoder: bool = False):
     from tilefeet.train import FINETUNE_DEFAULTS, train_from_zarr
 
     options = {"steps": steps or FINETUNE_DEFAULTS["steps"], "batch_size": FINETUNE_DEFAULTS["batch_size"],
-               "val_every": FINETUNE_DEFAULTS["val_every"], "seed": seed, "device": "cpu"}
+               "val_every": FINETUNE_DEFAULTS["val_every"], "seed": seed, "device": "cpu", "freeze_encoder": freeze_encoder}
     t0 = time.perf_counter()
     result = train_from_zarr(None, [], out, data=specs, parent=parent, new_head=new_head, classes=["membrane"], progress=False, **options)
     return result, time.perf_counter() - t0
@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None, help="run only these row ids")
+    ap.add_argument("--tta", type=int, default=None, help="also score every zero-shot engine with segment --tta N")
+    ap.add_argument("--frozen", action="store_true", help="also fine-tune each --parent on 1 Lucchi slice with --freeze-encoder")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train-measure-cpu-amd-epyc.json")
     args = ap.parse_args()
 
@@ -109,10 +111,13 @@ def main() -> None:
 
     cache: dict[str, dict] = {}
 
-    def record(row: dict, engine) -> None:
+    def record(row: dict, engine, tta: int = 1) -> None:
         if isinstance(engine, str):  # a zero-shot engine: scored once for its three rows
-            cache[engine] = cache.get(engine) or score_all(targets, engine, threads=args.threads)
-        row.update(cache[engine] if isinstance(engine, str) else score_all(targets, engine, threads=args.threads))
+            key = f"{engine}-tta{tta}"
+            cache[key] = cache.get(key) or score_all(targets, engine, threads=args.threads, tta=tta)
+            row.update(cache[key])
+        else:
+            row.update(score_all(targets, engine, threads=args.threads))
         doc["rows"] = [r for r in doc["rows"] if r["id"] != row["id"]] + [row]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1))
@@ -123,11 +128,17 @@ def main() -> None:
         name, engine = spec.split("=", 1)
         for target in ("isbi", "lucchi", "pssr"):
             jobs.append({"id": f"zero-shot-{name}-{target}", "target": target, "method": f"zero-shot {name}", "engine": engine})
+            if args.tta:
+                jobs.append({"id": f"zero-shot-{name}-tta{args.tta}-{target}", "target": target,
+                             "method": f"zero-shot {name}, --tta {args.tta}", "engine": engine, "tta": args.tta})
     for n in args.slices:
         for spec in args.parent:
             name, engine = spec.split("=", 1)
             jobs.append({"id": f"ft-{name}-lucchi-{n}", "target": "lucchi", "method": f"fine-tuned from {name}", "slices": n,
                          "parent": engine})
+            if args.frozen and n == 1:
+                jobs.append({"id": f"ft-{name}-frozen-lucchi-{n}", "target": "lucchi", "method": f"fine-tuned from {name}, --freeze-encoder",
+                             "slices": n, "parent": engine, "freeze_encoder": True})
         jobs.append({"id": f"scratch-lucchi-{n}", "target": "lucchi", "method": "from scratch", "slices": n, "parent": None})
         jobs.append({"id": f"ft-{args.isbi_parent}-isbi-{n}", "target": "isbi", "method": f"fine-tuned from {args.isbi_parent} (new head)",
                      "slices": n, "parent": args.isbi_parent, "new_head": True})
@@ -136,12 +147,13 @@ def main() -> None:
         if job["id"] in done or (args.only is not None and job["id"] not in args.only):
             continue
         if "engine" in job:
-            record({k: v for k, v in job.items() if k != "engine"} | {"engine": job["engine"]}, job["engine"])
+            record(dict(job), job["engine"], job.get("tta", 1))
             continue
         with tempfile.TemporaryDirectory() as d:
             names = (LUCCHI_SLICES if job["target"] == "lucchi" else ISBI_SLICES)[: job["slices"]]
             specs = write_slices(args.data, job["target"], names, Path(d))
-            result, seconds = train(specs, Path(d) / "engine", job["parent"], job.get("new_head", False), args.steps, args.seed)
+            result, seconds = train(specs, Path(d) / "engine", job["parent"], job.get("new_head", False), args.steps, args.seed,
+                                    job.get("freeze_encoder", False))
             row = {**job, "annotated": list(names), "steps": result.bundle.raw["training"]["steps"], "train_seconds": seconds,
                    "best_step": result.best_step, "validation": [h["val_f1"][0] for h in result.history]}
             record(row, result.bundle)
