@@ -285,3 +285,28 @@ def test_preview_finds_the_input_from_anywhere_and_says_when_it_is_gone(tmp_path
     small.rename(tmp_path / "gone.ome.zarr")
     code, _, err = run_cli(capsys, "preview", "moved.ome.zarr", "p.png")
     assert_one_line_error(code, err, str(small), "moved", "--image")
+
+
+def test_segment_with_objects_then_preview_them(tmp_path, capsys, small, random_engine):
+    """segment --objects finds and measures the objects in the same run (before the output is moved
+    into place); preview --objects draws them, each id in its colour; without objects, one line."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "o.ome.zarr"
+    code, _, err = run_cli(capsys, "-q", "segment", small, out, "-e", random_engine.path, "--chunk-size", "128", "--objects", "--min-size", "20px")
+    assert code == 0, err
+    root = zarr.open_group(str(out), mode="r")
+    assert "membrane-objects" in root["labels"].attrs["ome"]["labels"]
+    ids = root["labels/membrane-objects/0"][:]
+    assert ids.max() > 1 and not (tmp_path / "o.ome.zarr.partial").exists()
+    code, _, err = run_cli(capsys, "preview", out, tmp_path / "p.png", "--objects")
+    assert code == 0, err
+    left = iio.imread(tmp_path / "p.png")[:, :400].astype(int)
+    coloured = np.abs(left[..., 0] - left[..., 1]) + np.abs(left[..., 1] - left[..., 2]) > 30
+    assert coloured[ids > 0].mean() > 0.5 and coloured[ids == 0].mean() < 0.05
+    plain = tmp_path / "plain.ome.zarr"
+    assert run_cli(capsys, "-q", "segment", small, plain, "-e", random_engine.path, "--chunk-size", "128")[0] == 0
+    code, _, err = run_cli(capsys, "preview", plain, tmp_path / "q.png", "--objects")
+    assert_one_line_error(code, err, "no objects layer", "tilefeet objects")
+    code, _, err = run_cli(capsys, "segment", small, tmp_path / "x.ome.zarr", "-e", random_engine.path, "--min-size", "20px")
+    assert_one_line_error(code, err, "--objects")

@@ -104,6 +104,10 @@ def segment(
     mask: str = typer.Option(
         "none", "--mask", help="Run the network only on tissue: none, auto (found in the section), or a label image path."
     ),
+    objects: bool = typer.Option(False, "--objects", help="Also find the objects of each class and measure them (see tilefeet objects)."),
+    cells: bool = typer.Option(False, "--cells", help="With --objects: the cells between membranes (a membrane engine)."),
+    min_size: Optional[str] = typer.Option(None, "--min-size", help="With --objects: drop objects smaller than this, e.g. 0.01um2."),
+    fill_holes: bool = typer.Option(False, "--fill-holes", help="With --objects: fill holes in objects first."),
     overwrite: bool = typer.Option(
         False, help="Replace an existing output (a folder is kept until the new one is complete; an S3 output is deleted first)."
     ),
@@ -162,7 +166,12 @@ def segment(
         typer.echo(run.describe())
         return
     _echo(run.describe())
-    out = pipeline.write_planned(run, location, overwrite=overwrite, resume=resume, progress=console.progress_enabled())
+    if (cells or min_size or fill_holes) and not objects:
+        from .errors import ConfigError
+
+        raise ConfigError("--cells, --min-size and --fill-holes shape the objects: add --objects (or run `tilefeet objects` later)")
+    found = {"cells": cells, "min_size": min_size, "fill_holes": fill_holes} if objects else None
+    out = pipeline.write_planned(run, location, overwrite=overwrite, resume=resume, progress=console.progress_enabled(), objects=found)
     dt = time.perf_counter() - t0
     h, w = run.plan.output.shape
     _echo(f"wrote {out} in {dt:.1f} s ({h * w / dt / 1e6:.2f} Mpx/s)")
@@ -300,14 +309,15 @@ def preview(
     png: Path = typer.Argument(..., help="PNG to write."),
     image: Optional[str] = typer.Option(None, help="The input image, a path or URL (default: the one recorded in the output)."),
     max_size: int = typer.Option(2048, "--max-size", help="Largest side of the preview (picks the pyramid level)."),
+    objects: bool = typer.Option(False, "--objects", help="Draw the objects (each id its colour) instead of the class mask."),
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
 ) -> None:
-    """A PNG of a segmentation: the input with labels overlaid, beside the probability map."""
+    """A PNG of a segmentation: the input with labels (or objects) overlaid, beside the probability map."""
     from .preview import render_preview
     from .storage import default_storage_options, parse_storage_options
 
     with default_storage_options(parse_storage_options(storage_option)):
-        _echo(f"wrote {render_preview(output, png, image=image, max_size=max_size)}")
+        _echo(f"wrote {render_preview(output, png, image=image, max_size=max_size, objects=objects)}")
 
 
 @app.command()

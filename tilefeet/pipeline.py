@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .engine import EngineBundle, load_engine
-from .errors import Interrupted, TilefeetError
+from .errors import ConfigError, Interrupted, TilefeetError
 from .geometry import Box
 from .image import Image
 from .intensity import IntensityWarning, inversion_warning, make_intensity_map, mismatch
@@ -87,8 +87,19 @@ def plan_segmentation(
     interrupted run to continue; its recorded runner is reused, so the remaining blocks run
     exactly as the finished ones did. ``storage_options`` reach a URL ``source`` (``anon``,
     ``endpoint_url``, credentials: :mod:`tilefeet.storage`; default: the environment's).
+
+    ``model=`` a ``torch.nn.Module`` instead of an engine, with what a bundle would declare:
+    ``classes``, ``normalization`` (e.g. ``"meanstd:125,43"``), ``activation`` (``sigmoid``,
+    ``softmax``, ``none``) and ``model_pixel_size_nm`` (default: the section's own, so nothing is
+    resampled). It is exported once (``torch.export``) into a bundle in the user cache
+    (:func:`tilefeet.engine.bundle_from_module`), which is what every task and worker loads.
     """
+    declared = {k: options.pop(k) for k in MODEL_OPTIONS if k in options}
     settings = settings or Settings.create(**options)
+    if declared.get("model") is not None:
+        engine = _module_bundle(declared, source, settings, storage_options)
+    elif declared:
+        raise ConfigError(f"{', '.join(sorted(declared))} describe a model=; give model= too (or an engine bundle)")
     image = open_image(source, settings.pixel_size_nm, storage_options)
     bundle = load_engine(engine)
     spec = EngineSpec.from_bundle(bundle)
@@ -102,6 +113,30 @@ def plan_segmentation(
     plan = make_plan(image.meta, spec, settings, imap, tissue_mask(settings.mask, image, g))
     runner, reason = _runner_spec(plan, bundle, resume_into, resolve_backend)
     return Run(plan, image, bundle, runner, reason)
+
+
+#: What ``model=`` takes besides the module (a bundle's declarations).
+MODEL_OPTIONS = ("model", "classes", "activation", "normalization", "model_pixel_size_nm")
+
+
+def _module_bundle(declared: dict, source: Any, settings: Settings, storage_options: Any = None) -> EngineBundle:
+    from .engine import bundle_from_module
+    from .units import parse_pixel_size
+
+    px = declared.get("model_pixel_size_nm")
+    if px is None:
+        px = settings.pixel_size_nm or open_image(source, settings.pixel_size_nm, storage_options).meta.pixel_size_nm
+    if px is None:
+        raise ConfigError("model= needs a pixel size: the section records none; give pixel_size_nm= (or model_pixel_size_nm=)")
+    if not declared.get("classes"):
+        raise ConfigError('model= needs the classes its output channels are, e.g. classes=["membrane"]')
+    return bundle_from_module(
+        declared["model"],
+        pixel_size_nm=parse_pixel_size(px, where="model_pixel_size_nm"),
+        classes=list(declared["classes"]),
+        activation=declared.get("activation", "sigmoid"),
+        normalization=declared.get("normalization"),
+    )
 
 
 def tissue_mask(option: str, image: Image, g: Any) -> TissueMask | None:
@@ -182,9 +217,15 @@ def segment_to_zarr(
     resources: dict | None = None,
     storage_options: Mapping[str, Any] | None = None,
     output_storage_options: Mapping[str, Any] | None = None,
+    objects: bool | dict | None = None,
     **options: Any,
 ) -> Path | Any:
     """Segment a section into an OME-Zarr at ``output`` (probabilities + labels, with pyramids).
+
+    ``objects``: also find the objects of every class (``True``), or with options of
+    :func:`tilefeet.objects.write_objects` (``{"min_size": "0.01um2", "fill_holes": True}``,
+    ``{"cells": True}`` for a membrane engine), in the same run, before the output is moved into
+    place: ``labels/<class>-objects`` (or ``-cells``) and a measurements table.
 
     ``source`` and ``output`` may be URLs: the input ``http(s)://`` or ``s3://``, the output
     ``s3://`` (written in place, published last: :mod:`tilefeet.storage`). ``storage_options``
@@ -201,7 +242,9 @@ def segment_to_zarr(
     run = plan_segmentation(
         source, engine, resume_into=location if resume else None, resolve_backend=compute, storage_options=storage_options, **options
     )
-    return write_planned(run, location, overwrite=overwrite, resume=resume, progress=progress, compute=compute, resources=resources)
+    return write_planned(
+        run, location, overwrite=overwrite, resume=resume, progress=progress, compute=compute, resources=resources, objects=objects
+    )
 
 
 def output_options(storage_options: Mapping[str, Any] | None, output_storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -209,6 +252,27 @@ def output_options(storage_options: Mapping[str, Any] | None, output_storage_opt
     if storage_options is None and output_storage_options is None:
         return None
     return {**(storage_options or {}), **(output_storage_options or {})}
+
+
+def _objects_chain(run: Run, store: Any, objects: bool | dict, resume: bool) -> Any:
+    """A function that chains the objects of every class (or the chosen one) behind a graph's
+    pyramid, into the staging store, before it is finalized."""
+    from .objects import write_objects
+    from .objects.store import layer_name, layer_path
+
+    options = dict(objects) if isinstance(objects, dict) else {}
+    options.setdefault("blocks_in_flight", run.plan.settings.blocks_in_flight)
+    chosen = options.pop("class_name", None)
+    classes = [chosen] if chosen else list(run.plan.engine.classes)
+
+    def chain(after: Any) -> Any:
+        for cls in classes:
+            if resume and layer_path(store.staging, layer_name(cls, bool(options.get("cells")))).exists():
+                continue  # finished before the interruption
+            after = write_objects(store.staging, class_name=cls, resume=resume, compute=False, after=after, **options)
+        return after
+
+    return chain
 
 
 def write_planned(
@@ -220,18 +284,21 @@ def write_planned(
     progress: bool = False,
     compute: bool = True,
     resources: dict | None = None,
+    objects: bool | dict | None = None,
 ) -> Path | Any:
     """Write a run planned by :func:`plan_segmentation` (the CLI prints the plan first, then writes it)
-    to a path, an ``s3://`` URL (reached with the command's storage options) or a location."""
+    to a path, an ``s3://`` URL (reached with the command's storage options) or a location;
+    ``objects`` as in :func:`segment_to_zarr`."""
     from .writer import OutputStore
 
     location = output_location(output)
     location.check_writable()
     runner = {"backend": run.runner.backend, "options": [list(kv) for kv in run.runner.options]}
     store = OutputStore.prepare(location, run.plan, runner=runner, overwrite=overwrite, resume=resume)  # path errors first: cheap
+    chain = _objects_chain(run, store, objects, resume) if objects else None
     if not compute:
-        return write_graph(run, store, resources)
-    graph = write_graph(run, store, resources, in_order=run.plan.settings.blocks_in_flight)
+        return write_graph(run, store, resources, before_finalize=chain)
+    graph = write_graph(run, store, resources, in_order=run.plan.settings.blocks_in_flight, before_finalize=chain)
     try:
         # This process's runner, built before any block: a damaged engine or a backend that
         # cannot start fails here, in one piece (the tasks then reuse it).

@@ -16,9 +16,12 @@ from .errors import ConfigError, InputNotFoundError, InvalidImageError, RemoteSt
 
 
 def render_preview(
-    output: str | Path, png: Path, *, image: str | Path | None = None, max_size: int = 2048, class_index: int = 0
+    output: str | Path, png: Path, *, image: str | Path | None = None, max_size: int = 2048, class_index: int = 0, objects: bool = False
 ) -> Path:
-    """The preview of ``output`` (a path or URL; URLs are reached with the command's storage options)."""
+    """The preview of ``output`` (a path or URL; URLs are reached with the command's storage options).
+    With ``objects``, the class's objects (``labels/<class>-objects`` or ``-cells``, from ``tilefeet
+    objects`` or ``segment --objects``) are drawn instead of its mask: each object in its own stable
+    colour, its outline brighter."""
     import imageio.v3 as iio
 
     from .image import Image
@@ -50,9 +53,16 @@ def render_preview(
     prob = np.asarray(root[path][class_index])
     prob = prob if prob.dtype == np.uint8 else np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
     h, w = prob.shape
-    label = None
-    if class_index < len(ms.labels):
-        lab = np.asarray(root[f"labels/{ms.labels[class_index]}/{path}"])
+    label = ids = None
+    classes = [n for n in ms.labels if not n.endswith(("-objects", "-cells"))]
+    if objects:
+        name = next((n for n in ms.labels if class_index < len(classes) and n in (f"{classes[class_index]}-objects", f"{classes[class_index]}-cells")), None)
+        if name is None:
+            raise InvalidImageError(f"{output} holds no objects layer for its class; run `tilefeet objects {output}` first, or leave out --objects")
+        ids = np.asarray(root[f"labels/{name}/{path}"])
+        ids = ids.reshape(ids.shape[-2:])
+    elif class_index < len(classes):
+        lab = np.asarray(root[f"labels/{classes[class_index]}/{path}"])
         label = lab.reshape(lab.shape[-2:]).astype(bool)  # (y, x); older outputs wrote (1, y, x)
     png.parent.mkdir(parents=True, exist_ok=True)
     grey = _read_like(section, (h, w))
@@ -60,6 +70,13 @@ def render_preview(
     if label is not None:
         color = np.array(LABEL_COLORS[class_index % len(LABEL_COLORS)], np.float32)
         rgb[label] = 0.45 * rgb[label] + 0.55 * color
+    if ids is not None:
+        from .objects.colors import id_colors, outlines
+
+        inside, edge = ids != 0, outlines(ids)
+        colors = id_colors(ids).astype(np.float32)
+        rgb[inside] = 0.5 * rgb[inside] + 0.5 * colors[inside]
+        rgb[edge] = colors[edge]
     right = np.repeat(prob[..., None], 3, axis=2).astype(np.float32)
     gap = np.full((h, 8, 3), 255, np.float32)
     iio.imwrite(png, np.concatenate([rgb, gap, right], axis=1).round().astype(np.uint8))
