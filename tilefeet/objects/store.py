@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputNotFoundError, InvalidImageError, OutputExistsError
 from ..geometry import Box, Pair
-from ..ngff import compressor, label_name, multiscales
+from ..ngff import compressor, create_levels, label_metadata, label_name, multiscales
 
 STATE_DIR = ".tilefeet"
 TABLE_NAMES = {"parquet": "objects.parquet", "csv": "objects.csv"}
@@ -303,15 +303,12 @@ def create_label_image(
     import zarr
 
     root = zarr.open_group(str(staging.path), mode="a", zarr_format=3)
-    for k, (h, w) in enumerate(shapes):
+    for k in range(len(shapes)):
         if str(k) in root:
             del root[str(k)]
-        root.create_array(
-            str(k), shape=(h, w), chunks=(min(chunks[0], h), min(chunks[1], w)), dtype=dtype,
-            compressors=compressor(), fill_value=0, dimension_names=["y", "x"],
-        )
+    create_levels(root, shapes, chunks=chunks, dtype=dtype, dimension_names=["y", "x"])
     ms = multiscales(name, pixel_size_nm, len(shapes), origin_nm=origin_nm, method="subsample (ids are never averaged)", metadata=metadata)
-    root.attrs["ome"] = {"version": "0.5", "multiscales": [ms], "image-label": {"version": "0.5", "source": {"image": "../../"}}}
+    root.attrs.update(label_metadata(ms))
 
 
 def create_scratch(staging: Staging, name: str, shape: Pair, chunks: Pair, dtype: Any) -> None:
