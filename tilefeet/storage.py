@@ -358,6 +358,15 @@ class Remote:
                     f"{role} {self.url}: the bucket {self.bucket!r} does not exist at {self.endpoint()}; "
                     f"check the bucket name and the endpoint (--storage-option endpoint_url=... or AWS_ENDPOINT_URL)"
                 )
+        try:
+            unfinished = self.filesystem().exists(self.fs_path(STATE_DIR, "plan.json"))
+        except Exception:
+            unfinished = False
+        if unfinished:
+            return InputNotFoundError(
+                f"{role} {self.url} is an unfinished tilefeet output (a run is writing it, or was interrupted): it has no "
+                f"image until the run completes; finish it with `tilefeet segment ... {self.url} --resume`"
+            )
         return InputNotFoundError(f"{role} {self.url} does not exist (no Zarr store at that URL); check the URL")
 
 
