@@ -340,11 +340,10 @@ def test_an_s3_run_killed_with_sigkill_resumes_to_the_same_bits(s3, tmp_path, ra
     """A real process writing to S3, killed with SIGKILL while blocks are being written: the output
     cannot be opened, a plain rerun is refused, and --resume redoes only the unfinished blocks and
     ends with the objects of an uninterrupted local run."""
-    src = write_image(isbi_montage(1, 2)[0], tmp_path / "s.ome.zarr", (4.0, 4.0), chunk=128)  # 512 × 1024: 32 blocks
+    src = write_image(isbi_montage(1, 2)[0][:384], tmp_path / "s.ome.zarr", (4.0, 4.0), chunk=128)  # 384 × 1024: 24 blocks
     args = ["-e", random_engine.path, *CLI_KW, "--blocks-in-flight", "1", "-q"]
     env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": s3.url}
-    ref = tmp_path / "ref.ome.zarr"
-    assert subprocess.run(cli_command("segment", src, ref, *args), env=env).returncode == 0
+    ref = tilefeet.segment_to_zarr(src, tmp_path / "ref.ome.zarr", random_engine, **KW)  # one CPU thread here and there
     key = f"{_prefix()}/o.ome.zarr"
     fs = _fs(s3)
     proc = subprocess.Popen(cli_command("segment", src, f"s3://{key}", *args), env=env, stderr=subprocess.DEVNULL)
@@ -355,7 +354,7 @@ def test_an_s3_run_killed_with_sigkill_resumes_to_the_same_bits(s3, tmp_path, ra
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{key}/.tilefeet/done")}
-    assert 4 <= len(finished) < 32
+    assert 4 <= len(finished) < 24
     assert not fs.exists(f"{key}/zarr.json")
     r = subprocess.run(cli_command("segment", src, f"s3://{key}", *args), env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "--resume" in r.stderr and r.stderr.count("\n") == 1, r.stderr
@@ -363,7 +362,7 @@ def test_an_s3_run_killed_with_sigkill_resumes_to_the_same_bits(s3, tmp_path, ra
     r = subprocess.run(cli_command("segment", src, f"s3://{key}", *args, "--resume"), env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     redone = [q for q in s3.requests() if q.method == "PUT" and "/.tilefeet/done/b" in q.path]
-    assert len(redone) == 32 - len(finished)
+    assert len(redone) == 24 - len(finished)
     assert s3_objects(s3, key) == local_objects(ref)
 
 
