@@ -409,6 +409,7 @@ def test_remote_errors_are_one_line_naming_the_url_and_the_fix(http, s3_env, s3_
         (("segment", section, f"{http.url}/o.ome.zarr", *seg), (f"{http.url}/o.ome.zarr", "read-only", "s3://")),
         (("info", good, "--storage-option", "endpoint=http://x"), ("unknown storage option 'endpoint'", "endpoint_url")),
         (("info", "gs://bucket/s.ome.zarr"), ("gs://bucket/s.ome.zarr", "http://, https:// and s3://")),
+        (("-q", "segment", good, f"{good}/o.ome.zarr", *seg), (f"{good}/o.ome.zarr", "overlaps the input", "somewhere else")),
     ]
     for args, needles in cases:
         assert_one_line(*run_cli(capsys, *args)[::2], *needles)
