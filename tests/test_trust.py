@@ -298,14 +298,14 @@ def test_a_crash_inside_finalize_resumes_to_the_same_bits(tmp_path, small_sectio
 def test_a_crash_after_the_final_rename_leaves_a_complete_output(tmp_path, small_section, random_engine, monkeypatch):
     import shutil
 
-    import tilefeet.writer as writer
+    import tilefeet.storage as storage
 
     kw = dict(chunk_size=128, block_size=128, threads=1)
     real = shutil.rmtree
-    monkeypatch.setattr(writer.shutil, "rmtree", lambda p, **k: (_ for _ in ()).throw(_Died()) if str(p).endswith(".tilefeet") else real(p, **k))
+    monkeypatch.setattr(storage.shutil, "rmtree", lambda p, **k: (_ for _ in ()).throw(_Died()) if str(p).endswith(".tilefeet") else real(p, **k))
     with pytest.raises(_Died):
         tilefeet.segment_to_zarr(small_section, tmp_path / "o.ome.zarr", random_engine, **kw)
-    monkeypatch.setattr(writer.shutil, "rmtree", real)
+    monkeypatch.setattr(storage.shutil, "rmtree", real)
     with pytest.raises(tilefeet.errors.OutputExistsError, match="already complete"):
         tilefeet.segment_to_zarr(small_section, tmp_path / "o.ome.zarr", random_engine, resume=True, **kw)
     assert not (tmp_path / "o.ome.zarr" / ".tilefeet").exists()

@@ -206,13 +206,11 @@ def mask_from_labels(path: str, network: Grid, level0: Grid) -> TissueMask:
     """A mask from a label image (non-zero = tissue), on the cells of ``network``. Its pixel size and
     origin come from its NGFF metadata; without units it must cover the section's extent (its shape
     proportional to level 0's within a pixel), and is stretched over it."""
-    from .ngff import read_multiscale
+    from .ngff import open_group, read_multiscale
 
     ms = read_multiscale(path, role="mask")
     k = len(ms.datasets) - 1  # the coarsest level: a mask is coarse anyway
-    import zarr
-
-    arr = np.asarray(zarr.open_group(ms.path, mode="r")[ms.datasets[k].path])
+    arr = np.asarray(open_group(ms.path, role="mask")[ms.datasets[k].path])
     while arr.ndim > 2 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:

@@ -155,7 +155,7 @@ def write_graph(
     staging store, before it is moved into place.
     """
     plan = run.plan
-    token = run.token(str(store.path.resolve()))
+    token = run.token(store.location.identity)
     leaf = delayed(run, traverse=False, name=f"tilefeet-run-{token}")
     store_leaf = delayed(store, traverse=False, name=f"tilefeet-store-{token}")
     tasks: list[Any] = []

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil  # noqa: F401  (tests/test_trust.py reaches shutil.rmtree, which storage's finalize calls, through writer.shutil)
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
