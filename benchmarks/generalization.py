@@ -118,7 +118,8 @@ def score_all(targets: Targets, engine: Any, *, threads: int | None = None, **op
     ps = score_pssr(targets, engine, threads=threads, **options)
     return {"isbi_f1": isbi["f1"], "isbi_boundary_f1": isbi["boundary_f1"],
             "lucchi_f1": luc["f1"], "lucchi_boundary_f1": luc["boundary_f1"], "lucchi_are": luc["adapted_rand_error"],
-            "lucchi_membrane_fraction": luc["membrane_fraction"], "pssr_agreement_f1": ps["agreement_f1"]}
+            "lucchi_membrane_fraction": luc["membrane_fraction"], "pssr_agreement_f1": ps["agreement_f1"],
+            "pssr_membrane_fraction_2nm": ps["membrane_fraction_2nm"], "pssr_membrane_fraction_8nm": ps["membrane_fraction_8nm"]}
 
 
 def lucchi(targets: Targets, engine: str) -> list[dict]:

@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train-ablation-cpu-amd-epyc.json")
+    ap.add_argument("--no-score", action="store_true", help="train only (score later, in a fresh process, with --score-only)")
+    ap.add_argument("--score-only", action="store_true", help="score the bundles already trained, train nothing")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tilefeet-ablation",
                     help="where the trained bundles are kept (a rerun scores them instead of training again)")
     args = ap.parse_args()
@@ -152,15 +154,18 @@ def main() -> None:
                 continue
             folder = args.workdir / f"{v}-s{seed}-{args.steps}"
             if not (folder / "result.json").is_file():
+                if args.score_only:
+                    continue
                 t0 = time.perf_counter()
                 result = train_variant(v, seed, args.steps, args.batch_size, sets, folder)
                 (folder / "result.json").write_text(json.dumps(
                     {"train_seconds": time.perf_counter() - t0, "val_f1": result.best_val_f1[0], "best_step": result.best_step}))
             pending.append((v, seed, folder))
-            pending = [p for p in pending if not _score_run(p, args, targets, doc)]  # scored now, or later if the pipeline fails
+            if not args.no_score:
+                pending = [p for p in pending if not _score_run(p, args, targets, doc)]  # scored now, or later if the pipeline fails
     print(table(doc.get("summary", [])))
     if pending:
-        print(f"{len(pending)} run(s) trained but not scored (see the errors above); rerun to score them")
+        print(f"{len(pending)} run(s) trained but not scored; score them with --score-only")
 
 
 def _score_run(run: tuple, args, targets: Targets, doc: dict) -> bool:
