@@ -77,7 +77,7 @@ def train_cmd(
     base_channels: Optional[int] = typer.Option(None, "--base-channels", help="U-Net channels at full resolution." + _default("base_channels")),
     depth: Optional[int] = typer.Option(None, help="U-Net down-sampling steps." + _default("depth")),
     scale_jitter: str = typer.Option(
-        ",".join(f"{v:g}" for v in _D.scale_jitter), "--scale-jitter", help="Random zoom range LOW,HIGH (1 or 1,1 = off)."
+        ",".join(map("{:g}".format, _D.scale_jitter)), "--scale-jitter", help="Random zoom range LOW,HIGH (1 or 1,1 = off)."
     ),
     augment: str = typer.Option(
         "all", "--augment", help="Domain randomization: all, none, legacy, or groups of intensity, noise, blur, elastic, artefacts "
