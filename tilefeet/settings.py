@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
-from .errors import ConfigError, TilefeetWarning
+from .errors import ConfigError
 from .geometry import Pair
 from .intensity import INTENSITY_MODES
 from .units import parse_pixel_size
@@ -91,13 +90,7 @@ class Settings:
             if key in kw:
                 kw[key] = pair(kw[key], key)
         if "pixel_size_nm" in kw:
-            raw = kw["pixel_size_nm"]
-            kw["pixel_size_nm"] = parse_pixel_size(raw, where="--pixel-size")
-            if isinstance(raw, str) and not re.search(r"[^\d\s.,xX×eE+-]", raw):
-                warnings.warn(
-                    TilefeetWarning(f"--pixel-size {raw} has no unit: read as {raw} nm (write e.g. {raw}nm or {raw}um to say so)"),
-                    stacklevel=2,
-                )
+            kw["pixel_size_nm"] = parse_pixel_size(kw["pixel_size_nm"], where="--pixel-size")
         for key in ("blend", "output_dtype", "output_grid", "intensity", "precision", "backend"):
             if key in kw:
                 kw[key] = str(kw[key]).lower()

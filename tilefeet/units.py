@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
-from .errors import UnitError
+from .errors import TilefeetWarning, UnitError
 
 # Nanometres per unit. Keys are lower-case; NGFF (UDUNITS-2) names, their plurals, symbols.
 _NM_PER_UNIT: dict[str, float] = {
@@ -96,6 +97,9 @@ def parse_pixel_size(text: str | float | int | tuple | list, *, where: str = "")
         parts = [p for p in parts if p]
     if len(parts) not in (1, 2):
         raise UnitError(f"pixel size {text!r}{_at(where)}: give one value or two (y,x), e.g. 4nm or 5,4nm")
+    if isinstance(text, str) and not re.search(r"[^\d\s.,xX×eE+-]", text):
+        # A bare number is read as nm; say so, since 5 meaning 5 µm is a common slip.
+        warnings.warn(TilefeetWarning(f"{where or 'pixel size'} {text} has no unit: read as {text} nm (write e.g. {text}nm or {text}um to say so)"), stacklevel=3)
     unit = "nm"
     if isinstance(parts[-1], str):
         m = _QUANTITY.match(parts[-1])
