@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import ConfigError, CorruptDataError, InputNotFoundError, InvalidImageError
 from .geometry import Box
-from .units import nm_per_unit, parse_pixel_size
+from .units import parse_pixel_size
 
 #: Largest image (all z-slices, level 0) read for training; the trainer keeps a few float copies.
 MAX_TRAINING_PIXELS = 1 << 28
@@ -176,12 +176,13 @@ class StackMeta:
 
 
 def read_stack_meta(path: str | os.PathLike, *, role: str = "image") -> StackMeta:
-    """Levels, axes and pixel size of an OME-Zarr image or NGFF label image (0.4 or 0.5).
+    """Levels, axes and pixel size of an OME-Zarr image or NGFF label image (0.4 or 0.5), read through
+    :func:`tilefeet.ngff.read_multiscale` (validated, bioformats2raw followed).
 
     Unlike :meth:`tilefeet.image.Image.open` (2-D sections only), one spatial axis before y, x may
     have any size (z); other leading axes (t, c) must have size one. ``role`` names the input in errors.
     """
-    import zarr
+    from .ngff import read_multiscale
 
     p = Path(path)
     if not p.exists():
@@ -190,35 +191,17 @@ def read_stack_meta(path: str | os.PathLike, *, role: str = "image") -> StackMet
         else:
             hint = f"`tilefeet convert INPUT {p} --pixel-size 4nm` with your pixel size (--stack for a folder of slices)"
         raise InputNotFoundError(f"{role} {p} does not exist; write it from PNG/TIFF files with {hint}")
-    try:
-        group = zarr.open_group(str(p), mode="r")
-    except Exception:
-        raise InvalidImageError(f"{role} {p} is not an OME-Zarr image group; convert it with `tilefeet convert` first") from None
-    attrs: dict[str, Any] = dict(group.attrs)
-    ome: dict[str, Any] = dict(attrs.get("ome", attrs))
-    if "bioformats2raw.layout" in ome and "0" in group:
-        return read_stack_meta(p / "0", role=role)
-    ms: Any = ome.get("multiscales")
-    if not ms:
-        raise InvalidImageError(f"{role} {p} has no NGFF 'multiscales' metadata; convert it with `tilefeet convert` first")
-    paths = tuple(str(d["path"]) for d in ms[0].get("datasets", []))
-    try:
-        arrays: list[Any] = [group[a] for a in paths]
-    except KeyError as e:
-        raise InvalidImageError(f"{role} {p}: multiscales names dataset {e} but the store has no such array") from None
-    if not arrays:
-        raise InvalidImageError(f"{role} {p}: multiscales lists no datasets; re-convert it")
-    shape = tuple(int(s) for s in arrays[0].shape)
-    axes = _axes(ms[0], len(shape))
-    version = str(attrs["ome"].get("version", "0.5")) if "ome" in attrs else str(ms[0].get("version", "0.4"))
+    ms = read_multiscale(p, role=role)
+    shape = ms.datasets[0].shape
+    axes = [{"name": a.name, "type": a.type, "unit": a.unit} for a in ms.axes]
     return StackMeta(
-        path=str(p),
-        version=version,
-        level_paths=paths,
-        level_shapes=tuple(tuple(int(s) for s in a.shape) for a in arrays),
-        chunks=tuple(int(c) for c in (arrays[0].chunks or shape)),
+        path=ms.path,
+        version=ms.version,
+        level_paths=tuple(d.path for d in ms.datasets),
+        level_shapes=tuple(d.shape for d in ms.datasets),
+        chunks=ms.datasets[0].chunks,
         index=_zyx_index(shape, axes, f"{role} {p}"),
-        pixel_size_nm=_pixel_size(ms[0], ms[0]["datasets"][0], axes, f"{role} {p}"),
+        pixel_size_nm=ms.pixel_size_nm(0),
     )
 
 
@@ -244,12 +227,6 @@ def read_volume(path: str | os.PathLike, *, max_pixels: int = MAX_TRAINING_PIXEL
     return Volume(meta.path, data if data.ndim == 3 else data[None], meta.pixel_size_nm)
 
 
-def _axes(multiscale: dict, ndim: int) -> list[dict]:
-    axes = multiscale.get("axes") or [{"name": n} for n in ("z", "y", "x")[-ndim:]]
-    axes = [a if isinstance(a, dict) else {"name": str(a)} for a in axes]
-    return axes if len(axes) == ndim else [{"name": "?"}] * (ndim - 2) + [{"name": "y"}, {"name": "x"}]
-
-
 def _zyx_index(shape: tuple[int, ...], axes: list[dict], where: str) -> tuple:
     """Index that keeps z (if any), y and x; refuses leading axes of more than one entry besides z."""
     names = [str(a.get("name", "?")) for a in axes]
@@ -270,22 +247,6 @@ def _zyx_index(shape: tuple[int, ...], axes: list[dict], where: str) -> tuple:
                 f"one z-stack: write a single-channel (z, y, x) image"
             )
     return tuple(index) + (slice(None), slice(None))
-
-
-def _pixel_size(multiscale: dict, dataset: dict, axes: list[dict], where: str) -> tuple[float, float] | None:
-    """(y, x) pixel size in nm of a dataset: its scale times the multiscale's, in the axes' unit."""
-    units = [axes[-2].get("unit"), axes[-1].get("unit")]
-    if any(u is None for u in units):
-        return None
-    scale = [1.0, 1.0]
-    for transforms in (dataset.get("coordinateTransformations") or [], multiscale.get("coordinateTransformations") or []):
-        for t in transforms:
-            if t.get("type") == "scale" and "scale" in t:
-                scale = [scale[0] * float(t["scale"][-2]), scale[1] * float(t["scale"][-1])]
-    px = (scale[0] * nm_per_unit(units[0], where=f"{where} axis y"), scale[1] * nm_per_unit(units[1], where=f"{where} axis x"))
-    if min(px) <= 0:
-        raise InvalidImageError(f"{where}: scale must be positive, got {scale}")
-    return px
 
 
 # ---------------------------------------------------------------------------------- splitting
