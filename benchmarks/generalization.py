@@ -98,15 +98,18 @@ def score_pssr(
     hr, lr = targets.pssr
     common = (hr.shape[0] // 2, hr.shape[1] // 2)  # the 4 nm grid over the same field of view
     t0 = time.perf_counter()
-    maps = []
+    maps, probs = [], []
     for img, px in ((hr, "2nm"), (lr, "8nm")):
         kw = {"output_grid": "network"} if normalize else {"pixel_size_nm": "4nm"}
         p = _segment(img, engine, **{"pixel_size_nm": px, "intensity": intensity, "threads": threads, **kw, **options})
         if p.shape != common:
             p = resize(p, common, order=1, anti_aliasing=p.shape[0] > common[0], preserve_range=True)
         maps.append(p >= 0.5)
+        probs.append(p.ravel().astype(np.float64))
     agree = pixel_metrics(maps[0], maps[1])
-    return {"agreement_f1": agree.f1, "agreement_iou": agree.iou,
+    # F1 of the two label maps rewards a bias shared by both (membrane everywhere agrees with itself);
+    # the correlation of the probabilities measures whether the same structures come out at both sizes.
+    return {"agreement_f1": agree.f1, "agreement_iou": agree.iou, "probability_correlation": float(np.corrcoef(*probs)[0, 1]),
             "membrane_fraction_2nm": float(maps[0].mean()), "membrane_fraction_8nm": float(maps[1].mean()),
             "seconds": time.perf_counter() - t0}
 
@@ -119,7 +122,8 @@ def score_all(targets: Targets, engine: Any, *, threads: int | None = None, **op
     return {"isbi_f1": isbi["f1"], "isbi_boundary_f1": isbi["boundary_f1"],
             "lucchi_f1": luc["f1"], "lucchi_boundary_f1": luc["boundary_f1"], "lucchi_are": luc["adapted_rand_error"],
             "lucchi_membrane_fraction": luc["membrane_fraction"], "pssr_agreement_f1": ps["agreement_f1"],
-            "pssr_membrane_fraction_2nm": ps["membrane_fraction_2nm"], "pssr_membrane_fraction_8nm": ps["membrane_fraction_8nm"]}
+            "pssr_membrane_fraction_2nm": ps["membrane_fraction_2nm"], "pssr_membrane_fraction_8nm": ps["membrane_fraction_8nm"],
+            "pssr_correlation": ps["probability_correlation"]}
 
 
 def lucchi(targets: Targets, engine: str) -> list[dict]:

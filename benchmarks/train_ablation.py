@@ -99,26 +99,41 @@ def train_variant(variant: str, seed: int, steps: int, batch: int, sets: dict[st
 
 def summarize(runs: list[dict]) -> list[dict]:
     """Mean and spread (max − min) across seeds, per variant, in VARIANTS order."""
-    keys = ("isbi_f1", "lucchi_f1", "lucchi_boundary_f1", "lucchi_are", "pssr_agreement_f1", "train_seconds")
+    keys = ("isbi_f1", "lucchi_f1", "lucchi_boundary_f1", "lucchi_are", "lucchi_membrane_fraction", "pssr_agreement_f1",
+            "pssr_correlation", "pssr_membrane_fraction_2nm", "pssr_membrane_fraction_8nm", "train_seconds")
     rows = []
     for v in VARIANTS:
         rs = [r for r in runs if r["variant"] == v]
         if rs:
-            rows.append({"variant": v, "seeds": len(rs), **{k: float(np.mean([r[k] for r in rs])) for k in keys},
-                         **{f"{k}_spread": float(np.ptp([r[k] for r in rs])) for k in keys}})
+            have = [k for k in keys if all(k in r for r in rs)]
+            rows.append({"variant": v, "seeds": len(rs), **{k: float(np.mean([r[k] for r in rs])) for k in have},
+                         **{f"{k}_spread": float(np.ptp([r[k] for r in rs])) for k in have}})
     return rows
 
 
 def table(rows: list[dict]) -> str:
+    """Mean ± half the spread across seeds; Δ against ``all``."""
     base = next((r for r in rows if r["variant"] == "all"), None)
-    out = ["| variant | seeds | ISBI held-out F1 | Lucchi F1 | Lucchi boundary F1 | Lucchi cells ARE ↓ | PSSR agreement F1 | Δ Lucchi F1 vs all | Δ PSSR vs all |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cols = [("isbi_f1", "ISBI held-out F1"), ("lucchi_f1", "Lucchi F1"), ("lucchi_boundary_f1", "Lucchi boundary F1"),
+            ("lucchi_are", "Lucchi cells ARE ↓"), ("lucchi_membrane_fraction", "Lucchi membrane fraction (truth 0.216)"),
+            ("pssr_agreement_f1", "PSSR agreement F1"), ("pssr_correlation", "PSSR correlation"),
+            ("pssr_membrane_fraction_2nm", "PSSR membrane 2 nm / 8 nm")]
+    out = ["| variant | seeds | " + " | ".join(c for _, c in cols) + " | Δ Lucchi F1 vs all | Δ PSSR correlation vs all |",
+           "|---|---:|" + "---:|" * (len(cols) + 2)]
+
+    def cell(r: dict, k: str) -> str:
+        if k not in r:
+            return "—"
+        if k == "pssr_membrane_fraction_2nm":
+            return f"{r[k]:.3f} / {r.get('pssr_membrane_fraction_8nm', float('nan')):.3f}"
+        return f"{r[k]:.3f} ± {r[k + '_spread'] / 2:.3f}" if r["seeds"] > 1 else f"{r[k]:.3f}"
+
+    def delta(r: dict, k: str) -> str:
+        return f"{r[k] - base[k]:+.3f}" if base and k in r and k in base else "—"
+
     for r in rows:
-        def cell(k, r=r):
-            return f"{r[k]:.3f} ± {r[k + '_spread'] / 2:.3f}" if r["seeds"] > 1 else f"{r[k]:.3f}"
-        d = (f"{r['lucchi_f1'] - base['lucchi_f1']:+.3f} | {r['pssr_agreement_f1'] - base['pssr_agreement_f1']:+.3f}") if base else "| "
-        out.append(f"| {r['variant']} | {r['seeds']} | {cell('isbi_f1')} | {cell('lucchi_f1')} | {cell('lucchi_boundary_f1')} | "
-                   f"{cell('lucchi_are')} | {cell('pssr_agreement_f1')} | {d} |")
+        out.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cell(r, k) for k, _ in cols)
+                   + f" | {delta(r, 'lucchi_f1')} | {delta(r, 'pssr_correlation')} |")
     return "\n".join(out)
 
 
@@ -133,6 +148,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train-ablation-cpu-amd-epyc.json")
     ap.add_argument("--no-score", action="store_true", help="train only (score later, in a fresh process, with --score-only)")
     ap.add_argument("--score-only", action="store_true", help="score the bundles already trained, train nothing")
+    ap.add_argument("--rescore", action="store_true", help="score runs again that the JSON already holds (after a scoring change)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tilefeet-ablation",
                     help="where the trained bundles are kept (a rerun scores them instead of training again)")
     args = ap.parse_args()
@@ -150,7 +166,7 @@ def main() -> None:
     pending = []
     for seed in args.seeds:  # every variant once before the next seed: partial results stay comparable
         for v in args.variants:
-            if any(r["variant"] == v and r["seed"] == seed and r["steps"] == args.steps for r in doc["runs"]):
+            if not args.rescore and any(r["variant"] == v and r["seed"] == seed and r["steps"] == args.steps for r in doc["runs"]):
                 continue
             folder = args.workdir / f"{v}-s{seed}-{args.steps}"
             if not (folder / "result.json").is_file():
@@ -177,7 +193,7 @@ def _score_run(run: tuple, args, targets: Targets, doc: dict) -> bool:
         return False
     info = json.loads((folder / "result.json").read_text())
     entry = {"variant": v, "seed": seed, "steps": args.steps, **info, **scores}
-    doc["runs"].append(entry)
+    doc["runs"] = [r for r in doc["runs"] if (r["variant"], r["seed"], r["steps"]) != (v, seed, args.steps)] + [entry]
     doc["summary"] = summarize([r for r in doc["runs"] if r["steps"] == args.steps])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
