@@ -9,8 +9,9 @@ physical space like any other grid. It decides two things, both pure functions o
 * which output pixels are kept: those whose cell is in the mask; the others read as the fill
   value (0). A block with no pixel in the mask computes nothing and writes no chunk.
 
-:func:`auto_mask` finds tissue from the section itself (``--mask auto``): it averages the level
-nearest the engine's pixel size into cells, then keeps cells whose mean varies against their
+:func:`auto_mask` finds tissue from the section itself (``--mask auto``): it averages a level (the
+read level, or a coarser one that still gives a cell 16 × 16 pixels:
+:func:`tilefeet.pipeline.mask_level`) into cells, then keeps cells whose mean varies against their
 neighbours more than noise can explain. Empty resin, holes and montage padding are flat at that
 scale once the noise is averaged away (a cell averages hundreds of pixels), tissue is not:
 membranes, organelles and cells change the mean from one cell to the next. The threshold is a

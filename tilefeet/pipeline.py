@@ -144,8 +144,29 @@ def tissue_mask(option: str, image: Image, g: Any) -> TissueMask | None:
     if option in ("", "none"):
         return None
     if option == "auto":
-        return auto_mask(image, g.level, g.source, g.network)
+        level, grid = mask_level(g)
+        return auto_mask(image, level, grid, g.network)
     return mask_from_labels(option, g.network, g.level0)
+
+
+def mask_level(g: Any) -> tuple[int, Any]:
+    """The level the tissue statistics are read from: the coarsest at least as fine as the read level
+    that still gives a cell 16 × 16 pixels (2×2 means keep white noise white, constants constant and
+    tissue correlated; fewer pixels would make the whiteness test too noisy), which makes finding the
+    mask cheaper on a pyramid."""
+    from .mask import CELL_PX
+    from .resolution import Grid
+
+    cell = CELL_PX * min(g.network.pixel_size_nm)
+    best, best_px = g.level, min(g.source.pixel_size_nm)
+    for k, lv in enumerate(g.image.levels):
+        px = lv.pixel_size_nm
+        if px is not None and best_px < min(px) <= cell / 16 and k > g.level:
+            best, best_px = k, min(px)
+    if best == g.level:
+        return g.level, g.source
+    lv = g.image.levels[best]
+    return best, Grid(lv.shape, lv.pixel_size_nm, lv.origin_nm)
 
 
 def _runner_spec(plan: Any, bundle: EngineBundle, resume_into: Any, resolve: bool) -> tuple[RunnerSpec, str]:
