@@ -11,13 +11,13 @@ physical space like any other grid. It decides two things, both pure functions o
 
 :func:`auto_mask` finds tissue from the section itself (``--mask auto``): it averages a level (the
 read level, or a coarser one that still gives a cell 16 × 16 pixels:
-:func:`tilefeet.pipeline.mask_level`) into cells, then keeps cells whose mean varies against their
-neighbours more than noise can explain. Empty resin, holes and montage padding are flat at that
-scale once the noise is averaged away (a cell averages hundreds of pixels), tissue is not:
-membranes, organelles and cells change the mean from one cell to the next. The threshold is a
-multiple of the noise of the cell means, estimated from the flattest cells, so neither the
-section's contrast nor its bit depth matters. The mask is then closed, its holes filled, and
-grown by :data:`GROW_CELLS` cells: losing tissue is silent, running on some resin is not.
+:func:`tilefeet.pipeline.mask_level`) into cells and calls a cell empty only when two things hold:
+it is constant or white-noise-like (neighbouring pixels differ as much as independent ones would;
+tissue is correlated from pixel to pixel), and its mean does not stand out of its 5 × 5
+neighbourhood beyond a multiple of the noise of a cell mean (:func:`tissue_cells`). Empty regions
+smaller than a tile count as tissue (real resin, holes and padding are large). Neither the
+section's contrast nor its bit depth matters. The mask is then closed, its holes filled, and grown
+by :data:`GROW_CELLS` cells: losing tissue is silent, running on some resin is not.
 :func:`mask_from_labels` takes a label image instead (``--mask PATH``).
 """
 
