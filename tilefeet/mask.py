@@ -127,7 +127,8 @@ def tissue_cells(means: np.ndarray, stds: np.ndarray, diff_stds: np.ndarray, pix
     horizontal neighbours (NaN outside the image). A cell is *empty* when both hold:
 
     * it is constant or white noise: neighbour differences vary as much as independent pixels would
-      (``diff_std ≥ WHITE × √2 · std``; tissue, correlated from pixel to pixel, stays well below);
+      (``diff_std ≥ WHITE × √2 · std``, both pooled over the 3 × 3 cells around it; tissue,
+      correlated from pixel to pixel, stays well below);
     * its mean does not stand out of its 5 × 5 neighbourhood: their standard deviation is within
       ``NOISE_FACTOR`` times the noise of a mean (``diff_std / √2 / √pixels``).
 
@@ -142,7 +143,11 @@ def tissue_cells(means: np.ndarray, stds: np.ndarray, diff_stds: np.ndarray, pix
     local = np.sqrt(np.maximum(ndi.uniform_filter(m * m, 5, mode="nearest") - ndi.uniform_filter(m, 5, mode="nearest") ** 2, 0))
     noise = ndi.maximum_filter(np.where(valid, diff_stds, 0.0), 5, mode="nearest") / np.sqrt(2 * max(pixels_per_cell, 1.0))
     constant = np.where(valid, stds, 0.0) <= 1e-6 * (1 + np.abs(m))  # float cancellation in Σx² − n·mean²
-    white = constant | (np.where(valid, diff_stds, 0.0) >= WHITE * np.sqrt(2) * np.where(valid, stds, np.inf))
+    # Whiteness is judged on the 3 × 3 cells around each (variances pooled): nine times the pixels
+    # of one cell, so a coarse level's smaller cells do not make noise look correlated by chance.
+    var = np.maximum(ndi.uniform_filter(np.where(valid, stds, 0.0) ** 2, 3, mode="nearest"), 0.0)  # running sums can dip below 0
+    dvar = np.maximum(ndi.uniform_filter(np.where(valid, diff_stds, 0.0) ** 2, 3, mode="nearest"), 0.0)
+    white = constant | (np.sqrt(dvar) >= WHITE * np.sqrt(2 * var))
     flat = local <= NOISE_FACTOR * noise + 1e-6 * (1 + np.abs(m))
     empty = valid & white & flat
     labels, n = ndi.label(empty)
