@@ -340,6 +340,7 @@ def bench(
     blocks_in_flight: int = typer.Option(2, "--blocks-in-flight"),
     repeats: int = typer.Option(1, help="Runs per job; the fastest counts."),
     profile: bool = typer.Option(False, "--profile", help="Also time tilefeet stage by stage (a second, synchronized run) and the device's busy fraction."),
+    tta: int = typer.Option(1, "--tta", help="Test-time augmentation for tilefeet's job (1, 2, 4, 8): its cost against the baselines."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
     """End-to-end throughput (Mpx/s, peak memory) against baselines measured in the same run."""
@@ -349,6 +350,8 @@ def bench(
 
     opts = {"batch_size": batch_size, "block_size": block_size, "backend": backend, "device": device,
             "precision": precision, "blocks_in_flight": blocks_in_flight, "profile": profile}
+    if tta > 1:
+        opts["tta"] = tta
     opts.update({k: v for k, v in (("tile", tile), ("overlap", overlap)) if v is not None})
     report = benchmark(size, engine, workdir, options=opts, baselines=tuple(baseline), repeats=repeats)
     typer.echo(format_report(report))
