@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train-ablation-cpu-amd-epyc.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON to write (default: results/train-ablation-<this CPU>.json)")
     ap.add_argument("--no-score", action="store_true", help="train only (score later, in a fresh process, with --score-only)")
     ap.add_argument("--score-only", action="store_true", help="score the bundles already trained, train nothing")
     ap.add_argument("--rescore", action="store_true", help="score runs again that the JSON already holds (after a scoring change)")
@@ -158,6 +159,10 @@ def main() -> None:
     from tilefeet.bench import device_name
 
     torch.set_num_threads(args.threads)
+    if args.out is None:
+        from bench_runners import slug
+
+        args.out = Path(__file__).parent / "results" / f"train-ablation-{slug(device_name('cpu'))}.json"
     doc = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     doc.update(device=device_name("cpu"), threads=args.threads, steps=args.steps, batch_size=args.batch_size, crop=256,
                note="shared 2-core machine (other jobs ran at the same time); training under nice -n 10, one torch thread")

@@ -94,7 +94,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run only these row ids")
     ap.add_argument("--tta", type=int, default=None, help="also score every zero-shot engine with segment --tta N")
     ap.add_argument("--frozen", action="store_true", help="also fine-tune each --parent on 1 Lucchi slice with --freeze-encoder")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train-measure-cpu-amd-epyc.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON to write (default: results/train-measure-<this CPU>.json)")
     args = ap.parse_args()
 
     import torch
@@ -102,6 +103,10 @@ def main() -> None:
     from tilefeet.bench import device_name
 
     torch.set_num_threads(args.threads)
+    if args.out is None:
+        from bench_runners import slug
+
+        args.out = Path(__file__).parent / "results" / f"train-measure-{slug(device_name('cpu'))}.json"
     doc = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
     doc.update(device=device_name("cpu"), threads=args.threads,
                note="shared 2-core machine (other jobs ran at the same time): training under nice -n 10 with one torch thread; "
