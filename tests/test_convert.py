@@ -125,3 +125,21 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
     code = main(["convert", str(tmp_path / "one.png"), str(out), "--pixel-size", "4nm"])
     assert code == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "zarr.json").read_bytes() == before
+
+
+def test_a_colour_tiff_is_refused_and_leaves_nothing(tmp_path, capsys):
+    """A big TIFF is read lazily, so its colour shows only in the pixels: an RGB TIFF whose channels
+    differ (in one piece only) is refused in one line with nothing written; a grey image saved as
+    RGB converts to its grey plane."""
+    grey = isbi_montage(1, 1)[0][:300, :200]
+    rgb = np.stack([grey] * 3, axis=-1)
+    tifffile.imwrite(tmp_path / "grey-rgb.tif", rgb, tile=(64, 64))
+    assert main(["convert", str(tmp_path / "grey-rgb.tif"), str(tmp_path / "g.ome.zarr"), "--pixel-size", "4nm", "--chunk", "128"]) == 0
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "g.ome.zarr"), mode="r")["0"][:], grey)
+    rgb[250:, 150:, 2] //= 2  # colour in the last piece only
+    tifffile.imwrite(tmp_path / "colour.tif", rgb, tile=(64, 64))
+    capsys.readouterr()
+    code = main(["convert", str(tmp_path / "colour.tif"), str(tmp_path / "c.ome.zarr"), "--pixel-size", "4nm", "--chunk", "128", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "colour image" in err[0], err
+    assert not list(tmp_path.glob("c.ome.zarr*"))

@@ -75,6 +75,11 @@ def _as_2d(a: np.ndarray, where: Any) -> np.ndarray:
     return a
 
 
+def _grey_plane(block: np.ndarray, where: str) -> np.ndarray:
+    """The first channel of an RGB(A) piece whose colour channels are equal; a colour piece is refused."""
+    return _as_2d(block, where) if block.size else block[..., 0]
+
+
 class TiffRegions:
     """Array-like view of a TIFF's first image, read region by region.
 
@@ -134,7 +139,9 @@ def lazy_tiff(path: Path, chunk: int = 1024) -> Any:
         chunks = (cy, cx, regions.shape[-1])
     arr = da.from_array(regions, chunks=chunks[: regions.ndim], asarray=True, lock=False, fancy=False, name=f"tiff-{regions.path}")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = arr[..., 0]
+        # A grey image saved as RGB(A) is common; a colour one is not EM. Which it is shows only in the
+        # pixels, so each piece is checked as it is read (conversion reads every piece anyway).
+        arr = arr.map_blocks(_grey_plane, str(path), drop_axis=2, dtype=arr.dtype)
     while arr.ndim > 2 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
@@ -324,6 +331,10 @@ def write_image(
         with contextlib.suppress(OSError):
             location.discard_staging()
         raise location.write_error(e, kept=None) from None
+    except BaseException:  # bad pixels found mid-way, Ctrl-C: convert has no --resume, so nothing is kept
+        with contextlib.suppress(OSError):
+            location.discard_staging()
+        raise
 
 
 def _is_store_task(key: Any) -> bool:
