@@ -395,3 +395,28 @@ def test_data_specs_and_their_errors(stack, tmp_path, capsys):
     assert_one_line_error(code, err, "--labels belongs to an IMAGE")
     code, err = run_cli(capsys, "train", "--out", tmp_path / "e", *TINY)
     assert_one_line_error(code, err, "no training data")
+
+
+def test_engine_toml_is_compact_and_reads_back_the_same():
+    """tomli-w writes one array item per line; dump_toml joins plain arrays back onto short lines
+    (a 256-bin histogram in about 40 lines, not 256) and leaves anything it cannot join safely."""
+    import tomllib
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tilefeet.engine import dump_toml
+
+    text = dump_toml({"normalization": {"histogram": [i / 7 for i in range(256)], "percentiles": (1.0, 99.0)}})
+    assert "percentiles = [1.0, 99.0]" in text and len(text.splitlines()) < 60 and max(map(len, text.splitlines())) <= 100
+
+    values = st.one_of(st.integers(), st.floats(allow_nan=False), st.text(max_size=8), st.booleans())
+    arrays = st.lists(st.one_of(values, st.lists(values, max_size=3)), max_size=40)
+    tables = st.dictionaries(st.text(min_size=1, max_size=5), st.one_of(values, arrays), max_size=5)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.dictionaries(st.text(min_size=1, max_size=5), tables, max_size=3))
+    def reads_back(doc):
+        assert tomllib.loads(dump_toml(doc)) == doc
+
+    reads_back()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tomllib
 from collections.abc import Mapping
@@ -366,7 +367,30 @@ def dump_toml(doc: Mapping[str, Any]) -> str:
 
     import tomli_w
 
-    return tomli_w.dumps(plain(doc))
+    text = tomli_w.dumps(plain(doc))
+    compact = _ARRAY.sub(_inline_array, text)
+    # tomli-w writes every array one item per line (a 256-bin histogram as 256 lines); arrays of
+    # plain values are joined back onto lines of at most 100 characters, and checked to read the same.
+    return compact if tomllib.loads(compact) == tomllib.loads(text) else text
+
+
+#: A multi-line array of plain values as tomli-w writes it: ``[``, one ``value,`` per line, ``]``.
+_ARRAY = re.compile(r"\[\n((?:[ \t]+[^\[\]{}\n]+,\n)+)[ \t]*\]")
+
+
+def _inline_array(m: re.Match[str]) -> str:
+    items = [line.strip()[:-1] for line in m.group(1).splitlines()]
+    one = "[" + ", ".join(items) + "]"
+    if len(one) <= 80:
+        return one
+    lines, line = [], "    "
+    for item in items:
+        if len(line) + len(item) + 2 > 100 and line.strip():
+            lines.append(line.rstrip())
+            line = "    "
+        line += item + ", "
+    lines.append(line.rstrip())
+    return "[\n" + "\n".join(lines) + "\n]"
 
 
 # ------------------------------------------------------------------------ foreign networks
