@@ -420,3 +420,12 @@ def test_engine_toml_is_compact_and_reads_back_the_same():
         assert tomllib.loads(dump_toml(doc)) == doc
 
     reads_back()
+
+
+def test_images_and_labels_that_are_not_zarr_say_how_to_convert(lucchi_slice, tmp_path, capsys):
+    png = tmp_path / "annotation.png"
+    iio.imwrite(png, np.zeros((64, 64), np.uint8))
+    code, err = run_cli(capsys, "train", lucchi_slice, "--labels", png, "--class", "membrane", "--out", tmp_path / "e")
+    assert_one_line_error(code, err, f"labels {png} is not a Zarr store", "--labels NAME")
+    code, err = run_cli(capsys, "train", png, "--labels", lucchi_slice / "labels" / "membranes", "--class", "membrane", "--out", tmp_path / "e")
+    assert_one_line_error(code, err, f"image {png} is not a Zarr store", "--pixel-size")

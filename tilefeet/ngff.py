@@ -121,9 +121,9 @@ def open_group(path: str | Path, *, role: str = "input", storage_options: Mappin
     try:
         node = zarr.open(store=str(p), mode="r")
     except Exception:
-        raise InvalidImageError(
-            f"{role} {p} is not a Zarr store; convert TIFF/PNG images with `tilefeet convert {p} OUT.ome.zarr --pixel-size 4nm`"
-        ) from None
+        how = (f"`tilefeet convert {p} IMAGE.ome.zarr --labels NAME` adds it to its image's store as labels/NAME" if role == "labels"
+               else f"`tilefeet convert {p} OUT.ome.zarr --pixel-size 4nm`")
+        raise InvalidImageError(f"{role} {p} is not a Zarr store; convert TIFF/PNG images first: {how}") from None
     return _check_group(node, role, p)
 
 
