@@ -106,3 +106,12 @@ def test_a_package_without_a_pixel_size_needs_one(exported, tmp_path):
     with pytest.raises(ConfigError, match=r"missing pixel size.*--pixel-size") as e:
         import_package(_edit_rdf(exported, tmp_path, no_units), tmp_path / "e")
     assert "\n" not in str(e.value)
+
+
+def test_an_output_the_os_refuses_is_one_line_before_the_export(runner_bundle, tmp_path):
+    from tilefeet.errors import OutputWriteError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OutputWriteError, match=r"cannot write .*package\.zip: .*nothing was written"):
+        export_package(runner_bundle, tmp_path / "a-file" / "package.zip")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

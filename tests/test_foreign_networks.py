@@ -142,12 +142,14 @@ def test_a_graph_whose_output_size_differs_is_refused(tmp_path, capsys):
     assert "output" in err and "an output of the input's size" in err
 
 
-def test_a_missing_pixel_size_is_refused(monai_onnx, tmp_path, capsys):
+def test_a_missing_pixel_size_is_refused(tmp_path, capsys):
+    (tmp_path / "x.onnx").write_bytes(b"declarations are checked before the graph is read")
     err = one_line_error(capsys, ["import-engine", str(tmp_path / "x.onnx"), "-o", str(tmp_path / "e"), "--classes", "m"])
     assert "missing pixel size" in err and "--pixel-size 4nm" in err
 
 
 def test_unknown_preprocessing_is_refused(tmp_path, capsys):
+    (tmp_path / "x.onnx").write_bytes(b"declarations are checked before the graph is read")
     err = one_line_error(capsys, ["import-engine", str(tmp_path / "x.onnx"), "-o", str(tmp_path / "e"), "--pixel-size",
                                   "4nm", "--classes", "m", "--normalize", "histeq:3"])
     assert "unknown preprocessing 'histeq:3'" in err and "meanstd:MEAN,STD" in err
@@ -293,3 +295,11 @@ def test_an_interrupted_run_on_an_onnx_bundle_resumes_to_the_same_bits(monai_onn
     got, want = zarr.open_group(str(out), mode="r"), zarr.open_group(str(ref), mode="r")
     for name in ("0", "1", "labels/membrane/0"):
         np.testing.assert_array_equal(got[name][:], want[name][:], err_msg=name)
+
+
+def test_a_file_that_is_no_network_is_named_before_any_declaration(tmp_path, capsys):
+    (tmp_path / "section.tif").write_bytes(b"II*\x00")
+    err = one_line_error(capsys, ["import-engine", str(tmp_path / "section.tif"), "-o", str(tmp_path / "e")])
+    assert "cannot import" in err and ".onnx" in err and "rdf.yaml" in err
+    err = one_line_error(capsys, ["import-engine", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "e")])
+    assert "no network file" in err

@@ -37,6 +37,7 @@ have. Its settings (``BIOIMAGEIO_CACHE_PATH``, ``BIOIMAGEIO_PERFORM_IO_CHECKS``)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -49,6 +50,7 @@ import numpy as np
 
 from .engine import Declared, EngineBundle, Normalization, import_network, load_engine
 from .errors import ConfigError, InputNotFoundError, InvalidEngineError
+from .storage import os_error
 
 #: preprocessing ids tilefeet maps (see the module docstring)
 KNOWN_PREPROCESSING = ("ensure_dtype", "zero_mean_unit_variance", "fixed_zero_mean_unit_variance", "scale_range", "scale_linear")
@@ -384,6 +386,10 @@ def _export_package(
     output = Path(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} exists; choose another -o or pass --overwrite to replace it")
+    try:  # before the export's minutes of work
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, output) from None
     if bundle.network == "torchscript":
         raise ConfigError(f"engine {bundle.name!r} is TorchScript; export-engine --bioimageio writes ONNX weights, which it cannot make")
     with tempfile.TemporaryDirectory(prefix="tilefeet-export-") as tmp:
@@ -439,11 +445,17 @@ def _export_package(
             weights=weights(m),
             config=cast(Any, {"tilefeet": _plain(config)}),
         )
-        if output.exists():
-            output.unlink()
-        output.parent.mkdir(parents=True, exist_ok=True)
-        save_bioimageio_package(descr, output_path=output)
-        _load_from_zip(output)  # validates the written package, as a user's bioimageio.spec would
+        packaged = work / "package.zip"
+        save_bioimageio_package(descr, output_path=packaged)
+        _load_from_zip(packaged)  # validates the written package, as a user's bioimageio.spec would
+        partial = output.with_name(output.name + ".partial")
+        try:  # copied beside the output, then renamed: a failed copy never leaves half a package there
+            shutil.copyfile(packaged, partial)
+            os.replace(partial, output)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            raise os_error(e, output) from None
     return output
 
 

@@ -486,6 +486,26 @@ class Declared:
                    **{k: v for k, v in kw.items() if v is not None})
 
 
+#: File suffixes :func:`import_network` reads: ONNX, a ``torch.export`` program, TorchScript.
+NETWORK_SUFFIXES = (".onnx", ".pt2", ".pt", ".ts", ".torchscript", ".jit")
+
+
+def check_network_file(source: str | os.PathLike) -> Path:
+    """``source`` as a path to a network file tilefeet can import, or one line saying why not
+    (checked before anything is asked of the user's declarations)."""
+    src = Path(source)
+    if not src.is_file():
+        from .errors import InputNotFoundError
+
+        raise InputNotFoundError(f"no network file {src}; give an .onnx, .pt2 or TorchScript file")
+    if src.suffix.lower() not in NETWORK_SUFFIXES:
+        raise ConfigError(
+            f"cannot import {src}: give an ONNX graph (.onnx), a torch.export program (.pt2), TorchScript (.pt) "
+            "or a bioimage.io package (rdf.yaml, .zip)"
+        )
+    return src
+
+
 def import_network(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -506,11 +526,7 @@ def import_network(
     ``extra``: more engine.toml tables (e.g. ``[bioimageio]`` provenance)."""
     from .models import foreign
 
-    src = Path(source)
-    if not src.is_file():
-        from .errors import InputNotFoundError
-
-        raise InputNotFoundError(f"no network file {src}; give an .onnx, .pt2 or TorchScript file")
+    src = check_network_file(source)
     where = str(src)
     suffix = src.suffix.lower()
     arch: dict[str, Any]
@@ -573,8 +589,8 @@ def import_network(
 
         def save(folder: Path) -> None:
             shutil.copyfile(src, folder / weights_name)
-    else:
-        raise ConfigError(f"cannot import {src}: give an ONNX graph (.onnx), a torch.export program (.pt2) or TorchScript (.pt)")
+    else:  # pragma: no cover - check_network_file refused it
+        raise ConfigError(f"cannot import {src}")
     if declared.in_channels is not None and declared.in_channels != channels:
         raise InvalidEngineError(f"{src} takes {channels} input channel(s), but {declared.in_channels} were declared")
     geometry = foreign.measure(

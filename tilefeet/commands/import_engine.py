@@ -44,8 +44,9 @@ def import_engine(
         bundle = import_package(source, out, pixel_size_nm=pixel_size, classes=classes, name=name,
                                 receptive_field=receptive_field, overwrite=overwrite)
     else:
-        from ..engine import Declared, import_network
+        from ..engine import Declared, check_network_file, import_network
 
+        check_network_file(source)  # what the file is, before what the user must declare about it
         declared = Declared.create(pixel_size_nm=pixel_size, classes=classes, activation=activation, normalization=normalize,
                                    in_channels=channels, receptive_field=receptive_field)
         bundle = import_network(source, out, declared, name=name, overwrite=overwrite)
