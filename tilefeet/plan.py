@@ -293,7 +293,7 @@ def read_level(image: ImageMeta, engine: EngineSpec, settings: Settings) -> tupl
     if px0 is None:
         raise InvalidImageError(
             f"{image.source} does not say its pixel size (no units in its axes metadata); "
-            f"supply it with --pixel-size, e.g. --pixel-size 4nm"
+            f"supply it with --pixel-size, e.g. --pixel-size 4nm (in Python: pixel_size_nm=\"4nm\")"
         )
     sizes = [lv.pixel_size_nm or px0 for lv in image.levels]
     level = choose_level(sizes, engine.pixel_size_nm, settings.resample_tolerance)
