@@ -422,3 +422,18 @@ def test_remote_errors_are_one_line_naming_the_url_and_the_fix(http, s3_env, s3_
                AWS_ENDPOINT_URL=s3_env.url)
     r = subprocess.run(cli_command("info", good), env=env, capture_output=True, text=True)
     assert_one_line(r.returncode, r.stderr, good, "no credentials", "AWS_ACCESS_KEY_ID", "anon=true")
+
+
+def test_a_bucket_whose_name_says_bucket_is_not_taken_for_missing(s3, served, random_engine, reference):
+    """s3fs's "not found" for a key holds the bucket's name; "my-bucket" made every missing key (a
+    fresh output's run state, a mistyped input) read as a missing bucket, so nothing could be written
+    there. The server is asked instead."""
+    bucket = f"my-bucket-{uuid.uuid4().hex[:6]}"
+    _fs(s3).mkdir(bucket)
+    out = tilefeet.segment_to_zarr(served / "section.ome.zarr", f"s3://{bucket}/o.ome.zarr", random_engine, storage_options=s3.options, **KW)
+    assert s3_objects(s3, f"{bucket}/o.ome.zarr") == local_objects(reference), out
+    with pytest.raises(tilefeet.errors.InputNotFoundError, match="does not exist") as missing_key:
+        tilefeet.segment_to_zarr(f"s3://{bucket}/typo.ome.zarr", "unused.ome.zarr", random_engine, storage_options=s3.options)
+    assert "the bucket" not in str(missing_key.value)
+    with pytest.raises(tilefeet.errors.InputNotFoundError, match="the bucket 'my-bucket-none' does not exist"):
+        tilefeet.segment_to_zarr("s3://my-bucket-none/s.ome.zarr", "unused.ome.zarr", random_engine, storage_options=s3.options)

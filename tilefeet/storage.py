@@ -379,6 +379,21 @@ def _reason(e: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def bucket_missing(e: BaseException, remote: Remote) -> bool:
+    """Whether "not found" (``e``) means the bucket itself is missing rather than a key in it. Asked of
+    the server when the error does not say: the word "bucket" in a message proves nothing, as it is in
+    the path whenever the bucket's name holds it (``s3://my-bucket/...``)."""
+    text = str(e)
+    if "NoSuchBucket" in text or "specified bucket does not exist" in text.lower():
+        return True
+    if remote.scheme != "s3":
+        return False
+    try:
+        return not remote.filesystem().exists(remote.bucket)
+    except Exception:
+        return False
+
+
 def remote_error(e: BaseException, remote: Remote, *, role: str = "input", writing: bool = False) -> TilefeetError:
     """What a request to ``remote`` raised, as one line that names the URL and the fix. Errors that
     are not about storage or the network come back as a generic :class:`RemoteStorageError`."""
@@ -411,7 +426,7 @@ def remote_error(e: BaseException, remote: Remote, *, role: str = "input", writi
             f"and that the server is up and reachable from here"
         )
     if isinstance(e, FileNotFoundError) or status in (404, 410) or "NoSuchBucket" in str(e):
-        if "bucket" in str(e).lower():
+        if bucket_missing(e, remote):
             fix = f"create it first (aws s3 mb s3://{remote.bucket}) or write elsewhere" if writing else "check the bucket name"
             cls = OutputWriteError if writing else InputNotFoundError
             return cls(f"{what}: the bucket {remote.bucket!r} does not exist at {remote.endpoint()}; {fix}")
@@ -605,6 +620,7 @@ class ObjectStoreOutput(OutputLocation):
         self.remote = remote
         self.final = Url(remote.url)
         self.staging = self.final
+        self._bucket_seen = False  #: the bucket is known to exist (so "not found" means a key)
 
     def __repr__(self) -> str:
         return f"ObjectStoreOutput({self.remote.url!r})"
@@ -622,8 +638,9 @@ class ObjectStoreOutput(OutputLocation):
         try:
             return f(*args, **kwargs)
         except FileNotFoundError as e:
-            if "bucket" in str(e).lower():
+            if not self._bucket_seen and bucket_missing(e, self.remote):
                 raise remote_error(e, self.remote, role="output", writing=True) from None
+            self._bucket_seen = True  # a missing key, not a missing bucket: asked once per output
             raise
         except Exception as e:
             if is_remote_error(e):
