@@ -35,7 +35,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError, EngineNotFoundError, InvalidEngineError
+from .errors import ConfigError, EngineNotFoundError, InputNotFoundError, InvalidEngineError
 from .intensity import Normalization
 
 ENGINE_FILE = "engine.toml"
@@ -495,8 +495,6 @@ def check_network_file(source: str | os.PathLike) -> Path:
     (checked before anything is asked of the user's declarations)."""
     src = Path(source)
     if not src.is_file():
-        from .errors import InputNotFoundError
-
         raise InputNotFoundError(f"no network file {src}; give an .onnx, .pt2 or TorchScript file")
     if src.suffix.lower() not in NETWORK_SUFFIXES:
         raise ConfigError(
