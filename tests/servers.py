@@ -57,8 +57,14 @@ class Server:
         self._mark = len(self.log.read_text(errors="replace"))
 
     def gets(self, prefix: str) -> Counter:
-        """GET requests answered 200 since the mark, per path under ``prefix``."""
-        return Counter(r.path for r in self.requests() if r.method == "GET" and r.status == 200 and r.path.startswith(prefix))
+        """GET requests of files answered 200 since the mark, per path under ``prefix`` (folder
+        listings, ``.../``, are :meth:`listings`)."""
+        return Counter(r.path for r in self.requests()
+                       if r.method == "GET" and r.status == 200 and r.path.startswith(prefix) and not r.path.endswith("/"))
+
+    def listings(self, prefix: str) -> list[str]:
+        """Folder listings (GETs of ``.../`` answered 200) since the mark under ``prefix``, in order."""
+        return [r.path for r in self.requests() if r.method == "GET" and r.status == 200 and r.path.startswith(prefix) and r.path.endswith("/")]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -89,7 +95,8 @@ def _start(args: list[str], log: Path, port: int, env: dict | None = None) -> Se
 
 
 def start_http_server(root: Path, log: Path) -> Server:
-    """``python -m http.server`` serving ``root`` (read-only, GET and HEAD, no listings used)."""
+    """``python -m http.server`` serving ``root`` (read-only, GET and HEAD; folders are listed as HTML
+    pages, which is how tilefeet finds missing chunks there)."""
     port = free_port()
     return _start(["-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)], log, port)
 

@@ -13,7 +13,7 @@ import tilefeet
 #: then data in and out, then planning and engines, the block function, graphs, entry points.
 LAYERS: list[list[str]] = [
     ["errors", "units", "geometry", "console", "artifacts", "device", "profile"],
-    ["resolution", "blend", "intensity", "metrics", "ngff", "storage", "models", "sample", "mask"],
+    ["resolution", "blend", "intensity", "metrics", "ngff", "storage", "chunks", "models", "sample", "mask"],
     ["settings", "image", "engine", "convert", "training_data", "augment"],
     ["plan", "runners", "train", "bioimageio"],
     ["block", "tilecache", "writer"],

@@ -104,6 +104,9 @@ def segment(
     mask: str = typer.Option(
         "none", "--mask", help="Run the network only on tissue: none, auto (found in the section), or a label image path."
     ),
+    allow_missing_chunks: bool = typer.Option(
+        False, "--allow-missing-chunks", help="Run although chunk files of the input are missing (they read as its fill value: a hole)."
+    ),
     objects: bool = typer.Option(False, "--objects", help="Also find the objects of each class and measure them (see tilefeet objects)."),
     cells: bool = typer.Option(False, "--cells", help="With --objects: the cells between membranes (a membrane engine)."),
     min_size: Optional[str] = typer.Option(None, "--min-size", help="With --objects: drop objects smaller than this, e.g. 0.01um2."),
@@ -157,6 +160,7 @@ def segment(
         tta=tta,
         uncertainty=uncertainty,
         mask=mask,
+        allow_missing_chunks=allow_missing_chunks,
     )
     t0 = time.perf_counter()
     with default_storage_options(storage):  # for what else the run opens by URL (a --mask label image)

@@ -310,8 +310,10 @@ def write_image(
         from .units import nm_per_unit
 
         unit_scale = 1.0 / nm_per_unit(unit)
+    # Every chunk is written, empty ones too, and the store says so: a chunk absent later was lost
+    # (tilefeet.chunks), which is then told apart from one a writer left out as empty.
     ms = multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, lead_scale=[pixel_size_nm[0] * unit_scale] if lead_axes else None,
-                     unit=unit, unit_scale=unit_scale)
+                     unit=unit, unit_scale=unit_scale, metadata={"method": "tilefeet.convert", "every_chunk_written": True})
     fmt: Literal[2, 3] = 3 if version.startswith("0.5") else 2
     try:
         if location.has_staging():
@@ -321,6 +323,7 @@ def write_image(
         full = [(*arr.shape[:-2], *shape) for shape in shapes]
         arrays = create_levels(root, full, chunks=ch, dtype=arr.dtype, dimension_names=[a["name"] for a in ms["axes"]] if fmt == 3 else None,
                                compressors="auto" if fmt == 2 else "default")
+        arrays = [z.with_config({"write_empty_chunks": True}) for z in arrays]
         with dask_progress("convert", enabled=progress, unit="chunk", counts=_is_store_task):
             for k, z in enumerate(arrays):
                 # Each level is computed from the one just written, so the input is read only once.

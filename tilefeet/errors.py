@@ -27,6 +27,11 @@ class CorruptDataError(TilefeetError, OSError):
     """Stored data could not be decoded (a damaged chunk or file)."""
 
 
+class MissingDataError(TilefeetError, FileNotFoundError):
+    """Chunk files of a stored image are missing (lost, not left out as empty): they would read as
+    the array's fill value. See :mod:`tilefeet.chunks`."""
+
+
 class UnitError(TilefeetError, ValueError):
     """A physical unit or pixel size that cannot be understood."""
 

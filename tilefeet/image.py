@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .chunks import ChunkCheck, check_chunks, chunk_key
 from .errors import CorruptDataError, InvalidImageError, TilefeetWarning
 from .geometry import Box, Pair, reflect_index
 from .storage import Remote, is_remote_error, is_url, remote_error
@@ -102,6 +103,9 @@ class Image:
     #: how to reach a URL ``meta.source`` (see :mod:`tilefeet.storage`): kept out of the metadata, so
     #: that neither the plan's fingerprint nor anything written holds credentials
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: the store's writer records that it stores every chunk (tilefeet's convert and segment), so an
+    #: absent chunk is missing data, never one left out as empty (:mod:`tilefeet.chunks`)
+    every_chunk_written: bool = False
 
     # ---- construction
 
@@ -198,6 +202,17 @@ class Image:
         hull = self.hull(level, box)
         return self.array(level)[self._lead + (slice(hull.y0, hull.y1), slice(hull.x0, hull.x1))]
 
+    def check_chunks(self, level: int) -> ChunkCheck | None:
+        """One listing of the level's stored chunks: which are missing (:mod:`tilefeet.chunks`);
+        None for an in-memory array, which has nothing missing."""
+        if self.in_memory:
+            return None
+        return check_chunks(
+            self.array(level), self.meta.source, self.meta.levels[level].path, what=f"level {level}", lead=self._lead,
+            read=lambda box: self._read_inside(level, box), every_chunk_written=self.every_chunk_written,
+            storage_options=self.storage_options,
+        )
+
     def _read_inside(self, level: int, box: Box) -> np.ndarray:
         arr = self.array(level)
         index = self._lead + (slice(box.y0, box.y1), slice(box.x0, box.x1))
@@ -211,11 +226,38 @@ class Image:
             if not isinstance(e, (RuntimeError, ValueError)):
                 raise
             # what zarr and numcodecs raise on bytes they cannot decode
-            raise CorruptDataError(
-                f"{self.meta.source}: could not decode level {level} ({self.meta.levels[level].path}) at "
-                f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-                f"a chunk there is damaged: restore or re-convert the input"
-            ) from None
+            raise self._damaged(level, box, e) from None
+
+    def _damaged(self, level: int, box: Box, error: Exception) -> CorruptDataError:
+        """The error for bytes in ``box`` that do not decode, naming the damaged chunk: on this error
+        path only, the box is read again chunk by chunk to find it."""
+        lv = self.meta.levels[level]
+        found = self._first_damaged(level, box)
+        if found is None:  # no chunk fails on its own (or it could not be read again): name the box
+            return CorruptDataError(
+                f"{self.meta.source}: could not decode level {level} ({lv.path}) at y {box.y0}:{box.y1}, x {box.x0}:{box.x1}: "
+                f"{_first_line(error)}; a chunk there is damaged: restore or re-convert the input"
+            )
+        key, cell, error = found
+        return CorruptDataError(
+            f"{self.meta.source}: chunk {key} of level {level} (y {cell.y0}:{cell.y1}, x {cell.x0}:{cell.x1}) cannot be decoded "
+            f"({_first_line(error)}): the file is damaged; restore it (copy or convert the input again)"
+        )
+
+    def _first_damaged(self, level: int, box: Box) -> tuple[str, Box, Exception] | None:
+        """The key (relative to the image), pixels and error of the first chunk in ``box`` that does not decode."""
+        arr, (h, w) = self.array(level), self.meta.levels[level].shape
+        ch, cw = (int(c) for c in arr.chunks[-2:])
+        for y in range(box.y0 // ch * ch, box.y1, ch):
+            for x in range(box.x0 // cw * cw, box.x1, cw):
+                cell = Box(y, x, min(y + ch, h), min(x + cw, w))
+                try:
+                    arr[self._lead + (slice(cell.y0, cell.y1), slice(cell.x0, cell.x1))]
+                except (RuntimeError, ValueError) as e:
+                    return f"{self.meta.levels[level].path}/{chunk_key(arr, y, x, self._lead)}", cell, e
+                except Exception:
+                    continue
+        return None
 
     def __getstate__(self) -> dict:
         # Arrays never travel with the image: a store's are re-opened in the receiving process, and
@@ -274,7 +316,12 @@ def _open_ome_zarr(path: str | Path, sections_only: bool = True, storage_options
         levels.append(Level(ds.path, (ds.shape[-2], ds.shape[-1]), (ds.chunks[-2], ds.chunks[-1]), px, ms.origin_nm(k) if px else (0.0, 0.0)))
     meta = ImageMeta(ms.path, tuple(levels), ds0.dtype, len(names), ms.version, ms.name, names, tuple(ds0.shape[:-2]))
     _check_level(meta, 0)
-    return Image(meta, [], lead)
+    return Image(meta, [], lead, every_chunk_written=ms.metadata.get("every_chunk_written") is True)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _check_axes_shape(shape: tuple[int, ...], names: tuple[str, ...], where: str) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .chunks import ChunkCheck
 from .engine import EngineBundle, load_engine
 from .errors import ConfigError, Interrupted, TilefeetError
 from .geometry import Box
@@ -105,12 +106,13 @@ def plan_segmentation(
     spec = EngineSpec.from_bundle(bundle)
     g = grids(image.meta, spec, settings)  # refuses impossible pixel sizes before reading
     bundle.check_weights()  # before reading pixels: a damaged bundle is the cheaper thing to find
+    chunks = input_chunks(image, g, settings)
     sample = section_sample(image, g.level)
     imap = make_intensity_map(settings.intensity, bundle.normalization, sample, dtype=np.dtype(image.meta.dtype), invert=settings.invert)
     for problem in (mismatch(imap, sample), inversion_warning(imap, sample) if settings.invert is None else None):
         if problem:
             warnings.warn(IntensityWarning(problem), stacklevel=2)
-    plan = make_plan(image.meta, spec, settings, imap, tissue_mask(settings.mask, image, g))
+    plan = make_plan(image.meta, spec, settings, imap, tissue_mask(settings.mask, image, g), chunks)
     runner, reason = _runner_spec(plan, bundle, resume_into, resolve_backend)
     return Run(plan, image, bundle, runner, reason)
 
@@ -137,6 +139,24 @@ def _module_bundle(declared: dict, source: Any, settings: Settings, storage_opti
         activation=declared.get("activation", "sigmoid"),
         normalization=declared.get("normalization"),
     )
+
+
+def input_chunks(image: Image, g: Any, settings: Settings) -> tuple[ChunkCheck, ...]:
+    """The stored chunks of each level the run reads (the level segmented, and the tissue mask's),
+    each from one listing of the store (:mod:`tilefeet.chunks`). Missing ones (lost, not left out as
+    empty) are refused unless ``allow_missing_chunks``: they would read as the fill value and leave
+    a hole with no segmentation. An in-memory array has nothing missing."""
+    levels = [g.level] + ([mask_level(g)[0]] if settings.mask == "auto" else [])
+    checks = tuple(c for c in (image.check_chunks(k) for k in dict.fromkeys(levels)) if c is not None)
+    for c in checks:
+        if c.missing and not settings.allow_missing_chunks:
+            allow = "pass --allow-missing-chunks (in Python: allow_missing_chunks=True)"
+            raise c.error(
+                "a hole with no segmentation",
+                "restore them (copy or convert the input again), or "
+                + (f"if they are empty on purpose, {allow}" if c.reason == "pixels" else f"{allow} to segment anyway, with a hole there"),
+            )
+    return checks
 
 
 def tissue_mask(option: str, image: Image, g: Any) -> TissueMask | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .chunks import ChunkCheck
 from .errors import ConfigError, InvalidImageError, TilefeetWarning, UnitError
 from .geometry import BlockGrid, Box, GridMap, Pair, TileLattice, resample_taps
 from .image import ImageMeta
@@ -118,6 +119,9 @@ class Plan:
     blocks: BlockGrid
     intensity: IntensityMap
     mask: TissueMask | None = None  #: where the network runs (``--mask``); None: everywhere
+    #: the stored chunks of each level read (one listing each): missing ones were allowed
+    #: (``--allow-missing-chunks``); empty for an in-memory input
+    chunks: tuple[ChunkCheck, ...] = ()
 
     # ---- maps between grids
 
@@ -273,6 +277,7 @@ class Plan:
             + (f"; test-time augmentation × {self.settings.tta} network calls per tile" if self.settings.tta > 1 else "")
             + ")",
             *(["uncertainty the TTA members' disagreement, written to uncertainty/"] if self.settings.uncertainty else []),
+            *(f"chunks      {c.describe()}" for c in self.chunks),
             *(
                 [f"mask        {s['mask']}: {s['area_skipped']:.0%} of the section is not tissue; {s['tiles_skipped']:.0%} of the "
                  f"lattice tiles skipped (outside it the output reads 0)"]
@@ -347,7 +352,8 @@ def grids(image: ImageMeta, engine: EngineSpec, settings: Settings) -> Grids:
 
 
 def make_plan(
-    image: ImageMeta, engine: EngineSpec, settings: Settings, intensity: IntensityMap, mask: TissueMask | None = None
+    image: ImageMeta, engine: EngineSpec, settings: Settings, intensity: IntensityMap, mask: TissueMask | None = None,
+    chunks: tuple[ChunkCheck, ...] = (),
 ) -> Plan:
     """Build the grids, lattice and blocks for ``image`` (pixel size applied by :func:`read_level`),
     and check the options against the engine."""
@@ -377,7 +383,7 @@ def make_plan(
     block = block_size(settings, zoom)
     settings = settings.replace(block_size=block, tile=tile, overlap=overlap, tta=tta)  # the plan's settings are concrete
     blocks = BlockGrid(output.shape, block)
-    return Plan(image, engine, settings, level, source, network, output, lattice, blocks, intensity, mask)
+    return Plan(image, engine, settings, level, source, network, output, lattice, blocks, intensity, mask, chunks)
 
 
 def block_size(settings: Settings, zoom: tuple[float, float]) -> Pair:

@@ -31,7 +31,7 @@ DEFAULT_BLOCK = 4096
 #: Default device memory (MiB) for tiles shared by neighbouring blocks (:mod:`tilefeet.tilecache`).
 DEFAULT_TILE_CACHE_MB = 512
 #: Settings that change no output bit (left out of the resume fingerprint and dask keys).
-NOT_IN_FINGERPRINT = ("blocks_in_flight", "device", "tile_cache_mb")
+NOT_IN_FINGERPRINT = ("blocks_in_flight", "device", "tile_cache_mb", "allow_missing_chunks")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ class Settings:
     #: where the network runs: "none" (everywhere), "auto" (where the section has tissue, see
     #: tilefeet.mask), or the path of a label image (non-zero = run there)
     mask: str = "none"
+    #: run although chunk files of the level read are missing (they read as the fill value, a hole in
+    #: the result); off, such an input is refused (tilefeet.chunks tells them from chunks left out as empty)
+    allow_missing_chunks: bool = False
 
     @classmethod
     def create(cls, **kwargs: Any) -> Settings:

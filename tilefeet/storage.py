@@ -436,6 +436,21 @@ def remote_error(e: BaseException, remote: Remote, *, role: str = "input", writi
     return RemoteStorageError(f"could not {verb} {what}: {type(e).__name__}: {_reason(e)}")
 
 
+def list_files(location: str | os.PathLike, options: Mapping[str, Any] | None = None) -> set[str]:
+    """The paths (``/``-separated, relative to ``location``) of every file under a folder or URL
+    prefix, from one listing: a walk of the folder, one paginated listing on S3, and on a web server
+    one page per folder (empty when the server lists no folders). Errors of a server are raised."""
+    if is_url(location):
+        remote = Remote.create(str(location), options)
+        base = remote.fs_path().rstrip("/") + "/"
+        return {p[len(base) :] for p in remote.filesystem().find(remote.fs_path()) if p.startswith(base)}
+    root, found = Path(location), set[str]()
+    for folder, _, files in os.walk(root):
+        rel = Path(folder).relative_to(root).as_posix()
+        found.update(f if rel == "." else f"{rel}/{f}" for f in files)
+    return found
+
+
 def is_remote_error(e: BaseException) -> bool:
     """Did a request to a server fail (as opposed to a bug or bad data)? Used to translate errors
     raised from inside zarr while it reads or writes chunks."""

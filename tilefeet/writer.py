@@ -192,13 +192,13 @@ class OutputStore:
         """Write one block's probabilities and labels to level 0, then its completion record."""
         root: Any = self.location.open_group("r+")
         b = out.box
-        root["0"][:, b.y0 : b.y1, b.x0 : b.x1] = out.probabilities
+        every(root["0"])[:, b.y0 : b.y1, b.x0 : b.x1] = out.probabilities
         if out.labels is not None:
             for i, cls in enumerate(self.plan.engine.classes):
-                root[f"labels/{label_name(cls)}/0"][b.y0 : b.y1, b.x0 : b.x1] = out.labels[i]
+                every(root[f"labels/{label_name(cls)}/0"])[b.y0 : b.y1, b.x0 : b.x1] = out.labels[i]
         counts = {}
         if out.uncertainty is not None:
-            root["uncertainty/0"][b.y0 : b.y1, b.x0 : b.x1] = out.uncertainty
+            every(root["uncertainty/0"])[b.y0 : b.y1, b.x0 : b.x1] = out.uncertainty
             kept = self.plan.kept_pixels(b)
             uncertain = out.uncertainty >= round(UNCERTAIN_AT * 255)
             counts = {
@@ -256,16 +256,16 @@ class OutputStore:
         mean = downsample_mean(np.asarray(src[:, region.y0 : region.y1, region.x0 : region.x1]), box.shape)
         scale = 255.0 if s.output_dtype == "uint8" else 1.0
         if s.output_dtype == "uint8":
-            root[str(level)][:, box.y0 : box.y1, box.x0 : box.x1] = np.round(mean).astype(np.uint8)
+            every(root[str(level)])[:, box.y0 : box.y1, box.x0 : box.x1] = np.round(mean).astype(np.uint8)
         else:
-            root[str(level)][:, box.y0 : box.y1, box.x0 : box.x1] = mean.astype(s.output_dtype)
+            every(root[str(level)])[:, box.y0 : box.y1, box.x0 : box.x1] = mean.astype(s.output_dtype)
         if s.labels:
             for i, cls in enumerate(self.plan.engine.classes):
                 lab = (mean[i] >= s.threshold * scale).astype(np.uint8)
-                root[f"labels/{label_name(cls)}/{level}"][box.y0 : box.y1, box.x0 : box.x1] = lab
+                every(root[f"labels/{label_name(cls)}/{level}"])[box.y0 : box.y1, box.x0 : box.x1] = lab
         if s.uncertainty:
             u = root[f"uncertainty/{level - 1}"][region.y0 : region.y1, region.x0 : region.x1]
-            root[f"uncertainty/{level}"][box.y0 : box.y1, box.x0 : box.x1] = np.round(downsample_mean(u[None], box.shape)[0]).astype(np.uint8)
+            every(root[f"uncertainty/{level}"])[box.y0 : box.y1, box.x0 : box.x1] = np.round(downsample_mean(u[None], box.shape)[0]).astype(np.uint8)
         self.mark_done(record)
 
     def finalize(self) -> Path | Url:
@@ -276,6 +276,9 @@ class OutputStore:
         summary: dict[str, Any] = {"backends": dict(Counter(r.get("backend") or "?" for r in records if not r.get("skipped")))}
         if self.plan.mask is not None:
             summary["blocks_outside_mask"] = sum(1 for r in records if r.get("skipped"))
+        # Blocks write every chunk they own, empty ones too (blocks outside a mask write none): a
+        # chunk absent from a finished output without a mask was lost (tilefeet.chunks).
+        summary["every_chunk_written"] = self.plan.mask is None
         if self.plan.settings.uncertainty:
             pixels = sum(r.get("pixels", 0) for r in records)
             summary["uncertain_fraction"] = sum(r.get("uncertain", 0) for r in records) / max(pixels, 1)
@@ -287,6 +290,11 @@ class OutputStore:
         ome["multiscales"] = [ms, *ome["multiscales"][1:]]
         root.attrs["ome"] = ome
         return self.location.publish()
+
+
+def every(array: Any) -> Any:
+    """``array``, writing chunks that hold only its fill value too (zarr leaves them out by default)."""
+    return array.with_config({"write_empty_chunks": True})
 
 
 def check_output(location: OutputLocation, *, overwrite: bool, resume: bool) -> None:
@@ -374,6 +382,9 @@ def _provenance(plan: Plan, runner: dict) -> dict:
         "network_pixel_size_nm": list(plan.network.pixel_size_nm),
         "intensity": plan.intensity.describe(),
         "mask": {k: s[k] for k in ("mask", "tiles_skipped", "area_skipped") if k in s} or None,
+        # chunk files of the input missing (and read as its fill value) with --allow-missing-chunks
+        "missing_chunks": sum(c.missing for c in plan.chunks),
+        "input_chunks": [c.summary() for c in plan.chunks],
         "runner": runner,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.settings.fingerprint_items().items()},
     }

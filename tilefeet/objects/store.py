@@ -170,6 +170,9 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
     stored = float(ms.metadata.get("settings", {}).get("threshold", 0.5))
     name = label_name(cls)
     use_labels = (threshold is None or math.isclose(threshold, stored, abs_tol=1e-12)) and name in ms.labels
+    if ms.metadata.get("every_chunk_written") is True:
+        _check_chunks(path, [(level0.path, (channel,), f"the {cls} probabilities")]
+                      + ([(f"labels/{name}/0", None, f"labels/{name}")] if use_labels else []))
     return ClassSource(
         store=str(path), prob_path=level0.path, channel=channel, class_name=cls,
         shape=(level0.shape[1], level0.shape[2]), chunks=(level0.chunks[1], level0.chunks[2]),
@@ -177,6 +180,21 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
         threshold=stored if threshold is None else float(threshold), mask_path=f"labels/{name}/0" if use_labels else None,
         levels=len(ms.datasets),
     )
+
+
+def _check_chunks(path: Path, arrays: list[tuple[str, tuple[int, ...] | None, str]]) -> None:
+    """Refuse an output that lost chunk files of an array objects read (``(path, leading index, in words)``):
+    its writer stored every chunk, and a lost one would read as 0, no objects there (:mod:`tilefeet.chunks`)."""
+    import zarr
+
+    from ..chunks import check_chunks
+
+    for array_path, lead, what in arrays:
+        arr = zarr.open_array(str(path / array_path), mode="r")
+        found = check_chunks(arr, str(path), array_path, what=what, lead=lead if lead is not None else (0,) * (arr.ndim - 2),
+                             every_chunk_written=True)
+        if found.missing:
+            raise found.error("no objects there", "segment the section again (tilefeet segment IN OUT --overwrite) to restore the output")
 
 
 def level_shapes(shape: Pair, levels: int) -> list[Pair]:
