@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .blend import device_window
+from .blend import device_window, tile_ramps
 from .geometry import Box, Pair, resample_taps
 from .plan import BlockGeometry, Plan
 from .profile import PROFILE
@@ -148,7 +148,6 @@ def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) ->
     n_out = plan.channels
     acc = torch.zeros((n_out, *need.shape), dtype=torch.float32, device=x.device)
     wsum = None if crop else torch.zeros(need.shape, dtype=torch.float32, device=x.device)
-    window = None if crop else device_window(lattice.tile, kind, str(x.device))
     # lattice order fixes the summation order; tiles outside the tissue mask do not run
     tiles = [(iy, ix) for iy in geo.tiles[0] for ix in geo.tiles[1] if plan.tile_runs(iy, ix)]
     for (iy, ix), p in _predictions(x, tiles, geo, plan, runner):
@@ -161,9 +160,8 @@ def blend_tiles(x: torch.Tensor, geo: BlockGeometry, plan: Plan, runner: Any) ->
             p = p[(slice(None), *src)]
             if wsum is None:  # crop: each pixel is kept by exactly one tile
                 acc[(slice(None), *dst)] = p
-            else:
-                assert window is not None
-                w = window[src]
+            else:  # the tile's window depends on its place in the lattice (module blend), not on the block
+                w = device_window(lattice.tile, kind, tile_ramps(lattice, iy, ix), str(x.device))[src]
                 acc[(slice(None), *dst)] += p * w
                 wsum[dst] += w
     if wsum is None:
