@@ -17,18 +17,24 @@ in one line rather than approximated:
 * postprocessing: ``sigmoid`` / ``softmax`` become the bundle's activation (none: the network
   returns probabilities itself, which the import checks);
 * halo: recorded, and the measured receptive field never goes below ``2·halo + 1``;
-* weights, first usable wins: ``pytorch_state_dict`` whose architecture tilefeet knows
-  (its own U-Net, exactly, or a MONAI network, exported to a ``.pt2`` program), ``onnx``,
+* weights: a package tilefeet made from its own U-Net gives the original bundle back (the attached
+  weights file; from earlier tilefeet versions, their ``pytorch_state_dict``). Otherwise the first
+  usable wins: ``pytorch_state_dict`` of a MONAI network (exported to a ``.pt2`` program), ``onnx``,
   ``torchscript`` (``torch.jit.load``, not pickle). State dicts are read with
   ``torch.load(weights_only=True)``. Package sha256s that do not match are refused.
 
-**Out.** A tilefeet bundle becomes a package whose weights all return probabilities: ONNX (the
-checked export, activation inside) and, for tilefeet's U-Net, ``pytorch_state_dict`` with the
-architecture :class:`tilefeet.models.unet.UNet2dProbabilities`; fixed preprocessing from the
-bundle's normalization; pixel size in the axes; classes as output channel names; the halo from the
-receptive field; test tensors computed by the bundle's own network; and the whole ``engine.toml``
-under ``config.tilefeet``, so importing the package back gives the original bundle, bit for bit for
-tilefeet's U-Net. The package is validated with ``bioimageio.spec`` before it is written.
+**Out.** A tilefeet bundle becomes a package whose weights run without tilefeet and return
+probabilities (the activation is inside the graph, so there is no postprocessing): TorchScript
+(the network traced, for every network torch runs) as the original entry and ONNX (the checked
+export, for every network but TorchScript) converted from it. Fixed or per-image preprocessing from
+the bundle's normalization; pixel size in the axes; classes as output channel names; the halo from
+the receptive field, and tile sizes as ``min + n·step``; test tensors computed by the package's own
+weights, each format checked against the bundle's network first; sample TIFFs and a cover; the
+description in the format the newest ``bioimageio.core`` reads (:data:`FORMAT_VERSION`). The whole
+``engine.toml`` is ``config.tilefeet`` and, for tilefeet's U-Net, the trained weights file is an
+attachment, so importing the package back gives the original bundle, bit for bit. The package is
+validated with ``bioimageio.spec`` before it is written; ``bioimageio.core``'s model test passes on
+it in an environment without tilefeet (``tests/test_bioimageio_core.py``).
 
 Offline: ``bioimageio.spec`` validates a local package without network access; it only goes online
 for URLs in a description (a remote source or a ``parent`` id), which tilefeet's packages do not
@@ -43,6 +49,7 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -148,7 +155,7 @@ def _to_bundle(
     normalization, activation = _normalization(inp, where), _activation(outp, where)  # refuses what it cannot honour
     config = (descr.config.model_dump() if hasattr(descr.config, "model_dump") else dict(descr.config or {})).get("tilefeet")
     if config and pixel_size_nm is None and classes is None:
-        own = _own_unet(descr, folder, out, config, name, overwrite)
+        own = _own_unet(descr, folder, out, config, name, overwrite, where)
         if own is not None:
             return own
     if pixel_size_nm is None and px is None:
@@ -320,24 +327,46 @@ def _export_for_import(net: Any, declared: Declared, path: Path) -> None:
     export_program(net, channels, max(divisor, stride), path)
 
 
-def _own_unet(descr: Any, folder: Path, out: Path, config: Mapping[str, Any], name: str, overwrite: bool) -> EngineBundle | None:
-    """A package tilefeet exported from its own U-Net: the exact bundle back (state dict, engine.toml)."""
-    sd = descr.weights.pytorch_state_dict
-    if sd is None or str(getattr(sd.architecture, "import_from", "")) != "tilefeet.models.unet":
-        return None
+def _own_unet(
+    descr: Any, folder: Path, out: Path, config: Mapping[str, Any], name: str, overwrite: bool, where: str
+) -> EngineBundle | None:
+    """A package tilefeet exported from its own U-Net: the exact bundle back (engine.toml and the
+    trained weights). The package attaches the bundle's weights file, named with its sha256 in
+    ``config.tilefeet``; packages of earlier tilefeet versions held them as ``pytorch_state_dict``
+    weights of ``tilefeet.models.unet.UNet2dProbabilities``."""
     from safetensors.torch import save_file
 
     from .engine import ENGINE_FILE, dump_toml, file_sha256
     from .errors import OutputExistsError
 
+    if dict(config.get("architecture") or {}).get("name") != "unet2d":
+        return None
+    recorded = dict(config.get("weights") or {})
+    attached = {_file(a.source, folder).name: _file(a.source, folder) for a in descr.attachments}
+    sd = descr.weights.pytorch_state_dict
+    if recorded.get("file") in attached:
+        source = attached[recorded["file"]]
+        if recorded.get("sha256") and file_sha256(source) != recorded["sha256"]:
+            raise InvalidEngineError(
+                f"{where}: its attached {source.name} is not the file whose sha256 config.tilefeet records; re-export the package"
+            )
+
+        def write(path: Path) -> None:
+            shutil.copyfile(source, path)
+    elif sd is not None and str(getattr(sd.architecture, "import_from", "")) == "tilefeet.models.unet":
+        state = {k.removeprefix("net."): v.contiguous() for k, v in _state_dict(sd, folder, where).items()}
+
+        def write(path: Path) -> None:
+            save_file(state, str(path))
+    else:
+        return None
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; choose another -o or pass --overwrite to replace it")
-    state = {k.removeprefix("net."): v.contiguous() for k, v in _state_dict(sd, folder, str(folder)).items()}
     tmp = out.with_name(f".{out.name}.import.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(state, str(tmp / "weights.safetensors"))
+        write(tmp / "weights.safetensors")
         doc = dict(config)
         doc["name"] = name
         doc["weights"] = {"file": "weights.safetensors", "sha256": file_sha256(tmp / "weights.safetensors")}
@@ -353,6 +382,16 @@ def _own_unet(descr: Any, folder: Path, out: Path, config: Mapping[str, Any], na
 
 
 # ----------------------------------------------------------------------------------------- out
+
+#: The model format version packages are declared in: the newest ``bioimageio.core`` (0.11.0) pins
+#: ``bioimageio.spec`` 0.5.12.0, which reads a later 0.5.x only by treating it as 0.5.12 (an alert).
+#: A newer installed ``bioimageio.spec`` still describes the package; its ``format_version`` is
+#: written as this one, and an older spec's own (older) version is kept. Raise it with
+#: ``bioimageio.core``'s pin; ``tests/test_bioimageio_core.py`` runs that package's model test.
+FORMAT_VERSION = "0.5.12"
+#: Largest relative error (max |a - b| / max |b|) between the package's weight formats, and between
+#: them and the bundle's own network: float32 on the CPU, the bar of tilefeet's ONNX export check.
+AGREEMENT = 1e-4
 
 
 def export_package(
@@ -376,7 +415,7 @@ def _export_package(
     import tomllib
 
     _require()
-    from bioimageio.spec import save_bioimageio_package
+    from bioimageio.spec import save_bioimageio_package_as_folder
     from bioimageio.spec.model import v0_5 as m
 
     from .engine import ENGINE_FILE
@@ -390,23 +429,21 @@ def _export_package(
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_error(e, output) from None
-    if bundle.network == "torchscript":
-        raise ConfigError(f"engine {bundle.name!r} is TorchScript; export-engine --bioimageio writes ONNX weights, which it cannot make")
+    if bundle.fixed_batch not in (None, 1):
+        raise ConfigError(f"engine {bundle.name!r} takes batches of exactly {bundle.fixed_batch}; bioimage.io allows 1 or any")
     with tempfile.TemporaryDirectory(prefix="tilefeet-export-") as tmp:
         work = Path(tmp)
-        weights = _write_weights(bundle, work)
-        side = _test_side(bundle)
-        raw, expected = _test_tensors(bundle, side)
+        raw = _test_input(bundle, _test_side(bundle))
+        weights = _write_weights(bundle, work, _network_input(bundle.normalization, raw))
         np.save(work / "test_input.npy", raw)
-        np.save(work / "test_output.npy", expected)
-        (work / "README.md").write_text(_readme(bundle))
+        np.save(work / "test_output.npy", weights.test_output)
+        _write_samples(work, raw, weights.test_output)
+        (work / "README.md").write_text(_readme(bundle, weights))
         py, px = bundle.pixel_size_nm
         halo = bundle.receptive_field // 2
         step = bundle.fixed_tile[0] if bundle.fixed_tile else bundle.divisor
         min_size = bundle.fixed_tile[0] if bundle.fixed_tile else step * max(1, -(-(2 * halo + step) // step))
         size: Any = min_size if bundle.fixed_tile else m.ParameterizedSize(min=min_size, step=step)
-        if bundle.fixed_batch not in (None, 1):
-            raise ConfigError(f"engine {bundle.name!r} takes batches of exactly {bundle.fixed_batch}; bioimage.io allows 1 or any")
         batch_size: Any = bundle.fixed_batch
         input_axes: list[Any] = [
             m.BatchAxis(size=batch_size),
@@ -425,10 +462,12 @@ def _export_package(
         ]
         inputs = [m.InputTensorDescr(
             id=ref, axes=input_axes, test_tensor=m.FileDescr(source=work / "test_input.npy"),
+            sample_tensor=m.FileDescr(source=work / "sample_input.tif"),
             data=m.IntervalOrRatioDataDescr(type="float32"), preprocessing=_preprocessing(bundle.normalization, m),
         )]
         outputs = [m.OutputTensorDescr(
             id=m.TensorId("probabilities"), axes=output_axes, test_tensor=m.FileDescr(source=work / "test_output.npy"),
+            sample_tensor=m.FileDescr(source=work / "sample_output.tif"),
             data=m.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
         )]
         config = tomllib.loads((bundle.path / ENGINE_FILE).read_text())
@@ -439,14 +478,16 @@ def _export_package(
             cite=[m.CiteEntry(text="Ronneberger, Fischer, Brox: U-Net (2015)", doi=m.Doi("10.1007/978-3-319-24574-4_28"))],
             license=cast(Any, license),  # an SPDX id, validated by the model
             documentation=m.FileDescr(source=work / "README.md"),
+            covers=[m.FileDescr(source=_write_cover(work, raw, weights.test_output))],
             tags=["electron-microscopy", "segmentation", "tilefeet", *bundle.classes],
             inputs=inputs,
             outputs=outputs,
-            weights=weights(m),
+            weights=weights.descr(m),
+            attachments=[m.FileDescr(source=p) for p in weights.attachments],
             config=cast(Any, {"tilefeet": _plain(config)}),
         )
         packaged = work / "package.zip"
-        save_bioimageio_package(descr, output_path=packaged)
+        _save_zip(save_bioimageio_package_as_folder(descr, output_path=work / "package"), packaged)
         _load_from_zip(packaged)  # validates the written package, as a user's bioimageio.spec would
         partial = output.with_name(output.name + ".partial")
         try:  # copied beside the output, then renamed: a failed copy never leaves half a package there
@@ -459,47 +500,141 @@ def _export_package(
     return output
 
 
-def _write_weights(bundle: EngineBundle, work: Path) -> Any:
-    """The weight files in ``work``; returns ``m -> WeightsDescr`` (made once the module is at hand)."""
+@dataclass(frozen=True)
+class _Weights:
+    """The weight files written for a package, how well they agree, and the test output they give."""
+
+    torchscript: Path | None
+    onnx: Path | None
+    opset: int
+    torch_version: str
+    test_output: np.ndarray  #: computed by the original entry (the first of torchscript, onnx)
+    agreement: Mapping[str, float]  #: each format's relative error against the bundle's own network
+    attachments: tuple[Path, ...]  #: the bundle's own weights file, for an exact import back
+    what: str  #: the network, in words, for the entries' comments
+
+    def descr(self, m: Any) -> Any:
+        """The ``weights`` field (made once ``bioimageio.spec``'s model module is at hand)."""
+        entries: dict[str, Any] = {}
+        if self.torchscript is not None:
+            entries["torchscript"] = m.TorchscriptWeightsDescr(
+                source=self.torchscript, pytorch_version=m.Version(self.torch_version),
+                comment=f"{self.what}, traced with torch.jit.trace by tilefeet",
+            )
+        if self.onnx is not None:
+            derived = self.torchscript is not None
+            entries["onnx"] = m.OnnxWeightsDescr(
+                source=self.onnx, opset_version=self.opset, parent="torchscript" if derived else None,
+                comment=f"{self.what}, exported from the same module with torch.onnx (dynamo) by tilefeet" if derived
+                else f"{self.what}, its input and output renamed and its activation appended by tilefeet",
+            )
+        return m.WeightsDescr(**entries)
+
+
+def _write_weights(bundle: EngineBundle, work: Path, x: np.ndarray) -> _Weights:
+    """The package's weight files in ``work``, each run on ``x`` (the preprocessed test input) and
+    checked against the bundle's own network.
+
+    TorchScript, where the network is a torch module (tilefeet's U-Net, a ``.pt2`` program,
+    TorchScript), is the original entry: that module with its weights, traced. ONNX (every network
+    but TorchScript) is exported from the same module, so its ``parent`` is TorchScript; for an ONNX
+    bundle it is the original. Both return probabilities (the activation is inside the graph), and
+    neither needs tilefeet or any Python code of its own to run."""
+    import torch
+
+    torchscript = _trace(bundle, work / "weights.torchscript") if bundle.network != "onnx" else None
+    onnx, opset = _onnx(bundle, work / "weights.onnx") if bundle.network != "torchscript" else (None, 0)
+    results: dict[str, np.ndarray] = {}
+    if torchscript is not None:
+        results["torchscript"] = _run_torchscript(torchscript, x)
+    if onnx is not None:
+        results["onnx"] = _run_onnx(onnx, x)
+    attachments: tuple[Path, ...] = ()
+    if bundle.network == "unet2d":  # the trained state dict (the TorchScript has its batch norms folded)
+        shutil.copyfile(bundle.weights_path, work / bundle.weights_file)
+        attachments = (work / bundle.weights_file,)
+    network = "tilefeet's U-Net" if bundle.network == "unet2d" else f"the engine's {bundle.network} network"
+    inside = f"its {bundle.activation} activation included" if bundle.activation != "none" else "it returns probabilities"
+    return _Weights(
+        torchscript=torchscript, onnx=onnx, opset=opset, torch_version=str(torch.__version__).split("+")[0],
+        test_output=next(iter(results.values())), agreement=_check_agreement(bundle, x, results),
+        attachments=attachments, what=f"{network} ({inside})",
+    )
+
+
+def _trace(bundle: EngineBundle, path: Path) -> Path:
+    """The bundle's network with its activation as TorchScript, traced (shapes stay free: the U-Net
+    takes no Python decisions on sizes; the agreement check and bioimageio.core's test at several
+    sizes confirm it)."""
+    import warnings
+
+    import torch
+
+    net = bundle.build_model()
+    d = bundle.divisor
+    h, w = bundle.fixed_tile or (2 * d, 3 * d)
+    example = torch.zeros(bundle.fixed_batch or 2, bundle.in_channels, h, w)
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in torch ≥ 2.10 for new code, but it is the format bioimage.io's
+        # consumers run without a Python architecture (deepImageJ, ilastik, bioimageio.core)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(net, example, check_trace=False)
+            torch.jit.save(traced, str(path))
+        except Exception as e:  # the tracer raises many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidEngineError(f"engine {bundle.name!r}: torch.jit.trace cannot trace its network ({first[:200]})") from None
+    return path
+
+
+def _onnx(bundle: EngineBundle, path: Path) -> tuple[Path, int]:
+    """The checked fp32 ONNX export, with its weights inline (one file in the package)."""
     import onnx
 
     from .runners.onnx_export import export_onnx
 
     export = export_onnx(bundle, "fp32")
-    model = onnx.load(str(export.path))  # weights inline: one file in the package
-    onnx.save(model, str(work / "weights.onnx"))
-    opset = export.opset
-    state_file = None
-    if bundle.network == "unet2d":
-        import torch
+    onnx.save(onnx.load(str(export.path)), str(path))
+    return path, export.opset
 
-        from .models.unet import UNet2dProbabilities
 
-        arch = dict(bundle.architecture)
-        net = UNet2dProbabilities(bundle.in_channels, bundle.out_channels, arch["base_channels"], arch["depth"], bundle.activation)
-        from safetensors.torch import load_file
+def _run_torchscript(path: Path, x: np.ndarray) -> np.ndarray:
+    import warnings
 
-        net.net.load_state_dict(load_file(str(bundle.weights_path)))
-        torch.save(net.state_dict(), work / "weights.pt")
-        state_file = work / "weights.pt"
-        kwargs = {"in_channels": bundle.in_channels, "out_channels": bundle.out_channels,
-                  "base_channels": arch["base_channels"], "depth": arch["depth"], "activation": bundle.activation}
-        torch_version = str(torch.__version__).split("+")[0]
+    import torch
 
-    def make(m: Any) -> Any:
-        onnx_w = m.OnnxWeightsDescr(source=work / "weights.onnx", opset_version=opset)
-        if state_file is None:
-            return m.WeightsDescr(onnx=onnx_w)
-        sd = m.PytorchStateDictWeightsDescr(
-            source=state_file,
-            architecture=m.ArchitectureFromLibraryDescr(callable=m.Identifier("UNet2dProbabilities"),
-                                                        import_from="tilefeet.models.unet", kwargs=kwargs),
-            pytorch_version=m.Version(torch_version),
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    with torch.inference_mode():
+        return np.asarray(module(torch.from_numpy(x)).numpy(), dtype=np.float32)
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    from .models.foreign import onnx_run_fn, onnx_session
+
+    return np.asarray(onnx_run_fn(onnx_session(path, str(path)))(x), dtype=np.float32)
+
+
+def _check_agreement(bundle: EngineBundle, x: np.ndarray, results: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Each weight format's relative error against the bundle's own network on the test input; a
+    format that disagrees is an export bug, refused rather than packaged."""
+    import torch
+
+    from .runners.onnx_export import reference_output, relative_error
+
+    reference = reference_output(bundle, torch.from_numpy(x)).numpy()
+    errors = {fmt: relative_error(y, reference) for fmt, y in results.items()}
+    bad = {fmt: err for fmt, err in errors.items() if not err <= AGREEMENT}
+    if bad:
+        what = ", ".join(f"{fmt} {err:.1e}" for fmt, err in bad.items())
+        raise InvalidEngineError(
+            f"engine {bundle.name!r}: the exported weights disagree with the bundle's network (relative error {what}, "
+            f"allowed {AGREEMENT:g}); nothing was written; report it with the engine"
         )
-        return m.WeightsDescr(onnx=m.OnnxWeightsDescr(source=work / "weights.onnx", opset_version=opset, parent="pytorch_state_dict"),
-                              pytorch_state_dict=sd)
-
-    return make
+    return errors
 
 
 def _preprocessing(norm: Normalization, m: Any) -> list[Any]:
@@ -525,27 +660,24 @@ def _test_side(bundle: EngineBundle) -> int:
     return max(d, -(-max(256, bundle.receptive_field + d) // d) * d)
 
 
-def _test_tensors(bundle: EngineBundle, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """A raw test input (the bundled ISBI sample where it fits, else smooth noise in the training
-    range) and the bundle's own output for it."""
-    import torch
-
-    from .runners.onnx_export import reference_output
+def _test_input(bundle: EngineBundle, side: int) -> np.ndarray:
+    """A raw test input: the bundled ISBI sample where it fits, else smooth noise in the training range."""
+    from .sample import sample_dir
 
     n = bundle.fixed_batch or 1
     lo, hi = bundle.normalization.percentile_values
     rng = np.random.default_rng(0)
     raw = (lo + (hi - lo) * rng.random((n, bundle.in_channels, side, side))).astype(np.float32)
-    sample = Path(__file__).resolve().parent.parent / "tests" / "data" / "isbi" / "image" / "24.png"
-    if bundle.in_channels == 1 and sample.is_file() and bundle.normalization.adaptive == "" and hi > 2:
+    if bundle.in_channels == 1 and bundle.normalization.adaptive == "" and hi > 2:
         import imageio.v3 as iio
 
-        img = np.asarray(iio.imread(sample), dtype=np.float32)
+        try:
+            img = np.asarray(iio.imread(sample_dir() / "image" / "24.png"), dtype=np.float32)
+        except InputNotFoundError:  # a wheel without the sample
+            return raw
         if img.shape[0] >= side and img.shape[1] >= side:
             raw = np.broadcast_to(img[:side, :side], raw.shape).astype(np.float32)
-    x = _network_input(bundle.normalization, raw)
-    expected = reference_output(bundle, torch.from_numpy(x)).numpy().astype(np.float32)
-    return raw, expected
+    return raw
 
 
 def _network_input(norm: Normalization, raw: np.ndarray) -> np.ndarray:
@@ -561,13 +693,68 @@ def _network_input(norm: Normalization, raw: np.ndarray) -> np.ndarray:
     return np.asarray(norm.to_network(raw.astype(np.float64)), dtype=np.float32)
 
 
-def _readme(bundle: EngineBundle) -> str:
+def _write_samples(work: Path, raw: np.ndarray, probabilities: np.ndarray) -> None:
+    """The test tensors as TIFF images (bioimage.io's ``sample_tensor``: what a person looks at)."""
+    import tifffile
+
+    for name, tensor in (("sample_input.tif", raw), ("sample_output.tif", probabilities)):
+        image = tensor[0]  # (c, y, x): one grey page per channel, a single channel as a plain image
+        tifffile.imwrite(work / name, np.ascontiguousarray(image[0] if image.shape[0] == 1 else image), photometric="minisblack")
+
+
+def _write_cover(work: Path, raw: np.ndarray, probabilities: np.ndarray) -> Path:
+    """A 2:1 cover: the test input (contrast stretched) beside the first class's probabilities."""
+    import imageio.v3 as iio
+
+    img = raw[0, 0].astype(np.float64)
+    lo, hi = np.percentile(img, (0.5, 99.5))
+    left = np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
+    right = np.clip(probabilities[0, 0].astype(np.float64), 0, 1)
+    path = work / "cover.png"
+    iio.imwrite(path, np.round(np.concatenate([left, right], axis=1) * 255).astype(np.uint8))
+    return path
+
+
+def _readme(bundle: EngineBundle, weights: _Weights) -> str:
+    formats = " and ".join(f for f in ("torchscript", "onnx") if getattr(weights, f) is not None)
+    agree = ", ".join(f"{fmt} {err:.1e}" for fmt, err in weights.agreement.items())
     return (
         f"# {bundle.name}\n\n{bundle.description}\n\nExported by tilefeet from its engine bundle `{bundle.name}`: "
         f"pixel size {bundle.pixel_size_nm[0]:g}×{bundle.pixel_size_nm[1]:g} nm, classes {', '.join(bundle.classes)}, "
         f"receptive field {bundle.receptive_field} px, tile sides multiples of {bundle.divisor}.\n\n"
-        "Import it into tilefeet with `tilefeet import-engine rdf.yaml -o engines/NAME`.\n"
+        f"The weights ({formats}) return probabilities and need neither tilefeet nor any Python code of its own: "
+        "`torch.jit.load` or ONNX Runtime runs them. The input is normalized as the preprocessing says. "
+        "Tiled, each tile needs the halo (half the receptive field) of context on every side.\n\n"
+        "## Validation\n\n"
+        f"`test_output.npy` was computed from `test_input.npy` by the package's {next(iter(weights.agreement))} weights. "
+        f"Every weight format was checked against the bundle's own network in tilefeet (relative error {agree}); "
+        "`bioimageio test package.zip` (bioimageio.core) checks that each of them reproduces the test output.\n\n"
+        + ("The engine's own record, with its training and held-out scores, is `config.tilefeet` in rdf.yaml. " if bundle.metrics else "")
+        + "Import it into tilefeet with `tilefeet import-engine package.zip -o engines/NAME`: "
+        + ("the original engine comes back, bit for bit.\n" if weights.attachments
+           else f"an engine of its {'ONNX' if weights.onnx is not None else 'TorchScript'} weights.\n")
     )
+
+
+def _save_zip(folder: Path, path: Path) -> None:
+    """Zip the package ``folder`` with its description in :data:`FORMAT_VERSION` (see there)."""
+    import re
+
+    rdf = next(folder / n for n in ("rdf.yaml", "bioimageio.yaml") if (folder / n).is_file())
+    text = rdf.read_text()
+    line = re.compile(r"^format_version: *'?([0-9.]+)'?[ \t]*$", re.MULTILINE)
+    found = line.findall(text)
+    if len(found) != 1:  # pragma: no cover - bioimageio.spec writes exactly one
+        raise InvalidEngineError(f"bioimageio.spec wrote {len(found)} top-level format_version lines in {rdf.name}")
+    written = min(found[0], FORMAT_VERSION, key=_version_tuple)
+    rdf.write_text(line.sub(f"format_version: {written}", text))
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+            z.write(p, p.relative_to(folder).as_posix())
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("."))
 
 
 def _identifier(text: str) -> str:

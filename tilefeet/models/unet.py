@@ -103,9 +103,10 @@ def unet_flops_per_pixel(in_channels: int, out_channels: int, base_channels: int
 
 
 class UNet2dProbabilities(nn.Module):
-    """:class:`UNet2d` followed by its output activation: the architecture tilefeet names in the
-    bioimage.io packages it exports (``pytorch_state_dict`` weights), so that every weight format of
-    a package returns the same thing, probabilities. Its state dict is the U-Net's under ``net.``."""
+    """:class:`UNet2d` followed by its output activation: the architecture that bioimage.io packages
+    of earlier tilefeet versions name for their ``pytorch_state_dict`` weights (kept so that those
+    packages still run; packages now carry TorchScript and ONNX, which need no tilefeet code). Its
+    state dict is the U-Net's under ``net.``."""
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 16, depth: int = 4,
                  activation: str = "sigmoid"):
