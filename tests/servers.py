@@ -101,6 +101,23 @@ def start_http_server(root: Path, log: Path) -> Server:
     return _start(["-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)], log, port)
 
 
+#: A web server like most that host OME-Zarr: files only, no folder listings (404 for a folder).
+_NO_LISTINGS = """
+import functools, http.server, sys
+class Files(http.server.SimpleHTTPRequestHandler):
+    def list_directory(self, path):
+        self.send_error(404, "no listings here")
+port, root = int(sys.argv[1]), sys.argv[2]
+http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Files, directory=root)).serve_forever()
+"""
+
+
+def start_file_server(root: Path, log: Path) -> Server:
+    """A web server serving the files under ``root`` but no folder listings (404)."""
+    port = free_port()
+    return _start(["-c", _NO_LISTINGS, str(port), str(root)], log, port)
+
+
 def start_s3_server(log: Path, *, enforce_auth: bool = False) -> Server:
     """moto's S3-compatible server. ``enforce_auth``: every request must be signed with a key moto's
     IAM knows (none is), so any credentials are refused: a server that says "bad credentials"."""

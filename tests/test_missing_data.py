@@ -22,7 +22,7 @@ from tilefeet.ngff import image_metadata, multiscales
 
 from .conftest import isbi_montage
 from .helpers import assert_one_line_error, run_cli
-from .servers import start_http_server
+from .servers import start_file_server, start_http_server
 
 CLI_KW = ["--chunk-size", "128", "--block-size", "128", "--threads", "1", "--no-invert"]
 KW = dict(chunk_size=128, block_size=128, threads=1, invert=False)
@@ -170,6 +170,7 @@ def served(tmp_path_factory, pixels):
     noise = np.random.default_rng(0).integers(0, 255, (2048, 2048), dtype=np.uint8)
     write_image(noise, root / "many.ome.zarr", (4.0, 4.0), chunk=32, levels=1)
     server = start_http_server(root, tmp_path_factory.mktemp("logs") / "http.log")
+    server.root = root  # type: ignore[attr-defined]
     yield server
     server.stop()
 
@@ -179,6 +180,19 @@ def test_a_web_server_input_with_a_missing_chunk_is_refused(tmp_path, capsys, se
     code, _, err = segment(capsys, f"{served.url}/lost.ome.zarr", out, random_engine.path)
     assert_one_line_error(code, err, f"{served.url}/lost.ome.zarr", "1 of 24 chunks", "0/c/2/3")
     assert nothing_written(out)
+
+
+def test_a_web_server_without_listings_is_said_unchecked_not_refused(tmp_path, capsys, served, random_engine):
+    """Most web servers list no folders: nothing can be checked there, and the plan says so."""
+    files = start_file_server(Path(served.root), tmp_path / "files.log")
+    try:
+        url = f"{files.url}/lost.ome.zarr"
+        assert not Image.open(url).check_chunks(0).listed
+        code, plan, err = segment(capsys, url, tmp_path / "o.ome.zarr", random_engine.path, "--dry-run")
+        assert code == 0, err
+        assert "chunks      level 0: not checked for missing chunks" in plan and "gives no listing of its files" in plan
+    finally:
+        files.stop()
 
 
 def test_the_check_lists_folders_and_reads_no_chunk(served):
