@@ -148,14 +148,20 @@ def test_a_level_with_nothing_stored_is_missing_and_arrays_in_memory_have_nothin
     assert run.plan.chunks == () and not any(line.startswith("chunks") for line in run.describe().splitlines())
 
 
-def test_objects_refuse_an_output_that_lost_a_chunk(tmp_path, capsys, section, random_engine):
+def test_objects_and_evaluate_refuse_an_output_that_lost_a_chunk(tmp_path, capsys, section, random_engine):
     out = tilefeet.segment_to_zarr(section, tmp_path / "o.ome.zarr", random_engine, **KW)
     meta = zarr.open_group(str(out), mode="r").attrs["ome"]["multiscales"][0]["metadata"]
     assert meta["every_chunk_written"] is True and meta["missing_chunks"] == 0
+    assert run_cli(capsys, "evaluate", out, out / "labels" / "membrane")[0] == 0
     (out / "labels" / "membrane" / "0" / "c" / "1" / "2").unlink()
     code, _, err = run_cli(capsys, "objects", out)
     assert_one_line_error(code, err, "1 of 6 chunks of labels/membrane are missing", "labels/membrane/0/c/1/2", "no objects there")
     assert "membrane-objects" not in json.loads((out / "labels" / "zarr.json").read_text())["attributes"]["ome"]["labels"]
+    code, _, err = run_cli(capsys, "evaluate", out, section)
+    assert_one_line_error(code, err, "1 of 6 chunks of level 0 are missing", "0/c/1/2", "scored as background")
+    (out / "0" / "c" / "0" / "0" / "1").unlink()
+    code, _, err = run_cli(capsys, "evaluate", out, section, "--threshold", "0.5")
+    assert_one_line_error(code, err, "1 of 6 chunks of the membrane probabilities are missing", "0/c/0/0/1")
 
 
 # ------------------------------------------------------------------------------- remote input

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .chunks import ChunkCheck, check_chunks
 from .errors import ConfigError, InputNotFoundError, InvalidImageError
 from .geometry import Box, Pair
 from .metrics import (
@@ -248,12 +249,13 @@ def _open_zarr(
     rule = _rule_text(threshold, foreground)
     ms = read_multiscale(path, role=role)
     root = open_group(ms.path, role=role)
+    complete = ms.metadata.get("every_chunk_written") is True  # a tilefeet output: its label images too
     # Object layers of `tilefeet objects` hold ids, not a class.
     names = [n for n in ms.labels if not is_objects_layer(root["labels"], n)]
     if threshold is None and names:
         name = _choose_class(names, class_name, hinted, path, role, "label images")
         labels = join(path, "labels", name)
-        return _image_mask(labels, f"{labels}{rule}", foreground=foreground, class_name=name)
+        return _image_mask(labels, f"{labels}{rule}", foreground=foreground, class_name=name, role=role, complete=complete)
     if threshold is not None and ms.is_label:
         raise ConfigError(f"--threshold scores probabilities, but the {role} {path} is a label image; leave out --threshold")
     data = da.from_zarr(root[ms.datasets[0].path])
@@ -262,6 +264,10 @@ def _open_zarr(
     channels = list(ms.channels) if len(ms.channels) == n_channels else [str(i) for i in range(n_channels)]
     if threshold is not None and channels:
         name = _choose_class(channels, class_name, hinted, path, role, "probabilities")
+        if complete:
+            lead = tuple(channels.index(name) if a == "c" else 0 for a in axes[:-2])
+            _refuse_missing(check_chunks(root[ms.datasets[0].path], str(path), ms.datasets[0].path, what=f"the {name} probabilities",
+                                         lead=lead, every_chunk_written=True), role)
         plane = _plane(data, axes, channels.index(name), path)
         return Mask(binarize(plane, threshold=threshold), f"{path} probabilities[{name}]{rule}", name)
     if len(channels) > 1:
@@ -281,18 +287,32 @@ def _image_mask(
     class_name: str | None = None,
     role: str = "input",
     is_label: bool = True,
+    complete: bool = False,
 ) -> Mask:
     """Level 0 of an OME-Zarr image or label image, read through :class:`Image` (validation, axes);
-    an image that is not a label image is checked to look like a mask (:func:`check_mask_like`)."""
+    an image that is not a label image is checked to look like a mask (:func:`check_mask_like`).
+    Missing chunk files are refused (:mod:`tilefeet.chunks`; ``complete``: its store, a tilefeet
+    output, wrote every chunk): they would read as 0, scored as background."""
     import dask.array as da
 
     from .image import Image
 
-    arr = Image.open(path).array(0)
+    image = Image.open(path)
+    if complete:
+        image = replace(image, every_chunk_written=True)
+    found = image.check_chunks(0)
+    if found is not None:
+        _refuse_missing(found, role)
+    arr = image.array(0)
     data = da.from_zarr(arr)[(0,) * (arr.ndim - 2)]
     if threshold is None and foreground is None and not is_label:
         check_mask_like(data, source, role)
     return Mask(binarize(data, threshold=threshold, foreground=foreground), source, class_name)
+
+
+def _refuse_missing(found: ChunkCheck, role: str) -> None:
+    if found.missing:
+        raise found.error("scored as background", f"restore them (copy, convert or segment the {role} again)")
 
 
 def _is_zarr(path: Path) -> bool:
