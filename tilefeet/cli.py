@@ -76,7 +76,7 @@ def segment(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Zarr v3 shard side (optional)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per network call."),
     threshold: float = typer.Option(0.5, help="Probability at and above which pixels are labelled."),
-    dtype: str = typer.Option("uint8", "--dtype", help="Stored probabilities: uint8, float16 or float32."),
+    dtype: str = typer.Option("uint8", "--dtype", help="Stored probabilities: uint8, float16 or float32 (neuroglancer has no float16 type and cannot open it)."),
     output_grid: str = typer.Option("input", "--output-grid", help="input (level 0 of the input) or network."),
     pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Input pixel size, e.g. 4nm or 5,4nm (overrides metadata)."),
     intensity: str = typer.Option(
