@@ -26,8 +26,9 @@ Process-wide state:
   an evicted runner finishes with it; :func:`clear_runners` is the one way to empty the cache and
   release device resources at once (call it when no run is in progress in the process);
 * torch's process-wide knobs (intra-op thread count, cuDNN's TF32 and determinism flags) are only
-  changed under :data:`TORCH_STATE_LOCK`, held for the whole call that needs them, so two runners
-  with different settings in one process never run under each other's.
+  changed under :data:`TORCH_STATE_LOCK`, held for the whole call that needs them and restored when
+  it returns, so two runners with different settings in one process never run under each other's,
+  and a run leaves the process's settings as it found them.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ Options (``RunnerSpec.options``), each off unless said otherwise:
 
 Thread count and cuDNN flags are process-wide: they are set under the runners' process-wide
 :data:`~tilefeet.runners.TORCH_STATE_LOCK`, held for each call that relies on them, so runners
-with other settings in the same process (other threads) never run under each other's. The thread
-count is set before each call where it differs and left so afterwards (torch work outside runners
-then sees the last run's count, as a run's resampling should); cuDNN flags are restored.
+with other settings in the same process (other threads) never run under each other's. Both are
+set for the call and restored after it: a run with ``threads=1`` leaves the process's count as it
+found it, so a later run with the default rounds as a fresh process would.
 
 The network is the bundle's: tilefeet's U-Net, or a foreign network loaded from its graph file
 (a ``torch.export`` program or TorchScript: :func:`tilefeet.models.foreign.load_module`).
@@ -94,11 +94,8 @@ class TorchRunner(Runner):
             raise ConfigError("fp16 is not supported by torch on the CPU; use --precision fp32 or bf16")
         self.options = TorchOptions.from_spec(spec, self._device)
         threads = spec.option("threads")
-        # Process-wide; oneDNN's rounding depends on it, so equal specs must mean equal threads.
+        # oneDNN's rounding depends on it, so equal specs must mean equal threads; set per call (_math).
         self.threads = int(threads) if threads and self._device.type == "cpu" else None
-        if self.threads is not None:
-            with TORCH_STATE_LOCK:  # now too: the run's other torch work (resampling) sees it from the start
-                torch.set_num_threads(self.threads)
         self.channels_last = self.options.channels_last
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         model = bundle.build_model().to(self._device, dtype=self.dtype, memory_format=self.memory_format)
@@ -140,10 +137,9 @@ class TorchRunner(Runner):
 
     @contextlib.contextmanager
     def _math(self) -> Iterator[None]:
-        """This runner's share of torch's process-wide state, under the process-wide lock."""
-        with TORCH_STATE_LOCK:
-            if self.threads is not None and torch.get_num_threads() != self.threads:
-                torch.set_num_threads(self.threads)
+        """This runner's share of torch's process-wide state, under the process-wide lock, restored
+        when the call returns."""
+        with TORCH_STATE_LOCK, _thread_count(self.threads):
             if self._device.type != "cuda":
                 yield
                 return
@@ -183,6 +179,21 @@ class _GraphReplay:
         self.static_in.copy_(x)
         self.graph.replay()
         return self.static_out.to(torch.float32, copy=True)
+
+
+@contextlib.contextmanager
+def _thread_count(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` (None: left as it is) for the duration of a
+    call, restored afterwards (process-wide: callers hold :data:`~tilefeet.runners.TORCH_STATE_LOCK`)."""
+    old = torch.get_num_threads()
+    if threads is None or threads == old:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
