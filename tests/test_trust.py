@@ -117,27 +117,27 @@ def test_16bit_float_and_inverted_sections_segment_right_by_default(tmp_path):
     assert scores["uint8"] > 0.78
     for name, value in scores.items():
         assert value == pytest.approx(scores["uint8"], abs=0.02), (name, scores)
-    assert "percentile" in described["uint16"] and "inverted" in described["inverted"] and "inverted" not in described["uint8"]
+    assert "percentile" in described["uint16"] and "contrast    inverted: network" in described["inverted"]
+    assert "contrast    as it is: network" in described["uint8"] and "(inverted contrast)" not in described["uint8"]
 
 
-def test_inverted_contrast_is_detected_and_said(tmp_path, random_engine, capsys):
-    """auto flips an inverted section and says so in the plan; an explicit mode keeps it but warns;
-    --no-invert keeps it silently."""
+def test_inverted_contrast_is_flipped_in_every_intensity_mode(tmp_path):
+    """The polarity decision (tilefeet.polarity; the full matrix is tests/test_polarity.py) holds
+    whatever intensity mode is asked for, and --no-invert keeps the contrast as it is."""
     img = isbi_montage(1, 2)[0]
     src = write_image(255 - img, tmp_path / "inv.ome.zarr", (4.0, 4.0), chunk=256)
-    run = tilefeet.plan_segmentation(src, random_engine)
-    assert run.plan.intensity.invert_max == 255 and "contrast inverted" in run.describe() and "--no-invert" in run.describe()
-    with pytest.warns(tilefeet.intensity.IntensityWarning, match="--invert"):
-        assert tilefeet.plan_segmentation(src, random_engine, intensity="bundle").plan.intensity.invert_max is None
-    assert tilefeet.plan_segmentation(src, random_engine, invert=False).plan.intensity.invert_max is None
-    normal = write_image(img, tmp_path / "n.ome.zarr", (4.0, 4.0), chunk=256)
-    assert tilefeet.plan_segmentation(normal, random_engine).plan.intensity.invert_max is None
+    for mode in ("auto", "bundle", "percentile"):
+        run = tilefeet.plan_segmentation(src, "isbi-membrane", intensity=mode)
+        assert run.plan.intensity.invert_max == 255 and "contrast    inverted: network" in run.describe(), mode
+    run = tilefeet.plan_segmentation(src, "isbi-membrane", invert=False)
+    assert run.plan.intensity.invert_max is None and "as it is (--no-invert)" in run.describe()
 
 
 def test_real_sections_are_not_taken_for_inverted():
-    """The detector against the project's real data, one slice at a time (the hardest case), for
-    both engines: no native slice is ever flipped; inverted ISBI slices are, for the ISBI engine;
-    for the Lucchi engine (a nearly symmetric training histogram) nothing is decided at all."""
+    """The histogram evidence (shown beside the network's, never decisive: tilefeet.polarity) against
+    the project's real data, one slice at a time: no native slice looks inverted; inverted ISBI
+    slices do, for the ISBI engine; for the Lucchi engine (a nearly symmetric training histogram)
+    it says nothing at all."""
     import imageio.v3 as iio
 
     from tilefeet.engine import load_engine

@@ -10,10 +10,7 @@ Modes:
 
 ``auto``        (the default) ``bundle`` when the section's values look like the training data's,
                 ``percentile`` when they do not (16-bit or float data for an engine trained on
-                8-bit, another offset or contrast); and the contrast flipped when the section's
-                histogram matches the mirror image of the training data's and not the histogram
-                itself (:func:`polarity`; only for engines whose training histogram is clearly
-                skewed). The plan says what was chosen and why.
+                8-bit, another offset or contrast). The plan says what was chosen and why.
 ``bundle``      the training normalization alone, with the training data's constants; trusts that
                 the section was acquired like the training data.
 ``percentile``  first stretch the section linearly so its percentiles land on the training data's.
@@ -21,8 +18,9 @@ Modes:
 ``histogram``   first match the section's whole histogram to the bundle's reference histogram.
 
 ``invert`` flips the contrast first (``max - x``), for sections whose polarity is the opposite
-of the training data's (bright membranes where training had dark ones); ``None`` lets ``auto``
-decide (other modes then keep the contrast, but warn when it looks inverted).
+of the training data's (bright membranes where training had dark ones). Whether to flip is decided
+by :mod:`tilefeet.polarity` from what the network makes of the section both ways (and, as a tie
+breaker, :func:`polarity`, the histogram's shape), unless the user says.
 """
 
 from __future__ import annotations
@@ -261,8 +259,8 @@ def make_intensity_map(
 ) -> IntensityMap:
     """The per-section map for ``mode``; ``sample`` is raw section data at the level the network reads.
 
-    ``invert``: flip the contrast (True), keep it (False), or (None) let ``auto`` decide from the
-    histogram's shape (:func:`looks_inverted`); other modes keep it.
+    ``invert``: flip the contrast first (True) or not (False, or None: the decision is
+    :mod:`tilefeet.polarity`'s, made with both maps).
     """
     if mode not in INTENSITY_MODES:
         raise ConfigError(f"unknown intensity mode {mode!r}; use one of {', '.join(INTENSITY_MODES)}")
@@ -365,11 +363,8 @@ def looks_inverted(norm: Normalization, sample: np.ndarray | None) -> bool:
 
 def _auto(norm: Normalization, sample: np.ndarray | None, dtype: np.dtype, invert: bool | None) -> IntensityMap:
     """``bundle`` or ``percentile``, with or without a flip, and the reason (see the module docstring)."""
-    reasons = []
+    reasons: list[str] = []
     flip = bool(invert)
-    if invert is None and looks_inverted(norm, sample):
-        flip = True
-        reasons.append("contrast inverted: the section's histogram matches the training data's mirror image (pass --no-invert to keep it)")
     if norm.adaptive in ("percentile", "meanstd") and sample is not None and np.asarray(sample).size:
         # The network was trained on each image normalized by its own statistics (an imported
         # network's zero_mean_unit_variance / scale_range): do the same with the section's.
@@ -386,16 +381,6 @@ def _auto(norm: Normalization, sample: np.ndarray | None, dtype: np.dtype, inver
         f"percentiles) differ from the training data's ({t_lo:.4g} to {t_hi:.4g}): matched linearly"
     )
     return replace(make_intensity_map("percentile", norm, sample, dtype=dtype, invert=flip), reason="; ".join([why, *reasons]))
-
-
-def inversion_warning(imap: IntensityMap, sample: np.ndarray | None) -> str | None:
-    """A warning for a section that looks inverted but is mapped as is (any mode), else None."""
-    if imap.invert_max is not None or not looks_inverted(imap.normalization, sample):
-        return None
-    return (
-        "the section's contrast looks inverted relative to the training data (its histogram matches their mirror image); "
-        "if membranes are bright here, pass --invert"
-    )
 
 
 def _invert_max(dtype: np.dtype, sample: np.ndarray | None) -> float:
