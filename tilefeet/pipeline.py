@@ -24,9 +24,10 @@ from .engine import EngineBundle, load_engine
 from .errors import ConfigError, Interrupted, TilefeetError
 from .geometry import Box
 from .image import Image
-from .intensity import IntensityWarning, inversion_warning, make_intensity_map, mismatch
+from .intensity import IntensityWarning, make_intensity_map, mismatch
 from .mask import TissueMask, auto_mask, mask_from_labels
-from .plan import EngineSpec, grids, make_plan
+from .plan import EngineSpec, Plan, grids, make_plan
+from .polarity import Polarity, PolarityWarning
 from .runners import RunnerSpec
 from .schedule import Run, get_runner, lazy_array, run_graph, write_graph
 from .settings import Settings
@@ -108,13 +109,37 @@ def plan_segmentation(
     bundle.check_weights()  # before reading pixels: a damaged bundle is the cheaper thing to find
     chunks = input_chunks(image, g, settings)
     sample = section_sample(image, g.level)
-    imap = make_intensity_map(settings.intensity, bundle.normalization, sample, dtype=np.dtype(image.meta.dtype), invert=settings.invert)
-    for problem in (mismatch(imap, sample), inversion_warning(imap, sample) if settings.invert is None else None):
-        if problem:
-            warnings.warn(IntensityWarning(problem), stacklevel=2)
+    imap = make_intensity_map(settings.intensity, bundle.normalization, sample, dtype=np.dtype(image.meta.dtype), invert=bool(settings.invert))
     plan = make_plan(image.meta, spec, settings, imap, tissue_mask(settings.mask, image, g), chunks)
     runner, reason = _runner_spec(plan, bundle, resume_into, resolve_backend)
+    plan, decision = _polarity(plan, image, bundle, runner, sample)
+    if decision.warning:
+        warnings.warn(PolarityWarning(decision.warning), stacklevel=2)
+    problem = mismatch(plan.intensity, sample)
+    if problem:
+        warnings.warn(IntensityWarning(problem), stacklevel=2)
     return Run(plan, image, bundle, runner, reason)
+
+
+def _polarity(plan: Plan, image: Image, bundle: EngineBundle, runner: RunnerSpec, sample: np.ndarray) -> tuple[Plan, Polarity]:
+    """The plan with the contrast polarity decided (:mod:`tilefeet.polarity`): as the user said, or
+    from what the network makes of a few tiles as they are and inverted, and the histogram."""
+    from dataclasses import replace
+
+    from .intensity import polarity as histogram_distances
+    from .polarity import OutputStats, decide, probe, probe_tiles
+
+    s = plan.settings
+    if s.invert is not None:
+        decision = Polarity(bool(s.invert), "given")
+        return replace(plan, polarity=decision.describe()), decision
+    norm = bundle.normalization
+    inverted = make_intensity_map(s.intensity, norm, sample, dtype=np.dtype(image.meta.dtype), invert=True)
+    tiles = probe_tiles(plan, image)
+    stats: list[Any] = probe(plan, image, get_runner(runner), [plan.intensity, inverted], tiles) if tiles else [None, None]
+    reference = OutputStats.from_toml(bundle.raw.get("reference"))
+    decision = decide(stats[0], stats[1], histogram_distances(norm, sample), reference=reference, tiles=len(tiles))
+    return replace(plan, intensity=inverted if decision.invert else plan.intensity, polarity=decision.describe()), decision
 
 
 #: What ``model=`` takes besides the module (a bundle's declarations).

@@ -122,6 +122,9 @@ class Plan:
     #: the stored chunks of each level read (one listing each): missing ones were allowed
     #: (``--allow-missing-chunks``); empty for an in-memory input
     chunks: tuple[ChunkCheck, ...] = ()
+    #: the contrast polarity decision and its evidence, for people (:mod:`tilefeet.polarity`); the
+    #: decision itself is in ``intensity`` (its ``invert_max``)
+    polarity: str = ""
 
     # ---- maps between grids
 
@@ -188,13 +191,21 @@ class Plan:
             need = out_box.shift(*self.net_from_out.shift)
         tiles = self.lattice.tiles_touching(need, crop=self.crop)
         net_box = self.lattice.extent(*tiles)
+        return BlockGeometry((by, bx), out_box, need, tiles, net_box, self.source_box(net_box))
+
+    def tile_geometry(self, iy: int, ix: int) -> BlockGeometry:
+        """The geometry of lattice tile ``(iy, ix)`` alone, as a block that needs just that tile (the
+        polarity probe runs single tiles; ``out_box`` is the tile's box in the network grid)."""
+        box = self.lattice.tile_box(iy, ix)
+        return BlockGeometry((-1, -1), box, box, (range(iy, iy + 1), range(ix, ix + 1)), box, self.source_box(box))
+
+    def source_box(self, net_box: Box) -> Box:
+        """The source-level pixels that resampling ``net_box`` (network grid) reads."""
         if self.resamples_input:
             ty, _ = resample_taps(net_box.y0, net_box.y1, self.src_from_net.y)
             tx, _ = resample_taps(net_box.x0, net_box.x1, self.src_from_net.x)
-            src_box = Box(int(ty.min()), int(tx.min()), int(ty.max()) + 1, int(tx.max()) + 1)
-        else:
-            src_box = net_box.shift(*self.src_from_net.shift)
-        return BlockGeometry((by, bx), out_box, need, tiles, net_box, src_box)
+            return Box(int(ty.min()), int(tx.min()), int(ty.max()) + 1, int(tx.max()) + 1)
+        return net_box.shift(*self.src_from_net.shift)
 
     # ---- reporting
 
@@ -205,7 +216,7 @@ class Plan:
             "engine": self.engine.fingerprint or self.engine.path,
             "settings": self.settings.fingerprint_items(),
             "level": self.level,
-            "intensity": asdict(self.intensity),
+            "intensity": {k: v for k, v in asdict(self.intensity).items() if k != "reason"},  # the bits, not the prose
             "mask": self.mask.token() if self.mask is not None else None,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -266,6 +277,7 @@ class Plan:
             f"output      {s['output_shape'][0]} × {s['output_shape'][1]} px at {format_nm(s['output_pixel_nm'])} "
             f"({self.settings.output_grid} grid), {self.settings.output_dtype}, chunks {self.settings.chunk_size}",
             f"intensity   {self.intensity.describe()}",
+            *([f"contrast    {self.polarity}"] if self.polarity else []),
             *([f"backend     {backend}"] if backend else []),
             f"tiles       {s['tile'][0]} × {s['tile'][1]}, overlap {s['overlap'][0]}, blend {self.settings.blend}: "
             f"{s['lattice_tiles']} lattice tiles",

@@ -381,6 +381,7 @@ def _provenance(plan: Plan, runner: dict) -> dict:
         "scale_factor": list(s["scale_factor"]),
         "network_pixel_size_nm": list(plan.network.pixel_size_nm),
         "intensity": plan.intensity.describe(),
+        "contrast": plan.polarity,  # the polarity decision and its evidence (tilefeet.polarity)
         "mask": {k: s[k] for k in ("mask", "tiles_skipped", "area_skipped") if k in s} or None,
         # chunk files of the input missing (and read as its fill value) with --allow-missing-chunks
         "missing_chunks": sum(c.missing for c in plan.chunks),
