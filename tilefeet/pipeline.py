@@ -127,7 +127,8 @@ def _polarity(plan: Plan, image: Image, bundle: EngineBundle, runner: RunnerSpec
     from dataclasses import replace
 
     from .intensity import polarity as histogram_distances
-    from .polarity import OutputStats, decide, probe, probe_tiles
+    from .polarity import OutputStats, decide
+    from .probe import probe, probe_tiles
 
     s = plan.settings
     if s.invert is not None:

@@ -44,10 +44,6 @@ import numpy as np
 
 from .errors import TilefeetWarning
 
-#: Lattice tiles a probe runs (each in both polarities, as it is and mirrored: four network
-#: passes each). Chosen among up to PROBE_CANDIDATES² evenly spread tiles, the most textured first.
-PROBE_TILES = 4
-PROBE_CANDIDATES = 6
 #: Network evidence is strong when consistency and confidence both favour one polarity by at
 #: least these margins (see the module docstring for the measurements behind them).
 STRONG_CONSISTENCY = 0.06
@@ -248,72 +244,7 @@ def decide(
     return Polarity(invert, strength, plain, inverted, histogram, reference, tiles, warning)
 
 
-# ------------------------------------------------------------------------------------ the probe
-
-
-def probe_tiles(plan: Any, image: Any, count: int = PROBE_TILES) -> list[tuple[int, int]]:
-    """Up to ``count`` lattice tiles to probe: among evenly spread candidates that run (tissue
-    mask), the ones whose source pixels vary most (tissue, not resin or padding)."""
-    ny, nx = plan.lattice.counts
-    ys = np.unique(np.linspace(0, ny - 1, min(ny, PROBE_CANDIDATES)).round().astype(int))
-    xs = np.unique(np.linspace(0, nx - 1, min(nx, PROBE_CANDIDATES)).round().astype(int))
-    candidates = [(int(y), int(x)) for y in ys for x in xs if plan.tile_runs(int(y), int(x))]
-    if len(candidates) <= count:
-        return candidates
-    spread = []
-    for iy, ix in candidates:
-        raw = np.asarray(image.read(plan.level, plan.tile_geometry(iy, ix).src_box), dtype=np.float64)
-        raw = raw[np.isfinite(raw)]
-        spread.append(float(raw.std()) if raw.size else 0.0)
-    order = sorted(range(len(candidates)), key=lambda i: (-spread[i], i))[:count]
-    return [candidates[i] for i in sorted(order)]
-
-
-def probe(plan: Any, image: Any, runner: Any, imaps: Sequence[Any], tiles: Sequence[tuple[int, int]]) -> list[OutputStats]:
-    """The network's :class:`OutputStats` on ``tiles`` under each intensity map of ``imaps``: every
-    tile under every map, as it is and mirrored, packed into the runner's fixed-size batches."""
-    import torch
-
-    from .block import to_network_grid
-
-    activation = getattr(runner.bundle, "activation", "sigmoid")
-    th, tw = plan.lattice.tile
-    geos = [plan.tile_geometry(iy, ix) for iy, ix in tiles]
-    raws = [image.read(plan.level, geo.src_box) for geo in geos]
-    inputs = []
-    for imap in imaps:
-        for geo, raw in zip(geos, raws):
-            x = torch.from_numpy(np.nan_to_num(imap(raw), nan=0.0, posinf=0.0, neginf=0.0)).to(runner.device)
-            x = to_network_grid(x, geo, plan)
-            inputs += [x, torch.flip(x, dims=(1,))]
-    outputs = []
-    size = runner.spec.batch_size
-    for start in range(0, len(inputs), size):
-        group = inputs[start : start + size]
-        batch = torch.zeros((size, 1, th, tw), dtype=torch.float32, device=runner.device)
-        for k, x in enumerate(group):
-            batch[k, 0] = x
-        with runner.lock:
-            out = runner(batch)
-        outputs += [out[k].float().cpu().numpy() for k in range(len(group))]
-    # statistics over each tile's centre (its border sees cut context), where the section is
-    # (reflected padding mirrors the section's content, which would flatter the mirror test)
-    valid = np.zeros((len(tiles), th, tw), dtype=bool)
-    my, mx = (o // 2 for o in plan.lattice.overlap)
-    h, w = plan.network.shape
-    for k, geo in enumerate(geos):
-        box = geo.net_box
-        y0, x0 = max(my, -box.y0), max(mx, -box.x0)
-        y1, x1 = min(th - my, h - box.y0), min(tw - mx, w - box.x0)
-        valid[k, y0:y1, x0:x1] = True
-    n = len(tiles)
-    stats = []
-    for m in range(len(imaps)):
-        mine = outputs[2 * n * m : 2 * n * (m + 1)]
-        p = np.stack(mine[0::2])
-        q = np.stack([o[..., ::-1] for o in mine[1::2]])
-        stats.append(output_stats(p, q, activation, valid))
-    return stats
+# ------------------------------------------------------------------------------------ references
 
 
 def reference_stats(model: Any, images: Sequence[np.ndarray], to_network: Any, *, activation: str = "sigmoid", divisor: int = 16) -> OutputStats:
