@@ -122,7 +122,7 @@ def test_onnx_bundle_in_crop_mode_equals_the_network_on_the_whole_image(monai_on
 def test_a_graph_with_a_fixed_small_size_is_refused(tmp_path, capsys):
     path = export_onnx_file(monai_net(), tmp_path / "fixed.onnx", dynamic=False, size=(32, 32))
     err = one_line_error(capsys, ["import-engine", str(path), "-o", str(tmp_path / "e"), "--pixel-size", "4nm",
-                                  "--classes", "membrane", "--normalize", "zscore"])
+                                  "--classes", "membrane", "--activation", "sigmoid", "--normalize", "zscore"])
     assert "takes only 32×32 px inputs" in err and "dynamic height and width" in err
 
 
@@ -138,7 +138,7 @@ def test_a_graph_whose_output_size_differs_is_refused(tmp_path, capsys):
                                     dynamic_shapes={"input": {0: Dim("b", min=1), 2: Dim("h", min=8), 3: Dim("w", min=8)}})
     program.save(str(path))
     err = one_line_error(capsys, ["import-engine", str(path), "-o", str(tmp_path / "e"), "--pixel-size", "4nm",
-                                  "--classes", "membrane", "--normalize", "zscore"])
+                                  "--classes", "membrane", "--activation", "sigmoid", "--normalize", "zscore"])
     assert "output" in err and "an output of the input's size" in err
 
 
@@ -151,7 +151,7 @@ def test_a_missing_pixel_size_is_refused(tmp_path, capsys):
 def test_unknown_preprocessing_is_refused(tmp_path, capsys):
     (tmp_path / "x.onnx").write_bytes(b"declarations are checked before the graph is read")
     err = one_line_error(capsys, ["import-engine", str(tmp_path / "x.onnx"), "-o", str(tmp_path / "e"), "--pixel-size",
-                                  "4nm", "--classes", "m", "--normalize", "histeq:3"])
+                                  "4nm", "--classes", "m", "--activation", "sigmoid", "--normalize", "histeq:3"])
     assert "unknown preprocessing 'histeq:3'" in err and "meanstd:MEAN,STD" in err
 
 
@@ -164,7 +164,7 @@ def test_weights_that_do_not_match_the_graph_are_refused(tmp_path, capsys):
     data = tmp_path / "ext.onnx.data"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a truncated weights file
     err = one_line_error(capsys, ["import-engine", str(tmp_path / "ext.onnx"), "-o", str(tmp_path / "e"),
-                                  "--pixel-size", "4nm", "--classes", "membrane", "--normalize", "zscore"])
+                                  "--pixel-size", "4nm", "--classes", "membrane", "--activation", "sigmoid", "--normalize", "zscore"])
     assert "weights" in err and str(tmp_path / "ext.onnx") in err
 
 
@@ -172,7 +172,7 @@ def test_wrong_channel_count_and_non_probabilities_are_refused(tmp_path, monai_o
     path = tmp_path.parent / "foreign0" / "monai.onnx"
     path = path if path.exists() else export_onnx_file(monai_net(), tmp_path / "m.onnx")
     with pytest.raises(InvalidEngineError, match=r"outputs 1 channel.*2 class"):
-        import_network(path, tmp_path / "a", Declared.create(pixel_size_nm="4nm", classes="a,b", normalization="zscore"))
+        import_network(path, tmp_path / "a", Declared.create(pixel_size_nm="4nm", classes="a,b", activation="sigmoid", normalization="zscore"))
     with pytest.raises(InvalidEngineError, match=r"not probabilities.*--activation sigmoid"):
         import_network(path, tmp_path / "b", Declared.create(pixel_size_nm="4nm", classes="a", activation="none", normalization="zscore"))
 
@@ -197,7 +197,7 @@ def test_a_pt2_archive_with_pickled_payloads_is_refused(tmp_path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("m/data/weights/model_weights_config.json", json.dumps({"config": {"w": {"use_pickle": True}}}))
     with pytest.raises(InvalidEngineError, match="pickled tensors"):
-        import_network(path, tmp_path / "e", Declared.create(pixel_size_nm="4nm", classes="m", normalization="zscore"))
+        import_network(path, tmp_path / "e", Declared.create(pixel_size_nm="4nm", classes="m", activation="sigmoid", normalization="zscore"))
 
 
 def test_an_onnx_bundle_refuses_the_torch_backend_in_one_line(monai_onnx):
@@ -247,7 +247,7 @@ def test_import_and_export_commands(tmp_path, capsys):
     export-engine --bioimageio prints the package, and the package imports back to the same outputs."""
     path = export_onnx_file(monai_net(), tmp_path / "m.onnx")
     code = main(["import-engine", str(path), "-o", str(tmp_path / "mine"), "--pixel-size", "5nm", "--classes", "membrane",
-                 "--normalize", "percentile:1,99.5"])
+                 "--activation", "sigmoid", "--normalize", "percentile:1,99.5"])
     out, err = capsys.readouterr()
     assert code == 0 and Path(out.strip()) == tmp_path / "mine", err
     assert "divisor 16" in err and "receptive field" in err and "onnxruntime, tensorrt" in err
@@ -264,7 +264,7 @@ def test_import_and_export_commands(tmp_path, capsys):
     b = get_runner(RunnerSpec(str(back.path), "onnxruntime", "cpu", "fp32", 2, (64, 96)))(x)
     assert (a - b).abs().max() <= 1e-6
     err = one_line_error(capsys, ["import-engine", str(path), "-o", str(tmp_path / "mine"), "--pixel-size", "5nm",
-                                  "--classes", "membrane", "--normalize", "zscore"])
+                                  "--classes", "membrane", "--activation", "sigmoid", "--normalize", "zscore"])
     assert "exists" in err and "--overwrite" in err
     err = one_line_error(capsys, ["import-engine", str(path), "-o", str(tmp_path / "x"), "--pixel-size", "5nm", "--classes", "m"])
     assert "missing normalization" in err and "--normalize" in err

@@ -56,7 +56,7 @@ from typing import Any, cast
 import numpy as np
 
 from .engine import Declared, EngineBundle, Normalization, import_network, load_engine
-from .errors import ConfigError, InputNotFoundError, InvalidEngineError
+from .errors import ConfigError, InputNotFoundError, InvalidEngineError, TilefeetError
 from .storage import os_error
 
 #: preprocessing ids tilefeet maps (see the module docstring)
@@ -83,9 +83,11 @@ def import_package(
     name: str | None = None,
     receptive_field: int | None = None,
     overwrite: bool = False,
+    activation: str | None = None,
 ) -> EngineBundle:
     """An engine bundle at ``out`` from a bioimage.io model package (``rdf.yaml``/``bioimageio.yaml``,
-    its folder, or a ``.zip``). ``pixel_size_nm`` and ``classes`` override what the package says."""
+    its folder, or a ``.zip``). ``pixel_size_nm``, ``classes`` and ``activation`` override what the
+    package says (its postprocessing declares the activation: sigmoid, softmax, or none)."""
     src = Path(source)
     if not src.exists():
         raise InputNotFoundError(f"no bioimage.io package at {src}; give its rdf.yaml, its folder or its .zip")
@@ -97,8 +99,13 @@ def import_package(
         if rdf is None:
             raise InvalidEngineError(f"{src} holds no rdf.yaml or bioimageio.yaml")
         descr = _load(rdf)
-        return _to_bundle(descr, folder, Path(out), where=str(src), pixel_size_nm=pixel_size_nm, classes=classes,
-                          name=name, receptive_field=receptive_field, overwrite=overwrite)
+        try:
+            return _to_bundle(descr, folder, Path(out), where=str(src), pixel_size_nm=pixel_size_nm, classes=classes,
+                              name=name, receptive_field=receptive_field, overwrite=overwrite, activation=activation)
+        except OSError as e:
+            if isinstance(e, TilefeetError):
+                raise
+            raise os_error(OSError(e.errno, e.strerror), out) from None  # writing the bundle: no temporary names
 
 
 def _unpack(src: Path, tmp: Path) -> Path:
@@ -142,7 +149,7 @@ def _first_error(summary: Any) -> str:
 
 def _to_bundle(
     descr: Any, folder: Path, out: Path, *, where: str, pixel_size_nm: Any, classes: Any, name: str | None,
-    receptive_field: int | None, overwrite: bool,
+    receptive_field: int | None, overwrite: bool, activation: str | None = None,
 ) -> EngineBundle:
     if len(descr.inputs) != 1 or len(descr.outputs) != 1:
         raise InvalidEngineError(
@@ -152,9 +159,11 @@ def _to_bundle(
     in_channels, px = _input_axes(inp, where)
     out_classes, halo = _output_axes(outp, where)
     name = name or out.name
-    normalization, activation = _normalization(inp, where), _activation(outp, where)  # refuses what it cannot honour
+    normalization = _normalization(inp, where)  # refuses what it cannot honour
+    declared_activation = activation
+    activation = activation or _activation(outp, where)
     config = (descr.config.model_dump() if hasattr(descr.config, "model_dump") else dict(descr.config or {})).get("tilefeet")
-    if config and pixel_size_nm is None and classes is None:
+    if config and pixel_size_nm is None and classes is None and declared_activation is None:
         own = _own_unet(descr, folder, out, config, name, overwrite, where)
         if own is not None:
             return own

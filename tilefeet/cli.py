@@ -107,6 +107,11 @@ def segment(
     allow_missing_chunks: bool = typer.Option(
         False, "--allow-missing-chunks", help="Run although chunk files of the input are missing (they read as its fill value: a hole)."
     ),
+    z: Optional[str] = typer.Option(None, "--z", help="A stack: the sections to segment, START:STOP (stop excluded), START: or N (default: all)."),
+    block_depth: int = typer.Option(1, "--block-depth", help="A stack: sections per task (the same bits for any depth)."),
+    z_median: int = typer.Option(
+        1, "--z-median", help="A stack: replace each probability by the median over this many neighbouring sections (odd; 1 = off)."
+    ),
     objects: bool = typer.Option(False, "--objects", help="Also find the objects of each class and measure them (see tilefeet objects)."),
     cells: bool = typer.Option(False, "--cells", help="With --objects: the cells between membranes (a membrane engine)."),
     min_size: Optional[str] = typer.Option(None, "--min-size", help="With --objects: drop objects smaller than this, e.g. 0.01um2."),
@@ -123,7 +128,7 @@ def segment(
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ) -> None:
-    """Segment a section: probabilities and labels, written as OME-Zarr."""
+    """Segment a section, or every section of a stack: probabilities and labels, written as OME-Zarr."""
     from . import pipeline
     from .storage import default_storage_options, output_location, parse_storage_options
     from .writer import check_output
@@ -161,6 +166,9 @@ def segment(
         uncertainty=uncertainty,
         mask=mask,
         allow_missing_chunks=allow_missing_chunks,
+        z_range=z,
+        block_depth=block_depth,
+        z_median=z_median,
     )
     t0 = time.perf_counter()
     with default_storage_options(storage):  # for what else the run opens by URL (a --mask label image)
@@ -178,7 +186,27 @@ def segment(
     out = pipeline.write_planned(run, location, overwrite=overwrite, resume=resume, progress=console.progress_enabled(), objects=found)
     dt = time.perf_counter() - t0
     h, w = run.plan.output.shape
-    _echo(f"wrote {out} in {dt:.1f} s ({h * w / dt / 1e6:.2f} Mpx/s)")
+    n = run.plan.depth
+    _echo(f"wrote {out} in {dt:.1f} s ({h * w * n / dt / 1e6:.2f} Mpx/s" + (f", {n} sections)" if run.plan.is_stack else ")"))
+    if found is not None:
+        _echo(_objects_summary(out, run.plan.engine.classes, bool(cells)))
+
+
+def _objects_summary(out: Any, classes: tuple[str, ...], cells: bool) -> str:
+    """One line: how many objects (or cells) of each class ``segment --objects`` found, and where
+    each table is (``tilefeet objects OUT`` prints the full summary)."""
+    import pyarrow.parquet as pq
+
+    from .objects.store import TABLE_NAMES, layer_name, layer_path
+
+    parts = []
+    for cls in classes:
+        table = layer_path(out, layer_name(cls, cells)) / TABLE_NAMES["parquet"]
+        if not table.is_file():
+            continue
+        n = pq.ParquetFile(table).metadata.num_rows
+        parts.append(f"{n} {'cells' if cells else cls + (' object' if n == 1 else ' objects')} in {table}")
+    return "objects: " + "; ".join(parts) if parts else "objects: none written"
 
 
 def _check_output(run: Any, location: Any, *, overwrite: bool, resume: bool) -> None:
@@ -203,7 +231,7 @@ def info(
     from .storage import parse_storage_options
 
     storage = parse_storage_options(storage_option)
-    image = Image.open(path, sections_only=engine is not None, storage_options=storage)
+    image = Image.open(path, sections_only=engine is not None, stacks=True, storage_options=storage)
     typer.echo(image.meta.describe())
     _describe_labels(path, storage)
     if engine:

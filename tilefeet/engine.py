@@ -35,8 +35,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError, EngineNotFoundError, InputNotFoundError, InvalidEngineError
+from .errors import ConfigError, EngineNotFoundError, InputNotFoundError, InvalidEngineError, TilefeetError
 from .intensity import Normalization
+from .storage import os_error
 
 ENGINE_FILE = "engine.toml"
 
@@ -307,12 +308,10 @@ def write_bundle(
     training: Mapping[str, Any] | None = None,
 ) -> EngineBundle:
     """Write ``engine.toml`` and ``weights.safetensors`` into ``folder`` (created) and load it back."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "weights.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(weights))
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, weights)
     depth = int(architecture.get("depth", 0))
     rf = 0
     if architecture.get("name") == "unet2d":
@@ -340,6 +339,21 @@ def write_bundle(
         doc["training"] = dict(training)
     (folder / ENGINE_FILE).write_text(dump_toml(doc))
     return load_engine(folder)
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: Path) -> None:
+    """``safetensors.torch.save_file``, whose I/O errors (its own ``SafetensorError``, "... os error 28")
+    become the :class:`OSError` any other file write raises, so a full disk is said like one."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(dict(tensors), str(path))
+    except Exception as e:
+        found = None if isinstance(e, OSError) else re.search(r"os error (\d+)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def file_sha256(*paths: Path) -> str:
@@ -455,7 +469,7 @@ class Declared:
 
     pixel_size_nm: tuple[float, float]
     classes: tuple[str, ...]
-    activation: str = "sigmoid"
+    activation: str = "sigmoid"  #: sigmoid, softmax or none; Declared.create requires it to be said
     normalization: Normalization = field(default_factory=Normalization)
     in_channels: int | None = None  #: checked against the graph where it says; required for TorchScript
     receptive_field: int | None = None  #: declared instead of measured (networks that see the whole input)
@@ -463,10 +477,11 @@ class Declared:
     overlap: int | None = None
 
     @classmethod
-    def create(cls, *, pixel_size_nm: Any, classes: Any, activation: str = "sigmoid", normalization: Any = None,
+    def create(cls, *, pixel_size_nm: Any, classes: Any, activation: str | None = None, normalization: Any = None,
                **kw: Any) -> Declared:
         """From loose user input (``"4nm"``, ``"membrane,mito"``, ``"meanstd:125,43"``); one-line errors.
-        Pixel size, classes and normalization have no defaults: a guess would run and give wrong answers."""
+        Pixel size, classes, normalization and activation have no defaults: a guess would run and give
+        wrong answers (a network that returns probabilities, given a sigmoid, puts every pixel at 0.5 or above)."""
         from .units import parse_pixel_size
 
         if pixel_size_nm is None or pixel_size_nm == "":
@@ -479,6 +494,11 @@ class Declared:
         names = tuple(c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes or ()) if c.strip())
         if not names:
             raise ConfigError("missing classes: name the network's output channels, e.g. --classes membrane (or membrane,mito)")
+        if activation is None or activation == "":
+            raise ConfigError(
+                "missing activation: say what turns the network's output into probabilities, with --activation "
+                f"{', '.join(ACTIVATIONS)} (none: the network returns probabilities itself)"
+            )
         act = str(activation).lower()
         if act not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {activation!r}; use one of: {', '.join(ACTIVATIONS)}")
@@ -654,35 +674,47 @@ def _write_foreign(
         raise OutputExistsError(f"{out} exists; choose another -o or pass --overwrite to replace it")
     tile, overlap = geometry.recommended()
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
     try:
-        save(tmp)
-        doc: dict[str, Any] = {
-            "name": name,
-            "description": description or f"imported {arch['name']} network",
-            "input": {
-                "pixel_size_nm": list(declared.pixel_size_nm),
-                "channels": geometry.in_channels,
-                "divisor": geometry.divisor,
-                "receptive_field": geometry.receptive_field,
-            },
-            "normalization": declared.normalization.to_toml(),
-            "output": {"classes": list(declared.classes), "activation": declared.activation},
-            "architecture": dict(arch),
-            "weights": {"file": weights_name, "sha256": file_sha256(tmp / weights_name)},
-            "inference": {"tile": declared.tile or tile, "overlap": declared.overlap if declared.overlap is not None else overlap},
-            **dict(extra),
-        }
-        (tmp / ENGINE_FILE).write_text(dump_toml(doc))
-        load_engine(tmp)  # proves it readable before it takes the name
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        _write_foreign_into(tmp, out, name, declared, geometry, arch, weights_name, save, description, extra, tile, overlap)
+    except OSError as e:
+        if isinstance(e, TilefeetError):
+            raise
+        raise os_error(OSError(e.errno, e.strerror), out) from None  # the temporary folder's name means nothing to the user
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return load_engine(out)
+
+
+def _write_foreign_into(
+    tmp: Path, out: Path, name: str, declared: Declared, geometry: Any, arch: Mapping[str, Any], weights_name: str, save: Any,
+    description: str, extra: Mapping[str, Any], tile: int, overlap: int,
+) -> None:
+    """The bundle's files into ``tmp``, checked, then renamed to ``out`` (replacing it)."""
+    tmp.mkdir(parents=True)
+    save(tmp)
+    doc: dict[str, Any] = {
+        "name": name,
+        "description": description or f"imported {arch['name']} network",
+        "input": {
+            "pixel_size_nm": list(declared.pixel_size_nm),
+            "channels": geometry.in_channels,
+            "divisor": geometry.divisor,
+            "receptive_field": geometry.receptive_field,
+        },
+        "normalization": declared.normalization.to_toml(),
+        "output": {"classes": list(declared.classes), "activation": declared.activation},
+        "architecture": dict(arch),
+        "weights": {"file": weights_name, "sha256": file_sha256(tmp / weights_name)},
+        "inference": {"tile": declared.tile or tile, "overlap": declared.overlap if declared.overlap is not None else overlap},
+        **dict(extra),
+    }
+    (tmp / ENGINE_FILE).write_text(dump_toml(doc))
+    load_engine(tmp)  # proves it readable before it takes the name
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
 
 
 def bundle_from_module(

@@ -2,7 +2,10 @@
 
 Reads one pyramid level of the output (the finest that fits ``max_size``), so previews of whole
 sections are cheap. The input is the image the output records (by absolute path) unless
-``image`` names another; when it cannot be found that is an error, not a grey panel.
+``image`` names another; when it cannot be found that is an error, not a grey panel. A preview
+that cannot be written (a read-only folder, a folder in its place, a full disk) is refused in one
+line before anything is read, or said in one line when the OS refuses it later; the file is
+written beside its name and renamed into place, so there is never half a PNG.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputNotFoundError, InvalidImageError, RemoteStorageError, TilefeetError
+from .errors import ConfigError, InputNotFoundError, InvalidImageError, OutputExistsError, RemoteStorageError, TilefeetError
 
 
 def render_preview(
@@ -26,11 +29,14 @@ def render_preview(
 
     from .image import Image
     from .ngff import LABEL_COLORS, open_group, read_multiscale
-    from .storage import is_url
+    from .storage import check_writable, is_url
 
     png = Path(png)
     if png.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
         raise ConfigError(f"cannot write a preview as {png.name!r}; give a .png (or .jpg, .tif) file name")
+    if png.is_dir():
+        raise OutputExistsError(f"{png} is a folder; give the preview a file name, e.g. {png / 'preview.png'}")
+    check_writable(png)  # before reading anything: a read-only folder or a path the OS refuses
     not_ours = InvalidImageError(f"{output} is not a tilefeet output (OME-Zarr 0.5 with probabilities); run `tilefeet segment` first")
     try:
         ms = read_multiscale(output, role="output")
@@ -64,7 +70,6 @@ def render_preview(
     elif class_index < len(classes):
         lab = np.asarray(root[f"labels/{classes[class_index]}/{path}"])
         label = lab.reshape(lab.shape[-2:]).astype(bool)  # (y, x); older outputs wrote (1, y, x)
-    png.parent.mkdir(parents=True, exist_ok=True)
     grey = _read_like(section, (h, w))
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
     if label is not None:
@@ -79,8 +84,26 @@ def render_preview(
         rgb[edge] = colors[edge]
     right = np.repeat(prob[..., None], 3, axis=2).astype(np.float32)
     gap = np.full((h, 8, 3), 255, np.float32)
-    iio.imwrite(png, np.concatenate([rgb, gap, right], axis=1).round().astype(np.uint8))
+    data = iio.imwrite("<bytes>", np.concatenate([rgb, gap, right], axis=1).round().astype(np.uint8), extension=png.suffix.lower())
+    _write_file(png, data)
     return png
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """``data`` written beside ``path`` and renamed onto it: never half a file; an OS error is one line."""
+    import contextlib
+    import os
+
+    from .storage import os_error
+
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise os_error(OSError(e.errno, e.strerror), path) from None  # the temporary name means nothing to the user
 
 
 def _read_like(image, shape: tuple[int, int]) -> np.ndarray:

@@ -117,11 +117,16 @@ def replace_dir(staging: Path, path: Path) -> Path:
     return path
 
 
-def check_writable(path: Path) -> None:
-    """Refuse an output whose folder cannot be created or written, before any work, in one line."""
+def check_writable(path: Path, *, create: bool = True) -> None:
+    """Refuse an output whose folder cannot be created or written, before any work, in one line.
+    With ``create=False`` nothing is made: the nearest existing folder above ``path`` is probed."""
     parent = path.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            parent.mkdir(parents=True, exist_ok=True)
+        else:
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
         probe = parent / f".{path.name}.tilefeet-probe-{os.getpid()}"
         probe.touch()
         probe.unlink()
@@ -129,9 +134,12 @@ def check_writable(path: Path) -> None:
         raise os_error(OSError(e.errno, e.strerror), path) from None  # the probe's name means nothing to the user
 
 
-def os_error(e: OSError, path: str | os.PathLike, *, staging: Path | None = None, kept: bool = False) -> OutputWriteError:
+def os_error(
+    e: OSError, path: str | os.PathLike, *, staging: Path | None = None, kept: bool = False, state: str | None = None
+) -> OutputWriteError:
     """An :class:`OSError` met while writing ``path`` as one line: what the OS said, and what became
-    of the staging folder (kept for ``--resume``, or removed because nothing in it was finished)."""
+    of the staging folder (kept for ``--resume``, or removed because nothing in it was finished), or
+    ``state`` (what became of the work, said by the caller: where a trained network is kept)."""
     what = {
         errno.ENOSPC: "the disk is full",
         errno.EDQUOT: "the disk quota is exceeded",
@@ -142,7 +150,9 @@ def os_error(e: OSError, path: str | os.PathLike, *, staging: Path | None = None
         errno.ENAMETOOLONG: "a file name is too long",
     }.get(e.errno or 0, (e.strerror or type(e).__name__).lower())
     where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
-    if staging is None:
+    if state is not None:
+        pass
+    elif staging is None:
         state = "nothing was written"
     elif kept:
         state = f"finished blocks are kept in {staging}: free space or fix permissions, then rerun with --resume"

@@ -9,6 +9,15 @@ elastic deformation, section artefacts). Inputs are normalized exactly as infere
 recorded in the bundle with a reference histogram). Checkpoints make an interrupted run resumable;
 the best validation checkpoint becomes the bundle.
 
+**Edges.** The bundle folder (and the checkpoint folder) are checked before any training: a folder
+that cannot be written, a path the OS refuses, a file, or a folder of other files is one line
+(:func:`check_bundle_output`). The bundle is written beside its folder and renamed into place when
+complete, so a failed or interrupted run never leaves half a bundle. Ctrl-C stops after the current
+step, saves a checkpoint there and says (one line, :class:`~tilefeet.errors.Interrupted`) where it is
+and how to continue (``--resume``), with the same result as an uninterrupted run; a second Ctrl-C
+stops at once, keeping the last checkpoint. The progress bar shows the loss and the latest
+validation F1.
+
 **Fine-tuning** (``--from ENGINE``, :func:`resolve_parent`) starts from a bundle's weights and
 takes its architecture, pixel size (the data are resampled to it) and classes. The labels must
 annotate the parent's classes (all of them, or a subset, whose rows of the output layer are kept);
@@ -26,6 +35,8 @@ import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -37,11 +48,15 @@ import numpy as np
 
 from .augment import ALL, parse_augment, randomize
 from .engine import ENGINE_FILE, EngineBundle, dump_toml, load_engine, write_bundle
-from .errors import BackendUnavailableError, ConfigError, InvalidEngineError
+from .errors import BackendUnavailableError, ConfigError, Interrupted, InvalidEngineError, OutputExistsError, OutputWriteError
 from .intensity import Normalization, training_normalization
 from .metrics import PixelMetrics, pixel_metrics
+from .storage import check_writable, os_error, replace_dir, staging_path
 from .training_data import MAX_TRAINING_PIXELS, DataSpec, ValidationSplit, class_names, load_training_data
 from .units import parse_pixel_size
+
+#: The file a run's state is saved in, inside its checkpoint folder.
+CHECKPOINT = "checkpoint.pt"
 
 #: Settings that only label the bundle (or say how long to train), so a checkpoint made with other
 #: values still resumes: more ``steps`` extends a finished run.
@@ -186,8 +201,8 @@ def train_engine(
     to their size. Validation scores each dataset and keeps the checkpoint with the best mean.
     With ``parent``, the network starts from its weights (and step 0 is validated: the parent's
     score on this data, kept if no later step beats it).
-    With ``checkpoint_dir``, the run saves its state there (at every validation and at the end) and
-    resumes from it when restarted; a checkpoint made with other settings is refused, except for
+    With ``checkpoint_dir``, the run saves its state there (at every validation, at the end, and when
+    Ctrl-C stops it) and resumes from it when restarted; a checkpoint made with other settings is refused, except for
     the settings in ``_RESUMABLE_CHANGES`` (a larger ``steps`` continues a finished run; its cosine
     schedule is then recomputed for the new length). ``training_info`` (where the data came from)
     is added to the bundle's ``[training]`` table.
@@ -212,6 +227,7 @@ def train_engine(
         raise ConfigError("training images must be at least 16 pixels on each side")
     if len(dataset) != len(images) or len(val_dataset) != len(val_images) or max(dataset + val_dataset) >= len(dataset_weights):
         raise ConfigError(f"dataset indices {sorted(set(dataset + val_dataset))} do not fit {len(dataset_weights)} dataset weight(s)")
+    check_bundle_output(out_dir, checkpoint_dir)  # before step 1: a bundle that cannot be written is said now
 
     device = _pick_device(config.device)
     torch.manual_seed(config.seed)
@@ -248,7 +264,29 @@ def train_engine(
         if score >= float(np.nanmean(best["f1"])) or not val_images:
             best = {"f1": f1, "step": done, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
-    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+
+    def save(done: int) -> None:
+        assert ckpt is not None
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        state = {
+            "config": _config_dict(config),
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+            "best": best,
+            "step": done,
+        }
+        try:
+            torch.save(state, tmp)
+            tmp.replace(ckpt)  # atomic: a crash mid-save keeps the previous checkpoint
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise os_error(OSError(e.errno, e.strerror), ckpt, state=f"training stopped at step {done}; the previous checkpoint is kept") from None
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         check_resumable(state["config"], _config_dict(config), ckpt, int(state["step"]))
@@ -266,67 +304,164 @@ def train_engine(
 
     sampler = _CropSampler(images, masks, dataset, dataset_weights, config, norm, rng)
     bar = _progress(config.steps, start, progress)
+    bar.set_postfix_str(_postfix(None, history), refresh=False)
     t0 = time.perf_counter()
-    for step in range(start, config.steps):
-        model.train()
-        x, y = sampler.batch()
-        x = x.to(device, memory_format=torch.channels_last)
-        y = y.to(device)
-        logits = model(x)
-        loss = _loss(logits, y, config.dice_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        done = step + 1
-        if done % config.val_every == 0 or done == config.steps:
-            validate(done, float(loss.item()), time.perf_counter() - t0)
-            if ckpt is not None:
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save(
-                    {
-                        "config": _config_dict(config),
-                        "model": model.state_dict(),
-                        "opt": opt.state_dict(),
-                        "sched": sched.state_dict(),
-                        "rng": rng.bit_generator.state,
-                        "torch_rng": torch.get_rng_state(),
-                        "history": history,
-                        "best": best,
-                        "step": done,
-                    },
-                    tmp,
-                )
-                tmp.replace(ckpt)  # atomic: a crash mid-save keeps the previous checkpoint
-    bar.close()
+    done = saved = start
+    try:
+        with _StopOnInterrupt() as stop:
+            for step in range(start, config.steps):
+                model.train()
+                x, y = sampler.batch()
+                x = x.to(device, memory_format=torch.channels_last)
+                y = y.to(device)
+                logits = model(x)
+                loss = _loss(logits, y, config.dice_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                done = step + 1
+                if done % config.val_every == 0 or done == config.steps:
+                    validate(done, float(loss.item()), time.perf_counter() - t0)
+                    if ckpt is not None:
+                        save(done)
+                        saved = done
+                bar.update(1)
+                bar.set_postfix_str(_postfix(float(loss.item()), history))
+                if stop.requested and done < config.steps:  # Ctrl-C: stop here, where the state is whole
+                    if ckpt is not None and saved != done:
+                        save(done)
+                        saved = done
+                    raise _interrupted(done, config.steps, ckpt, saved, whole=True)
+    except KeyboardInterrupt:  # a second Ctrl-C, mid-step: the last checkpoint stands
+        raise _interrupted(done, config.steps, ckpt, saved if ckpt is not None and ckpt.is_file() else None, whole=False) from None
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
 
     arch = {"name": "unet2d", "base_channels": config.base_channels, "depth": config.depth}
     info = dict(training_info or {})
     if parent is not None:
         info["parent"] = parent.record()
-    bundle = write_bundle(
-        Path(out_dir),
-        name=config.name,
-        state_dict=best["state"],
-        architecture=arch,
-        pixel_size_nm=config.pixel_size_nm,
-        classes=config.classes,
-        normalization=norm,
-        description=config.description,
-        tile=config.tile,
-        overlap=config.overlap,
-        metrics={"validation_f1": [round(float(v), 4) for v in best["f1"]], "best_step": best["step"]},
-        training={
-            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in _config_dict(config).items() if k != "notes" and v != ""},
-            **info,
-        },
-    )
-    (Path(out_dir) / "training_history.json").write_text(json.dumps(history, indent=1))
+
+    def write(folder: Path) -> EngineBundle:
+        bundle = write_bundle(
+            folder,
+            name=config.name,
+            state_dict=best["state"],
+            architecture=arch,
+            pixel_size_nm=config.pixel_size_nm,
+            classes=config.classes,
+            normalization=norm,
+            description=config.description,
+            tile=config.tile,
+            overlap=config.overlap,
+            metrics={"validation_f1": [round(float(v), 4) for v in best["f1"]], "best_step": best["step"]},
+            training={
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in _config_dict(config).items() if k != "notes" and v != ""},
+                **info,
+            },
+        )
+        (folder / "training_history.json").write_text(json.dumps(history, indent=1))
+        return bundle
+
+    bundle = publish_bundle(Path(out_dir), write, ckpt)
     return TrainResult(bundle, int(best["step"]), list(best["f1"]), history, seconds)
+
+
+def check_bundle_output(out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> None:
+    """Refuse, in one line and before any training, a bundle folder that cannot be written (read-only,
+    a path the OS refuses), that is a file, or that holds files of something else (replacing it would
+    delete them); and a checkpoint folder that cannot be written, or that lies inside the bundle
+    folder (which is replaced when training ends). An empty folder or an engine bundle is fine (the
+    command decides, with ``--overwrite``/``--resume``, whether a bundle may be replaced)."""
+    out = Path(out_dir)
+    try:
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError(f"{out} exists and is not a folder; give --out a folder for the engine bundle, e.g. engines/NAME")
+        if out.is_dir() and not (out / ENGINE_FILE).is_file() and any(out.iterdir()):
+            raise OutputExistsError(
+                f"{out} is a folder of other files, not an engine bundle; choose another --out (tilefeet replaces only an engine bundle)"
+            )
+    except OSError as e:
+        if isinstance(e, OutputExistsError):
+            raise
+        raise os_error(OSError(e.errno, e.strerror), out) from None
+    check_writable(out, create=False)  # nothing is made before training starts
+    if checkpoint_dir is None:
+        return
+    ckpt = Path(checkpoint_dir)
+    if ckpt.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"--checkpoint-dir {ckpt} is inside --out {out}, which is replaced when training ends; choose a folder outside it")
+    try:
+        check_writable(ckpt / CHECKPOINT, create=False)
+    except OutputWriteError as e:
+        raise OutputWriteError(f"{e}; give another --checkpoint-dir") from None
+
+
+def publish_bundle(out: Path, write: Any, ckpt: Path | None = None) -> EngineBundle:
+    """``write(folder)`` a bundle into a staging folder beside ``out``, then rename it to ``out``
+    (replacing what is there, crash-safely: :func:`tilefeet.storage.replace_dir`). An OS error is one
+    line that says where the trained network is kept (the checkpoint ``ckpt``)."""
+    import shutil
+
+    staging = staging_path(out)
+    kept = f"the trained network is kept in the checkpoint {ckpt}: free space or fix permissions, then rerun with --resume" if ckpt else None
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        write(staging)
+        replace_dir(staging, out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise os_error(OSError(e.errno, e.strerror), out, state=kept) from None
+    return load_engine(out)
+
+
+def _interrupted(done: int, steps: int, ckpt: Path | None, saved: int | None, *, whole: bool) -> Interrupted:
+    """What a Ctrl-C left: where the checkpoint is, and how to continue from it."""
+    when = f"at step {done} of {steps}" if whole else f"during step {done + 1} of {steps}"
+    if ckpt is None:
+        return Interrupted(f"training interrupted {when}; no checkpoint folder was given, so nothing was kept")
+    if saved is None:
+        return Interrupted(f"training interrupted {when}, before its first checkpoint; nothing was kept")
+    at = "" if whole else f" (step {saved})"
+    return Interrupted(f"training interrupted {when}: the checkpoint{at} is {ckpt}; rerun the same command with --resume to continue from it")
+
+
+class _StopOnInterrupt:
+    """Ctrl-C (SIGINT) during the training loop asks it to stop after the current step, where the
+    model, optimizer and random streams are whole and can be saved; a second Ctrl-C stops at once
+    (``KeyboardInterrupt``). Python delivers signals to the main thread only; elsewhere this does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+
+def _postfix(loss: float | None, history: Sequence[Mapping[str, Any]]) -> str:
+    """The progress bar's note: the loss, and the latest validation F1 (per class) with its step."""
+    parts = [] if loss is None else [f"loss {loss:.3f}"]
+    scored = [h for h in history if not all(math.isnan(v) for v in h["val_f1"])]
+    if scored:
+        last = scored[-1]
+        parts.append("val F1 " + "/".join(f"{v:.3f}" for v in last["val_f1"]) + f" (step {last['step']})")
+    return ", ".join(parts)
 
 
 def _load_parent(model: Any, parent: Parent) -> None:

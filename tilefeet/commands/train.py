@@ -13,6 +13,8 @@
 Reading and splitting live in :mod:`tilefeet.training_data`, training in :mod:`tilefeet.train`;
 this module maps flags onto them one to one and decides what happens to an earlier run's
 checkpoint (continue it with ``--resume``, or refuse) and to an existing bundle (``--overwrite``).
+Whatever about the output can be refused is refused before the data are read; Ctrl-C says where
+the checkpoint is and how to continue (``--resume``).
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def train_cmd(
 ) -> None:
     """Train a U-Net on annotated OME-Zarr images or stacks (or fine-tune an engine) and write it as an engine bundle."""
     from .. import console
-    from ..train import default_checkpoint_dir, train_from_zarr
+    from ..errors import Interrupted
+    from ..train import CHECKPOINT, default_checkpoint_dir, train_from_zarr
     from ..training_data import DataSpec, ValidationSplit
 
     name = name or out.name
@@ -106,39 +109,42 @@ def train_cmd(
     specs = [DataSpec.parse(d) for d in data]
     ckpt_dir = checkpoint_dir or default_checkpoint_dir(out, name)
     check_outputs(out, ckpt_dir, resume=resume, overwrite=overwrite)
-    console.echo(f"checkpoints: {ckpt_dir}" + ("" if (ckpt_dir / "checkpoint.pt").is_file() else " (starting at step 0)"))
+    console.echo(f"checkpoints: {ckpt_dir}" + ("" if (ckpt_dir / CHECKPOINT).is_file() else " (starting at step 0)"))
     t0 = time.perf_counter()
-    result = train_from_zarr(
-        image,
-        labels,
-        out,
-        data=specs,
-        parent=parent,
-        new_head=new_head,
-        name=name,
-        classes=class_names or None,
-        pixel_size=pixel_size,
-        engine_pixel_size=engine_pixel_size,
-        split=split,
-        checkpoint_dir=ckpt_dir,
-        progress=console.progress_enabled(),
-        max_pixels=max_pixels,
-        steps=steps,
-        batch_size=batch_size,
-        crop=crop,
-        lr=lr,
-        base_channels=base_channels,
-        depth=depth,
-        scale_jitter=parse_scale_jitter(scale_jitter),
-        augment=augment,
-        freeze_encoder=freeze_encoder,
-        val_every=val_every,
-        seed=seed,
-        device=device,
-        tile=tile,
-        overlap=overlap,
-        description=description,
-    )
+    try:
+        result = train_from_zarr(
+            image,
+            labels,
+            out,
+            data=specs,
+            parent=parent,
+            new_head=new_head,
+            name=name,
+            classes=class_names or None,
+            pixel_size=pixel_size,
+            engine_pixel_size=engine_pixel_size,
+            split=split,
+            checkpoint_dir=ckpt_dir,
+            progress=console.progress_enabled(),
+            max_pixels=max_pixels,
+            steps=steps,
+            batch_size=batch_size,
+            crop=crop,
+            lr=lr,
+            base_channels=base_channels,
+            depth=depth,
+            scale_jitter=parse_scale_jitter(scale_jitter),
+            augment=augment,
+            freeze_encoder=freeze_encoder,
+            val_every=val_every,
+            seed=seed,
+            device=device,
+            tile=tile,
+            overlap=overlap,
+            description=description,
+        )
+    except KeyboardInterrupt:  # before the training loop (reading the data, scoring the parent): nothing was written
+        raise Interrupted(f"training interrupted before its first step; nothing was written to {out}") from None
     f1 = ", ".join(f"{c} {v:.4f}" for c, v in zip(result.bundle.classes, result.best_val_f1))
     line = f"wrote {out} in {time.perf_counter() - t0:.0f} s: best validation F1 {f1} at step {result.best_step}"
     first = result.history[0] if result.history and result.history[0]["step"] == 0 else None
@@ -149,16 +155,20 @@ def train_cmd(
 
 def check_outputs(out: Path, ckpt_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """An earlier run's checkpoint continues only with --resume; an existing bundle is replaced only
-    with --overwrite or --resume (whose run was writing it)."""
+    with --overwrite or --resume (whose run was writing it); and everything
+    :func:`tilefeet.train.check_bundle_output` refuses (a read-only or refused path, a file, a folder
+    of other files, an unwritable checkpoint folder), before any data is read."""
     from ..engine import ENGINE_FILE
     from ..errors import OutputExistsError
+    from ..train import CHECKPOINT, check_bundle_output
 
-    if (ckpt_dir / "checkpoint.pt").is_file() and not resume:
+    if (ckpt_dir / CHECKPOINT).is_file() and not resume:
         raise OutputExistsError(
             f"{ckpt_dir} holds the checkpoint of an earlier run; pass --resume to continue it, or delete {ckpt_dir} to start over"
         )
     if (out / ENGINE_FILE).is_file() and not (overwrite or resume):
         raise OutputExistsError(f"{out} already holds an engine bundle; pass --overwrite to replace it, or choose another --out")
+    check_bundle_output(out, ckpt_dir)  # writable, not a file, not someone else's folder
 
 
 def parse_scale_jitter(text: str) -> tuple[float, float]:
