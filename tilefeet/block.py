@@ -39,6 +39,7 @@ class BlockOutput:
     probabilities: np.ndarray  #: (C, h, w)
     labels: np.ndarray | None  #: (C, h, w) uint8, or None
     uncertainty: np.ndarray | None = None  #: (h, w) uint8, or None
+    z: int | None = None  #: a stack's output section the block is of (None: a section's block)
 
 
 def compute_block(plan: Plan, index: tuple[int, int], image: Any, runner: Any) -> torch.Tensor:

@@ -125,20 +125,33 @@ def segment(
         [], "--output-storage-option", help="A storage option for the output only, overriding --storage-option (repeatable)."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Run on the dask.distributed cluster of this scheduler, e.g. tcp://10.0.0.5:8786 (README: On a cluster)."
+    ),
+    scheduler_file: Optional[str] = typer.Option(
+        None, "--scheduler-file", help="Run on the cluster whose scheduler wrote this file (dask scheduler --scheduler-file PATH)."
+    ),
+    resources: list[str] = typer.Option(
+        [], "--resources", help="On a cluster: worker resources each block task takes, e.g. GPU=1 (as dask worker --resources declares)."
+    ),
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
 ) -> None:
     """Segment a section, or every section of a stack: probabilities and labels, written as OME-Zarr."""
     from . import pipeline
+    from .cluster import absolute, from_options
     from .storage import default_storage_options, output_location, parse_storage_options
     from .writer import check_output
 
     set_verbosity(quiet, verbose)
+    if scheduler or scheduler_file:  # the workers open these paths from working folders of their own
+        input, output, engine = absolute(input), absolute(output), absolute(engine) if Path(engine).exists() else engine
     storage = parse_storage_options(storage_option)
     location = output_location(output, {**storage, **parse_storage_options(output_storage_option, "--output-storage-option")})
     # Before any work: an output that cannot be written, or that the flags do not allow, is said at once.
     location.check_writable()
     check_output(location, overwrite=overwrite, resume=resume)
+    cluster = from_options(scheduler, scheduler_file, resources)  # None: run here
 
     options: dict[str, Any] = dict(
         tile=tile,
@@ -172,7 +185,11 @@ def segment(
     )
     t0 = time.perf_counter()
     with default_storage_options(storage):  # for what else the run opens by URL (a --mask label image)
-        run = pipeline.plan_segmentation(input, engine, resume_into=location if resume else None, storage_options=storage, **options)
+        run = pipeline.plan_segmentation(
+            input, engine, resume_into=location if resume else None, resolve_backend=cluster is None, storage_options=storage, **options
+        )
+    if cluster is not None:  # each worker sees the input, the engine and the output as this process does
+        cluster.check_segment(run, location)
     if dry_run:
         _check_output(run, location, overwrite=overwrite, resume=resume)
         typer.echo(run.describe())
@@ -183,7 +200,13 @@ def segment(
 
         raise ConfigError("--cells, --min-size and --fill-holes shape the objects: add --objects (or run `tilefeet objects` later)")
     found = {"cells": cells, "min_size": min_size, "fill_holes": fill_holes} if objects else None
-    out = pipeline.write_planned(run, location, overwrite=overwrite, resume=resume, progress=console.progress_enabled(), objects=found)
+    if cluster is None:
+        out = pipeline.write_planned(run, location, overwrite=overwrite, resume=resume, progress=console.progress_enabled(), objects=found)
+    else:  # the same graph, less the local run's ordering of blocks
+        graph = pipeline.write_planned(
+            run, location, overwrite=overwrite, resume=resume, compute=False, resources=cluster.resources or None, objects=found
+        )
+        out = cluster.write_segment(graph, location, progress=console.progress_enabled())
     dt = time.perf_counter() - t0
     h, w = run.plan.output.shape
     n = run.plan.depth
@@ -263,9 +286,14 @@ def convert(
         ..., help="A TIFF/PNG file, or a folder of tiles (montage) or slices (--stack); or an OME-Zarr http(s):// or s3:// URL to copy."
     ),
     output: str = typer.Argument(..., help="OME-Zarr to write, a path or an s3:// URL (or, with --labels, the local image to add labels to)."),
-    pixel_size: Optional[str] = typer.Option(None, "--pixel-size", help="Pixel size, e.g. 4nm or 0.004um (required for images)."),
+    pixel_size: Optional[str] = typer.Option(
+        None, "--pixel-size", help="Pixel size, e.g. 4nm or 0.004um (required for images); a stack's Z,Y,X voxel size, e.g. 50,4,4nm."
+    ),
     grid: Optional[str] = typer.Option(None, help="Montage layout ROWSxCOLS when file names do not say it."),
-    stack: bool = typer.Option(False, help="A folder of slices → a (z, y, x) stack (for training), not a montage."),
+    stack: bool = typer.Option(False, help="A folder of slices → a (z, y, x) stack of sections, not a montage."),
+    z_spacing: Optional[str] = typer.Option(
+        None, "--z-spacing", help="With --stack: the distance between sections (section thickness), e.g. 50nm (or --pixel-size 50,4,4nm)."
+    ),
     chunk: int = typer.Option(1024, help="Chunk side."),
     ngff_version: str = typer.Option("0.5", "--ngff-version", help="0.5 (zarr v3) or 0.4 (zarr v2)."),
     labels: Optional[str] = typer.Option(None, help="Write INPUT as the binary label image labels/NAME of OUTPUT."),
@@ -281,7 +309,7 @@ def convert(
     from .errors import ConfigError
     from .settings import pair
     from .storage import Url, is_url, parse_storage_options
-    from .units import format_nm, parse_pixel_size
+    from .units import format_nm, parse_length_nm, parse_voxel_size
 
     storage = parse_storage_options(storage_option)
     if is_url(input):
@@ -298,23 +326,35 @@ def convert(
         fg = list(parse_values(foreground, "--foreground") or []) or None
         _echo(f"wrote {conv.write_labels(data, output, labels, foreground=fg, overwrite=overwrite)}")
         return
+    dz: float | None = None
     if pixel_size is not None:
-        px = parse_pixel_size(pixel_size, where="--pixel-size")
+        dz, px = parse_voxel_size(pixel_size, where="--pixel-size")
     elif found_px is not None:
         px = found_px
     else:
-        raise ConfigError("give the pixel size of the input with --pixel-size, e.g. --pixel-size 4nm")
+        raise ConfigError("give the pixel size of the input with --pixel-size, e.g. --pixel-size 4nm (a stack: 50,4,4nm)")
+    if z_spacing is not None:
+        dz = parse_length_nm(z_spacing, where="--z-spacing")
+    if data.ndim == 2 and dz is not None:
+        raise ConfigError(f"{input} is a single image, not a stack: give its pixel size as one or two values (y,x), e.g. --pixel-size {format_nm(px[0]).replace(' ', '')}")
+    if data.ndim == 3 and dz is None:
+        dz = px[0]
+        import warnings
+
+        from .image import ZSpacingWarning
+
+        warnings.warn(ZSpacingWarning(
+            f"no section spacing given: z recorded at the pixel size, {format_nm(dz)} (isotropic, as FIB-SEM); for serial sections "
+            f"give the thickness: --pixel-size 50,{px[0]:g},{px[1]:g}nm or --z-spacing 50nm"
+        ), stacklevel=1)
     out = conv.write_image(
         data, output, px, chunk=chunk, version=ngff_version, name=name, overwrite=overwrite, progress=console.progress_enabled(),
-        storage_options=storage,
+        storage_options=storage, z_spacing_nm=dz,
     )
     _echo(f"wrote {out}")
-    if data.ndim == 3:  # a training stack: Image (and `info`) read 2-D sections only
-        _echo(f"  {data.shape[0]} slices of {data.shape[1]} × {data.shape[2]} px, {format_nm(px)}, {data.dtype}")
-        return
     from .image import Image
 
-    _echo(Image.open(out, storage_options=storage).meta.describe())
+    _echo(Image.open(out, sections_only=False, stacks=True, storage_options=storage).meta.describe())
 
 
 @app.command()

@@ -276,9 +276,11 @@ def write_image(
     progress: bool = False,
     unit: str = "nanometer",
     storage_options: Mapping[str, Any] | None = None,
+    z_spacing_nm: float | None = None,
 ) -> Path | Url:
     """Write a 2-D (y, x) or 3-D (z, y, x) array (numpy or dask) as an OME-Zarr image with a pyramid,
-    at a path or an ``s3://`` URL (reached with ``storage_options``).
+    at a path or an ``s3://`` URL (reached with ``storage_options``). A stack's sections are
+    ``z_spacing_nm`` apart (default: the pixel size, isotropic); its pyramid is in y and x only.
 
     ``version`` "0.5" writes zarr v3 (the default), "0.4" zarr v2. Written to a staging folder
     and moved into place (:mod:`tilefeet.storage`), so a failed conversion never leaves a
@@ -312,7 +314,7 @@ def write_image(
         unit_scale = 1.0 / nm_per_unit(unit)
     # Every chunk is written, empty ones too, and the store says so: a chunk absent later was lost
     # (tilefeet.chunks), which is then told apart from one a writer left out as empty.
-    ms = multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, lead_scale=[pixel_size_nm[0] * unit_scale] if lead_axes else None,
+    ms = multiscales(name, pixel_size_nm, len(shapes), lead_axes=lead_axes, lead_scale=[(z_spacing_nm or pixel_size_nm[0]) * unit_scale] if lead_axes else None,
                      unit=unit, unit_scale=unit_scale, metadata={"method": "tilefeet.convert", "every_chunk_written": True})
     fmt: Literal[2, 3] = 3 if version.startswith("0.5") else 2
     try:
@@ -382,13 +384,15 @@ def write_labels(
     shapes = [(*binary.shape[:-2], *image.datasets[k].shape[-2:]) for k in range(n)]
     chunks = (1,) * (binary.ndim - 2) + image.datasets[0].chunks[-2:]
     arrays = create_levels(g, shapes, chunks=chunks, dtype="uint8", dimension_names=[*(a["name"] for a in lead), "y", "x"])
+    arrays = [z.with_config({"write_empty_chunks": True}) for z in arrays]  # every chunk, as write_image
     tasks, level = [], binary
     for k, z in enumerate(arrays):
         if k:
             level = downsample2(level, "max")
         tasks.append(da.store(level[..., : z.shape[-2], : z.shape[-1]].rechunk(z.chunks), z, lock=False, compute=False))
     dask.compute(*tasks, scheduler="threads")
-    ms = multiscales(name, px, n, lead_axes=lead, lead_scale=[px[0]] if lead else None, method="max")
+    ms = multiscales(name, px, n, lead_axes=lead, lead_scale=[px[0]] if lead else None, method="max",
+                     metadata={"method": "tilefeet.convert", "every_chunk_written": True})
     g.attrs.update(label_metadata(ms, colors=[{"label-value": 1, "rgba": [255, 64, 0, 255]}]))
     add_label(root, name)
     return Path(image.path) / "labels" / name

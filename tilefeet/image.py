@@ -5,8 +5,10 @@ pyramid level (out-of-bounds pixels by symmetric reflection, so edge tiles see r
 Its :class:`ImageMeta` is a small picklable description that pure planning code works from.
 
 Accepted layouts: ``yx``, plus leading axes of size one (``c``, ``z``, ``t``: the common
-``tczyx`` of bioformats2raw) which are dropped. Metadata is validated with ``ome-zarr-models``;
-pixel sizes are converted to nanometres from the axis units.
+``tczyx`` of bioformats2raw) which are dropped; and stacks of sections: a ``z`` axis longer than
+one (``zyx``, ``tczyx`` with size-one ``t`` and ``c``), read a section at a time
+(:meth:`Image.section`), with the section spacing from the z axis's scale. Metadata is validated
+with ``ome-zarr-models``; pixel sizes are converted to nanometres from the axis units.
 """
 
 from __future__ import annotations
@@ -55,10 +57,23 @@ class ImageMeta:
     axes: tuple[str, ...] = ("y", "x")
     lead_shape: tuple[int, ...] = ()  #: sizes of the axes before y, x (all 1 for a section)
     token: str = ""  #: content token of an in-memory array (dask's); a store is identified by its path
+    #: a stack: which of the leading axes is z (an index into ``lead_shape``); None for a section
+    z_axis: int | None = None
+    z_spacing_nm: float | None = None  #: distance between sections (nm); None when the metadata gives none
+    z_origin_nm: float = 0.0  #: physical z of section 0 (nm)
 
     @property
     def shape(self) -> Pair:
         return self.levels[0].shape
+
+    @property
+    def depth(self) -> int:
+        """Sections along z (1 for a section)."""
+        return self.lead_shape[self.z_axis] if self.z_axis is not None else 1
+
+    @property
+    def is_stack(self) -> bool:
+        return self.z_axis is not None
 
     @property
     def pixel_size_nm(self) -> FloatPair | None:
@@ -84,8 +99,11 @@ class ImageMeta:
         return replace(self, levels=tuple(levels))
 
     def describe(self) -> str:
-        lead = [f"{n} {a}" for a, n in zip(self.axes[:-2], self.lead_shape) if n > 1]
+        lead = [f"{n} {a}" for i, (a, n) in enumerate(zip(self.axes[:-2], self.lead_shape)) if n > 1 and i != self.z_axis]
         kind = f", a stack of {' × '.join(lead)} planes" if lead else ""
+        if self.is_stack:
+            apart = f", {format_nm(self.z_spacing_nm)} apart" if self.z_spacing_nm else ", spacing unknown"
+            kind = f", a stack of {self.depth} sections{apart}" + kind
         rows = [f"{self.source}  (OME-Zarr {self.version or '-'}, {self.dtype}, axes {''.join(self.axes)}{kind})"]
         for i, lv in enumerate(self.levels):
             px = format_nm(lv.pixel_size_nm) if lv.pixel_size_nm else "unknown pixel size"
@@ -110,20 +128,29 @@ class Image:
     # ---- construction
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, sections_only: bool = True, storage_options: Mapping[str, Any] | None = None) -> Image:
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        sections_only: bool = True,
+        stacks: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        command: str = "",
+    ) -> Image:
         """Open an OME-Zarr image (0.5 or 0.4) by path or ``http(s)://`` / ``s3://`` URL; only
         metadata is read. ``storage_options`` reach a URL (anonymous access, endpoint, credentials:
         :mod:`tilefeet.storage`); without them, the environment's (and the command's) are used.
 
-        ``sections_only`` refuses leading axes longer than one (stacks, channels): tilefeet
-        segments 2-D sections. ``tilefeet info`` turns it off to describe any image.
+        ``sections_only`` refuses leading axes longer than one (channels, time points, and stacks
+        unless ``stacks``: a z axis of sections, which ``segment`` reads); ``command`` names the
+        command in that refusal. ``tilefeet info`` turns it off to describe any image.
         """
         if is_url(path):
             remote = Remote.create(str(path), storage_options)
-            image = _open_ome_zarr(remote.url, sections_only, dict(remote.options))
+            image = _open_ome_zarr(remote.url, sections_only, dict(remote.options), stacks=stacks, command=command)
             image.storage_options = dict(remote.options)
             return image
-        return _open_ome_zarr(Path(path), sections_only)
+        return _open_ome_zarr(Path(path), sections_only, stacks=stacks, command=command)
 
     @classmethod
     def from_array(
@@ -133,12 +160,15 @@ class Image:
         *,
         origin_nm: FloatPair = (0.0, 0.0),
         name: str = "array",
+        z_spacing_nm: float | None = None,
     ) -> Image:
-        """Wrap a numpy, dask or xarray 2-D array (xarray coordinates give the pixel size in nm).
+        """Wrap a numpy, dask or xarray 2-D array (xarray coordinates give the pixel size in nm), or
+        a 3-D one, a stack of sections along its first axis (z; an xarray's ``z`` coordinate gives
+        the section spacing, else ``z_spacing_nm``).
 
-        The array is held as a dask array (numpy in chunks of :data:`ARRAY_CHUNK`), so that a
-        graph over the image makes each block depend on the chunks it needs, not the whole array,
-        and its content token (dask's) tells two arrays of the same shape apart in dask keys.
+        The array is held as a dask array (numpy in chunks of :data:`ARRAY_CHUNK`, one section deep),
+        so that a graph over the image makes each block depend on the chunks it needs, not the whole
+        array, and its content token (dask's) tells two arrays of the same shape apart in dask keys.
         """
         import dask.array as da
         from dask.base import tokenize
@@ -146,22 +176,40 @@ class Image:
         arr: Any = data
         px: Any = pixel_size_nm
         origin = origin_nm
+        dz, z0 = z_spacing_nm, 0.0
         if hasattr(data, "dims") and hasattr(data, "coords"):  # xarray.DataArray
             arr, px2, origin2 = _from_xarray(data)
             px = px if px is not None else px2
             origin = origin2 if origin2 is not None else origin
+            if dz is None and "z" in data.dims and "z" in data.coords and data.sizes["z"] > 1:
+                z = np.asarray(data.coords["z"].values, dtype=np.float64)
+                f = nm_per_unit(data.coords["z"].attrs.get("units", data.coords["z"].attrs.get("unit", "nm")), where="xarray coordinate 'z'")
+                dz, z0 = float(z[1] - z[0]) * f, float(z[0]) * f
         if isinstance(px, (int, float)):
             px = (float(px), float(px))
         if not isinstance(arr, da.Array):
             arr = np.asarray(arr)
-            arr = da.from_array(arr, chunks=tuple(min(ARRAY_CHUNK, max(1, s)) for s in arr.shape))
+            arr = da.from_array(arr, chunks=(*(1 for _ in arr.shape[:-2]), *(min(ARRAY_CHUNK, max(1, s)) for s in arr.shape[-2:])))
         shape = tuple(int(s) for s in arr.shape)
-        lead = _check_axes_shape(shape, tuple("?" * (len(shape) - 2)) + ("y", "x"), name)
+        names = ("z", "y", "x") if len(shape) == 3 else tuple("?" * (len(shape) - 2)) + ("y", "x")
+        lead = _check_axes_shape(shape, names, name, stacks=True)
         chunks = tuple(int(c[0]) for c in arr.chunks)[-2:]
         level = Level("0", (shape[-2], shape[-1]), (chunks[-2], chunks[-1]), px, origin)
-        meta = ImageMeta(name, (level,), str(np.dtype(arr.dtype)), len(shape), "", name, token=tokenize(arr))
+        z_axis = 0 if len(shape) == 3 and shape[0] > 1 else None
+        meta = ImageMeta(name, (level,), str(np.dtype(arr.dtype)), len(shape), "", name, names, shape[:-2], tokenize(arr),
+                         z_axis, dz if z_axis is not None else None, z0)
         _check_level(meta, 0)
         return cls(meta, [arr], lead)
+
+    def section(self, z: int) -> Image:
+        """Section ``z`` of a stack, read like an image of its own (the same arrays, one plane)."""
+        if self.meta.z_axis is None:
+            if z != 0:
+                raise IndexError(f"{self.meta.source} is a single section; there is no section {z}")
+            return self
+        lead = list(self._lead)
+        lead[self.meta.z_axis] = z
+        return replace(self, _lead=tuple(lead))
 
     # ---- reading
 
@@ -290,7 +338,9 @@ class Region:
 # ------------------------------------------------------------------------------------ OME-Zarr
 
 
-def _open_ome_zarr(path: str | Path, sections_only: bool = True, storage_options: Mapping[str, Any] | None = None) -> Image:
+def _open_ome_zarr(
+    path: str | Path, sections_only: bool = True, storage_options: Mapping[str, Any] | None = None, *, stacks: bool = False, command: str = ""
+) -> Image:
     from .ngff import read_multiscale
 
     ms = read_multiscale(path, storage_options=storage_options)
@@ -298,10 +348,23 @@ def _open_ome_zarr(path: str | Path, sections_only: bool = True, storage_options
     space = [i for i, a in enumerate(ms.axes) if a.type == "space"]
     if len(space) < 2 or space[-2:] != [len(names) - 2, len(names) - 1]:
         raise InvalidImageError(f"{ms.path}: the last two axes must be spatial (y, x), got axes {names}")
-    lead = _check_axes_shape(ms.datasets[0].shape, names, ms.path) if sections_only else (0,) * (len(names) - 2)
-    levels = []
     ds0 = ms.datasets[0]
+    if sections_only:
+        lead = _check_axes_shape(ds0.shape, names, ms.path, stacks=stacks, command=command)
+    else:
+        lead = (0,) * (len(names) - 2)
+    z_axis = next((i for i, n in enumerate(names[:-2]) if n == "z" and ds0.shape[i] > 1), None)
+    dz, z0 = _z_spacing(ms, z_axis) if z_axis is not None else (None, 0.0)
+    levels = []
     for k, ds in enumerate(ms.datasets):
+        if k and tuple(ds.shape[:-2]) != tuple(ds0.shape[:-2]):
+            # A pyramid that also downsamples z (or another leading axis): such a level has other
+            # sections than level 0, so it cannot stand in for it; sections are read from level 0's z.
+            warnings.warn(TilefeetWarning(
+                f"{ms.path}/{ds.path}: its leading axes {tuple(ds.shape[:-2])} differ from level 0's {tuple(ds0.shape[:-2])} "
+                f"(a pyramid downsampled in z too?); this level is ignored"
+            ), stacklevel=3)
+            continue
         px = ms.pixel_size_nm(k)
         if px is not None and min(px) <= 0:
             raise InvalidImageError(f"{ms.path}/{ds.path}: scale must be positive, got {ds.scale[-2:]}")
@@ -314,9 +377,30 @@ def _open_ome_zarr(path: str | Path, sections_only: bool = True, storage_options
             ), stacklevel=3)
             continue
         levels.append(Level(ds.path, (ds.shape[-2], ds.shape[-1]), (ds.chunks[-2], ds.chunks[-1]), px, ms.origin_nm(k) if px else (0.0, 0.0)))
-    meta = ImageMeta(ms.path, tuple(levels), ds0.dtype, len(names), ms.version, ms.name, names, tuple(ds0.shape[:-2]))
+    meta = ImageMeta(ms.path, tuple(levels), ds0.dtype, len(names), ms.version, ms.name, names, tuple(ds0.shape[:-2]), "", z_axis, dz, z0)
     _check_level(meta, 0)
     return Image(meta, [], lead, every_chunk_written=ms.metadata.get("every_chunk_written") is True)
+
+
+class ZSpacingWarning(TilefeetWarning):
+    """A stack that does not say how far apart its sections are."""
+
+
+def _z_spacing(ms: Any, z_axis: int) -> tuple[float | None, float]:
+    """(spacing, origin) of the sections in nm from the z axis's unit, scale and translation; a z axis
+    without a unit gives ``(None, 0)`` and one warning line (the stack still segments: sections
+    are 2-D; only physical z in measurements and metadata needs it)."""
+    axis = ms.axes[z_axis]
+    scale = ms.datasets[0].scale[z_axis]
+    translation = ms.datasets[0].translation[z_axis] if ms.datasets[0].translation else 0.0
+    if axis.unit is None:
+        warnings.warn(ZSpacingWarning(
+            f"{ms.path}: its z axis has no unit, so the distance between sections is unknown; z is written in section "
+            f"numbers (measurements in 3-D need it: re-convert with --pixel-size Z,Y,Xnm, e.g. 50,4,4nm)"
+        ), stacklevel=4)
+        return None, 0.0
+    f = nm_per_unit(axis.unit, where=f"{ms.path} axis 'z'")
+    return float(scale) * f, float(translation) * f
 
 
 def _first_line(e: Exception) -> str:
@@ -324,8 +408,9 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _check_axes_shape(shape: tuple[int, ...], names: tuple[str, ...], where: str) -> tuple[int, ...]:
-    """Leading axes must have size one; returns the index that drops them."""
+def _check_axes_shape(shape: tuple[int, ...], names: tuple[str, ...], where: str, *, stacks: bool = False, command: str = "") -> tuple[int, ...]:
+    """Leading axes must have size one, except (``stacks``) one z axis of sections; returns the
+    index that drops them (section 0 of a stack: :meth:`Image.section` picks another)."""
     if len(shape) < 2:
         raise InvalidImageError(f"{where}: need a 2-D image (y, x), got shape {shape}")
     for size, name in zip(shape[:-2], names[:-2]):
@@ -334,9 +419,17 @@ def _check_axes_shape(shape: tuple[int, ...], names: tuple[str, ...], where: str
                 raise InvalidImageError(
                     f"{where} has {size} channels; tilefeet segments single-channel EM: select one channel first"
                 )
+            if name == "z" and stacks:
+                continue
+            if name == "z":
+                what = f"tilefeet {command}" if command else "this command"
+                raise InvalidImageError(
+                    f"{where} is a stack of {size} sections (shape {shape}); {what} takes one section here "
+                    f"(tilefeet segment takes whole stacks)"
+                )
             raise InvalidImageError(
-                f"{where} has {size} planes along axis {name!r} (shape {shape}); tilefeet segments 2-D sections: "
-                f"write one plane as its own OME-Zarr image"
+                f"{where} has {size} planes along axis {name!r} (shape {shape}); tilefeet segments sections and z stacks: "
+                f"select one {name} first"
             )
     return (0,) * (len(shape) - 2)
 

@@ -306,6 +306,7 @@ def multiscales(
     origin_nm: tuple[float, float] = (0.0, 0.0),
     lead_axes: Sequence[dict] = (),
     lead_scale: Sequence[float] | None = None,
+    lead_origin: Sequence[float] | None = None,
     method: str = "mean",
     metadata: dict | None = None,
     unit: str = "nanometer",
@@ -314,7 +315,8 @@ def multiscales(
     """NGFF multiscales metadata for 2×-per-level pyramids (pixel centres at ``origin + i·pixel``).
 
     ``lead_axes`` come before y, x (a channel axis, or z of a stack); ``lead_scale`` is their
-    scale, the same on every level (z is not downsampled; default 1).
+    scale and ``lead_origin`` their translation, the same on every level (z is not downsampled;
+    default scale 1, origin 0).
     """
     (py, px), (oy, ox) = pixel_size_nm, origin_nm
     lead = [float(v) for v in lead_scale] if lead_scale is not None else [1.0] * len(lead_axes)
@@ -326,7 +328,7 @@ def multiscales(
                 "path": str(k),
                 "coordinateTransformations": [
                     {"type": "scale", "scale": [*lead, py * f * unit_scale, px * f * unit_scale]},
-                    {"type": "translation", "translation": [*(0.0 for _ in lead), (oy + py * (f - 1) / 2) * unit_scale, (ox + px * (f - 1) / 2) * unit_scale]},
+                    {"type": "translation", "translation": [*(float(v) for v in (lead_origin or [0.0] * len(lead))), (oy + py * (f - 1) / 2) * unit_scale, (ox + px * (f - 1) / 2) * unit_scale]},
                 ],
             }
         )

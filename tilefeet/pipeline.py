@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,11 @@ def open_image(source: Any, pixel_size_nm: Any = None, storage_options: Mapping[
     if isinstance(source, Image):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return Image.open(source, storage_options=storage_options)
-    from .units import parse_pixel_size
+        return Image.open(source, stacks=True, storage_options=storage_options)
+    from .units import parse_voxel_size
 
-    px = parse_pixel_size(pixel_size_nm) if pixel_size_nm is not None else None
-    return Image.from_array(source, px)
+    dz, px = parse_voxel_size(pixel_size_nm) if pixel_size_nm is not None else (None, None)
+    return Image.from_array(source, px, z_spacing_nm=dz)
 
 
 def section_sample(image: Image, level: int, max_pixels: int = STATS_PIXELS) -> np.ndarray:
@@ -103,10 +104,16 @@ def plan_segmentation(
     elif declared:
         raise ConfigError(f"{', '.join(sorted(declared))} describe a model=; give model= too (or an engine bundle)")
     image = open_image(source, settings.pixel_size_nm, storage_options)
+    if settings.z_spacing_nm is not None and image.meta.is_stack:
+        image = replace(image, meta=replace(image.meta, z_spacing_nm=settings.z_spacing_nm))
     bundle = load_engine(engine)
     spec = EngineSpec.from_bundle(bundle)
     g = grids(image.meta, spec, settings)  # refuses impossible pixel sizes before reading
     bundle.check_weights()  # before reading pixels: a damaged bundle is the cheaper thing to find
+    if image.meta.is_stack:
+        return _plan_stack(image, bundle, spec, g, settings, resume_into, resolve_backend)
+    if settings.z_range not in (None, (0, 1), (0, None)):
+        raise ConfigError(f"--z selects sections of a stack; {image.meta.source} is a single section")
     chunks = input_chunks(image, g, settings)
     sample = section_sample(image, g.level)
     imap = make_intensity_map(settings.intensity, bundle.normalization, sample, dtype=np.dtype(image.meta.dtype), invert=bool(settings.invert))
@@ -121,11 +128,86 @@ def plan_segmentation(
     return Run(plan, image, bundle, runner, reason)
 
 
+#: Sections whose statistics (and tissue masks) are read at once while a stack is planned.
+STACK_PLANNING_THREADS = 4
+
+
+def _plan_stack(image: Image, bundle: EngineBundle, spec: EngineSpec, g: Any, settings: Settings, resume_into: Any, resolve: bool) -> Run:
+    """Plan a stack: every section through the same 2-D plan, each with its own intensity map and
+    tissue mask (what segmenting it alone gives, so its output bits are the same), the contrast
+    polarity decided once, on the middle section (:func:`_polarity`), and applied to all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sections = select_sections(image.meta, settings)
+    dtype, norm = np.dtype(image.meta.dtype), bundle.normalization
+    mid = sections[len(sections) // 2]
+    chunks = _merge_checks([c for z in sections for c in input_chunks(image.section(z), g, settings)], len(sections))
+    middle = image.section(mid)
+    sample = section_sample(middle, g.level)
+    imap = make_intensity_map(settings.intensity, norm, sample, dtype=dtype, invert=bool(settings.invert))
+    plan = make_plan(image.meta, spec, settings, imap, tissue_mask(settings.mask, middle, g), ())
+    runner, reason = _runner_spec(plan, bundle, resume_into, resolve)
+    plan, decision = _polarity(plan, middle, bundle, runner, sample)
+    del sample
+    if decision.warning:
+        warnings.warn(PolarityWarning(f"section {mid} of the stack (the contrast of every section follows it): {decision.warning}"), stacklevel=3)
+    invert = plan.intensity.invert_max is not None
+
+    def one(z: int) -> tuple[Any, Any, str | None]:
+        section = image.section(z)
+        sample = section_sample(section, g.level)
+        m = make_intensity_map(settings.intensity, norm, sample, dtype=dtype, invert=invert)
+        return m, tissue_mask(settings.mask, section, g), mismatch(m, sample)
+
+    with ThreadPoolExecutor(STACK_PLANNING_THREADS) as pool:
+        per = list(pool.map(one, sections))
+    problems = [(z, why) for z, (_, _, why) in zip(sections, per) if why]
+    if problems:
+        z, why = problems[0]
+        more = f" (and {len(problems) - 1} more section{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        warnings.warn(IntensityWarning(f"section {z}{more}: {why}"), stacklevel=3)
+    polarity = f"{plan.polarity} (decided on section {mid}, applied to every section)"
+    plan = replace(
+        plan, intensity=per[0][0], mask=per[0][1], chunks=chunks, polarity=polarity,
+        sections=tuple(sections), section_maps=tuple(m for m, _, _ in per),
+        section_masks=tuple(k for _, k, _ in per) if settings.mask not in ("", "none") else (),
+    )
+    return Run(plan, image, bundle, runner, reason)
+
+
+def _merge_checks(checks: list[ChunkCheck], n_sections: int) -> tuple[ChunkCheck, ...]:
+    """One report per array for the sections of a stack (counts summed; the first missing keys)."""
+    merged: dict[str, ChunkCheck] = {}
+    for c in checks:
+        m = merged.get(c.path)
+        if m is None:
+            merged[c.path] = replace(c, what=f"{c.what} of {n_sections} section{'s' if n_sections > 1 else ''}")
+            continue
+        merged[c.path] = replace(
+            m, chunks=m.chunks + c.chunks, missing=m.missing + c.missing, keys=(m.keys + c.keys)[: max(len(m.keys), 5)],
+            files_missing=m.files_missing + c.files_missing, empty=m.empty + c.empty, listed=m.listed and c.listed,
+            reason=m.reason or c.reason,
+        )
+    return tuple(merged.values())
+
+
+def select_sections(meta: Any, settings: Settings) -> list[int]:
+    """The sections of a stack ``--z`` selects (all by default), refusing a range outside the stack."""
+    if settings.z_range is None:
+        return list(range(meta.depth))
+    start, stop = settings.z_range
+    stop = meta.depth if stop is None else stop
+    if start >= meta.depth or stop > meta.depth:
+        raise ConfigError(
+            f"--z {start}:{stop} is outside the stack: {meta.source} has sections 0 to {meta.depth - 1}; "
+            f"e.g. --z 0:{meta.depth} (stop excluded)"
+        )
+    return list(range(start, stop))
+
+
 def _polarity(plan: Plan, image: Image, bundle: EngineBundle, runner: RunnerSpec, sample: np.ndarray) -> tuple[Plan, Polarity]:
     """The plan with the contrast polarity decided (:mod:`tilefeet.polarity`): as the user said, or
     from what the network makes of a few tiles as they are and inverted, and the histogram."""
-    from dataclasses import replace
-
     from .intensity import polarity as histogram_distances
     from .polarity import OutputStats, decide
     from .probe import probe, probe_tiles
@@ -251,10 +333,11 @@ def _runner_spec(plan: Any, bundle: EngineBundle, resume_into: Any, resolve: boo
 
 
 def segment(source: Any, engine: str | os.PathLike | EngineBundle = "isbi-membrane", **options: Any) -> Any:
-    """Lazy segmentation: an ``xarray.DataArray`` of float32 probabilities ``(c, y, x)`` backed by a
-    dask array with one chunk per output block, with physical coordinates (nm) and class names.
-    Nothing is computed until you ask (``.compute()``, ``.to_zarr()``, or as part of a larger graph,
-    here or on a cluster: with ``backend="auto"`` each process chooses its own backend).
+    """Lazy segmentation: an ``xarray.DataArray`` of float32 probabilities ``(c, y, x)`` (a stack:
+    ``(c, z, y, x)``) backed by a dask array with one chunk per output block, with physical
+    coordinates (nm; a stack's z in nm when it says its spacing, else in section numbers) and class
+    names. Nothing is computed until you ask (``.compute()``, ``.to_zarr()``, or as part of a larger
+    graph, here or on a cluster: with ``backend="auto"`` each process chooses its own backend).
     """
     import xarray as xr
 
@@ -268,8 +351,16 @@ def segment(source: Any, engine: str | os.PathLike | EngineBundle = "isbi-membra
         "y": xr.Variable("y", oy + py * np.arange(h), {"units": "nm"}),
         "x": xr.Variable("x", ox + px * np.arange(w), {"units": "nm"}),
     }
-    attrs = {"engine": run.bundle.name, "pixel_size_nm": plan.output.pixel_size_nm, "threshold": plan.settings.threshold}
-    return xr.DataArray(data, dims=("c", "y", "x"), coords=coords, name="probabilities", attrs=attrs)
+    attrs: dict[str, Any] = {"engine": run.bundle.name, "pixel_size_nm": plan.output.pixel_size_nm, "threshold": plan.settings.threshold}
+    if not plan.is_stack:
+        return xr.DataArray(data, dims=("c", "y", "x"), coords=coords, name="probabilities", attrs=attrs)
+    meta = plan.image
+    dz = meta.z_spacing_nm
+    z = meta.z_origin_nm + (dz or 1.0) * np.asarray(plan.sections, dtype=np.float64)
+    coords["z"] = xr.Variable("z", z, {"units": "nm"} if dz else {"units": "section"})
+    coords["section"] = ("z", np.asarray(plan.sections))
+    attrs["z_spacing_nm"] = dz
+    return xr.DataArray(data, dims=("c", "z", "y", "x"), coords=coords, name="probabilities", attrs=attrs)
 
 
 def segment_to_zarr(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -125,6 +125,37 @@ class Plan:
     #: the contrast polarity decision and its evidence, for people (:mod:`tilefeet.polarity`); the
     #: decision itself is in ``intensity`` (its ``invert_max``)
     polarity: str = ""
+    #: a stack: the input's sections this run segments (z indices; output section k is input
+    #: section ``sections[k]``), each with its own intensity map and tissue mask, as if segmented
+    #: alone. Empty for a section. ``intensity``/``mask`` are then section 0's.
+    sections: tuple[int, ...] = ()
+    section_maps: tuple[IntensityMap, ...] = ()
+    section_masks: tuple[TissueMask | None, ...] = ()
+    #: the output section a plan made by :meth:`for_section` computes (None: the whole run)
+    section: int | None = None
+
+    # ---- stacks
+
+    @property
+    def is_stack(self) -> bool:
+        return bool(self.sections)
+
+    @property
+    def depth(self) -> int:
+        """Output sections (1 for a section)."""
+        return len(self.sections) or 1
+
+    def for_section(self, k: int | None) -> Plan:
+        """The plan of output section ``k`` alone: its intensity map and mask (a section's plan, or
+        ``k`` None, is the plan itself)."""
+        if not self.sections or k is None:
+            return self
+        return replace(self, intensity=self.section_maps[k], mask=self.section_masks[k] if self.section_masks else None, section=k)
+
+    def z_blocks(self) -> list[range]:
+        """The output sections of each task along z: ``block_depth`` at a time."""
+        d = self.settings.block_depth
+        return [range(z, min(z + d, self.depth)) for z in range(0, self.depth, d)]
 
     # ---- maps between grids
 
@@ -216,9 +247,15 @@ class Plan:
             "engine": self.engine.fingerprint or self.engine.path,
             "settings": self.settings.fingerprint_items(),
             "level": self.level,
-            "intensity": {k: v for k, v in asdict(self.intensity).items() if k != "reason"},  # the bits, not the prose
+            "intensity": _bits(self.intensity),
             "mask": self.mask.token() if self.mask is not None else None,
         }
+        if self.sections:
+            doc["sections"] = list(self.sections)
+            doc["section"] = self.section
+            if self.section is None:  # the whole run: every section's map and mask decide bits
+                doc["section_maps"] = [_bits(m) for m in self.section_maps]
+                doc["section_masks"] = [m.token() if m is not None else None for m in self.section_masks]
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def summary(self) -> dict[str, Any]:
@@ -276,14 +313,17 @@ class Plan:
             f"{format_nm(s['network_pixel_nm'])}" + ("" if self.resamples_input else " (no resampling)"),
             f"output      {s['output_shape'][0]} × {s['output_shape'][1]} px at {format_nm(s['output_pixel_nm'])} "
             f"({self.settings.output_grid} grid), {self.settings.output_dtype}, chunks {self.settings.chunk_size}",
-            f"intensity   {self.intensity.describe()}",
+            *self._stack_lines(),
+            f"intensity   {'section ' + str(self.sections[0]) + ': ' if self.sections else ''}{self.intensity.describe()}",
             *([f"contrast    {self.polarity}"] if self.polarity else []),
             *([f"backend     {backend}"] if backend else []),
             f"tiles       {s['tile'][0]} × {s['tile'][1]}, overlap {s['overlap'][0]}, blend {self.settings.blend}: "
             f"{s['lattice_tiles']} lattice tiles",
-            f"blocks      {s['blocks']} of {s['block_size'][0]} × {s['block_size'][1]} output px, "
-            f"{self.settings.blocks_in_flight} in flight",
-            f"work        {s['tiles_evaluated']} tile evaluations = {s['total_factor']:.2f} × the section's pixels "
+            f"blocks      {s['blocks']} of {s['block_size'][0]} × {s['block_size'][1]} output px"
+            + (f" × {self.depth} sections, {self.settings.block_depth} per task" if self.sections else "")
+            + f", {self.settings.blocks_in_flight} in flight",
+            f"work        {s['tiles_evaluated']} tile evaluations{' per section' if self.sections else ''} = "
+            f"{s['total_factor']:.2f} × the section's pixels "
             f"(overlap × {s['overlap_factor']:.2f}, block straddling × {s['straddle_factor']:.2f}"
             + (", at most: tiles shared by neighbouring blocks run once per process" if s["straddle_factor"] > 1 else "")
             + (f"; test-time augmentation × {self.settings.tta} network calls per tile" if self.settings.tta > 1 else "")
@@ -297,6 +337,24 @@ class Plan:
             ),
         ]
         return "\n".join(lines)
+
+    def _stack_lines(self) -> list[str]:
+        if not self.sections:
+            return []
+        meta = self.image
+        first, last = self.sections[0], self.sections[-1]
+        apart = f"{format_nm(meta.z_spacing_nm)} apart" if meta.z_spacing_nm else "spacing unknown (z in section numbers)"
+        chosen = "all" if len(self.sections) == meta.depth else f"z {first}:{last + 1}"
+        return [
+            f"sections    {len(self.sections)} of the stack's {meta.depth} ({chosen}), {apart}; each section with its own "
+            f"intensity statistics{' and tissue mask' if self.mask is not None else ''}, as if segmented alone"
+            + (f"; then the median of {self.settings.z_median} neighbouring sections" if self.settings.z_median > 1 else "")
+        ]
+
+
+def _bits(imap: IntensityMap) -> dict[str, Any]:
+    """What of an intensity map decides output bits (not the prose of its reason)."""
+    return {k: v for k, v in asdict(imap).items() if k != "reason"}
 
 
 def read_level(image: ImageMeta, engine: EngineSpec, settings: Settings) -> tuple[ImageMeta, int]:

@@ -60,8 +60,25 @@ class Run:
         return self.plan.describe(backend)
 
 
-def block_record(index: tuple[int, int]) -> str:
-    return f"b{index[0]}_{index[1]}"
+#: A task's block: ``(by, bx)`` of a section's block grid, or ``(zb, by, bx)`` for a stack, ``zb``
+#: numbering the groups of sections of :meth:`Plan.z_blocks`.
+Index = tuple[int, ...]
+
+
+def block_record(index: Index) -> str:
+    return "b" + "_".join(str(i) for i in index)
+
+
+def task_indices(plan: Plan) -> list[Index]:
+    """Every task's block, row-major (a stack: section groups outermost)."""
+    if not plan.is_stack:
+        return list(plan.blocks)
+    return [(zb, by, bx) for zb in range(len(plan.z_blocks())) for by, bx in plan.blocks]
+
+
+def _sections(plan: Plan, index: Index) -> list[int | None]:
+    """The output sections a task computes (``[None]`` for a section's task)."""
+    return list(plan.z_blocks()[index[0]]) if plan.is_stack else [None]
 
 
 def get_runner(spec: RunnerSpec) -> Any:
@@ -71,48 +88,65 @@ def get_runner(spec: RunnerSpec) -> Any:
     return runners.get_runner(spec)
 
 
-def _source(run: Run, region: np.ndarray | None, index: tuple[int, int]) -> Any:
-    """What the block reads from: the image (a store), or its in-memory pixels given as the task's input."""
+def _source(run: Run, region: np.ndarray | None, index: tuple[int, int], z: int | None = None) -> Any:
+    """What a block reads from: the image (a store; a stack's section ``z``), or its in-memory pixels
+    given as the task's input."""
+    image = run.image if z is None else run.image.section(run.plan.sections[z])
     if region is None:
-        return run.image
+        return image
     plan = run.plan
-    hull = run.image.hull(plan.level, plan.block(*index).src_box)
+    hull = image.hull(plan.level, plan.block(*index).src_box)
     return Region(plan.level, hull, np.asarray(region), plan.image.levels[plan.level].shape)
 
 
-def _write_block(run: Run, store: OutputStore, index: tuple[int, int], region: Any, *_after: Any) -> str:
-    if not run.plan.block_active(*index):  # wholly outside the tissue mask: no chunk written (reads as 0)
-        store.mark_done(block_record(index), skipped=1)
-        return block_record(index)
+def _write_block(run: Run, store: OutputStore, index: Index, region: Any, *_after: Any) -> str:
+    record = block_record(index)
+    yx = (index[-2], index[-1])
+    regions = region if run.plan.is_stack else [region]
     try:
         runner = get_runner(run.runner)
         t0 = time.perf_counter()
-        p = compute_block(run.plan, index, _source(run, region, index), runner)
-        out = finish_block(p, run.plan, run.plan.blocks.box(*index))
+        outs = []
+        for z, reg in zip(_sections(run.plan, index), regions):
+            plan = run.plan.for_section(z) if z is not None else run.plan
+            if not plan.block_active(*yx):  # wholly outside the tissue mask: no chunk written (reads as 0)
+                continue
+            out = finish_block(compute_block(plan, yx, _source(run, reg, yx, z), runner), plan, plan.blocks.box(*yx))
+            out.z = z
+            outs.append(out)
         t1 = time.perf_counter()
-        record = block_record(index)
+        if not outs:
+            store.mark_done(record, skipped=1)
+            return record
         with PROFILE.stage("write"):
-            store.write_block(out, record, runner.spec.backend)
+            store.write_block(outs if run.plan.is_stack else outs[0], record, runner.spec.backend)
     except OSError as e:
         raise store.write_error(e) from None
     if log.isEnabledFor(logging.DEBUG):
-        geo = run.plan.block(*index)
+        geo = run.plan.block(*yx)
         log.debug(
-            "block %s %s: %d tiles, computed in %.2f s, written in %.2f s",
-            index, geo.out_box, geo.n_tiles, t1 - t0, time.perf_counter() - t1,
+            "block %s %s: %d tiles × %d sections, computed in %.2f s, written in %.2f s",
+            index, geo.out_box, geo.n_tiles, len(outs), t1 - t0, time.perf_counter() - t1,
         )
     return record
 
 
-def _compute_block(run: Run, index: tuple[int, int], region: Any) -> np.ndarray:
+def _compute_block(run: Run, index: Index, region: Any) -> np.ndarray:
     runner = get_runner(run.runner)
-    return compute_block(run.plan, index, _source(run, region, index), runner).cpu().numpy()
+    yx = (index[-2], index[-1])
+    if not run.plan.is_stack:
+        return compute_block(run.plan, yx, _source(run, region, yx), runner).cpu().numpy()
+    planes = [
+        compute_block(run.plan.for_section(z), yx, _source(run, reg, yx, z), runner).cpu().numpy()
+        for z, reg in zip(_sections(run.plan, index), region)
+    ]
+    return np.stack(planes, axis=1)  # (C, sections, h, w)
 
 
-def _pyramid_block(store: OutputStore, level: int, box: Any, record: str, *_after: Any) -> str:
+def _pyramid_block(store: OutputStore, level: int, box: Any, record: str, zs: range | None, *_after: Any) -> str:
     try:
         with PROFILE.stage("pyramid"):
-            store.write_pyramid_block(level, box, record)
+            store.write_pyramid_block(level, box, record, zs)
     except OSError as e:
         raise store.write_error(e) from None
     return record
@@ -130,11 +164,17 @@ def _finalize(store: OutputStore, *_after: Any) -> str:
         raise store.write_error(e) from None
 
 
-def _region(run: Run, index: tuple[int, int]) -> Any:
-    plan = run.plan
-    if not plan.block_active(*index):
-        return None
-    return run.image.lazy_region(plan.level, plan.block(*index).src_box)
+def _region(run: Run, index: Index) -> Any:
+    """An in-memory input's pixels a task needs, as lazy dask arrays (a list, one per section, for a
+    stack); None for a store (its tasks read) and for blocks outside the tissue mask."""
+    plan, yx = run.plan, (index[-2], index[-1])
+    if not plan.is_stack:
+        return run.image.lazy_region(plan.level, plan.block(*yx).src_box) if plan.block_active(*yx) else None
+    box = plan.block(*yx).src_box
+    return [
+        run.image.section(plan.sections[z]).lazy_region(plan.level, box) if plan.for_section(z).block_active(*yx) else None
+        for z in plan.z_blocks()[index[0]]
+    ]
 
 
 def write_graph(
@@ -160,18 +200,19 @@ def write_graph(
     store_leaf = delayed(store, traverse=False, name=f"tilefeet-store-{token}")
     tasks: list[Any] = []
     with dask.annotate(**({"resources": resources} if resources else {})):
-        for index in plan.blocks:  # row-major
+        for index in task_indices(plan):  # row-major
             if block_record(index) in store.done:
                 continue
             after = tasks[-in_order:][:1] if in_order and len(tasks) >= in_order else []
-            name = f"tilefeet-block-{token}-{index[0]}-{index[1]}"
+            name = f"tilefeet-block-{token}-{'-'.join(map(str, index))}"
             tasks.append(delayed(_write_block, pure=False)(leaf, store_leaf, index, _region(run, index), *after, dask_key_name=name))
     after = delayed(_barrier)(*tasks, dask_key_name=f"tilefeet-level0-{token}")
     for level in range(1, len(store.shapes)):
         level_tasks = [
-            delayed(_pyramid_block, pure=False)(store_leaf, level, box, record, after, dask_key_name=f"tilefeet-{record}-{token}")
-            for record, box in store.pyramid_tasks(level)
-            if record not in store.done
+            delayed(_pyramid_block, pure=False)(store_leaf, level, task[1], task[0], task[2] if len(task) > 2 else None, after,
+                                                dask_key_name=f"tilefeet-{task[0]}-{token}")
+            for task in store.pyramid_tasks(level)
+            if task[0] not in store.done
         ]
         after = delayed(_barrier)(after, *level_tasks, dask_key_name=f"tilefeet-level{level}-{token}")
     if before_finalize is not None:
@@ -180,8 +221,9 @@ def write_graph(
 
 
 def lazy_array(run: Run) -> Any:
-    """Float32 probabilities ``(C, H, W)`` as a dask array with one chunk per output block (not computed);
-    with ``--uncertainty`` one more channel, the TTA members' disagreement (0..1)."""
+    """Float32 probabilities ``(C, H, W)`` (a stack: ``(C, Z, H, W)``) as a dask array with one chunk
+    per task's block (not computed); with ``--uncertainty`` one more channel, the TTA members'
+    disagreement (0..1)."""
     import dask.array as da
 
     plan = run.plan
@@ -189,15 +231,25 @@ def lazy_array(run: Run) -> Any:
     leaf = delayed(run, traverse=False, name=f"tilefeet-run-{token}")
     n = plan.channels
     ny, nx = plan.blocks.counts
-    rows = []
-    for by in range(ny):
-        row = []
-        for bx in range(nx):
-            box = plan.blocks.box(by, bx)
-            d = delayed(_compute_block, pure=True)(leaf, (by, bx), _region(run, (by, bx)), dask_key_name=f"tilefeet-lazy-{token}-{by}-{bx}")
-            row.append(da.from_delayed(d, (n, *box.shape), dtype=np.float32))
-        rows.append(row)
-    return da.block(rows)
+    zblocks = plan.z_blocks() if plan.is_stack else [None]
+    slabs = []
+    for zb, zs in enumerate(zblocks):
+        rows = []
+        for by in range(ny):
+            row = []
+            for bx in range(nx):
+                index = (zb, by, bx) if zs is not None else (by, bx)
+                box = plan.blocks.box(by, bx)
+                d = delayed(_compute_block, pure=True)(
+                    leaf, index, _region(run, index), dask_key_name=f"tilefeet-lazy-{token}-{'-'.join(map(str, index))}"
+                )
+                shape = (n, len(zs), *box.shape) if zs is not None else (n, *box.shape)
+                row.append(da.from_delayed(d, shape, dtype=np.float32))
+            rows.append(row)
+        slabs.append(rows)
+    if zblocks[0] is None:
+        return da.block(slabs[0])
+    return da.block(slabs)  # nested three deep: along Z, H, W of (C, Z, H, W)
 
 
 def run_graph(graph: Any, *, workers: int, progress: bool, description: str = "segment") -> Any:

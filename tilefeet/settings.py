@@ -17,7 +17,7 @@ from typing import Any, Literal
 from .errors import ConfigError
 from .geometry import Pair
 from .intensity import INTENSITY_MODES
-from .units import parse_pixel_size
+from .units import parse_length_nm, parse_voxel_size
 
 Blend = Literal["gaussian", "cosine", "constant", "crop"]
 BLENDS: tuple[str, ...] = ("gaussian", "cosine", "constant", "crop")
@@ -75,6 +75,15 @@ class Settings:
     #: run although chunk files of the level read are missing (they read as the fill value, a hole in
     #: the result); off, such an input is refused (tilefeet.chunks tells them from chunks left out as empty)
     allow_missing_chunks: bool = False
+    #: a stack: the sections segmented, ``(start, stop)`` (stop excluded); None: all of them
+    z_range: tuple[int, int | None] | None = None
+    #: a stack: sections per task (any depth gives the same bits; deeper blocks make fewer tasks)
+    block_depth: int = 1
+    #: a stack: each probability replaced by the median over this many neighbouring sections (odd;
+    #: 1 = off), for consistency across sections (as empanada does for MitoNet); exact across blocks
+    z_median: int = 1
+    #: a stack's section spacing in nm (overrides or supplies the metadata's; ``--pixel-size Z,Y,X``)
+    z_spacing_nm: float | None = None
 
     @classmethod
     def create(cls, **kwargs: Any) -> Settings:
@@ -93,7 +102,13 @@ class Settings:
             if key in kw:
                 kw[key] = pair(kw[key], key)
         if "pixel_size_nm" in kw:
-            kw["pixel_size_nm"] = parse_pixel_size(kw["pixel_size_nm"], where="--pixel-size")
+            z, kw["pixel_size_nm"] = parse_voxel_size(kw["pixel_size_nm"], where="--pixel-size")
+            if z is not None:
+                kw.setdefault("z_spacing_nm", z)
+        if "z_spacing_nm" in kw and not isinstance(kw["z_spacing_nm"], float):
+            kw["z_spacing_nm"] = parse_length_nm(kw["z_spacing_nm"], where="the section spacing")
+        if "z_range" in kw:
+            kw["z_range"] = z_range(kw["z_range"])
         for key in ("blend", "output_dtype", "output_grid", "intensity", "precision", "backend"):
             if key in kw:
                 kw[key] = str(kw[key]).lower()
@@ -117,6 +132,10 @@ class Settings:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
         if self.tta not in TTA_CHOICES:
             raise ConfigError(f"--tta takes {', '.join(map(str, TTA_CHOICES))} (transforms per tile), got {self.tta}")
+        if self.block_depth < 1:
+            raise ConfigError(f"--block-depth is a number of sections per task, at least 1; got {self.block_depth}")
+        if self.z_median < 1 or self.z_median % 2 == 0:
+            raise ConfigError(f"--z-median takes an odd number of sections (3, 5, ...; 1 = off), got {self.z_median}")
         if self.tile_cache_mb < 0:
             raise ConfigError(f"the tile cache budget must be 0 (off) or more MiB, got {self.tile_cache_mb}")
         for a in (0, 1):
@@ -139,6 +158,26 @@ class Settings:
     def fingerprint_items(self) -> dict[str, Any]:
         """The settings that can change output bits, as plain values (resume checks, dask keys)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_IN_FINGERPRINT}
+
+
+def z_range(v: Any) -> tuple[int, int | None]:
+    """``(start, stop)`` sections from ``"10:20"``, ``"10:"``, ``":20"``, ``"7"`` (one section) or a pair;
+    stop excluded, as in Python slices; non-negative."""
+    if isinstance(v, str):
+        text = v.strip()
+        a, sep, b = text.partition(":")
+        try:
+            start = int(a) if a.strip() else 0
+            stop = (int(b) if b.strip() else None) if sep else start + 1
+        except ValueError:
+            raise ConfigError(f"--z takes sections as START:STOP (stop excluded), START: or N, e.g. --z 10:20; got {v!r}") from None
+    elif isinstance(v, int) and not isinstance(v, bool):
+        start, stop = v, v + 1
+    else:
+        start, stop = (int(v[0]), None if v[1] is None else int(v[1]))
+    if start < 0 or (stop is not None and stop <= start):
+        raise ConfigError(f"--z {v}: sections START:STOP need 0 <= START < STOP (stop excluded), e.g. --z 10:20")
+    return start, stop
 
 
 def pair(v: Any, name: str) -> Pair:

@@ -88,6 +88,16 @@ def parse_pixel_size(text: str | float | int | tuple | list, *, where: str = "")
 
     A unit written only on the last value applies to both (``"5,4nm"``).
     """
+    z, yx = parse_voxel_size(text, where=where)
+    if z is not None:
+        raise UnitError(f"pixel size {text!r}{_at(where)}: give one value or two (y,x), e.g. 4nm or 5,4nm")
+    return yx
+
+
+def parse_voxel_size(text: str | float | int | tuple | list, *, where: str = "") -> tuple[float | None, tuple[float, float]]:
+    """``(z or None, (y, x))`` in nm from a pixel size (one or two values, as
+    :func:`parse_pixel_size`) or a voxel size of three (z,y,x): ``"50,4,4nm"`` (a stack's section
+    thickness, then its pixel size). A unit written only on the last value applies to all."""
     if isinstance(text, (tuple, list)):
         parts = [p if isinstance(p, str) else float(p) for p in text]
     elif isinstance(text, (int, float)):
@@ -95,8 +105,8 @@ def parse_pixel_size(text: str | float | int | tuple | list, *, where: str = "")
     else:
         parts = [p.strip() for p in str(text).replace("x", ",").replace("×", ",").split(",")]
         parts = [p for p in parts if p]
-    if len(parts) not in (1, 2):
-        raise UnitError(f"pixel size {text!r}{_at(where)}: give one value or two (y,x), e.g. 4nm or 5,4nm")
+    if len(parts) not in (1, 2, 3):
+        raise UnitError(f"pixel size {text!r}{_at(where)}: give one value, two (y,x) or, for a stack, three (z,y,x), e.g. 4nm, 5,4nm or 50,4,4nm")
     if isinstance(text, str) and not re.search(r"[^\d\s.,xX×eE+-]", text):
         # A bare number is read as nm; say so, since 5 meaning 5 µm is a common slip.
         warnings.warn(TilefeetWarning(f"{where or 'pixel size'} {text} has no unit: read as {text} nm (write e.g. {text}nm or {text}um to say so)"), stacklevel=3)
@@ -106,7 +116,9 @@ def parse_pixel_size(text: str | float | int | tuple | list, *, where: str = "")
         if m and m.group(2):
             unit = m.group(2)
     values = [parse_length_nm(p, default_unit=unit, where=where) for p in parts]
-    return (values[0], values[-1])
+    if len(values) == 3:
+        return values[0], (values[1], values[2])
+    return None, (values[0], values[-1])
 
 
 def format_nm(nm: float | tuple[float, float]) -> str:

@@ -127,18 +127,29 @@ class OutputStore:
             raise loc.write_error(e, kept=None) from None
         return store
 
+    @property
+    def zlead(self) -> tuple[int, ...]:
+        """The output's z extent before (y, x) on every array: ``(Z,)`` for a stack, ``()`` for a section."""
+        return (self.plan.depth,) if self.plan.is_stack else ()
+
+    def _at(self, box: Box, z: int | None) -> tuple[Any, ...]:
+        """The (z,) y, x index of ``box`` in section ``z`` of an array without a channel axis."""
+        return (*(() if z is None else (z,)), slice(box.y0, box.y1), slice(box.x0, box.x1))
+
     def _create(self) -> None:
         plan, s = self.plan, self.plan.settings
         root = self.location.open_group("w")
         classes = plan.engine.classes
         shapes = self.shapes
+        zl, zc = self.zlead, (1,) * len(self.zlead)
+        zdims = ["z"] if zl else []
         create_levels(
             root,
-            [(len(classes), h, w) for h, w in shapes],
-            chunks=(1, *s.chunk_size),
-            shards=(len(classes), *s.shard_size) if s.shard_size else None,
+            [(len(classes), *zl, h, w) for h, w in shapes],
+            chunks=(1, *zc, *s.chunk_size),
+            shards=(len(classes), *zc, *s.shard_size) if s.shard_size else None,
             dtype=s.output_dtype,
-            dimension_names=["c", "y", "x"],
+            dimension_names=["c", *zdims, "y", "x"],
         )
         top = _max_value(s.output_dtype)
         window = {"start": 0, "end": top, "min": 0, "max": top}
@@ -152,7 +163,8 @@ class OutputStore:
             for i, cls in enumerate(classes):
                 name = label_name(cls)
                 g = root.create_group(f"labels/{name}")
-                create_levels(g, shapes, chunks=s.chunk_size, shards=s.shard_size, dtype="uint8", dimension_names=["y", "x"])
+                create_levels(g, [(*zl, *sh) for sh in shapes], chunks=(*zc, *s.chunk_size), shards=(*zc, *s.shard_size) if s.shard_size else None,
+                              dtype="uint8", dimension_names=[*zdims, "y", "x"])
                 g.attrs.update(
                     label_metadata(
                         self._multiscales(name, len(shapes), None, method="threshold of the mean probability"),
@@ -163,7 +175,8 @@ class OutputStore:
                 add_label(root, name)
         if s.uncertainty:
             g = root.create_group("uncertainty")
-            create_levels(g, shapes, chunks=s.chunk_size, shards=s.shard_size, dtype="uint8", dimension_names=["y", "x"])
+            create_levels(g, [(*zl, *sh) for sh in shapes], chunks=(*zc, *s.chunk_size), shards=(*zc, *s.shard_size) if s.shard_size else None,
+                          dtype="uint8", dimension_names=[*zdims, "y", "x"])
             g.attrs.update(
                 image_metadata(
                     self._multiscales("uncertainty", len(shapes), {
@@ -180,32 +193,48 @@ class OutputStore:
         self.location.write_state({**plan_state(plan), "runner": self.runner})
 
     def _multiscales(self, name: str, n_levels: int, metadata: dict | None, *, lead: bool = False, method: str = "mean") -> dict:
-        out = self.plan.output
+        out, plan = self.plan.output, self.plan
+        axes: list[dict] = [{"name": "c", "type": "channel"}] if lead else []
+        scale, origin = [1.0] * len(axes), [0.0] * len(axes)
+        if plan.is_stack:
+            # z in nm when the stack says its spacing, else in section numbers (an axis without a unit)
+            dz = plan.image.z_spacing_nm
+            axes.append({"name": "z", "type": "space", **({"unit": "nanometer"} if dz else {})})
+            scale.append(dz or 1.0)
+            origin.append(plan.image.z_origin_nm + plan.sections[0] * (dz or 1.0))
         return multiscales(
             name, out.pixel_size_nm, n_levels, origin_nm=out.origin_nm,
-            lead_axes=[{"name": "c", "type": "channel"}] if lead else [], method=method, metadata=metadata,
+            lead_axes=axes, lead_scale=scale, lead_origin=origin, method=method, metadata=metadata,
         )
 
     # ---- writing
 
     def write_block(self, out: Any, record: str, backend: str = "") -> None:
-        """Write one block's probabilities and labels to level 0, then its completion record."""
+        """Write one block's probabilities and labels to level 0, then its completion record. A stack's
+        block holds several sections (``out`` a list of them, each with its ``z``)."""
+        counts = {"uncertain": 0, "pixels": 0}
+        for one in out if isinstance(out, list) else [out]:
+            for k, v in self._write_section(one).items():
+                counts[k] += v
+        self.mark_done(record, backend, **(counts if self.plan.settings.uncertainty else {}))
+
+    def _write_section(self, out: Any) -> dict[str, int]:
         root: Any = self.location.open_group("r+")
-        b = out.box
-        every(root["0"])[:, b.y0 : b.y1, b.x0 : b.x1] = out.probabilities
+        b, z = out.box, getattr(out, "z", None)
+        at = self._at(b, z)
+        every(root["0"])[(slice(None), *at)] = out.probabilities
         if out.labels is not None:
             for i, cls in enumerate(self.plan.engine.classes):
-                every(root[f"labels/{label_name(cls)}/0"])[b.y0 : b.y1, b.x0 : b.x1] = out.labels[i]
-        counts = {}
-        if out.uncertainty is not None:
-            every(root["uncertainty/0"])[b.y0 : b.y1, b.x0 : b.x1] = out.uncertainty
-            kept = self.plan.kept_pixels(b)
-            uncertain = out.uncertainty >= round(UNCERTAIN_AT * 255)
-            counts = {
-                "uncertain": int(uncertain.sum() if kept is None else (uncertain & kept).sum()),
-                "pixels": int(uncertain.size if kept is None else kept.sum()),
-            }
-        self.mark_done(record, backend, **counts)
+                every(root[f"labels/{label_name(cls)}/0"])[at] = out.labels[i]
+        if out.uncertainty is None:
+            return {}
+        every(root["uncertainty/0"])[at] = out.uncertainty
+        kept = self.plan.for_section(z).kept_pixels(b) if z is not None else self.plan.kept_pixels(b)
+        uncertain = out.uncertainty >= round(UNCERTAIN_AT * 255)
+        return {
+            "uncertain": int(uncertain.sum() if kept is None else (uncertain & kept).sum()),
+            "pixels": int(uncertain.size if kept is None else kept.sum()),
+        }
 
     def discard_if_nothing_done(self) -> bool:
         """Remove the staging store of a run that failed before finishing any block (and did not
@@ -235,38 +264,47 @@ class OutputStore:
         """The completion records of the output blocks (backend, counts)."""
         return [json.loads(text or "{}") for text in self.location.records("b").values()]
 
-    def pyramid_tasks(self, level: int) -> list[tuple[str, Box]]:
-        """The (record, box) of each block of pyramid ``level`` (≥ 1), in that level's pixels."""
+    def pyramid_tasks(self, level: int) -> list[tuple[Any, ...]]:
+        """The (record, box) of each block of pyramid ``level`` (≥ 1), in that level's pixels; for a
+        stack (record, box, sections), one task per block and :meth:`Plan.z_blocks` group of sections."""
         # Half a block per task, in whole chunks (pyramid levels are chunked, not sharded): a task
         # then reads one block's worth of the level below, not four.
         s = self.plan.settings
         assert s.block_size is not None  # the plan fills it in
         side = tuple(max(c, b // 2 // c * c) for b, c in zip(s.block_size, s.chunk_size))
         grid = BlockGrid(self.shapes[level], side)  # type: ignore[arg-type]
-        return [(f"p{level}_{by}_{bx}", grid.box(by, bx)) for by, bx in grid]
+        if not self.plan.is_stack:
+            return [(f"p{level}_{by}_{bx}", grid.box(by, bx)) for by, bx in grid]
+        return [(f"p{level}_{zs.start}_{by}_{bx}", grid.box(by, bx), zs) for zs in self.plan.z_blocks() for by, bx in grid]
 
-    def write_pyramid_block(self, level: int, box: Box, record: str) -> None:
-        """Level ``level`` over ``box`` from level ``level - 1``: 2×2 means of the probabilities; labels
-        are the mean probability thresholded (so every label level agrees with its probability level)."""
+    def write_pyramid_block(self, level: int, box: Box, record: str, zs: range | None = None) -> None:
+        """Level ``level`` over ``box`` (of each section in ``zs``, a stack's) from level ``level - 1``:
+        2×2 means of the probabilities; labels are the mean probability thresholded (so every label
+        level agrees with its probability level). Stacks are downsampled in y and x only."""
+        for z in zs if zs is not None else [None]:
+            self._pyramid_section(level, box, z)
+        self.mark_done(record)
+
+    def _pyramid_section(self, level: int, box: Box, z: int | None) -> None:
         root: Any = self.location.open_group("r+")
         s = self.plan.settings
         src = root[str(level - 1)]
-        hs, ws = src.shape[1:]
+        hs, ws = src.shape[-2:]
         region = Box(2 * box.y0, 2 * box.x0, min(2 * box.y1, hs), min(2 * box.x1, ws))
-        mean = downsample_mean(np.asarray(src[:, region.y0 : region.y1, region.x0 : region.x1]), box.shape)
+        at, src_at = self._at(box, z), self._at(region, z)
+        mean = downsample_mean(np.asarray(src[(slice(None), *src_at)]), box.shape)
         scale = 255.0 if s.output_dtype == "uint8" else 1.0
         if s.output_dtype == "uint8":
-            every(root[str(level)])[:, box.y0 : box.y1, box.x0 : box.x1] = np.round(mean).astype(np.uint8)
+            every(root[str(level)])[(slice(None), *at)] = np.round(mean).astype(np.uint8)
         else:
-            every(root[str(level)])[:, box.y0 : box.y1, box.x0 : box.x1] = mean.astype(s.output_dtype)
+            every(root[str(level)])[(slice(None), *at)] = mean.astype(s.output_dtype)
         if s.labels:
             for i, cls in enumerate(self.plan.engine.classes):
                 lab = (mean[i] >= s.threshold * scale).astype(np.uint8)
-                every(root[f"labels/{label_name(cls)}/{level}"])[box.y0 : box.y1, box.x0 : box.x1] = lab
+                every(root[f"labels/{label_name(cls)}/{level}"])[at] = lab
         if s.uncertainty:
-            u = root[f"uncertainty/{level - 1}"][region.y0 : region.y1, region.x0 : region.x1]
-            every(root[f"uncertainty/{level}"])[box.y0 : box.y1, box.x0 : box.x1] = np.round(downsample_mean(u[None], box.shape)[0]).astype(np.uint8)
-        self.mark_done(record)
+            u = root[f"uncertainty/{level - 1}"][src_at]
+            every(root[f"uncertainty/{level}"])[at] = np.round(downsample_mean(u[None], box.shape)[0]).astype(np.uint8)
 
     def finalize(self) -> Path | Url:
         """Record which backends computed the blocks, make the finished store the output (on a file
