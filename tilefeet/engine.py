@@ -393,7 +393,9 @@ _ARRAY = re.compile(r"\[\n((?:[ \t]+[^\[\]{}\n]+,\n)+)[ \t]*\]")
 
 
 def _inline_array(m: re.Match[str]) -> str:
-    items = [line.strip()[:-1] for line in m.group(1).splitlines()]
+    # One item per "\n", TOML's line break. Not str.splitlines(): it also breaks at \x85, \u2028 and
+    # \u2029, which a TOML string holds as they are (a string holding one was cut in two).
+    items = [line.strip(" \t")[:-1] for line in m.group(1).split("\n")[:-1]]
     one = "[" + ", ".join(items) + "]"
     if len(one) <= 80:
         return one
