@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pytest
 
@@ -19,6 +20,16 @@ if "TILEFEET_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["TILEFEET_CACHE"], True)
 
 DATA = Path(__file__).parent / "data"
+
+# Property tests draw the same examples on every run (derandomize: a seed per test, from its name),
+# so CI cannot fail by chance, and never time examples (a shared, loaded CPU is no measure). To
+# explore with fresh random examples: HYPOTHESIS_PROFILE=explore python -m pytest tests/test_geometry.py
+hypothesis.settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+hypothesis.settings.register_profile("explore", deadline=None, max_examples=1000, print_blob=True)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
