@@ -166,3 +166,24 @@ def test_convert_records_the_section_spacing_or_warns(tmp_path, planes, capsys):
     err = capsys.readouterr().err
     assert "no section spacing given" in err + " ".join(str(w.message) for w in caught)
     assert Image.open(tmp_path / "b.ome.zarr", stacks=True).meta.z_spacing_nm == 4.0
+
+
+def test_z_median_is_exact_across_block_depths_and_is_the_median(tmp_path, stack, random_engine):
+    """--z-median 3: each probability is the median over the section and its neighbours (reflected at
+    the ends), computed from per-section probabilities that do not depend on the block depth."""
+    raw = zarr.open_group(str(tilefeet.segment_to_zarr(stack, tmp_path / "raw.ome.zarr", random_engine, **KW)), mode="r")["0"][:]
+    outs = [
+        zarr.open_group(str(tilefeet.segment_to_zarr(stack, tmp_path / f"m{d}.ome.zarr", random_engine, z_median=3, block_depth=d,
+                                                     block_size=b, **KW)), mode="r")
+        for d, b in ((1, 128), (2, 448), (3, 64))
+    ]
+    for o in outs[1:]:
+        for name in ("0", "1", "labels/membrane/0"):
+            np.testing.assert_array_equal(o[name][:], outs[0][name][:], err_msg=name)
+    # the median of the quantized sections is the quantized median (rounding is monotone)
+    padded = raw[:, [0, 0, 1, 2, 2]]
+    want = np.stack([np.median(padded[:, k : k + 3], axis=1) for k in range(3)], axis=1).astype(np.uint8)
+    np.testing.assert_array_equal(outs[0]["0"][:], want)
+    assert not np.array_equal(outs[0]["0"][:], raw)
+    lazy = tilefeet.segment(stack, random_engine, z_median=3, **KW)
+    np.testing.assert_array_equal(np.round(lazy.values * 255).astype(np.uint8), want)

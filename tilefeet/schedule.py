@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from dask import delayed
 from dask.base import tokenize
 
 from .block import compute_block, finish_block
+from .geometry import reflect_index
 from .image import Image, Region
 from .plan import Plan
 from .profile import PROFILE
@@ -99,19 +101,58 @@ def _source(run: Run, region: np.ndarray | None, index: tuple[int, int], z: int 
     return Region(plan.level, hull, np.asarray(region), plan.image.levels[plan.level].shape)
 
 
+def _needed(plan: Plan, index: Index) -> list[int | None]:
+    """The sections whose probabilities a task computes: its own, and with ``--z-median N`` the
+    N // 2 on either side (reflected at the ends of the selection: its halo in z)."""
+    zs = _sections(plan, index)
+    half = plan.settings.z_median // 2 if plan.is_stack else 0
+    if not half:
+        return zs
+    return list(dict.fromkeys(int(j) for z in zs for j in reflect_index(np.arange(z - half, z + half + 1), plan.depth)))  # type: ignore[operator]
+
+
+def _probabilities(run: Run, index: Index, region: Any, runner: Any) -> Iterator[tuple[int | None, Any]]:
+    """``(z, probabilities)`` of each section of a task's block on the runner's device (None for a
+    block wholly outside a section's tissue mask). With ``--z-median N`` each is the median over the
+    N sections around it (reflected at the ends of the selection), whose probabilities the task
+    computes too: every section's probabilities are the same bits whichever task computes them, so
+    the median is too, for any block depth."""
+    import torch
+
+    plan, yx = run.plan, (index[-2], index[-1])
+    needed = _needed(plan, index)
+    regions = dict(zip(needed, region if plan.is_stack else [region]))
+    raw = {}
+    for j in needed:
+        one = plan.for_section(j)
+        raw[j] = compute_block(one, yx, _source(run, regions[j], yx, j), runner) if one.block_active(*yx) else None
+    half = plan.settings.z_median // 2 if plan.is_stack else 0
+    n = len(plan.engine.classes)
+    for z in _sections(plan, index):
+        own = raw[z]
+        if not half or own is None:
+            yield z, own
+            continue
+        assert z is not None
+        window = [int(j) for j in reflect_index(np.arange(z - half, z + half + 1), plan.depth)]
+        box = plan.blocks.box(*yx)
+        zeros = torch.zeros((n, *box.shape), dtype=torch.float32, device=own.device)  # outside a section's mask: 0
+        median = torch.stack([p[:n] if (p := raw[j]) is not None else zeros for j in window]).median(dim=0).values
+        yield z, torch.cat([median, own[n:]]) if own.shape[0] > n else median
+
+
 def _write_block(run: Run, store: OutputStore, index: Index, region: Any, *_after: Any) -> str:
     record = block_record(index)
     yx = (index[-2], index[-1])
-    regions = region if run.plan.is_stack else [region]
     try:
         runner = get_runner(run.runner)
         t0 = time.perf_counter()
         outs = []
-        for z, reg in zip(_sections(run.plan, index), regions):
-            plan = run.plan.for_section(z) if z is not None else run.plan
-            if not plan.block_active(*yx):  # wholly outside the tissue mask: no chunk written (reads as 0)
+        for z, p in _probabilities(run, index, region, runner):
+            if p is None:  # wholly outside the tissue mask: no chunk written (reads as 0)
                 continue
-            out = finish_block(compute_block(plan, yx, _source(run, reg, yx, z), runner), plan, plan.blocks.box(*yx))
+            plan = run.plan.for_section(z)
+            out = finish_block(p, plan, plan.blocks.box(*yx))
             out.z = z
             outs.append(out)
         t1 = time.perf_counter()
@@ -133,14 +174,12 @@ def _write_block(run: Run, store: OutputStore, index: Index, region: Any, *_afte
 
 def _compute_block(run: Run, index: Index, region: Any) -> np.ndarray:
     runner = get_runner(run.runner)
-    yx = (index[-2], index[-1])
-    if not run.plan.is_stack:
-        return compute_block(run.plan, yx, _source(run, region, yx), runner).cpu().numpy()
+    box = run.plan.blocks.box(index[-2], index[-1])
     planes = [
-        compute_block(run.plan.for_section(z), yx, _source(run, reg, yx, z), runner).cpu().numpy()
-        for z, reg in zip(_sections(run.plan, index), region)
+        p.cpu().numpy() if p is not None else np.zeros((run.plan.channels, *box.shape), dtype=np.float32)
+        for _, p in _probabilities(run, index, region, runner)
     ]
-    return np.stack(planes, axis=1)  # (C, sections, h, w)
+    return np.stack(planes, axis=1) if run.plan.is_stack else planes[0]  # (C, sections, h, w) or (C, h, w)
 
 
 def _pyramid_block(store: OutputStore, level: int, box: Any, record: str, zs: range | None, *_after: Any) -> str:
@@ -173,7 +212,8 @@ def _region(run: Run, index: Index) -> Any:
     box = plan.block(*yx).src_box
     return [
         run.image.section(plan.sections[z]).lazy_region(plan.level, box) if plan.for_section(z).block_active(*yx) else None
-        for z in plan.z_blocks()[index[0]]
+        for z in _needed(plan, index)
+        if z is not None
     ]
 
 
