@@ -81,3 +81,7 @@ class AccessDeniedError(RemoteStorageError, PermissionError):
 
 class EndpointUnreachableError(RemoteStorageError, ConnectionError):
     """The server of a URL (an S3 endpoint, a web server) cannot be reached."""
+
+
+class ViewerUnavailableError(TilefeetError, RuntimeError):
+    """A viewer that cannot run here: its package (neuroglancer, napari) or a browser is missing."""

@@ -11,7 +11,7 @@ import importlib
 import typer
 
 #: modules with a ``register(app: typer.Typer)`` function
-COMMAND_MODULES: list[str] = ["evaluate", "build_engine", "train", "import_engine", "objects"]
+COMMAND_MODULES: list[str] = ["evaluate", "build_engine", "train", "import_engine", "objects", "view"]
 
 
 def register_commands(app: typer.Typer) -> None:
