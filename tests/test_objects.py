@@ -159,12 +159,23 @@ def test_labels_and_table_equal_scikit_image_for_any_block(block):
         assert_table_equal(got.table, lab, prob, cls="mito")
 
 
+def _pairs_across_corners(m: np.ndarray, block: int) -> set[str]:
+    """Which pixel pairs touching only diagonally ("diagonal" ╲, "anti-diagonal" ╱) straddle a corner
+    of the block grid: the 2×2 pixels around the corner hold the pair and nothing else."""
+    kinds = {(1, 0, 0, 1): "diagonal", (0, 1, 1, 0): "anti-diagonal"}
+    return {kinds[q] for cy in range(block, m.shape[0], block) for cx in range(block, m.shape[1], block)
+            if (q := tuple(m[cy - 1 : cy + 1, cx - 1 : cx + 1].astype(int).ravel())) in kinds}
+
+
 def test_corner_blocks_are_where_the_adversarial_pixels_sit():
-    """The adversarial mask's diagonal pairs straddle block corners for blocks of 8, 16, 24 and 40."""
+    """The adversarial mask puts pixel pairs that touch only across a block corner on corners of blocks
+    of 8 and 16 (both diagonals) and of 24 and 48 (one); labels equal the whole image's for those blocks
+    and for 40 (whose corners hold single pixels)."""
     m = adversarial(96, 144, corner=8)
-    assert m[15, 15] ^ m[16, 16] or (m[15, 15] and m[16, 16]) or (m[15, 16] and m[16, 15])
+    for block, kinds in ((8, {"diagonal", "anti-diagonal"}), (16, {"diagonal", "anti-diagonal"}), (24, {"diagonal"}), (48, {"diagonal"})):
+        assert _pairs_across_corners(m, block) == kinds, block
     lab = reference(m)
-    for block in (8, 16, 24, 40):
+    for block in (8, 16, 24, 40, 48):
         got = label_objects(m, pixel_size_nm=PIXEL, block_size=block).labels.compute()
         np.testing.assert_array_equal(got, lab)
 
