@@ -42,9 +42,9 @@ from .run import id_dtype
 class Objects:
     """Objects of one class: the label image (lazy) and the measurements (computed)."""
 
-    labels: Any  #: dask array (y, x) of ids, uint32 (uint64 past 2³²−1 objects); 0 = no object
-    table: Any  #: pandas DataFrame, one row per object (see :mod:`tilefeet.objects.measure`); None when not asked
-    plan: ObjectPlan
+    labels: Any  #: dask array (y, x), or (z, y, x) of a stack, of ids, uint32 (uint64 past 2³²−1 objects); 0 = no object
+    table: Any  #: pandas DataFrame, one row per object (see :mod:`tilefeet.objects.measure`, a stack's :mod:`.volume`); None when not asked
+    plan: Any  #: :class:`ObjectPlan`, or a stack's :class:`~tilefeet.objects.options.VolumePlan`
     n_objects: int
 
 
@@ -55,11 +55,13 @@ def label_objects(
     threshold: float | None = None,
     probabilities: Any = None,
     pixel_size_nm: Any = None,
-    origin_nm: tuple[float, float] = (0.0, 0.0),
+    origin_nm: tuple[float, ...] = (0.0, 0.0),
     min_size: str | float | None = None,
     fill_holes: bool = False,
     cells: bool = False,
     grow: str | float | None = None,
+    connectivity: int | None = None,
+    min_z_extent: str | int | None = None,
     block_size: Any = None,
     measure: bool = True,
     **advanced: Any,
@@ -71,13 +73,25 @@ def label_objects(
     ``threshold`` default 0.5, uint8 as 0..255). Arrays need ``pixel_size_nm`` (xarray coordinates
     give it); a boolean mask's table has probability columns only with ``probabilities``.
     ``measure=False`` skips the table (ids only: cheaper, and for cells nothing is computed twice).
+
+    A stack (a segment output with axes c, z, y, x, or a (z, y, x) array with ``pixel_size_nm``
+    of three values, e.g. ``"50,5,5nm"``) gives 3-D objects (``connectivity`` 6, 18 or 26, default
+    26; ``min_size`` a volume such as ``"0.001um3"``; ``min_z_extent`` sections or a length): ids
+    equal ``skimage.measure.label`` of the whole volume, the table is :mod:`.volume`'s.
     """
 
     settings = ObjectSettings.create(
         class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells, grow_nm=grow,
-        block_size=block_size, **advanced,
+        block_size=block_size, connectivity=connectivity, min_z_extent=min_z_extent, **advanced,
     )
     mask, prob, scale, meta = _open(source, settings, probabilities, pixel_size_nm, origin_nm)
+    if mask.ndim == 3:
+        from .options import make_volume_plan
+        from .stack import label_stack
+
+        vplan = make_volume_plan(settings, class_name=meta["class_name"], shape=tuple(int(n) for n in mask.shape),  # type: ignore[arg-type]
+                                 spacing_nm=meta["spacing_nm"], origin_nm=meta["origin_nm"], chunks=meta["chunks"])
+        return label_stack(mask, prob, vplan, prob_scale=scale, measure=measure, no_probabilities=meta["no_probabilities"])  # type: ignore[no-any-return]
     h, w = mask.shape
     plan = make_plan(settings, class_name=meta["class_name"], shape=(h, w), pixel_size_nm=meta["pixel_size_nm"],
                      origin_nm=meta["origin_nm"], chunks=meta["chunks"])
@@ -180,7 +194,7 @@ def _assemble(grid: BlockGrid, tasks: list[Any], dtype: Any) -> Any:
     return da.block(rows)
 
 
-def _open(source: Any, settings: ObjectSettings, probabilities: Any, pixel_size_nm: Any, origin_nm: tuple[float, float]) -> tuple[Any, Any, float, dict]:
+def _open(source: Any, settings: ObjectSettings, probabilities: Any, pixel_size_nm: Any, origin_nm: tuple[float, ...]) -> tuple[Any, Any, float, dict]:
     """(mask, probabilities, stored value of probability 1, facts) as dask arrays from any source."""
     import dask.array as da
 
@@ -189,6 +203,11 @@ def _open(source: Any, settings: ObjectSettings, probabilities: Any, pixel_size_
 
         src = st.open_class(source, settings.class_name, settings.threshold)
         prob = da.from_zarr(str(os.path.join(src.store, src.prob_path)))[src.channel]
+        if src.is_stack:
+            mask = (da.from_zarr(str(os.path.join(src.store, src.mask_path))) != 0 if src.mask_path is not None
+                    else prob >= src.threshold * src.prob_scale)
+            return mask, prob, src.prob_scale, {"class_name": src.class_name, "spacing_nm": src.spacing_nm, "origin_nm": src.origin3_nm,
+                                                "chunks": src.chunks, "no_probabilities": False}
         if src.mask_path is not None:
             labels = da.from_zarr(str(os.path.join(src.store, src.mask_path)))
             mask = labels[(0,) * (labels.ndim - 2)] != 0
@@ -197,20 +216,29 @@ def _open(source: Any, settings: ObjectSettings, probabilities: Any, pixel_size_
         meta = {"class_name": src.class_name, "pixel_size_nm": src.pixel_size_nm, "origin_nm": src.origin_nm,
                 "chunks": src.chunks, "no_probabilities": False}
         return mask, prob, src.prob_scale, meta
-    data, px, origin = _unwrap(source, pixel_size_nm, origin_nm)
+    data, px, origin, dz = _unwrap(source, pixel_size_nm, origin_nm)
     arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=4096)
-    while arr.ndim > 2 and arr.shape[0] == 1:
+    while arr.ndim > (2 if dz is None else 3) and arr.shape[0] == 1:  # a voxel size keeps even one section a stack
         arr = arr[0]
-    if arr.ndim != 2:
-        raise InvalidImageError(f"objects need one 2-D (y, x) mask or probability map, got shape {tuple(arr.shape)}")
-    chunks = (int(arr.chunks[0][0]), int(arr.chunks[1][0]))
+    if arr.ndim not in (2, 3):
+        raise InvalidImageError(f"objects need a 2-D (y, x) or a stack's 3-D (z, y, x) mask or probability map, got shape {tuple(arr.shape)}")
+    if arr.ndim == 3 and dz is None:
+        raise ConfigError(f"a stack of shape {tuple(arr.shape)} needs its voxel size (z,y,x), e.g. pixel_size_nm='50,5,5nm'")
+    if arr.ndim == 2 and dz is not None:
+        raise ConfigError(f"pixel_size_nm has a z size but the array is one section of shape {tuple(arr.shape)}; give y,x")
+    chunks = tuple(int(c[0]) for c in arr.chunks)
     name = settings.class_name or "object"
+    if arr.ndim == 3:
+        if probabilities is not None and np.shape(probabilities) != tuple(arr.shape):
+            raise InvalidImageError(f"probabilities of shape {tuple(np.shape(probabilities))} do not match the mask's {tuple(arr.shape)}")
+        oz, (oy, ox) = (origin[0], origin[1:]) if len(origin) == 3 else (0.0, origin)
+        px, origin = (dz, *px), (float(oz), float(oy), float(ox))  # type: ignore[assignment]
     if arr.dtype == bool:
         if settings.threshold is not None:
             warnings.warn(TilefeetWarning("threshold is ignored for a boolean mask (it is the mask already)"), stacklevel=3)
         mask = arr
         if probabilities is None:
-            return mask, mask.astype(np.uint8), 1.0, {"class_name": name, "pixel_size_nm": px, "origin_nm": origin,
+            return mask, mask.astype(np.uint8), 1.0, {"class_name": name, "pixel_size_nm": px, "spacing_nm": px, "origin_nm": origin,
                                                       "chunks": chunks, "no_probabilities": True}
         prob = probabilities if isinstance(probabilities, da.Array) else da.from_array(np.asarray(probabilities), chunks=chunks)
     else:
@@ -219,18 +247,19 @@ def _open(source: Any, settings: ObjectSettings, probabilities: Any, pixel_size_
         mask = prob >= t * _scale(prob.dtype)
     if prob.shape != mask.shape:
         raise InvalidImageError(f"probabilities of shape {tuple(prob.shape)} do not match the mask's {tuple(mask.shape)}")
-    return mask, prob, _scale(prob.dtype), {"class_name": name, "pixel_size_nm": px, "origin_nm": origin, "chunks": chunks,
-                                            "no_probabilities": False}
+    return mask, prob, _scale(prob.dtype), {"class_name": name, "pixel_size_nm": px, "spacing_nm": px, "origin_nm": origin,
+                                            "chunks": chunks, "no_probabilities": False}
 
 
 def _scale(dtype: Any) -> float:
     return 255.0 if np.dtype(dtype) == np.uint8 else 1.0
 
 
-def _unwrap(source: Any, pixel_size_nm: Any, origin_nm: tuple[float, float]) -> tuple[Any, tuple[float, float], tuple[float, float]]:
-    from ..units import parse_pixel_size
+def _unwrap(source: Any, pixel_size_nm: Any, origin_nm: tuple[float, ...]) -> tuple[Any, tuple[float, float], tuple[float, ...], float | None]:
+    """The array, its (y, x) pixel size, origin, and z spacing (a stack's; None when not given)."""
+    from ..units import parse_voxel_size
 
-    px = parse_pixel_size(pixel_size_nm) if pixel_size_nm is not None else None
+    dz, px = parse_voxel_size(pixel_size_nm) if pixel_size_nm is not None else (None, None)  # type: ignore[assignment]
     origin = origin_nm
     data = source
     if hasattr(source, "dims") and hasattr(source, "coords"):  # xarray: the pixel size from coordinates
@@ -241,6 +270,6 @@ def _unwrap(source: Any, pixel_size_nm: Any, origin_nm: tuple[float, float]) -> 
         px = px or meta.pixel_size_nm
         origin = meta.origin_nm
     if px is None:
-        raise ConfigError("give the pixel size of an array, e.g. pixel_size_nm='5nm' (the table is in nm)")
-    return data, px, origin
+        raise ConfigError("give the pixel size of an array, e.g. pixel_size_nm='5nm' (a stack's voxel size: '50,5,5nm'; the table is in nm)")
+    return data, px, origin, dz
 

@@ -13,14 +13,66 @@ from ..geometry import BlockGrid, Pair
 from ..settings import pair
 from .cells import growth_steps
 from .label import Connectivity
+from .volume import SKIMAGE_CONNECTIVITY, Triple, VolumeGrid
 
 TableFormat = Literal["parquet", "csv"]
 DEFAULT_BLOCK = 4096
+DEFAULT_BLOCK_3D = (16, 1024, 1024)  #: (z, y, x) of a stack's blocks: 16 Mi voxels, as a 4096² section block
+DEFAULT_CONNECTIVITY_3D = 26
 DEFAULT_GROW_NM = 40.0
 UINT32_LIMIT = 2**32 - 1  #: more objects than this switch the label image to uint64
 
 _AREA = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-zA-Zµμ²2]*)\s*$")
 _NM2_PER = {"": 1.0, "nm2": 1.0, "nm²": 1.0, "um2": 1e6, "um²": 1e6, "µm2": 1e6, "µm²": 1e6, "μm2": 1e6, "μm²": 1e6}
+_SIZE = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-zA-Zµμ²³23]*)\s*$")
+_NM3_PER = {"nm3": 1.0, "nm³": 1.0, "um3": 1e9, "um³": 1e9, "µm3": 1e9, "µm³": 1e9, "μm3": 1e9, "μm³": 1e9}
+
+
+def size_kind(text: str | float | int | None) -> str:
+    """What a ``--min-size`` is: ``"volume"`` (nm3, um3), ``"pixels"`` (px, voxels), or ``"area"``
+    (nm2, um2, or a bare number)."""
+    if text is None or isinstance(text, (int, float)):
+        return "area"
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else ""
+    return "volume" if unit in _NM3_PER else "pixels" if unit in ("px", "voxels", "voxel", "vx") else "area"
+
+
+def parse_volume(text: str | float | int | None, *, voxel_nm3: float, where: str = "--min-size") -> float:
+    """A volume in nm³ from ``"0.001um3"``, ``"5e5nm3"``, ``"20px"`` (voxels) or a number (nm³)."""
+    if text is None:
+        return 0.0
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise UnitError(f"cannot read {text!r} as a volume in {where}; write e.g. 0.001um3, 5e5nm3 or 20px")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if unit in ("px", "voxels", "voxel", "vx"):
+        nm3 = value * voxel_nm3
+    elif unit in _NM3_PER or unit == "":
+        nm3 = value * _NM3_PER.get(unit, 1.0)
+    else:
+        raise UnitError(f"{where} {text!r} is not a volume; objects of a stack are 3-D: give e.g. 0.001um3, 5e5nm3 or 20px (voxels)")
+    if not math.isfinite(nm3) or nm3 < 0:
+        raise ConfigError(f"{where} must be a volume of 0 or more, got {text!r}")
+    return nm3
+
+
+def parse_z_extent(text: str | float | int | None) -> tuple[int, float]:
+    """``--min-z-extent``: a number of sections (``3``) or a length (``150nm``, ``0.15um``), as
+    (sections, nm); the other is 0."""
+    if text is None:
+        return 0, 0.0
+    if isinstance(text, bool):
+        raise ConfigError(f"--min-z-extent must be a number of sections or a length, got {text!r}")
+    raw = str(text).strip()
+    if re.fullmatch(r"\+?\d+(\.0*)?", raw) or (isinstance(text, (int, float)) and float(text).is_integer() and text >= 0):
+        return int(float(raw)), 0.0
+    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", raw):
+        raise ConfigError(f"--min-z-extent {raw} is neither a whole number of sections nor a length; write e.g. 3 (sections) or 150nm")
+    return 0, parse_distance_nm(raw, where="--min-z-extent")
 
 
 def parse_area(text: str | float | int | None, *, pixel_area_nm2: float | None = None, where: str = "--min-size") -> float:
@@ -65,15 +117,17 @@ class ObjectSettings:
 
     class_name: str | None = None  #: the class whose objects are found (default: the store's only class)
     threshold: float | None = None  #: probability at and above which a pixel is in the mask (default: the run's)
-    min_size: str | float | None = None  #: objects (cells: seeds) smaller than this are dropped, e.g. "0.01um2", 2000 (nm²), "20px"
+    min_size: str | float | None = None  #: objects (cells: seeds) smaller than this are dropped, e.g. "0.01um2", 2000 (nm²), "20px"; a stack's: "0.001um3"
     fill_holes: bool = False  #: fill holes (background not reaching the image edge) before labelling
     cells: bool = False  #: cells between membranes instead of objects of the class (see :mod:`.cells`)
     grow_nm: float = DEFAULT_GROW_NM  #: cells: how far seeds grow into the membrane
-    block_size: Pair | None = None  #: side of one task's block; a multiple of chunk_size (default: ≤ 4096)
+    block_size: tuple[int, ...] | None = None  #: one task's block, (y, x), or (z, y, x) for a stack; a multiple of chunk_size (default: ≤ 4096; stacks 16, 1024, 1024)
     chunk_size: Pair | None = None  #: chunks of the label image (default: the probabilities')
     blocks_in_flight: int = 2  #: blocks in memory at once (local runs)
     table_format: TableFormat = "parquet"  #: "parquet" or "csv"
     uint32_limit: int = UINT32_LIMIT  #: ids above this make the label image uint64 (lowered only by tests)
+    connectivity: int | None = None  #: a stack's objects: 6, 18 or 26 (default 26); a section's are 8-connected
+    min_z_extent: str | int | None = None  #: a stack's objects spanning fewer sections (3) or less z (150nm) are dropped
 
     @classmethod
     def create(cls, **kwargs: Any) -> ObjectSettings:
@@ -84,7 +138,12 @@ class ObjectSettings:
         kw = {k: v for k, v in kwargs.items() if v is not None}
         for key in ("block_size", "chunk_size"):
             if key in kw:
-                kw[key] = pair(kw[key], key.replace("_", "-"))
+                kw[key] = _sizes(kw[key], key.replace("_", "-")) if key == "block_size" else pair(kw[key], key.replace("_", "-"))
+        if "connectivity" in kw:
+            try:
+                kw["connectivity"] = int(kw["connectivity"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"--connectivity must be 6, 18 or 26 (a stack) or 8 (a section), got {kw['connectivity']!r}") from None
         if "grow_nm" in kw and isinstance(kw["grow_nm"], str):
             kw["grow_nm"] = parse_distance_nm(kw["grow_nm"], where="--grow")
         if "table_format" in kw:
@@ -101,10 +160,32 @@ class ObjectSettings:
         if self.table_format not in ("parquet", "csv"):
             raise ConfigError(f"table format must be parquet or csv, got {self.table_format!r}")
         if self.min_size is not None and not isinstance(self.min_size, (int, float)):
-            parse_area(self.min_size, pixel_area_nm2=1.0)  # the unit and sign are checked now, pixels later
+            if size_kind(self.min_size) == "volume":
+                parse_volume(self.min_size, voxel_nm3=1.0)
+            else:
+                parse_area(self.min_size, pixel_area_nm2=1.0)  # the unit and sign are checked now, pixels later
+        if self.connectivity is not None and self.connectivity not in (*SKIMAGE_CONNECTIVITY, 8):
+            raise ConfigError(f"--connectivity must be 6, 18 or 26 (a stack) or 8 (a section), got {self.connectivity}")
+        parse_z_extent(self.min_z_extent)
 
     def min_size_nm2(self, pixel_size_nm: tuple[float, float]) -> float:
+        if size_kind(self.min_size) == "volume":
+            raise ConfigError(f"--min-size {self.min_size} is a volume but this output is one section (2-D); give an area, e.g. 0.01um2")
         return parse_area(self.min_size, pixel_area_nm2=pixel_size_nm[0] * pixel_size_nm[1])
+
+
+def _sizes(v: Any, name: str) -> tuple[int, ...]:
+    """Block sizes: one or two (y,x) integers, or three (z,y,x) for a stack."""
+    parts = [p for p in v.replace("x", ",").split(",") if p.strip()] if isinstance(v, str) else v
+    if isinstance(parts, (list, tuple)) and len(parts) == 3:
+        try:
+            out = tuple(int(x) for x in parts)
+        except (TypeError, ValueError):
+            out = ()
+        if len(out) != 3 or min(out) < 1:
+            raise ConfigError(f"{name} must be one, two (y,x) or, for a stack, three (z,y,x) positive integers, got {v!r}")
+        return out
+    return pair(v, name)
 
 
 @dataclass(frozen=True)
@@ -144,6 +225,12 @@ class ObjectPlan:
 def make_plan(settings: ObjectSettings, *, class_name: str, shape: Pair, pixel_size_nm: tuple[float, float],
               origin_nm: tuple[float, float], chunks: Pair) -> ObjectPlan:
     """Resolve block and chunk sizes (blocks are whole chunks, so no two tasks write one chunk)."""
+    if settings.block_size is not None and len(settings.block_size) == 3:
+        raise ConfigError(f"--block-size {','.join(map(str, settings.block_size))} has a z size but this output is one section (2-D); give y,x")
+    if settings.connectivity not in (None, 8):
+        raise ConfigError(f"--connectivity {settings.connectivity} is for stacks; objects of a section are 8-connected (leave it out)")
+    if settings.min_z_extent is not None:
+        raise ConfigError("--min-z-extent is for stacks; this output is one section (2-D): leave it out")
     chunk = settings.chunk_size or (min(chunks[0], shape[0]), min(chunks[1], shape[1]))
     if settings.block_size is None:
         block = tuple(max(c, DEFAULT_BLOCK // c * c) for c in chunk)
@@ -158,4 +245,83 @@ def make_plan(settings: ObjectSettings, *, class_name: str, shape: Pair, pixel_s
         settings=settings, class_name=class_name, shape=shape, pixel_size_nm=pixel_size_nm, origin_nm=origin_nm,
         grid=BlockGrid(shape, (int(block[0]), int(block[1]))), chunks=(int(chunk[0]), int(chunk[1])),
         min_size_nm2=settings.min_size_nm2(pixel_size_nm), steps=steps,
+    )
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    """An objects run on a stack of sections: its (z, y, x) block grid and what blocks agree on."""
+
+    settings: ObjectSettings
+    class_name: str
+    shape: Triple  #: (sections, y, x)
+    spacing_nm: tuple[float, float, float]  #: (section thickness, pixel y, pixel x)
+    origin_nm: tuple[float, float, float]
+    grid: VolumeGrid
+    chunks: Triple  #: of the label image
+    connectivity: int  #: 6, 18 or 26
+    min_size_nm3: float
+    min_z_sections: int
+    min_z_nm: float
+
+    @property
+    def pixel_size_nm(self) -> tuple[float, float]:
+        return (self.spacing_nm[1], self.spacing_nm[2])
+
+    def keep(self, voxels: Any, sections: Any) -> Any:
+        """Which objects (voxel count, sections spanned) are at least the minimum size and z extent
+        (the same expressions as the table's volume_nm3 and z_extent_nm)."""
+        import numpy as np
+
+        ok = voxels * float(np.prod(self.spacing_nm)) >= self.min_size_nm3
+        return ok & (sections >= self.min_z_sections) & (sections * self.spacing_nm[0] >= self.min_z_nm)
+
+    def describe(self) -> dict:
+        return {
+            "kind": "objects",
+            "class": self.class_name,
+            "dimensions": 3,
+            "connectivity": self.connectivity,
+            "min_size_nm3": self.min_size_nm3,
+            "min_z_sections": self.min_z_sections,
+            "min_z_nm": self.min_z_nm,
+            "fill_holes": "per section" if self.settings.fill_holes else False,
+            "surface": "exposed voxel faces",
+        }
+
+
+def make_volume_plan(settings: ObjectSettings, *, class_name: str, shape: Triple, spacing_nm: tuple[float, float, float],
+                     origin_nm: tuple[float, float, float], chunks: Triple, where: str = "") -> VolumePlan:
+    """A stack's plan: blocks of whole chunks in z, y and x (see :func:`make_plan`)."""
+    at = f"{where} is a stack of {shape[0]} sections: " if where else "a stack: "
+    if settings.cells:
+        raise ConfigError(f"{at}--cells finds cells between membranes of one section and has no 3-D form here; "
+                          f"find 3-D objects without --cells, or run --cells on each section's own output")
+    if settings.connectivity == 8:
+        raise ConfigError(f"{at}objects are 3-D: --connectivity is 6, 18 or 26 (26, the default, is 8-connected within a section)")
+    if isinstance(settings.min_size, str) and size_kind(settings.min_size) == "area":
+        m = _SIZE.match(settings.min_size)
+        if m is None or m.group(2):
+            raise ConfigError(f"{at}objects are 3-D and --min-size {settings.min_size} is an area; give a volume, e.g. 0.001um3 (or 20px: voxels)")
+    voxel = spacing_nm[0] * spacing_nm[1] * spacing_nm[2]
+    z_sections, z_nm = parse_z_extent(settings.min_z_extent)
+    cz = chunks[0]
+    chunk_yx = settings.chunk_size or (min(chunks[1], shape[1]), min(chunks[2], shape[2]))
+    chunk = (min(cz, shape[0]), int(chunk_yx[0]), int(chunk_yx[1]))
+    if settings.block_size is None:
+        block = (max(chunk[0], DEFAULT_BLOCK_3D[0] // chunk[0] * chunk[0]),
+                 *(max(c, b // c * c) for b, c in zip(DEFAULT_BLOCK_3D[1:], chunk[1:])))
+    else:
+        given = settings.block_size
+        block = tuple(given) if len(given) == 3 else (max(chunk[0], DEFAULT_BLOCK_3D[0] // chunk[0] * chunk[0]), *given)
+        if settings.chunk_size is None:  # the label image's y/x chunks follow the blocks when they must
+            chunk = tuple(c if b % c == 0 else b for b, c in zip(block, chunk))  # type: ignore[assignment]
+    if any(b % c for b, c in zip(block, chunk)):
+        raise ConfigError(f"--block-size {','.join(map(str, block))} must be a multiple of the chunk size {','.join(map(str, chunk))} (z,y,x)")
+    return VolumePlan(
+        settings=settings, class_name=class_name, shape=shape, spacing_nm=spacing_nm, origin_nm=origin_nm,
+        grid=VolumeGrid(shape, tuple(int(b) for b in block)), chunks=tuple(int(c) for c in chunk),  # type: ignore[arg-type]
+        connectivity=settings.connectivity or DEFAULT_CONNECTIVITY_3D,
+        min_size_nm3=parse_volume(settings.min_size, voxel_nm3=voxel),
+        min_z_sections=z_sections, min_z_nm=z_nm,
     )

@@ -335,7 +335,8 @@ class ObjectsResult:
     n_objects: int
     dtype: str
     seconds: float
-    section_um2: float  #: area of the section the layer covers
+    section_um2: float  #: area of the section the layer covers (of one section of a stack)
+    volume_um3: float | None = None  #: a stack's volume (sections × spacing × section area); None for a section
 
     @property
     def density_per_um2(self) -> float:
@@ -346,11 +347,15 @@ class ObjectsResult:
         return st.read_table(self.path)
 
 
-def prepare_job(store: str | os.PathLike, settings: ObjectSettings, *, overwrite: bool = False, resume: bool = False) -> tuple[ObjectsJob, set[str]]:
-    """Open the class, plan the run and create (or reopen) its staging folder."""
+def prepare_job(store: str | os.PathLike, settings: ObjectSettings, *, overwrite: bool = False, resume: bool = False) -> tuple[Any, set[str]]:
+    """Open the class, plan the run and create (or reopen) its staging folder (a stack's: :mod:`.stack`)."""
     source = st.open_class(store, settings.class_name, settings.threshold)
-    plan = make_plan(settings, class_name=source.class_name, shape=source.shape, pixel_size_nm=source.pixel_size_nm,
-                     origin_nm=source.origin_nm, chunks=source.chunks)
+    if source.is_stack:
+        from .stack import prepare_stack_job
+
+        return prepare_stack_job(source, settings, store, overwrite=overwrite, resume=resume)
+    plan = make_plan(settings, class_name=source.class_name, shape=source.shape, pixel_size_nm=source.pixel_size_nm,  # type: ignore[arg-type]
+                     origin_nm=source.origin_nm, chunks=source.chunks)  # type: ignore[arg-type]
     name = st.layer_name(source.class_name, settings.cells)
     identity = {"source": source.identity(), "plan": plan.describe(), "block": list(plan.grid.block),
                 "chunks": list(plan.chunks), "table": settings.table_format, "uint32_limit": settings.uint32_limit}
@@ -367,6 +372,8 @@ def write_objects(
     fill_holes: bool = False,
     cells: bool = False,
     grow: str | float | None = None,
+    connectivity: int | None = None,
+    min_z_extent: str | int | None = None,
     block_size: Any = None,
     chunk_size: Any = None,
     blocks_in_flight: int = 2,
@@ -380,6 +387,8 @@ def write_objects(
 ) -> ObjectsResult | Any:
     """Find the objects (or ``cells``) of one class of a segment output and add them to it as
     ``labels/<class>-objects`` (``-cells``) with a measurements table; see :mod:`tilefeet.objects`.
+    On a stack (c, z, y, x) the objects are 3-D (``connectivity`` 6, 18 or 26, default 26;
+    ``min_size`` a volume, ``min_z_extent`` sections or a length; :mod:`.stack`).
 
     ``store`` is a finished segment output or a segment run's staging folder (``OUT.partial``)
     before it is moved into place. ``compute=False`` returns the dask ``Delayed`` of the whole
@@ -389,11 +398,17 @@ def write_objects(
     """
     settings = ObjectSettings.create(
         class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells, grow_nm=grow,
-        block_size=block_size, chunk_size=chunk_size, blocks_in_flight=blocks_in_flight, table_format=table_format, **advanced,
+        block_size=block_size, chunk_size=chunk_size, blocks_in_flight=blocks_in_flight, table_format=table_format,
+        connectivity=connectivity, min_z_extent=min_z_extent, **advanced,
     )
     t0 = time.perf_counter()
     job, done = prepare_job(store, settings, overwrite=overwrite, resume=resume)
-    graph = objects_graph(job, done, after)
+    if isinstance(job, ObjectsJob):
+        graph = objects_graph(job, done, after)
+    else:
+        from .stack import stack_graph
+
+        graph = stack_graph(job, done, after)
     if not compute:
         return graph
     with _Progress(enabled=progress):
@@ -408,9 +423,11 @@ def finished(path: Path, seconds: float = 0.0) -> ObjectsResult:
     ms: Any = st.ome_attrs(zarr.open_group(str(path), mode="r").attrs)["multiscales"][0]
     meta = ms["metadata"]
     scale = next(t["scale"] for t in ms["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
-    h, w = zarr.open_array(str(path / "0"), mode="r").shape[-2:]
+    shape = zarr.open_array(str(path / "0"), mode="r").shape
+    h, w = shape[-2:]
     area = h * w * float(scale[-2]) * float(scale[-1]) / 1e6
-    return ObjectsResult(path, path / meta["table"], int(meta["objects"]), str(meta["dtype"]), seconds, area)
+    volume = area * shape[0] * float(scale[0]) / 1e3 if len(shape) == 3 else None
+    return ObjectsResult(path, path / meta["table"], int(meta["objects"]), str(meta["dtype"]), seconds, area, volume)
 
 
 class _Progress(dask.callbacks.Callback):

@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import ConfigError, InputNotFoundError, InvalidImageError, OutputExistsError
 from ..geometry import Box, Pair
 from ..ngff import compressor, create_levels, label_metadata, label_name, multiscales
+from .volume import VBox
 
 STATE_DIR = ".tilefeet"
 TABLE_NAMES = {"parquet": "objects.parquet", "csv": "objects.csv"}
@@ -52,17 +53,50 @@ class ClassSource:
     arrays are opened by path in each process)."""
 
     store: str  #: the segment output (or its staging folder)
-    prob_path: str  #: level-0 probabilities array, (classes, y, x)
+    prob_path: str  #: level-0 probabilities array, (classes, y, x), or (classes, z, y, x) of a stack
     channel: int  #: the class's index along c
     class_name: str
-    shape: Pair
-    chunks: Pair  #: of the probabilities (y, x)
+    shape: tuple[int, ...]  #: (y, x), or (z, y, x) of a stack
+    chunks: tuple[int, ...]  #: of the probabilities, (y, x) or (z, y, x)
     pixel_size_nm: tuple[float, float]
     origin_nm: tuple[float, float]
     prob_dtype: str
     threshold: float  #: probability at and above which a pixel is in the mask
     mask_path: str | None  #: the stored ``labels/<class>/0`` when it is exactly that mask, else None
     levels: int = 1  #: pyramid levels of the image (a label image must have as many)
+    z_spacing_nm: float | None = None  #: a stack's section spacing (None: a section)
+    z_origin_nm: float = 0.0  #: a stack's first section's z position
+
+    @property
+    def is_stack(self) -> bool:
+        return len(self.shape) == 3
+
+    @property
+    def spacing_nm(self) -> tuple[float, float, float]:
+        """A stack's voxel size (z, y, x) in nm."""
+        assert self.z_spacing_nm is not None
+        return (self.z_spacing_nm, *self.pixel_size_nm)
+
+    @property
+    def origin3_nm(self) -> tuple[float, float, float]:
+        return (self.z_origin_nm, *self.origin_nm)
+
+    def read_prob3(self, box: VBox) -> np.ndarray:
+        """A stack's class probability (as stored) over ``box``, which lies inside the volume."""
+        return np.asarray(_array(self.store, self.prob_path)[(self.channel, *box.slices)])
+
+    def read_mask3(self, box: VBox) -> np.ndarray:
+        """A stack's class mask over ``box`` (bool), False outside the volume."""
+        inner = box.intersect(VBox((0, 0, 0), self.shape))  # type: ignore[arg-type]
+        out = np.zeros(box.shape, dtype=bool)
+        if inner.empty:
+            return out
+        if self.mask_path is not None:
+            m = np.asarray(_array(self.store, self.mask_path)[inner.slices]) != 0
+        else:
+            m = self.read_prob3(inner) >= self.threshold * self.prob_scale
+        out[inner.relative_to(box)] = m
+        return out
 
     @property
     def prob_scale(self) -> float:
@@ -151,8 +185,9 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
     if ms.is_label:
         raise InvalidImageError(f"{path} is a label image, not a segment output; give the segment output it belongs to (two folders up)")
     level0 = ms.datasets[0]
-    if ms.names != ("c", "y", "x") or len(ms.channels) != level0.shape[0] or not all(ms.channels):
+    if ms.names not in (("c", "y", "x"), ("c", "z", "y", "x")) or len(ms.channels) != level0.shape[0] or not all(ms.channels):
         raise InvalidImageError(not_ours)
+    stack = len(ms.names) == 4
     channels = list(ms.channels)
     if class_name is None:
         if len(channels) > 1:
@@ -173,6 +208,13 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
     if ms.metadata.get("every_chunk_written") is True:
         _check_chunks(path, [(level0.path, (channel,), f"the {cls} probabilities")]
                       + ([(f"labels/{name}/0", None, f"labels/{name}")] if use_labels else []))
+    if stack:
+        return ClassSource(
+            store=str(path), prob_path=level0.path, channel=channel, class_name=cls, shape=tuple(level0.shape[1:]),
+            chunks=tuple(level0.chunks[1:]), pixel_size_nm=pixel, origin_nm=ms.origin_nm(0), prob_dtype=level0.dtype,
+            threshold=stored if threshold is None else float(threshold), mask_path=f"labels/{name}/0" if use_labels else None,
+            levels=len(ms.datasets), **_z_axis(ms, path),
+        )
     return ClassSource(
         store=str(path), prob_path=level0.path, channel=channel, class_name=cls,
         shape=(level0.shape[1], level0.shape[2]), chunks=(level0.chunks[1], level0.chunks[2]),
@@ -180,6 +222,21 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
         threshold=stored if threshold is None else float(threshold), mask_path=f"labels/{name}/0" if use_labels else None,
         levels=len(ms.datasets),
     )
+
+
+def _z_axis(ms: Any, path: Path) -> dict:
+    """A stack's section spacing and first section's position in nm, from its z axis."""
+    from ..units import nm_per_unit
+
+    axis = ms.axes[1]
+    if axis.unit is None:
+        raise InvalidImageError(
+            f"{path} is a stack whose z axis has no unit, so its section spacing is unknown and volumes cannot be measured; "
+            f"segment it again with the spacing (tilefeet segment IN OUT --pixel-size Z,Y,X, e.g. 50,5,5nm)"
+        )
+    f = nm_per_unit(axis.unit, where=f"{path} axis 'z'")
+    ds = ms.datasets[0]
+    return {"z_spacing_nm": float(ds.scale[1]) * f, "z_origin_nm": float(ds.translation[1]) * f}
 
 
 def _check_chunks(path: Path, arrays: list[tuple[str, tuple[int, ...] | None, str]]) -> None:
@@ -191,10 +248,35 @@ def _check_chunks(path: Path, arrays: list[tuple[str, tuple[int, ...] | None, st
 
     for array_path, lead, what in arrays:
         arr = zarr.open_array(str(path / array_path), mode="r")
+        head = lead if lead is not None else ()
+        if arr.ndim - len(head) == 3:  # a stack: the (y, x) plane of every section's chunk row
+            lead = _first_incomplete_section(arr, path / array_path, head)
+            if lead is None:
+                continue
         found = check_chunks(arr, str(path), array_path, what=what, lead=lead if lead is not None else (0,) * (arr.ndim - 2),
                              every_chunk_written=True)
         if found.missing:
             raise found.error("no objects there", "segment the section again (tilefeet segment IN OUT --overwrite) to restore the output")
+
+
+def _first_incomplete_section(arr: Any, folder: Path, head: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The leading index (``head`` + a section) of the first section of a stack whose chunk files
+    are not all there, from one listing of the array's folder; None when all are."""
+    import itertools
+
+    from ..storage import list_files
+
+    try:
+        stored = list_files(folder)
+    except Exception:
+        return None
+    unit = tuple(int(u) for u in (getattr(arr, "shards", None) or arr.chunks))
+    grid = [-(-int(n) // u) for n, u in zip(arr.shape, unit)]
+    fixed = tuple(i // u for i, u in zip(head, unit))
+    for index in itertools.product(*(range(g) for g in grid[len(head):])):
+        if arr.metadata.encode_chunk_key((*fixed, *index)) not in stored:
+            return (*head, index[0] * unit[len(head)])
+    return None
 
 
 def level_shapes(shape: Pair, levels: int) -> list[Pair]:
@@ -329,12 +411,42 @@ def create_label_image(
     root.attrs.update(label_metadata(ms))
 
 
-def create_scratch(staging: Staging, name: str, shape: Pair, chunks: Pair, dtype: Any) -> None:
+def create_label_volume(
+    staging: Staging,
+    name: str,
+    *,
+    shapes: list[tuple[int, int, int]],
+    chunks: tuple[int, int, int],
+    dtype: Any,
+    spacing_nm: tuple[float, float, float],
+    origin_nm: tuple[float, float, float],
+    metadata: dict,
+) -> None:
+    """A stack's label image (z, y, x; a pyramid in y and x only) and its empty arrays in the staging folder."""
+    import zarr
+
+    root = zarr.open_group(str(staging.path), mode="a", zarr_format=3)
+    for k in range(len(shapes)):
+        if str(k) in root:
+            del root[str(k)]
+    create_levels(root, shapes, chunks=chunks, dtype=dtype, dimension_names=["z", "y", "x"])
+    ms = multiscales(name, spacing_nm[1:], len(shapes), origin_nm=origin_nm[1:], method="subsample in y and x (ids are never averaged)",
+                     metadata=metadata, lead_axes=[{"name": "z", "type": "space", "unit": "nanometer"}], lead_scale=[spacing_nm[0]],
+                     lead_origin=[origin_nm[0]])
+    root.attrs.update(label_metadata(ms))
+
+
+def volume_level_shapes(shape: tuple[int, ...], levels: int) -> list[tuple[int, int, int]]:
+    """A stack's pyramid: every level has all sections, y and x halved (rounded up) per level."""
+    return [(shape[0], h, w) for h, w in level_shapes((shape[1], shape[2]), levels)]
+
+
+def create_scratch(staging: Staging, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any) -> None:
     """A level-0-sized array for intermediate results (removed with the staging state)."""
     import zarr
 
     zarr.create_array(
-        str(staging.state / name), shape=shape, chunks=(min(chunks[0], shape[0]), min(chunks[1], shape[1])), dtype=dtype,
+        str(staging.state / name), shape=shape, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)), dtype=dtype,
         compressors=compressor(), fill_value=0, overwrite=True, zarr_format=3,
     )
 
