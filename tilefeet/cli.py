@@ -382,6 +382,9 @@ def preview(
     image: Optional[str] = typer.Option(None, help="The input image, a path or URL (default: the one recorded in the output)."),
     max_size: int = typer.Option(2048, "--max-size", help="Largest side of the preview (picks the pyramid level)."),
     objects: bool = typer.Option(False, "--objects", help="Draw the objects (each id its colour) instead of the class mask."),
+    z: Optional[str] = typer.Option(
+        None, "--z", help="A stack's section to draw (of the output, 0 its first; default the middle one), or several side by side: 0,5,10."
+    ),
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
 ) -> None:
     """A PNG of a segmentation: the input with labels (or objects) overlaid, beside the probability map."""
@@ -389,7 +392,7 @@ def preview(
     from .storage import default_storage_options, parse_storage_options
 
     with default_storage_options(parse_storage_options(storage_option)):
-        _echo(f"wrote {render_preview(output, png, image=image, max_size=max_size, objects=objects)}")
+        _echo(f"wrote {render_preview(output, png, image=image, max_size=max_size, objects=objects, z=z)}")
 
 
 @app.command()

@@ -8,12 +8,19 @@ its own pixels need), so a section of any size can be scored in the memory of a 
 Instance scores label connected components of the whole region at once, which needs it in memory
 (about :data:`INSTANCE_BYTES_PER_PIXEL` bytes per pixel); above ``max_instance_pixels`` they are
 refused with an error, never attempted.
+
+Stacks of sections (z, y, x: a tilefeet output of a stack, a (z, y, x) label image, a 3-D array)
+are scored in 3-D: pixel counts over every voxel, boundaries section by section (each section's
+outlines, blocks with a halo in y and x only), instances and objects as 3-D connected components
+(:mod:`tilefeet.metrics`; objects out of core through :mod:`tilefeet.objects`). Prediction and
+truth must have the same sections; a stack is never compared with one section.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +32,7 @@ from .chunks import ChunkCheck, check_chunks
 from .errors import ConfigError, InputNotFoundError, InvalidImageError
 from .geometry import Box, Pair
 from .metrics import (
+    CONNECTIVITY_3D,
     INSTANCE_MODES,
     BoundaryMetrics,
     InstanceMetrics,
@@ -60,6 +68,9 @@ class EvaluateOptions:
     max_instance_pixels: int = MAX_INSTANCE_PIXELS  #: refuse instance scores above this many pixels
     objects: bool = False  #: match predicted to true objects by IoU (:mod:`tilefeet.objects.match`), out of core
     cells: bool = False  #: ... the objects being cells between membranes, with their ARE and VI
+    #: a stack's 3-D objects: 6, 18 or 26 (default: as ``tilefeet objects``, 26; cells and
+    #: regions between membranes 6); a section's objects are 8-connected, its regions 4-connected
+    connectivity: int | None = None
 
     @classmethod
     def create(
@@ -80,6 +91,8 @@ class EvaluateOptions:
             raise ConfigError(f"--ignore-border must be 0 or more pixels, got {self.ignore_border_px}")
         if self.max_instance_pixels < 1:
             raise ConfigError(f"--max-pixels must be positive, got {self.max_instance_pixels}")
+        if self.connectivity is not None and self.connectivity not in CONNECTIVITY_3D:
+            raise ConfigError(f"--connectivity is 6, 18 or 26 (the neighbours of a voxel in a stack), got {self.connectivity}")
 
 
 def parse_values(text: str | Sequence[float] | float | None, where: str) -> tuple[float, ...] | None:
@@ -127,7 +140,9 @@ def _boundary_histogram(pred: Any, truth: Any, tolerance_px: float) -> Any:
     # tolerance; the outermost halo ring's own boundary flags are wrong (no neighbours beyond it) but
     # lie farther than the tolerance from every own pixel. boundary="none": no padding at the image
     # edge, where the erosion's border_value gives the "edge is not a boundary" rule.
-    depth = math.ceil(tolerance_px) + 1
+    # A stack's codes are each section's (boundary_codes): the halo is in y and x only.
+    halo = math.ceil(tolerance_px) + 1
+    depth = {0: 0, 1: halo, 2: halo} if pred.ndim == 3 else halo
     codes = da.map_overlap(
         boundary_codes, pred, truth, depth=depth, boundary="none", dtype=np.uint8, tolerance_px=tolerance_px
     )
@@ -139,7 +154,8 @@ def _boundary_histogram(pred: Any, truth: Any, tolerance_px: float) -> Any:
 
 @dataclass(frozen=True)
 class Mask:
-    """A binary mask to score: a lazy 2-D dask array of bool, and a description of its origin."""
+    """A binary mask to score: a lazy dask array of bool, (y, x) or a stack's (z, y, x), and a
+    description of its origin."""
 
     data: Any
     source: str
@@ -147,7 +163,17 @@ class Mask:
 
     @property
     def shape(self) -> Pair:
-        return (int(self.data.shape[0]), int(self.data.shape[1]))
+        """(y, x) of each section."""
+        return (int(self.data.shape[-2]), int(self.data.shape[-1]))
+
+    @property
+    def depth(self) -> int:
+        """Sections: 1 for a section, the stack's for a stack."""
+        return int(self.data.shape[0]) if self.data.ndim == 3 else 1
+
+    @property
+    def is_stack(self) -> bool:
+        return bool(self.data.ndim == 3)
 
 
 def binarize(values: Any, *, threshold: float | None = None, foreground: Sequence[float] | None = None) -> Any:
@@ -188,7 +214,7 @@ def open_mask(
     if isinstance(source, (str, os.PathLike)):
         return _open_path(Path(source), role, class_name or class_hint, class_name is None, threshold, foreground)
     data = getattr(source, "data", source) if hasattr(source, "dims") else source  # xarray → its array
-    return Mask(binarize(_as_2d(data, f"{role} array"), threshold=threshold, foreground=foreground), f"{role} array")
+    return Mask(binarize(_as_planes(data, f"{role} array"), threshold=threshold, foreground=foreground), f"{role} array")
 
 
 def _open_path(
@@ -203,7 +229,7 @@ def _open_path(
         return _open_zarr(path, role, class_name, hinted, threshold, foreground)
     from .convert import open_input
 
-    values = _as_2d(open_input(path), str(path))
+    values = _as_planes(open_input(path), str(path))
     if threshold is None and foreground is None:
         check_mask_like(values, str(path), role)
     data = binarize(values, threshold=threshold, foreground=foreground)
@@ -218,7 +244,10 @@ MAX_MASK_VALUES = 16
 def check_mask_like(values: Any, source: str, role: str) -> None:
     """Refuse to read a grey image as a mask (every non-zero pixel "in the class"): it has many
     distinct values. Counted on up to 16 chunk-sized windows spread over the image (cheap on a
-    gigapixel). Label images (NGFF image-label) may hold any number of ids and are not checked."""
+    gigapixel; a stack's middle section). Label images (NGFF image-label) may hold any number of ids
+    and are not checked."""
+    if values.ndim == 3:
+        values = values[values.shape[0] // 2]
     h, w = (int(n) for n in values.shape)
     ch, cw = (min(int(c[0]), 512) for c in values.chunks)
     ys = np.unique(np.linspace(0, max(h - ch, 0), 4).astype(int))
@@ -265,9 +294,11 @@ def _open_zarr(
     if threshold is not None and channels:
         name = _choose_class(channels, class_name, hinted, path, role, "probabilities")
         if complete:
-            lead = tuple(channels.index(name) if a == "c" else 0 for a in axes[:-2])
-            _refuse_missing(check_chunks(root[ms.datasets[0].path], str(path), ms.datasets[0].path, what=f"the {name} probabilities",
-                                         lead=lead, every_chunk_written=True), role)
+            z_axis = next((i for i, a in enumerate(axes[:-2]) if a == "z"), None)
+            for z in range(int(data.shape[z_axis]) if z_axis is not None else 1):
+                lead = tuple(channels.index(name) if a == "c" else z if i == z_axis else 0 for i, a in enumerate(axes[:-2]))
+                _refuse_missing(check_chunks(root[ms.datasets[0].path], str(path), ms.datasets[0].path, what=f"the {name} probabilities",
+                                             lead=lead, every_chunk_written=True), role)
         plane = _plane(data, axes, channels.index(name), path)
         return Mask(binarize(plane, threshold=threshold), f"{path} probabilities[{name}]{rule}", name)
     if len(channels) > 1:
@@ -295,16 +326,20 @@ def _image_mask(
     output, wrote every chunk): they would read as 0, scored as background."""
     import dask.array as da
 
-    from .image import Image
+    from .image import Image, ZSpacingWarning
 
-    image = Image.open(path)
+    with warnings.catch_warnings():  # scores count voxels: a stack's unknown z spacing changes none of them
+        warnings.simplefilter("ignore", ZSpacingWarning)
+        image = Image.open(path, stacks=True)
     if complete:
         image = replace(image, every_chunk_written=True)
-    found = image.check_chunks(0)
-    if found is not None:
-        _refuse_missing(found, role)
+    for z in range(image.meta.depth):  # every section's plane (one listing each)
+        found = image.section(z).check_chunks(0)
+        if found is not None:
+            _refuse_missing(found, role)
     arr = image.array(0)
-    data = da.from_zarr(arr)[(0,) * (arr.ndim - 2)]
+    z_axis = image.meta.z_axis
+    data = da.from_zarr(arr)[tuple(slice(None) if i == z_axis else 0 for i in range(arr.ndim - 2))]
     if threshold is None and foreground is None and not is_label:
         check_mask_like(data, source, role)
     return Mask(binarize(data, threshold=threshold, foreground=foreground), source, class_name)
@@ -320,14 +355,16 @@ def _is_zarr(path: Path) -> bool:
 
 
 def _plane(data: Any, axes: tuple[str, ...], channel: int, path: Path | Url) -> Any:
-    index = []
+    index: list[Any] = []
     for name, size in zip(axes[:-2], data.shape[:-2]):
         if name == "c":
             index.append(channel)
         elif size == 1:
             index.append(0)
+        elif name == "z":  # a stack of sections, scored in 3-D
+            index.append(slice(None))
         else:
-            raise InvalidImageError(f"{path} has {size} planes along axis {name!r}; evaluate scores one 2-D section")
+            raise InvalidImageError(f"{path} has {size} planes along axis {name!r}; evaluate scores a section or a z stack of sections")
     return data[tuple(index)]
 
 
@@ -346,15 +383,15 @@ def _choose_class(names: Sequence[str], class_name: str | None, hinted: bool, pa
     raise ConfigError(f"{role} {path} has no class {class_name!r}; it has: {', '.join(names)}")
 
 
-def _as_2d(data: Any, where: str) -> Any:
-    """A dask array of a 2-D (y, x) image, leading axes of size one dropped."""
+def _as_planes(data: Any, where: str) -> Any:
+    """A dask array of a 2-D (y, x) image or a stack's 3-D (z, y, x), leading axes of size one dropped."""
     import dask.array as da
 
-    arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=BLOCK_PX)
+    arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=(1,) * max(np.ndim(data) - 2, 0) + (BLOCK_PX, BLOCK_PX))
     while arr.ndim > 2 and arr.shape[0] == 1:
         arr = arr[0]
-    if arr.ndim != 2:
-        raise InvalidImageError(f"{where} has shape {tuple(arr.shape)}; expected one 2-D (y, x) image")
+    if arr.ndim not in (2, 3):
+        raise InvalidImageError(f"{where} has shape {tuple(arr.shape)}; expected a 2-D (y, x) image or a (z, y, x) stack of sections")
     return arr
 
 
@@ -381,6 +418,12 @@ class Evaluation:
     objects: Any = None  #: :class:`tilefeet.objects.match.ObjectScores` with ``--objects`` or ``--cells``
     cells: InstanceMetrics | None = None  #: ARE and VI of the cells with ``--cells``
     objects_source: str = ""  #: what the predicted objects are (a stored layer, or how they were made)
+    sections: int = 1  #: sections scored: 1 for a section, the stack's (all of them, in 3-D)
+    connectivity: int | None = None  #: a stack's objects' connectivity (6, 18, 26), when objects were scored
+
+    @property
+    def is_stack(self) -> bool:
+        return self.sections > 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (NaN becomes None)."""
@@ -389,6 +432,9 @@ class Evaluation:
             "truth": self.truth,
             "region": {"y0": self.region.y0, "x0": self.region.x0, "y1": self.region.y1, "x1": self.region.x1},
             "shape": list(self.region.shape),
+            "sections": self.sections,
+            "dimensions": 3 if self.is_stack else 2,
+            "connectivity": self.connectivity,
             "options": asdict(self.options),
             "pixel": self.pixel.to_dict(),
             "boundary": self.boundary.to_dict(),
@@ -411,6 +457,7 @@ def evaluate(
     max_instance_pixels: int = MAX_INSTANCE_PIXELS,
     objects: bool = False,
     cells: bool = False,
+    connectivity: int | None = None,
 ) -> Evaluation:
     """Score ``prediction`` against ``truth`` for one class (see :func:`open_mask` for what each may be).
 
@@ -421,6 +468,12 @@ def evaluate(
     Membranes scored with ``instances="background"`` against truth whose membranes are the class
     is close to the ISBI 2012 challenge's foreground-restricted scores after border thinning.
     ``objects`` (and ``cells``) match objects by IoU out of core (:func:`tilefeet.objects.match.score_objects`).
+
+    Stacks (z, y, x) are scored in 3-D (the module's docstring): ``ignore_border_px`` crops y and x,
+    ``max_instance_pixels`` counts voxels, and ``connectivity`` (6, 18 or 26) says which voxels
+    touch: objects are 26-connected by default, as ``tilefeet objects`` labels a stack (a stored
+    objects layer keeps its own), regions between membranes (``instances="background"``, ``cells``)
+    6-connected.
     """
     opts = EvaluateOptions.create(
         class_name=class_name,
@@ -432,25 +485,40 @@ def evaluate(
         max_instance_pixels=int(max_instance_pixels),
         objects=bool(objects or cells),
         cells=bool(cells),
+        connectivity=None if connectivity is None else int(connectivity),
     )
     pred = open_mask(prediction, role="prediction", class_name=opts.class_name, threshold=opts.threshold)
     true = open_mask(
         truth, role="truth", class_name=opts.class_name, foreground=opts.truth_foreground, class_hint=pred.class_name
     )
     check_same_shape(pred, true)
+    if opts.connectivity is not None and not pred.is_stack:
+        raise ConfigError(
+            f"--connectivity {opts.connectivity} is for stacks (z, y, x), but {pred.source} is one section: its objects are "
+            f"8-connected and the regions between membranes 4-connected; leave out --connectivity"
+        )
     region = scored_region(pred.shape, opts.ignore_border_px)
     if opts.instances != "none":
-        check_fits_in_memory(region, opts.max_instance_pixels)
+        check_fits_in_memory(region, opts.max_instance_pixels, pred.depth)
     crop = region.relative_to(Box.from_shape(pred.shape))
-    p, t = (m.data[crop].rechunk(tuple(min(BLOCK_PX, s) for s in region.shape)) for m in (pred, true))
-    result = _score(pred.source, true.source, region, opts, p, t)
+    p, t = (m.data[(..., *crop)].rechunk(score_chunks(pred.depth if m.is_stack else 0, region.shape)) for m in (pred, true))
+    result = replace(_score(pred.source, true.source, region, opts, p, t), sections=pred.depth)
     if opts.objects:
         from .objects.match import score_objects
 
-        scores, cell, what = score_objects(prediction, p, t, class_name=pred.class_name, cells=opts.cells,
-                                           use_stored=opts.threshold is None and opts.ignore_border_px == 0)
-        result = replace(result, objects=scores, cells=cell, objects_source=what)
+        scores, cell, what, conn = score_objects(prediction, p, t, class_name=pred.class_name, cells=opts.cells,
+                                                 use_stored=opts.threshold is None and opts.ignore_border_px == 0,
+                                                 connectivity=opts.connectivity)
+        result = replace(result, objects=scores, cells=cell, objects_source=what, connectivity=conn)
     return result
+
+
+def score_chunks(depth: int, shape: Pair) -> tuple[int, ...]:
+    """Blocks of the scores: :data:`BLOCK_PX` squares, and for a stack (``depth`` > 0) as many
+    whole sections as keep a block near ``BLOCK_PX``² voxels."""
+    h, w = (min(BLOCK_PX, s) for s in shape)
+    return (h, w) if not depth else (min(depth, max(1, BLOCK_PX * BLOCK_PX // (h * w))), h, w)
+
 
 
 def _score(pred_source: str, truth_source: str, region: Box, opts: EvaluateOptions, p: Any, t: Any) -> Evaluation:
@@ -460,7 +528,7 @@ def _score(pred_source: str, truth_source: str, region: Box, opts: EvaluateOptio
     if opts.instances != "none":
         lazy += [p, t]  # computed with the counts, so the inputs are read once
     out = dask.compute(*lazy, scheduler="threads")
-    inst = instance_metrics(out[2], out[3], opts.instances) if opts.instances != "none" else None  # type: ignore[arg-type]
+    inst = instance_metrics(out[2], out[3], opts.instances, opts.connectivity) if opts.instances != "none" else None  # type: ignore[arg-type]
     return Evaluation(
         pred_source,
         truth_source,
@@ -473,7 +541,18 @@ def _score(pred_source: str, truth_source: str, region: Box, opts: EvaluateOptio
 
 
 def check_same_shape(pred: Mask, truth: Mask) -> None:
-    """Scores compare pixel by pixel, so both must lie on the same grid."""
+    """Scores compare pixel by pixel, so both must lie on the same grid (and a stack's, the same sections)."""
+    if pred.is_stack or truth.is_stack:
+        if pred.depth != truth.depth or pred.shape != truth.shape:
+            def what(m: Mask) -> str:
+                return f"a stack of {m.depth} sections of" if m.is_stack else "one section of"
+
+            raise InvalidImageError(
+                f"the prediction {pred.source} is {what(pred)} {pred.shape[0]} × {pred.shape[1]} px but the truth {truth.source} is "
+                f"{what(truth)} {truth.shape[0]} × {truth.shape[1]} px; score a stack against the truth of the same sections "
+                f"(segment --z START:STOP selects sections; a section's truth scores that section's own output)"
+            )
+        return
     if pred.shape != truth.shape:
         (ph, pw), (th, tw) = pred.shape, truth.shape
         raise InvalidImageError(
@@ -491,15 +570,20 @@ def scored_region(shape: Pair, ignore_border_px: int) -> Box:
     return region
 
 
-def check_fits_in_memory(region: Box, max_pixels: int) -> None:
-    """Instance scores label the whole region at once; refuse regions above the limit."""
-    if region.size > max_pixels:
+def check_fits_in_memory(region: Box, max_pixels: int, depth: int = 1) -> None:
+    """Instance scores label the whole region (of every section of a stack) at once; refuse
+    regions above the limit."""
+    size = region.size * depth
+    if size > max_pixels:
         h, w = region.shape
-        mb = region.size * INSTANCE_BYTES_PER_PIXEL / 1e6
+        mb = size * INSTANCE_BYTES_PER_PIXEL / 1e6
         need = f"{mb / 1e3:.1f} GB" if mb >= 1e3 else f"{mb:.0f} MB"
+        what = f"{depth} × {h} × {w} voxel stack" if depth > 1 else f"{h} × {w} px region"
+        unit = "voxels" if depth > 1 else "px"
+        crop = "score fewer sections or a crop (--objects and --cells score objects out of core)" if depth > 1 else "score a crop"
         raise ConfigError(
-            f"instance scores need the whole {h} × {w} px region in memory (about {need}), above the limit of "
-            f"{max_pixels} px; pass --instances none, score a crop, or raise --max-pixels"
+            f"instance scores need the whole {what} in memory (about {need}), above the limit of "
+            f"{max_pixels} {unit}; pass --instances none, {crop}, or raise --max-pixels"
         )
 
 

@@ -15,6 +15,12 @@ Pixel and boundary scores are sums of per-pixel codes (:func:`pixel_codes`, :fun
 so :mod:`tilefeet.evaluate` computes them block by block over sections of any size. Training
 (:mod:`tilefeet.train`) uses the same pixel scores.
 
+Stacks of sections, (z, y, x): pixel scores count voxels; boundaries are each section's outlines
+(sections are cut by a 2-D network, and z spacing is often 10× the pixel size, so a 3-D tolerance
+in pixels would mean nothing); objects are 3-D connected components, 6-, 18- or 26-connected
+(:data:`CONNECTIVITY_3D`), and the regions between membranes are 6-connected, so a membrane drawn
+in one section separates the cells on its two sides in that section.
+
 Conventions shared by every ratio: a ratio whose denominator is zero has nothing that could be
 wrong, so it is 1 (precision with no predicted positives, recall with nothing to find). F1 and IoU
 are computed from counts, so they are 1 only when prediction and truth agree, and 0 when exactly
@@ -33,6 +39,9 @@ from .errors import ConfigError
 
 Instances = Literal["foreground", "background", "none"]
 INSTANCE_MODES: tuple[str, ...] = ("foreground", "background", "none")
+#: scikit-image's ``connectivity`` of each face connectivity of 3-D objects (6 faces, 18 + edges, 26 + corners)
+CONNECTIVITY_3D = {6: 1, 18: 2, 26: 3}
+DEFAULT_CONNECTIVITY_3D = 26  #: objects of a stack, as ``tilefeet objects`` labels them (8-connected within a section)
 
 
 # ------------------------------------------------------------------------------ pixel metrics
@@ -160,7 +169,10 @@ def near(points: np.ndarray, tolerance_px: float) -> np.ndarray:
 
 def boundary_codes(pred: np.ndarray, truth: np.ndarray, tolerance_px: float) -> np.ndarray:
     """One code per pixel, four flags: 1 predicted boundary, 2 ... matched by a true boundary,
-    4 true boundary, 8 ... matched by a predicted boundary (matched = within ``tolerance_px``)."""
+    4 true boundary, 8 ... matched by a predicted boundary (matched = within ``tolerance_px``).
+    A stack's (z, y, x) masks: each section's codes, of its own outlines."""
+    if np.ndim(pred) == 3:
+        return np.stack([boundary_codes(p, t, tolerance_px) for p, t in zip(pred, truth)]).reshape(np.shape(pred))
     pb, tb = mask_boundary(pred), mask_boundary(truth)
     codes = pb.astype(np.uint8)
     codes |= (pb & near(tb, tolerance_px)).astype(np.uint8) << 1
@@ -201,38 +213,48 @@ class InstanceMetrics:
         return {k: json_float(v) for k, v in {**asdict(self), "vi": self.vi}.items()}
 
 
-def instance_labels(mask: np.ndarray, mode: Instances) -> np.ndarray:
+def instance_labels(mask: np.ndarray, mode: Instances, connectivity: int | None = None) -> np.ndarray:
     """Objects of a binary mask as labels (0 = no object): components of the mask (``foreground``,
     8-connected) or of its complement (``background``: the regions between membranes, 4-connected,
-    so that a membrane line joined only diagonally still separates its two sides)."""
+    so that a membrane line joined only diagonally still separates its two sides).
+
+    A stack's (z, y, x) mask: 3-D components, the foreground ``connectivity``-connected (6, 18 or
+    26; default :data:`DEFAULT_CONNECTIVITY_3D`), the background 6-connected unless given."""
     from skimage.measure import label
 
     mask = np.asarray(mask, dtype=bool)
+    if mode not in ("foreground", "background"):
+        raise ConfigError(f"instance mode must be foreground or background, got {mode!r}")
+    if mask.ndim == 3:
+        default = DEFAULT_CONNECTIVITY_3D if mode == "foreground" else 6
+        conn = connectivity or default
+        if conn not in CONNECTIVITY_3D:
+            raise ConfigError(f"objects of a stack are 6-, 18- or 26-connected, got {conn}")
+        return label(mask if mode == "foreground" else ~mask, connectivity=CONNECTIVITY_3D[conn])
     if mode == "foreground":
         return label(mask, connectivity=2)
-    if mode == "background":
-        return label(~mask, connectivity=1)
-    raise ConfigError(f"instance mode must be foreground or background, got {mode!r}")
+    return label(~mask, connectivity=1)
 
 
-def instance_metrics(pred: np.ndarray, truth: np.ndarray, mode: Instances = "background") -> InstanceMetrics:
+def instance_metrics(pred: np.ndarray, truth: np.ndarray, mode: Instances = "background", connectivity: int | None = None) -> InstanceMetrics:
     """Adapted Rand error and variation of information of the objects of two in-memory masks.
 
     Objects come from :func:`instance_labels`. In ``background`` mode the predicted boundary pixels
-    are given to the nearest predicted region first (``expand_labels``), so the prediction is a
-    partition like the truth's regions and the thickness of predicted membranes is no error, only
-    gaps (merges) and extra walls (splits) are. Unlabelled prediction pixels otherwise form one
-    more segment (label 0), so missing objects count as merged. Without any true object the scores
-    are undefined (NaN).
+    are given to the nearest predicted region first (``expand_labels``; in a stack, the nearest in
+    their own section), so the prediction is a partition like the truth's regions and the
+    thickness of predicted membranes is no error, only gaps (merges) and extra walls (splits) are.
+    Unlabelled prediction pixels otherwise form one more segment (label 0), so missing objects
+    count as merged. Without any true object the scores are undefined (NaN).
     """
     from scipy import sparse
     from skimage.metrics import adapted_rand_error, contingency_table, variation_of_information
     from skimage.segmentation import expand_labels
 
-    t, p = instance_labels(truth, mode), instance_labels(pred, mode)
+    t, p = instance_labels(truth, mode, connectivity), instance_labels(pred, mode, connectivity)
     n_true, n_pred = int(t.max()), int(p.max())
     if mode == "background" and n_pred:
-        p = expand_labels(p, distance=int(math.hypot(*p.shape)) + 1)
+        reach = int(math.hypot(*p.shape[-2:])) + 1
+        p = np.stack([expand_labels(s, distance=reach) for s in p]) if p.ndim == 3 else expand_labels(p, distance=reach)
     if n_true == 0:
         nan = float("nan")
         return InstanceMetrics(mode, n_true, n_pred, nan, nan, nan, nan, nan)

@@ -40,6 +40,10 @@ def evaluate_cmd(
         False, "--objects", help="Match objects by IoU >= 0.5: precision, recall, F1, mean matched IoU, AP 0.5:0.95."
     ),
     cells: bool = typer.Option(False, "--cells", help="Score cells between membranes: object matching plus ARE and VI."),
+    connectivity: Optional[int] = typer.Option(
+        None, "--connectivity",
+        help="A stack's 3-D objects: 6 (faces), 18 or 26 (default 26, as `tilefeet objects`; cells and regions between membranes 6).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
 ) -> None:
@@ -60,6 +64,7 @@ def evaluate_cmd(
             max_instance_pixels=max_pixels,
             objects=objects,
             cells=cells,
+            connectivity=connectivity,
         )
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_table(result))
 
@@ -67,14 +72,18 @@ def evaluate_cmd(
 def format_table(ev: Evaluation) -> str:
     """A plain-text report: inputs, then one row per score family."""
     r, b = ev.region, ev.boundary
+    stack = ev.is_stack
+    region = (f"{ev.sections} sections × {r.shape[0]} × {r.shape[1]} px, scored in 3-D" if stack else f"{r.shape[0]} × {r.shape[1]} px")
+    pixel = "voxel (F1 = Dice)" if stack else "pixel (F1 = Dice)"
+    boundary = f"boundary/section ≤ {b.tolerance_px:g}px" if stack else f"boundary (≤ {b.tolerance_px:g} px)"
     rows = [
         f"prediction  {ev.prediction}",
         f"truth       {ev.truth}",
-        f"region      {r.shape[0]} × {r.shape[1]} px (y {r.y0}:{r.y1}, x {r.x0}:{r.x1})",
+        f"region      {region} (y {r.y0}:{r.y1}, x {r.x0}:{r.x1})",
         "",
         f"{'':24s}{'precision':>10s}{'recall':>10s}{'F1':>10s}{'IoU':>10s}",
-        f"{'pixel (F1 = Dice)':24s}{ev.pixel.precision:10.4f}{ev.pixel.recall:10.4f}{ev.pixel.f1:10.4f}{ev.pixel.iou:10.4f}",
-        f"{f'boundary (≤ {b.tolerance_px:g} px)':24s}{b.precision:10.4f}{b.recall:10.4f}{b.f1:10.4f}{'':>10s}",
+        f"{pixel:24s}{ev.pixel.precision:10.4f}{ev.pixel.recall:10.4f}{ev.pixel.f1:10.4f}{ev.pixel.iou:10.4f}",
+        f"{boundary:24s}{b.precision:10.4f}{b.recall:10.4f}{b.f1:10.4f}{'':>10s}",
     ]
     i = ev.instances
     if i is None:
@@ -82,7 +91,7 @@ def format_table(ev: Evaluation) -> str:
     else:
         rows += [
             "",
-            f"instances   {i.mode}: {i.true_objects} true, {i.predicted_objects} predicted objects",
+            f"instances   {i.mode}{' (3-D)' if stack else ''}: {i.true_objects} true, {i.predicted_objects} predicted objects",
             f"{'adapted Rand error':24s}{_num(i.adapted_rand_error)}"
             f"  (Rand precision {_num(i.rand_precision)}, recall {_num(i.rand_recall)})",
             f"{'VI (bits)':24s}{_num(i.vi)}  (split {_num(i.vi_split)}, merge {_num(i.vi_merge)})",
@@ -96,8 +105,9 @@ def format_objects(ev: Evaluation) -> list[str]:
     """The object-level rows: matching at IoU ≥ 0.5, AP over 0.5:0.95, and for cells ARE/VI."""
     o = ev.objects
     iou = "n/a" if math.isnan(o.mean_matched_iou) else f"{o.mean_matched_iou:.4f}"
+    kind = f"3-D objects ({ev.connectivity}-connected)" if ev.is_stack else "objects"
     rows = [
-        f"objects     {o.true_objects} true, {o.predicted_objects} predicted: {ev.objects_source}",
+        f"objects     {o.true_objects} true, {o.predicted_objects} predicted {kind}: {ev.objects_source}",
         f"{'':24s}{'precision':>10s}{'recall':>10s}{'F1':>10s}{'mean IoU':>10s}",
         f"{'matched at IoU ≥ 0.5':24s}{o.precision:10.4f}{o.recall:10.4f}{o.f1:10.4f}{iou:>10s}",
         f"{'AP 0.5:0.95':24s}{o.ap:10.4f}  (AP50 {o.ap_at(0.5):.4f}, AP75 {o.ap_at(0.75):.4f}; AP = TP / (TP + FP + FN))",

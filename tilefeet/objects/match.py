@@ -13,6 +13,15 @@ memory of a few blocks plus O(objects):
   (:class:`tilefeet.metrics.InstanceMetrics`), where the truth has regions; predicted pixels
   with no cell (unassigned membrane) form one more segment, so missing cells count as merges.
 
+Stacks (z, y, x) are scored in 3-D: objects are 3-D connected components (26-connected by
+default, as ``tilefeet objects`` labels a stack; 6 or 18 when asked), labelled out of core by
+:func:`tilefeet.objects.label_objects` on both sides, so an object cut by a block or spread over
+many sections is one object. Cells in 3-D (the SNEMI3D measure) are the 6-connected regions
+between membranes (a membrane drawn in one section separates that section's two sides); the
+predicted ones are grown within each section into the predicted membrane, as a section's cells
+are (:mod:`tilefeet.objects.cells`: ``grow`` nm, the same rounds), block by block with a halo in
+y and x.
+
 A ratio with nothing to count is 1, as everywhere in :mod:`tilefeet.metrics`.
 """
 
@@ -24,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import InstanceMetrics, ratio
+from ..metrics import DEFAULT_CONNECTIVITY_3D, InstanceMetrics, ratio
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  #: IoU thresholds of AP 0.5:0.95
 
@@ -126,6 +135,17 @@ class ObjectScores:
         """Mean of :meth:`ap_at` over IoU 0.5:0.95."""
         return float(np.mean([self.ap_at(t) for t in self.thresholds]))
 
+    @classmethod
+    def merged(cls, parts: list[ObjectScores]) -> ObjectScores:
+        """The scores of several disjoint volumes (sub-stacks, sections) scored as one: objects and
+        matches summed, the mean matched IoU weighted by matches (exact: no object spans two parts)."""
+        if not parts or len({p.thresholds for p in parts}) != 1:
+            raise ValueError("merge object scores of the same IoU thresholds, at least one")
+        n = sum(p.tp for p in parts)
+        iou = sum(p.mean_matched_iou * p.tp for p in parts if p.tp) / n if n else math.nan
+        return cls(sum(p.true_objects for p in parts), sum(p.predicted_objects for p in parts), parts[0].thresholds,
+                   tuple(sum(m) for m in zip(*(p.matches for p in parts))), iou)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean_matched_iou"] = None if math.isnan(self.mean_matched_iou) else self.mean_matched_iou
@@ -190,15 +210,17 @@ def cell_scores(ov: Overlaps) -> InstanceMetrics:
 
 
 def score_objects(
-    prediction: Any, pred_mask: Any, truth_mask: Any, *, class_name: str | None, cells: bool, use_stored: bool
-) -> tuple[ObjectScores, InstanceMetrics | None, str]:
+    prediction: Any, pred_mask: Any, truth_mask: Any, *, class_name: str | None, cells: bool, use_stored: bool,
+    connectivity: int | None = None,
+) -> tuple[ObjectScores, InstanceMetrics | None, str, int | None]:
     """Object scores of a prediction against a truth, both given as boolean masks (dask, same shape).
 
     True objects are the 8-connected components of the truth mask (``cells``: the 4-connected
     regions of its complement, the truth's cells). Predicted objects are the prediction store's
     ``labels/<class>-objects`` (``-cells``) when it has one and ``use_stored``, else the same
-    algorithms as ``tilefeet objects`` on the predicted mask. Returns the scores, the cells' ARE/VI
-    (``cells``) and a description of the predicted objects.
+    algorithms as ``tilefeet objects`` on the predicted mask. Stacks (z, y, x): see the module's
+    docstring (``connectivity`` 6, 18 or 26). Returns the scores, the cells' ARE/VI (``cells``), a
+    description of the predicted objects, and a stack's connectivity (None for a section).
     """
     import os
     from pathlib import Path
@@ -210,6 +232,9 @@ def score_objects(
     from .store import layer_name, open_class
 
     store = Path(prediction) if isinstance(prediction, (str, os.PathLike)) else None
+    if pred_mask.ndim == 3:
+        return _score_stack(store, pred_mask, truth_mask, class_name=class_name, cells=cells, use_stored=use_stored,
+                            connectivity=connectivity)
     pixel = None
     if store is not None and class_name is not None:
         try:
@@ -235,4 +260,90 @@ def score_objects(
     if pred.shape != truth.shape:
         raise ConfigError(f"the predicted objects ({what}) are {pred.shape} px but the truth is {truth.shape} px; score them on one grid")
     ov = overlaps(truth, pred)
-    return match_objects(ov), cell_scores(ov) if cells else None, what
+    return match_objects(ov), cell_scores(ov) if cells else None, what, None
+
+
+def _score_stack(
+    store: Any, pred_mask: Any, truth_mask: Any, *, class_name: str | None, cells: bool, use_stored: bool, connectivity: int | None
+) -> tuple[ObjectScores, InstanceMetrics | None, str, int]:
+    """:func:`score_objects` of a stack: 3-D objects (or cells) on both sides, labelled out of core."""
+    import dask.array as da
+
+    from ..errors import ConfigError
+    from .cells import growth_steps
+    from .lazy import label_objects
+    from .options import DEFAULT_GROW_NM
+    from .store import layer_name, open_class
+
+    spacing: tuple[float, float, float] | None = None
+    if store is not None and class_name is not None:
+        try:
+            src = open_class(store, class_name)
+            spacing = (src.z_spacing_nm or 1.0, *src.pixel_size_nm)
+        except Exception:  # not a segment output: a label image
+            spacing = None
+    pred: Any = None
+    conn = connectivity or (6 if cells else DEFAULT_CONNECTIVITY_3D)
+    if store is not None and class_name is not None and use_stored and not cells:
+        layer = store / "labels" / layer_name(class_name, False)
+        stored = _stored_connectivity(layer)
+        if stored is not None and connectivity in (None, stored):
+            conn = stored
+            pred, what = da.from_zarr(str(layer / "0")), f"{layer} (as stored, {stored}-connected)"
+    if cells:
+        if spacing is None:
+            raise ConfigError(
+                "--cells needs the prediction's pixel size (cells grow a distance in nm within each section): score a tilefeet "
+                "segment output of the stack"
+            )
+        steps = growth_steps(DEFAULT_GROW_NM, spacing[1:])
+        seeds = label_objects(~pred_mask, pixel_size_nm=spacing, connectivity=conn, measure=False).labels
+        pred = grow_sections(seeds, steps)
+        what = (f"{conn}-connected 3-D regions between the predicted membranes, grown {DEFAULT_GROW_NM:g} nm ({steps} px) "
+                f"into them within each section")
+        truth = label_objects(~truth_mask, pixel_size_nm=(1.0, 1.0, 1.0), connectivity=conn, measure=False).labels
+    else:
+        if pred is None:
+            pred = label_objects(pred_mask, pixel_size_nm=spacing or (1.0, 1.0, 1.0), connectivity=conn, measure=False).labels
+            what = f"{conn}-connected 3-D components of the predicted mask"
+        truth = label_objects(truth_mask, pixel_size_nm=(1.0, 1.0, 1.0), connectivity=conn, measure=False).labels
+    if pred.shape != truth.shape:
+        raise ConfigError(f"the predicted objects ({what}) are {pred.shape} voxels but the truth is {truth.shape}; score them on one grid")
+    ov = overlaps(truth, pred)
+    return match_objects(ov), cell_scores(ov) if cells else None, what, conn
+
+
+def _stored_connectivity(layer: Any) -> int | None:
+    """The connectivity of a stack's stored objects layer (``tilefeet objects`` records it); None
+    when there is no such layer, or it is a section's."""
+    import json
+
+    try:
+        doc = json.loads((layer / "zarr.json").read_text())
+        meta = doc["attributes"]["ome"]["multiscales"][0]["metadata"]
+        if not (layer / "0" / "zarr.json").exists() or meta.get("dimensions") != 3:
+            return None
+        return int(meta["connectivity"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def grow_sections(seeds: Any, steps: int) -> Any:
+    """Cells of a stack's seeds (dask, (z, y, x) ids), each section's grown by ``steps`` rounds as
+    :func:`tilefeet.objects.cells.grow` grows a section's, block by block with a halo of ``steps``
+    in y and x (a pixel's cell depends only on the seeds within ``steps`` pixels: exact)."""
+    import dask.array as da
+
+    if steps <= 0:
+        return seeds
+    from .cells import OUTSIDE
+
+    def one(block: np.ndarray) -> np.ndarray:
+        from .cells import grow
+
+        grown = np.stack([grow(s.astype(np.int64), steps) for s in block])
+        return np.maximum(grown, 0).astype(seeds.dtype)
+
+    # off the volume: OUTSIDE, never assigned and never spreading (as grow pads a whole section)
+    return da.map_overlap(one, seeds.astype(np.int64), depth={0: 0, 1: steps, 2: steps},
+                          boundary={0: "none", 1: OUTSIDE, 2: OUTSIDE}, dtype=seeds.dtype)
