@@ -24,6 +24,7 @@ from tests.foreign_nets import import_monai_onnx, monai_pt2_bundle
 from tilefeet.errors import BackendUnavailableError, ConfigError
 from tilefeet.runners import RunnerSpec, runner_class
 from tilefeet.runners.onnx_export import TOLERANCE, reference_output, relative_error
+from tilefeet.runners.openvino_runner import precisions as openvino_precisions
 from tilefeet.runners.select import unavailable_reason
 
 TILE = (64, 96)  # non-square: a height/width mix-up cannot pass
@@ -49,6 +50,8 @@ class Case:
         reason = unavailable_reason(self.backend, device)
         if reason:
             return reason
+        if self.backend == "openvino" and self.precision not in openvino_precisions():
+            return f"this CPU has no native {self.precision} for OpenVINO (it runs {', '.join(openvino_precisions())})"
         if dict(self.options).get("compile"):
             if device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
                 return "torch.compile on the CPU needs a C++ compiler (apt-get install g++)"
@@ -64,6 +67,8 @@ CPU_CASES = [
     Case("torch", options=(("compile", True),)),
     Case("onnxruntime"),
     Case("onnxruntime", "fp16"),
+    Case("openvino"),  # OpenVINO told f32 (it would pick bf16 by itself on a CPU with native bf16)
+    Case("openvino", "bf16"),
 ]
 GPU_CASES = [
     Case("torch", "fp32", "cuda"),
@@ -84,15 +89,15 @@ GPU_CASES = [
 ]
 #: Bundle kinds and the backends their network runs on (``EngineBundle.backends``).
 KINDS = {
-    "unet": ("torch", "onnxruntime", "tensorrt"),
-    "monai-onnx": ("onnxruntime", "tensorrt"),
-    "monai-pt2": ("torch", "onnxruntime", "tensorrt"),
+    "unet": ("torch", "onnxruntime", "openvino", "tensorrt"),
+    "monai-onnx": ("onnxruntime", "openvino", "tensorrt"),
+    "monai-pt2": ("torch", "onnxruntime", "openvino", "tensorrt"),
 }
 #: The foreign bundles run the cases that differ in kind (not every option again): eager and
 #: compiled torch, ONNX Runtime and TensorRT at each precision the network's graph allows.
 FOREIGN_CASES = {
     Case("torch"), Case("torch", "bf16"), Case("torch", options=(("compile", True),)), Case("onnxruntime"),
-    Case("onnxruntime", "fp16"), Case("torch", "fp32", "cuda"), Case("torch", "bf16", "cuda", (("compile", True),)),
+    Case("onnxruntime", "fp16"), Case("openvino"), Case("torch", "fp32", "cuda"), Case("torch", "bf16", "cuda", (("compile", True),)),
     Case("onnxruntime", "fp32", "cuda"), Case("onnxruntime", "fp16", "cuda"), Case("tensorrt", "fp32", "cuda"),
     Case("tensorrt", "fp16", "cuda"),
 }

@@ -44,12 +44,12 @@ ENGINE_FILE = "engine.toml"
 #: The network formats a bundle can hold (``[architecture] name``) and the backends that run each.
 #: tilefeet's U-Net and exported programs are torch modules, so they also export to ONNX (for ONNX
 #: Runtime and TensorRT); an ONNX graph has no torch form; TorchScript does not go through the
-#: dynamo ONNX exporter, so it runs on torch only.
+#: dynamo ONNX exporter, so it runs on torch only. OpenVINO reads the same ONNX file ONNX Runtime runs.
 NETWORKS: dict[str, tuple[str, ...]] = {
-    "unet2d": ("torch", "onnxruntime", "tensorrt"),
-    "torch_export": ("torch", "onnxruntime", "tensorrt"),
+    "unet2d": ("torch", "onnxruntime", "openvino", "tensorrt"),
+    "torch_export": ("torch", "onnxruntime", "openvino", "tensorrt"),
     "torchscript": ("torch",),
-    "onnx": ("onnxruntime", "tensorrt"),
+    "onnx": ("onnxruntime", "openvino", "tensorrt"),
 }
 ACTIVATIONS: tuple[str, ...] = ("sigmoid", "softmax", "none")
 

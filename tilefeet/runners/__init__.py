@@ -67,6 +67,7 @@ TORCH_STATE_LOCK = threading.RLock()
 BACKENDS: dict[str, str] = {
     "torch": "tilefeet.runners.torch_runner:TorchRunner",
     "onnxruntime": "tilefeet.runners.onnxruntime_runner:OnnxRuntimeRunner",
+    "openvino": "tilefeet.runners.openvino_runner:OpenVinoRunner",
     "tensorrt": "tilefeet.runners.tensorrt_runner:TensorRTRunner",
 }
 

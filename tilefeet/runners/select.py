@@ -111,6 +111,10 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         from .onnxruntime_runner import unavailable_reason as why
 
         return why(device)
+    if backend == "openvino":
+        from .openvino_runner import unavailable_reason as why
+
+        return why(device)
     return None  # torch: resolve_device already checked the device
 
 
