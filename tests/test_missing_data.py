@@ -175,6 +175,8 @@ def served(tmp_path_factory, pixels):
     # 4096 chunks of 32² in 64 folders: what a section of 16k chunks is, a quarter the size
     noise = np.random.default_rng(0).integers(0, 255, (2048, 2048), dtype=np.uint8)
     write_image(noise, root / "many.ome.zarr", (4.0, 4.0), chunk=32, levels=1)
+    write_image(np.stack([pixels] * 3), root / "stack.ome.zarr", (4.0, 4.0), chunk=64, levels=1, z_spacing_nm=50.0)
+    (root / "stack.ome.zarr" / "0" / "c" / "1" / "2" / "3").unlink()
     server = start_http_server(root, tmp_path_factory.mktemp("logs") / "http.log")
     server.root = root  # type: ignore[attr-defined]
     yield server
@@ -210,6 +212,18 @@ def test_the_check_lists_folders_and_reads_no_chunk(served):
     folders = served.listings("/many.ome.zarr/0/")
     assert sorted(folders) == sorted(["/many.ome.zarr/0/", "/many.ome.zarr/0/c/", *(f"/many.ome.zarr/0/c/{i}/" for i in range(64))])
     assert not served.gets("/many.ome.zarr/0/c/")
+
+
+def test_a_stack_is_listed_once_for_all_its_sections(served, random_engine):
+    url = f"{served.url}/stack.ome.zarr"
+    served.mark()
+    run = tilefeet.plan_segmentation(url, random_engine, allow_missing_chunks=True, **KW)
+    (check,) = run.plan.chunks
+    assert (check.chunks, check.missing, check.keys) == (3 * 24, 1, ("0/c/1/2/3",))
+    folders = served.listings("/stack.ome.zarr/0/")
+    expected = ["/stack.ome.zarr/0/", "/stack.ome.zarr/0/c/", *(f"/stack.ome.zarr/0/c/{z}/" for z in range(3)),
+                *(f"/stack.ome.zarr/0/c/{z}/{y}/" for z in range(3) for y in range(4))]
+    assert sorted(folders) == sorted(expected)  # each once, not once per section
 
 
 # ------------------------------------------------------------------------------- garbled chunks

@@ -27,7 +27,7 @@ cannot be checked, and the check says so rather than guess.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -116,6 +116,7 @@ def check_chunks(
     read: Callable[[Box], np.ndarray] | None = None,
     every_chunk_written: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    stored: Collection[str] | None = None,
 ) -> ChunkCheck:
     """List the files of ``array`` (the zarr array at ``location``/``path``) once and report its
     absent chunks in the (y, x) plane at ``lead`` (the indices of the axes before y, x).
@@ -123,6 +124,7 @@ def check_chunks(
     ``read`` returns the stored pixels of a box of that plane: it judges absent chunks of a store
     that may leave empty ones out (the module docstring); without it, absent chunks count as missing
     only when the store says it writes every chunk (``every_chunk_written``), else as empty.
+    ``stored``: the array's listing (:func:`list_array`), when it was made already (the sections of a stack).
     """
     meta = array.metadata
     fill = getattr(array, "fill_value", None)
@@ -137,10 +139,8 @@ def check_chunks(
     fill_text = "NaN" if _is_nan(fill) else str(fill if fill is not None else 0)
     report = ChunkCheck(str(location), path, what, _inner_count(Box(0, 0, h, w), inner), fill=fill_text, shards=bool(shards))
 
-    try:
-        stored = list_files(join(location, path), storage_options if is_url(location) else None)
-    except Exception:  # a server that refuses listings (S3 without s3:ListBucket, a web server): reading may still work
-        stored = set()
+    if stored is None:
+        stored = list_array(location, path, storage_options)
     if (".zarray" if v2 else "zarr.json") not in stored:  # a listing that does not even show the array's own document
         return replace(report, listed=False)
     absent = {ij for ij, key in keys.items() if key not in stored}
@@ -162,6 +162,16 @@ def check_chunks(
                     reason=reason if lost else "")
 
 
+def list_array(location: str, path: str, storage_options: Mapping[str, Any] | None = None) -> frozenset[str]:
+    """The files of the array at ``location``/``path`` (relative keys), from one listing; empty when
+    the store gives none (S3 without s3:ListBucket, a web server that lists no folders: reading may
+    still work, and the check then says it could not look)."""
+    try:
+        return frozenset(list_files(join(location, path), storage_options if is_url(location) else None))
+    except Exception:
+        return frozenset()
+
+
 def chunk_key(array: Any, y: int, x: int, lead: tuple[int, ...] = ()) -> str:
     """The key of the file that holds pixel (y, x) of the plane at ``lead`` (a chunk, or its shard)."""
     unit = tuple(int(u) for u in (getattr(array, "shards", None) or array.chunks))
@@ -178,7 +188,7 @@ def _judge(
     """The absent files that are missing data: the groups of absent files not bordered by empty pixels on every side."""
     lost: set[tuple[int, int]] = set()
     budget = EDGE_BUDGET
-    for group in _groups(absent):
+    for group in sorted(_groups(absent), key=min):  # in raster order: the same groups are read on every run
         edges = [(a, b) for a in sorted(group) for b in _neighbours(a, grid) if b not in absent]
         if not edges or budget <= 0:
             lost |= group

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import ChunkCheck, check_chunks, chunk_key
+from .chunks import ChunkCheck, check_chunks, chunk_key, list_array
 from .errors import CorruptDataError, InvalidImageError, TilefeetWarning
 from .geometry import Box, Pair, reflect_index
 from .storage import Remote, is_remote_error, is_url, remote_error
@@ -124,6 +124,8 @@ class Image:
     #: the store's writer records that it stores every chunk (tilefeet's convert and segment), so an
     #: absent chunk is missing data, never one left out as empty (:mod:`tilefeet.chunks`)
     every_chunk_written: bool = False
+    #: listings of the levels' files (:meth:`check_chunks`), shared by the sections of a stack: one per level
+    _listings: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     # ---- construction
 
@@ -255,10 +257,13 @@ class Image:
         None for an in-memory array, which has nothing missing."""
         if self.in_memory:
             return None
+        path = self.meta.levels[level].path
+        if path not in self._listings:
+            self._listings[path] = list_array(self.meta.source, path, self.storage_options)
         return check_chunks(
-            self.array(level), self.meta.source, self.meta.levels[level].path, what=f"level {level}", lead=self._lead,
+            self.array(level), self.meta.source, path, what=f"level {level}", lead=self._lead,
             read=lambda box: self._read_inside(level, box), every_chunk_written=self.every_chunk_written,
-            storage_options=self.storage_options,
+            storage_options=self.storage_options, stored=self._listings[path],
         )
 
     def _read_inside(self, level: int, box: Box) -> np.ndarray:
@@ -312,6 +317,7 @@ class Image:
         # an in-memory one reaches tasks as explicit inputs (:meth:`lazy_region`), chunk by chunk.
         state = dict(self.__dict__)
         state["_arrays"] = []
+        state["_listings"] = {}
         return state
 
 
