@@ -6,7 +6,6 @@ z-extent filters, per-section hole filling, flat memory, and the command line on
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -44,12 +43,12 @@ def make_stack_output(path: Path, probs: np.ndarray, *, cls: str = "mitochondrio
     chunks (1, 1, chunk, chunk), scale (1, dz, py·2^k, px·2^k), z in nm; ``labels/<class>`` (z, y, x)
     = probabilities ≥ threshold, chunks (1, chunk, chunk); pyramids in y and x only."""
     probs = np.asarray(probs)
-    depth, h, w = probs.shape
+    _, h, w = probs.shape
     shapes = pyramid_shapes((h, w), (chunk, chunk))[: levels or None]
     meta = {"method": "tilefeet.segment", "settings": {"threshold": threshold, "output_dtype": "uint8"}, "every_chunk_written": True}
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     z_axis = {"name": "z", "type": "space", "unit": "nanometer"}
-    for k, (hk, wk) in enumerate(shapes):
+    for k in range(len(shapes)):
         f = 2**k
         level = probs[:, ::f, ::f][None]  # subsampled: enough for a fixture, objects read level 0 only
         root.create_array(str(k), data=level, chunks=(1, 1, chunk, chunk), dimension_names=["c", "z", "y", "x"], config={"write_empty_chunks": True})
@@ -378,7 +377,8 @@ def test_peak_memory_is_flat_in_the_volume(tmp_path):
 
 def test_cli_on_a_stack_that_segment_wrote(tmp_path, random_engine):
     """`tilefeet segment` on a (z, y, x) stack, then `tilefeet objects` with 3-D options: the ids
-    equal scikit-image's labelling of the written labels volume; the summary speaks of volumes."""
+    equal scikit-image's labelling of the written probabilities at that threshold; the summary
+    speaks of volumes; an area for --min-size is one line and exit 2."""
     from tilefeet.convert import write_image
 
     rng = np.random.default_rng(0)
@@ -392,17 +392,20 @@ def test_cli_on_a_stack_that_segment_wrote(tmp_path, random_engine):
     seg = subprocess.run(cli_command("-q", "segment", src, out, "-e", random_engine.path, "--tile", "64", "--overlap", "16"),
                          capture_output=True, text=True)
     assert seg.returncode == 0, seg.stderr
-    r = subprocess.run(cli_command("objects", out, "--connectivity", "18", "--min-z-extent", "2", "--block-size", "2,64,64", "-q"),
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
     root = zarr.open_group(str(out), mode="r")
-    cls = json.loads((out / "zarr.json").read_text())["attributes"]["ome"]["omero"]["channels"][0]["label"]
-    mask = root[f"labels/{cls}/0"][:] != 0
-    lab = label(mask, connectivity=2)
+    prob = root["0"][0]
+    assert prob.shape == (4, 96, 96)
+    t = float(np.quantile(prob, 0.8)) / 255  # a threshold that leaves many objects
+    r = subprocess.run(cli_command("objects", out, "--threshold", f"{t:.4f}", "--connectivity", "18", "--min-z-extent", "2",
+                                   "--block-size", "2,64,64", "-q"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lab = label(prob >= round(t, 4) * 255, connectivity=2)
     spans = np.array([0] + [s[0].stop - s[0].start for s in ndi.find_objects(lab)])
     keep = spans >= 2
     keep[0] = False
-    np.testing.assert_array_equal(root[f"labels/{cls}-objects/0"][:], label(keep[lab], connectivity=2))
-    assert "µm³" in r.stdout and f"{int(keep.sum())} objects" in r.stdout
+    assert keep.sum() > 3 and (spans[1:] < 2).any()
+    ids = zarr.open_array(str(next((out / "labels").glob("*-objects")) / "0"), mode="r")[:]
+    np.testing.assert_array_equal(ids, label(keep[lab], connectivity=2))
+    assert "µm³" in r.stdout and f"{int(keep.sum())} 3-D objects" in r.stdout
     bad = subprocess.run(cli_command("objects", out, "--min-size", "0.01um2", "--overwrite"), capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "give a volume" in bad.stderr

@@ -22,9 +22,15 @@ def objects_cmd(
         None, help="Probability at and above which a pixel is in the mask (default: the run's, i.e. labels/<class>)."
     ),
     min_size: Optional[str] = typer.Option(
-        None, "--min-size", help="Drop objects (with --cells: seeds) below this area, e.g. 0.01um2, 2000nm2, 20px."
+        None, "--min-size", help="Drop objects (with --cells: seeds) below this area, e.g. 0.01um2, 2000nm2, 20px; a stack's below this volume, e.g. 0.001um3, 20px (voxels)."
     ),
-    fill_holes: bool = typer.Option(False, "--fill-holes", help="Fill holes (background enclosed by an object) before labelling."),
+    connectivity: Optional[int] = typer.Option(
+        None, "--connectivity", help="A stack: voxels that join across faces (6), also edges (18), also corners (26, the default: 8-connected within a section)."
+    ),
+    min_z_extent: Optional[str] = typer.Option(
+        None, "--min-z-extent", help="A stack: drop objects spanning fewer sections than this (3) or less z (150nm)."
+    ),
+    fill_holes: bool = typer.Option(False, "--fill-holes", help="Fill holes (background enclosed by an object) before labelling; in a stack, in each section."),
     cells: bool = typer.Option(
         False, "--cells", help="Cells between membranes: regions below the threshold, grown into the membrane (a membrane engine)."
     ),
@@ -32,12 +38,15 @@ def objects_cmd(
     csv: bool = typer.Option(False, "--csv", help="Write the table as CSV instead of Parquet."),
     overwrite: bool = typer.Option(False, help="Replace an existing objects layer (kept until the new one is complete)."),
     resume: bool = typer.Option(False, help="Continue an interrupted objects run."),
-    block_size: Optional[str] = typer.Option(None, "--block-size", help="Block side of one task (default: up to 4096, whole chunks)."),
+    block_size: Optional[str] = typer.Option(
+        None, "--block-size", help="Block side of one task (default: up to 4096, whole chunks); a stack's Z,Y,X (default 16,1024,1024)."
+    ),
     blocks_in_flight: int = typer.Option(2, "--blocks-in-flight", help="Blocks in memory at once."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; only the summary."),
 ) -> None:
-    """Find the objects of a class (connected components, 8-connected) or the cells between
-    membranes, write them as an NGFF label image with a table of measurements, and summarize them."""
+    """Find the objects of a class (connected components, 8-connected; in a stack 3-D, 26-connected
+    by default) or the cells between membranes, write them as an NGFF label image with a table of
+    measurements, and summarize them."""
     from .. import console
     from ..objects import write_objects
 
@@ -45,16 +54,19 @@ def objects_cmd(
     result = write_objects(
         output, class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells,
         grow=grow, block_size=block_size, blocks_in_flight=blocks_in_flight, table_format="csv" if csv else "parquet",
-        overwrite=overwrite, resume=resume, progress=console.progress_enabled(),
+        overwrite=overwrite, resume=resume, progress=console.progress_enabled(), connectivity=connectivity, min_z_extent=min_z_extent,
     )
-    typer.echo(summary(result.table(), result.path, result.section_um2))
+    typer.echo(summary(result.table(), result.path, result.section_um2, volume_um3=result.volume_um3))
     console.echo(f"wrote {result.path} ({result.dtype}) and {result.table_path.name} in {result.seconds:.1f} s")
 
 
-def summary(df: Any, layer: Path, area_um2: float) -> str:
-    """Count, density and size distribution of a table's objects, as a few lines of text."""
+def summary(df: Any, layer: Path, area_um2: float, *, volume_um3: float | None = None) -> str:
+    """Count, density and size distribution of a table's objects, as a few lines of text (a
+    stack's: of volumes, per µm³)."""
     import numpy as np
 
+    if volume_um3 is not None:
+        return _summary_3d(df, layer, volume_um3)
     n = len(df)
     kind = "cells" if layer.name.endswith("-cells") else "objects"
     what = str(df["class"].iloc[0]) if n else layer.name.rsplit("-", 1)[0]
@@ -74,4 +86,21 @@ def summary(df: Any, layer: Path, area_um2: float) -> str:
             f"touching the section's edge: {int(df['touches_border'].sum())}; total area {df['area_nm2'].sum() / 1e6:.4g} µm² "
             f"({df['area_nm2'].sum() / 1e6 / area_um2:.1%} of the section)",
         ]
+    return "\n".join(rows)
+
+
+def _summary_3d(df: Any, layer: Path, volume_um3: float) -> str:
+    import numpy as np
+
+    n = len(df)
+    what = str(df["class"].iloc[0]) if n else layer.name.rsplit("-", 1)[0]
+    rows = [f"{layer}", f"{n} 3-D objects of {what} in {volume_um3:.4g} µm³: {n / volume_um3 if volume_um3 else math.nan:.4g} per µm³"]
+    if n:
+        q = [0, 25, 50, 75, 100]
+        cols = (("volume (µm³)", df["volume_nm3"].to_numpy() / 1e9), ("surface (µm²)", df["surface_area_nm2"].to_numpy() / 1e6),
+                ("diameter (nm)", df["equivalent_diameter_nm"].to_numpy()), ("sections", df["z_sections"].to_numpy()))
+        rows.append(f"{'':22s}" + "".join(f"{h:>11s}" for h in ("min", "25 %", "median", "75 %", "max", "mean")))
+        rows += [f"{name:22s}" + "".join(f"{v:11.4g}" for v in np.percentile(values, q)) + f"{values.mean():11.4g}" for name, values in cols]
+        total = df["volume_nm3"].sum() / 1e9
+        rows.append(f"touching the stack's edge: {int(df['touches_border'].sum())}; total volume {total:.4g} µm³ ({total / volume_um3:.1%} of the stack)")
     return "\n".join(rows)
