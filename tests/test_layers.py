@@ -17,7 +17,7 @@ LAYERS: list[list[str]] = [
     ["settings", "image", "engine", "convert", "training_data", "augment"],
     ["plan", "runners", "train", "bioimageio", "polarity"],
     ["block", "tilecache", "writer", "probe"],
-    ["schedule", "objects"],
+    ["schedule", "objects", "cluster"],
     ["pipeline", "evaluate", "preview", "bench"],
     ["cli", "commands"],
 ]

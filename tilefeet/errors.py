@@ -67,6 +67,11 @@ class Interrupted(TilefeetError):
     exit_code = 130
 
 
+class ClusterError(TilefeetError, ConnectionError):
+    """A dask.distributed cluster that cannot be reached or cannot do the job: its workers do not see
+    the run's files, none offers the resources asked for, a task kept killing workers."""
+
+
 class TilefeetWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints it as one line)."""
 

@@ -43,21 +43,53 @@ def objects_cmd(
     ),
     blocks_in_flight: int = typer.Option(2, "--blocks-in-flight", help="Blocks in memory at once."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; only the summary."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Run on the dask.distributed cluster of this scheduler, e.g. tcp://10.0.0.5:8786."
+    ),
+    scheduler_file: Optional[str] = typer.Option(
+        None, "--scheduler-file", help="Run on the cluster whose scheduler wrote this file (dask scheduler --scheduler-file PATH)."
+    ),
 ) -> None:
     """Find the objects of a class (connected components, 8-connected; in a stack 3-D, 26-connected
     by default) or the cells between membranes, write them as an NGFF label image with a table of
     measurements, and summarize them."""
     from .. import console
+    from ..cluster import absolute, from_options
     from ..objects import write_objects
 
     console.configure(quiet=quiet)
-    result = write_objects(
-        output, class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells,
+    cluster = from_options(scheduler, scheduler_file)  # None: run here
+    options: dict[str, Any] = dict(
+        class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells,
         grow=grow, block_size=block_size, blocks_in_flight=blocks_in_flight, table_format="csv" if csv else "parquet",
-        overwrite=overwrite, resume=resume, progress=console.progress_enabled(), connectivity=connectivity, min_z_extent=min_z_extent,
+        overwrite=overwrite, resume=resume, connectivity=connectivity, min_z_extent=min_z_extent,
     )
+    if cluster is None:
+        result = write_objects(output, progress=console.progress_enabled(), **options)
+    else:
+        result = _on_cluster(cluster, absolute(output), options, progress=console.progress_enabled())
     typer.echo(summary(result.table(), result.path, result.section_um2, volume_um3=result.volume_um3))
     console.echo(f"wrote {result.path} ({result.dtype}) and {result.table_path.name} in {result.seconds:.1f} s")
+
+
+def _on_cluster(cluster: Any, output: str, options: dict, *, progress: bool) -> Any:
+    """The same graph as a local run, computed by the cluster's workers (which must see ``output``)."""
+    import time
+
+    from ..cluster import OBJECTS_TASKS
+    from ..objects import write_objects
+    from ..objects.run import finished
+    from ..storage import is_url
+
+    if not is_url(output):  # a URL is refused by write_objects itself, in one line
+        cluster.check_reach(write=("the output", Path(output)))
+    t0 = time.perf_counter()
+    graph = write_objects(output, compute=False, **options)
+    path = cluster.compute(
+        graph, progress=progress, description="objects", counts=lambda k: str(k).startswith(OBJECTS_TASKS),
+        kept=f"the finished tasks are kept in {output}",
+    )
+    return finished(Path(path), time.perf_counter() - t0)
 
 
 def summary(df: Any, layer: Path, area_um2: float, *, volume_um3: float | None = None) -> str:
