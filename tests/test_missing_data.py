@@ -174,7 +174,7 @@ def served(tmp_path_factory, pixels):
     (root / "lost.ome.zarr" / "0" / "c" / "2" / "3").unlink()
     # 4096 chunks of 32² in 64 folders: what a section of 16k chunks is, a quarter the size
     noise = np.random.default_rng(0).integers(0, 255, (2048, 2048), dtype=np.uint8)
-    write_image(noise, root / "many.ome.zarr", (4.0, 4.0), chunk=32, levels=1)
+    foreign(root / "many.ome.zarr", noise, chunk=32)
     write_image(np.stack([pixels] * 3), root / "stack.ome.zarr", (4.0, 4.0), chunk=64, levels=1, z_spacing_nm=50.0)
     (root / "stack.ome.zarr" / "0" / "c" / "1" / "2" / "3").unlink()
     server = start_http_server(root, tmp_path_factory.mktemp("logs") / "http.log")
