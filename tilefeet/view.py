@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 import urllib.request
 import warnings
@@ -80,6 +81,7 @@ class ViewPlan:
     axes: tuple[str, ...]  #: the output's spatial axes, slowest first: ("y", "x") or ("z", "y", "x")
     scale_nm: tuple[float, ...]  #: level-0 pixel size per spatial axis, in nm
     shape: tuple[int, ...]  #: level-0 extent per spatial axis, in pixels
+    origin: tuple[float, ...] = ()  #: level-0 position of pixel 0's centre per spatial axis, in pixels
     float32_views: Mapping[str, frozenset[str]] = field(default_factory=dict)  #: arrays served as float32, per store
 
     def layer(self, name: str) -> ViewLayer:
@@ -127,6 +129,7 @@ def plan_view(output: str | Path, input: str | Path | None = None) -> ViewPlan:
     axes = tuple(names[i] for i in spatial)
     scale_nm = _scale_nm(ms, spatial, output)
     shape = tuple(ms.datasets[0].shape[i] for i in spatial)
+    origin = tuple(ms.datasets[0].translation[i] / ms.datasets[0].scale[i] for i in spatial)
     root: Any = open_group(output, role="output")
     classes = list(ms.channels) or [str(c) for c in ms.metadata.get("classes", [])] or [f"class {i}" for i in range(ms.datasets[0].shape[0])]
     label_ms = {n: read_multiscale(join(output, "labels", n), role="labels") for n in ms.labels}
@@ -157,7 +160,7 @@ def plan_view(output: str | Path, input: str | Path | None = None) -> ViewPlan:
     # shown at start: the image and the masks over it (without an image: the probabilities)
     shown = SHOWN_AT_START if any(x.kind == "image" for x in layers) else SHOWN_AT_START | {"probabilities"}
     layers = [replace(x, visible=x.kind in shown) for x in layers]
-    plan = ViewPlan(stores, tuple(layers), axes, scale_nm, shape)
+    plan = ViewPlan(stores, tuple(layers), axes, scale_nm, shape, origin)
     return _float16(plan)
 
 
@@ -269,7 +272,7 @@ def _image_shader(layer: ViewLayer) -> str:
                 "void main() {\n  emitGrayscale(normalized());\n}\n")
     return (f'#uicontrol vec3 color color(default="{_hex(layer.color)}")\n'
             f"#uicontrol invlerp value(range=[{lo:g}, {hi:g}])\n"
-            "void main() {\n  float v = clamp(value(), 0.0, 1.0);\n  emitRGBA(vec4(color, v));\n}\n")
+            "void main() {\n  emitRGB(color * clamp(value(), 0.0, 1.0));\n}\n")
 
 
 def neuroglancer_state(plan: ViewPlan, sources: Mapping[str, str], *, size: tuple[int, int] = (1280, 800)) -> dict:
@@ -279,10 +282,14 @@ def neuroglancer_state(plan: ViewPlan, sources: Mapping[str, str], *, size: tupl
     s = ng.ViewerState()
     names = tuple(reversed(plan.axes))  # x, y(, z): neuroglancer's first display axis is horizontal
     s.dimensions = ng.CoordinateSpace(names=list(names), units="nm", scales=list(reversed(plan.scale_nm)))
-    s.position = [n // 2 + 0.5 for n in reversed(plan.shape)]  # the middle of a pixel (of the middle section)
+    # NGFF places pixel centres at origin + i·scale, and so does neuroglancer: the centre of the
+    # section in y and x, the middle section of a stack in z
+    centre = [o + ((n - 1) / 2 if k >= len(plan.shape) - 2 else n // 2) for k, (o, n) in enumerate(zip(plan.origin, plan.shape))]
+    s.position = list(reversed(centre))
     s.cross_section_scale = fit_scale(plan, size)
     s.projection_scale = max(plan.shape[-2:]) * 1.5
     s.layout = "xy" if len(plan.axes) == 2 else "4panel"
+    s.cross_section_background_color = "#000000"
     for layer in plan.layers:
         url = sources[layer.store] + (f"/{layer.path}" if layer.path else "") + "/"
         if layer.kind in ("labels", "objects"):
@@ -292,7 +299,9 @@ def neuroglancer_state(plan: ViewPlan, sources: Mapping[str, str], *, size: tupl
             s.layers[layer.name] = ng.SegmentationLayer(source=url, color_seed=0, **kw)  # the same colours every time
         else:
             kw = dict(local_position=[layer.channel]) if layer.channel is not None else {}
-            s.layers[layer.name] = ng.ImageLayer(source=url, shader=_image_shader(layer), **kw)
+            if layer.kind != "image":  # added onto the image beneath: the class colour, as bright as the probability
+                kw["blend"] = "additive"
+            s.layers[layer.name] = ng.ImageLayer(source=url, shader=_image_shader(layer), opacity=1.0, **kw)
         s.layers[layer.name].visible = layer.visible
     s.selected_layer.visible = False
     return s.to_json()
@@ -342,16 +351,15 @@ class NeuroglancerView:
                 fs, root = fsspec.filesystem("file"), str(Path(location).resolve())
             mounts[name] = Mount(fs, root, open_group(location, role=name) if converted else None, frozenset(converted))
             self.direct[name] = False
-        _check_port(port)
+        _start_neuroglancer(ng, port)
         if mounts:
-            self._server = StoreServer(mounts)
+            try:
+                self._server = StoreServer(mounts)
+            except BaseException:
+                _stop_neuroglancer(ng)
+                raise
             sources.update({name: _source_prefix_of(plan, name) + self._server.url(name) for name in mounts})
-        ng.set_server_bind_address("127.0.0.1", port)
-        try:
-            ng.server.start()
-        except OSError as e:
-            self.close()
-            raise ConfigError(f"cannot open neuroglancer on 127.0.0.1:{port} ({e.strerror or e}); give another --port, or 0 for any free one") from None
+        self._open = True
         self.viewer = ng.Viewer()
         self.viewer.set_state(neuroglancer_state(plan, sources, size=size))
         self.url: str = self.viewer.get_viewer_url()
@@ -403,7 +411,7 @@ class NeuroglancerView:
         finally:
             if own:
                 page.close()
-        data: bytes = shot.image
+        data = _flatten(shot.image)
         if png is not None:
             from .preview import _write_file
 
@@ -452,14 +460,28 @@ class NeuroglancerView:
         if self._server is not None:
             self._server.close()
             self._server = None
-        ng = _import_neuroglancer()
-        ng.server.stop()
+        if getattr(self, "_open", False):
+            self._open = False
+            _stop_neuroglancer(_import_neuroglancer())
 
     def __enter__(self) -> NeuroglancerView:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _flatten(png: bytes) -> bytes:
+    """neuroglancer's screenshot keeps the canvas's alpha (a layer drawn alone over nothing is
+    translucent): composed over black, as the page shows it, into an RGB PNG."""
+    import imageio.v3 as iio
+
+    rgba = iio.imread(png)
+    if rgba.ndim != 3 or rgba.shape[2] != 4:
+        return png
+    alpha = rgba[..., 3:4].astype(np.float32) / 255
+    rgb = np.round(rgba[..., :3].astype(np.float32) * alpha).astype(np.uint8)
+    return bytes(iio.imwrite("<bytes>", rgb, extension=".png"))
 
 
 def _source_prefix_of(plan: ViewPlan, store: str) -> str:
@@ -469,17 +491,43 @@ def _source_prefix_of(plan: ViewPlan, store: str) -> str:
     return "zarr3://"
 
 
-def _check_port(port: int) -> None:
-    """A taken port is one line before anything starts (neuroglancer's server would raise from a thread)."""
+#: Views open in this process: they share neuroglancer's server (one per process), stopped with the last.
+_views_open = 0
+_views_lock = threading.Lock()
+
+
+def _start_neuroglancer(ng: Any, port: int) -> None:
+    """neuroglancer's server on 127.0.0.1:``port``, started by the first view of the process. A taken
+    port is one line before anything starts."""
+    global _views_open
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port; give 1-65535, or 0 for any free one")
-    if port == 0:
-        return
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            raise ConfigError(f"port {port} on 127.0.0.1 is in use ({e.strerror or e}); give another with --port, or --port 0 for any free one") from None
+    with _views_lock:
+        running = ng.server.global_server.port if ng.server.is_server_running() else None
+        if port and port != running:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError as e:
+                    raise ConfigError(f"port {port} on 127.0.0.1 is in use ({e.strerror or e}); give another with --port, or --port 0 for any free one") from None
+            if running is not None:
+                raise ConfigError(f"neuroglancer already serves on 127.0.0.1:{running} in this process; open the view there (port 0)")
+        if running is None:
+            ng.set_server_bind_address("127.0.0.1", port)
+            try:
+                ng.server.start()
+            except OSError as e:  # taken between the check and the start
+                raise ConfigError(f"cannot open neuroglancer on 127.0.0.1:{port} ({e.strerror or e}); give another --port, or 0 for any free one") from None
+        _views_open += 1
+
+
+def _stop_neuroglancer(ng: Any) -> None:
+    global _views_open
+    with _views_lock:
+        _views_open -= 1
+        if _views_open <= 0:
+            _views_open = 0
+            ng.server.stop()
 
 
 #: Each layer's state in neuroglancer's page: still loading its data source, and any errors (data
