@@ -67,7 +67,7 @@ def test_a_missing_chunk_is_refused_in_one_line_and_nothing_is_written(tmp_path,
     out = tmp_path / "o.ome.zarr"
     code, _, err = segment(capsys, section, out, random_engine.path)
     assert code == 2
-    assert_one_line_error(code, err, str(section), "1 of 24 chunks of level 0 are missing", "0/c/1/2", "--allow-missing-chunks")
+    assert_one_line_error(code, err, str(section), "1 of 24 chunks of level 0 is missing", "0/c/1/2", "--allow-missing-chunks")
     assert nothing_written(out)
     # The library says the same, as an error that is also a FileNotFoundError.
     with pytest.raises(FileNotFoundError, match="0/c/1/2"):
@@ -155,13 +155,13 @@ def test_objects_and_evaluate_refuse_an_output_that_lost_a_chunk(tmp_path, capsy
     assert run_cli(capsys, "evaluate", out, out / "labels" / "membrane")[0] == 0
     (out / "labels" / "membrane" / "0" / "c" / "1" / "2").unlink()
     code, _, err = run_cli(capsys, "objects", out)
-    assert_one_line_error(code, err, "1 of 6 chunks of labels/membrane are missing", "labels/membrane/0/c/1/2", "no objects there")
+    assert_one_line_error(code, err, "1 of 6 chunks of labels/membrane is missing", "labels/membrane/0/c/1/2", "no objects there")
     assert "membrane-objects" not in json.loads((out / "labels" / "zarr.json").read_text())["attributes"]["ome"]["labels"]
     code, _, err = run_cli(capsys, "evaluate", out, section)
-    assert_one_line_error(code, err, "1 of 6 chunks of level 0 are missing", "0/c/1/2", "scored as background")
+    assert_one_line_error(code, err, "1 of 6 chunks of level 0 is missing", "0/c/1/2", "scored as background")
     (out / "0" / "c" / "0" / "0" / "1").unlink()
     code, _, err = run_cli(capsys, "evaluate", out, section, "--threshold", "0.5")
-    assert_one_line_error(code, err, "1 of 6 chunks of the membrane probabilities are missing", "0/c/0/0/1")
+    assert_one_line_error(code, err, "1 of 6 chunks of the membrane probabilities is missing", "0/c/0/0/1")
 
 
 # ------------------------------------------------------------------------------- remote input

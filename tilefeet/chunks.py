@@ -95,9 +95,10 @@ class ChunkCheck:
             "no-fill": "the array has no fill value, so none is left out on purpose",
             "pixels": "image pixels run up to them, so they are lost, not empty padding left out on purpose",
         }.get(self.reason, "")
+        one = self.missing == 1
         return MissingDataError(
-            f"{self.where}: {self.missing} of {self.chunks} chunks of {self.what} are missing ({self._shown()}): "
-            f"{why}; they would read as {self.fill}, {consequence}; {fix}"
+            f"{self.where}: {self.missing} of {self.chunks} chunks of {self.what} {'is' if one else 'are'} missing ({self._shown()}): "
+            f"{why}; {'it' if one else 'they'} would read as {self.fill}, {consequence}; {fix}"
         )
 
     def _shown(self) -> str:
