@@ -153,6 +153,15 @@ def test_decision_rule():
         assert not d.invert and d.warning and "the histogram suggests inverted" in d.warning
     # a class found in one polarity only counts 0 in the other: mitochondria vanish when inverted
     assert network_vote(_stats([0.97], [0.94]), _stats([math.nan], [math.nan])) == (1, "strong")
+    # margins past the thresholds are not enough: an unsure network (a random one's confidence is
+    # about 0.5) or tiles that disagree among themselves make the evidence weak
+    assert network_vote(_stats([0.84], [0.48]), _stats([0.90], [0.52])) == (-1, "weak")
+    from dataclasses import replace
+
+    tiles_p = (_stats([0.9], [0.8]), _stats([0.7], [0.6]))
+    tiles_i = (_stats([0.7], [0.6]), _stats([0.9], [0.8]))
+    split = replace(_stats([0.92], [0.76]), tiles=tiles_p), replace(_stats([0.67], [0.58]), tiles=tiles_i)
+    assert network_vote(*split) == (1, "weak")
     # nothing found either way: no evidence
     nothing = _stats([math.nan], [math.nan])
     d = decide(nothing, nothing, None)

@@ -45,9 +45,14 @@ import numpy as np
 from .errors import TilefeetWarning
 
 #: Network evidence is strong when consistency and confidence both favour one polarity by at
-#: least these margins (see the module docstring for the measurements behind them).
+#: least these margins (see the module docstring for the measurements behind them), ...
 STRONG_CONSISTENCY = 0.06
 STRONG_CONFIDENCE = 0.04
+#: ... the favoured polarity's foreground confidence is at least this (a network unsure of what it
+#: calls foreground either way vouches for neither: a random network's is about 0.5), ...
+CONFIDENT = 0.6
+#: ... and at least this fraction of the probed tiles that show the classes favour it on their own.
+TILE_AGREEMENT = 0.75
 #: A class counts as found in a probe when at least this fraction of its pixels is foreground.
 MIN_FOREGROUND = 1e-4
 
@@ -65,6 +70,8 @@ class OutputStats:
     fraction: tuple[float, ...]
     consistency: tuple[float, ...]
     confidence: tuple[float, ...]
+    #: the same statistics of each probed tile alone (a probe's; empty for a bundle's record)
+    tiles: tuple[OutputStats, ...] = ()
 
     def to_toml(self, data: str = "") -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -79,7 +86,8 @@ class OutputStats:
         if not doc:
             return None
         try:
-            return cls(*(tuple(float(v) for v in doc[k]) for k in ("fraction", "consistency", "confidence")))
+            fraction, consistency, confidence = (tuple(float(v) for v in doc[k]) for k in ("fraction", "consistency", "confidence"))
+            return cls(fraction, consistency, confidence)
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -145,6 +153,12 @@ class Polarity:
     tiles: int = 0
     warning: str | None = None
 
+    def _agreement(self) -> str:
+        if self.plain is None or self.inverted is None or self.strength == "none":
+            return ""
+        margins = network_margins(self.plain, self.inverted)
+        return _agreement_text(self.plain, self.inverted, margins is not None and margins[0] < 0)
+
     def describe(self) -> str:
         """One line for the plan: what was decided and on what evidence."""
         if self.strength == "given":
@@ -155,7 +169,7 @@ class Polarity:
             parts.append(
                 f"network on {self.tiles} tile{'s' if self.tiles != 1 else ''}: consistency {_fmt(self.plain.consistency)} as is vs "
                 f"{_fmt(self.inverted.consistency)} inverted, confidence {_fmt(self.plain.confidence)} vs "
-                f"{_fmt(self.inverted.confidence)} ({_STRENGTH[self.strength]})"
+                f"{_fmt(self.inverted.confidence)}{self._agreement()} ({_STRENGTH[self.strength]})"
             )
         if self.histogram is not None:
             d, m = self.histogram
@@ -163,6 +177,11 @@ class Polarity:
         if self.reference is not None:
             parts.append(f"training data: {self.reference.brief()}")
         return verdict + (": " + "; ".join(parts) if parts else "")
+
+
+def _agreement_text(plain: OutputStats, inverted: OutputStats, invert: bool) -> str:
+    agree, n = tile_votes(plain, inverted, -1 if invert else 1)
+    return f", {agree} of {n} tiles agree" if n > 1 else ""
 
 
 def network_margins(plain: OutputStats, inverted: OutputStats) -> tuple[float, float] | None:
@@ -195,9 +214,28 @@ def network_vote(plain: OutputStats | None, inverted: OutputStats | None) -> tup
     sign = int(np.sign(dc))
     if sign == 0 or int(np.sign(df)) != sign:
         return 0, "none"
-    if abs(dc) >= STRONG_CONSISTENCY and abs(df) >= STRONG_CONFIDENCE:
+    winner = plain if sign > 0 else inverted
+    confident = float(np.mean([_nz(v) for v in winner.confidence])) >= CONFIDENT
+    if abs(dc) >= STRONG_CONSISTENCY and abs(df) >= STRONG_CONFIDENCE and confident and _tiles_agree(plain, inverted, sign):
         return sign, "strong"
     return sign, "weak"
+
+
+def tile_votes(plain: OutputStats, inverted: OutputStats, sign: int) -> tuple[int, int]:
+    """(tiles favouring polarity ``sign`` in consistency and confidence both, tiles showing the classes)."""
+    votes = []
+    for a, b in zip(plain.tiles, inverted.tiles):
+        m = network_margins(a, b)
+        if m is not None:
+            votes.append(bool(np.sign(m[0]) == sign and np.sign(m[1]) == sign))
+    return sum(votes), len(votes)
+
+
+def _tiles_agree(plain: OutputStats, inverted: OutputStats, sign: int) -> bool:
+    """Do most probed tiles favour the polarity the pooled statistics favour? True when the probe
+    kept no per-tile statistics."""
+    agree, n = tile_votes(plain, inverted, sign)
+    return n == 0 or agree / n >= TILE_AGREEMENT
 
 
 def histogram_vote(histogram: tuple[float, float] | None) -> int:

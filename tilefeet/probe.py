@@ -6,6 +6,7 @@ evidence :func:`tilefeet.polarity.decide` weighs."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -79,5 +80,6 @@ def probe(plan: Any, image: Any, runner: Any, imaps: Sequence[Any], tiles: Seque
         mine = outputs[2 * n * m : 2 * n * (m + 1)]
         p = np.stack(mine[0::2])
         q = np.stack([o[..., ::-1] for o in mine[1::2]])
-        stats.append(output_stats(p, q, activation, valid))
+        per_tile = tuple(output_stats(p[k : k + 1], q[k : k + 1], activation, valid[k : k + 1]) for k in range(n))
+        stats.append(replace(output_stats(p, q, activation, valid), tiles=per_tile))
     return stats
