@@ -437,3 +437,20 @@ def test_a_bucket_whose_name_says_bucket_is_not_taken_for_missing(s3, served, ra
     assert "the bucket" not in str(missing_key.value)
     with pytest.raises(tilefeet.errors.InputNotFoundError, match="the bucket 'my-bucket-none' does not exist"):
         tilefeet.segment_to_zarr("s3://my-bucket-none/s.ome.zarr", "unused.ome.zarr", random_engine, storage_options=s3.options)
+
+
+def test_a_stack_from_http_to_s3_equals_the_local_run(served, http, s3, random_engine, tmp_path):
+    """Stacks read from a web server and written to S3: the same bits as the local run."""
+    from .conftest import isbi_slices
+
+    planes = np.stack([s[:192, :256] for s in isbi_slices()[0][:2]])
+    write_image(planes, served / "stack.ome.zarr", (4.0, 4.0), chunk=128, z_spacing_nm=50.0)
+    local = zarr.open_group(str(tilefeet.segment_to_zarr(served / "stack.ome.zarr", tmp_path / "l.ome.zarr", random_engine, **KW)), mode="r")
+    url = f"s3://{_prefix()}/stack-out.ome.zarr"
+    tilefeet.segment_to_zarr(f"{http.url}/stack.ome.zarr", url, random_engine, output_storage_options=s3.options, **KW)
+    from tilefeet.ngff import open_group
+
+    remote = open_group(url, storage_options=s3.options)
+    assert remote["0"].shape == (1, 2, 192, 256)
+    for name in ("0", "1", "labels/membrane/0"):
+        np.testing.assert_array_equal(np.asarray(remote[name][...]), local[name][...], err_msg=name)
