@@ -12,9 +12,10 @@ import hypothesis
 import numpy as np
 import pytest
 
-# Tests pin the backend (tests of `--backend auto` ask for it) and keep compiled artefacts and
-# backend timings out of the user's cache.
+# Tests pin the backend and the precision (tests of `--backend auto` and `--precision auto` ask for
+# them) and keep compiled artefacts and backend timings out of the user's cache.
 os.environ.setdefault("TILEFEET_BACKEND", "torch")
+os.environ.setdefault("TILEFEET_PRECISION", "fp32")
 if "TILEFEET_CACHE" not in os.environ:
     os.environ["TILEFEET_CACHE"] = tempfile.mkdtemp(prefix="tilefeet-test-cache-")
     atexit.register(shutil.rmtree, os.environ["TILEFEET_CACHE"], True)

@@ -34,7 +34,7 @@ def fake_rates(monkeypatch, rates: dict[str, float]) -> list[str]:
 
     def measure(backend, bundle, precision, batch_size, tile, **kw):
         measured.append(backend)
-        return rates[backend]
+        return rates.get(f"{backend} {precision}", rates.get(backend, 0.5))
 
     monkeypatch.setattr(select, "measure_mpx_per_s", measure)
     return measured
@@ -76,41 +76,45 @@ def test_auto_on_a_gpu_picks_a_gpu_backend(bundle, tmp_path):
 # ------------------------------------------------------------------------------------------ CPU
 
 
-def test_auto_on_cpu_measures_both_and_runs_the_faster(bundle, tmp_path):
+def test_auto_on_cpu_measures_every_backend_and_runs_the_fastest(bundle, tmp_path):
     backend, options, reason = auto(bundle, tmp_path)
     files = list((tmp_path / "select").glob("*.json"))
     assert len(files) == 1
     rates = json.loads(files[0].read_text())["mpx_per_s"]
-    assert set(rates) == {"onnxruntime", "torch"} and all(r > 0 for r in rates.values())
-    assert backend == max(rates, key=rates.get) and options == ()
-    assert "Mpx/s" in reason and "onnxruntime" in reason and "torch" in reason and str(files[0]) in reason
+    assert set(rates) == {"onnxruntime fp32", "openvino fp32", "torch fp32"} and all(r > 0 for r in rates.values())
+    assert f"{backend} fp32" == max(rates, key=rates.get) and options == ()
+    assert "Mpx/s" in reason and all(b in reason for b in ("onnxruntime", "openvino", "torch")) and str(files[0]) in reason
     # what it chose runs
     runner = runner_class(backend)(bundle, RunnerSpec(str(bundle.path), backend, "cpu", "fp32", 2, TILE, options))
     assert runner(torch.zeros(2, 1, *TILE)).shape == (2, 1, *TILE)
 
 
 def test_the_measurement_is_cached(bundle, tmp_path, monkeypatch):
-    measured = fake_rates(monkeypatch, {"onnxruntime": 3.0, "torch": 1.0})
+    measured = fake_rates(monkeypatch, {"onnxruntime": 3.0, "openvino": 2.0, "torch": 1.0})
     first = auto(bundle, tmp_path)
-    assert sorted(measured) == ["onnxruntime", "torch"]
+    assert sorted(measured) == ["onnxruntime", "openvino", "torch"]
     no_measuring(monkeypatch)
     assert auto(bundle, tmp_path) == first
 
 
 @pytest.mark.parametrize(
     "rates, expected",
-    [({"onnxruntime": 3.0, "torch": 1.0}, "onnxruntime"), ({"onnxruntime": 1.0, "torch": 3.0}, "torch")],
+    [
+        ({"onnxruntime": 3.0, "openvino": 2.0, "torch": 1.0}, "onnxruntime"),
+        ({"onnxruntime": 1.0, "openvino": 2.0, "torch": 3.0}, "torch"),
+        ({"onnxruntime": 1.0, "openvino": 3.0, "torch": 2.0}, "openvino"),
+    ],
 )
 def test_the_choice_follows_the_measurement(bundle, tmp_path, monkeypatch, rates, expected):
     fake_rates(monkeypatch, rates)
     backend, _, reason = auto(bundle, tmp_path)
-    assert backend == expected and reason.startswith(f"{expected} is the faster")
-    assert f"{expected} 3.00 Mpx/s vs" in reason
+    assert backend == expected and reason.startswith(f"{expected} fp32 is the fastest")
+    assert f"{expected} fp32 3.00 Mpx/s vs" in reason
 
 
 def test_timing_key_covers_shape_precision_and_weights(bundle, tmp_path):
     other = make_random_engine(tmp_path / "other", seed=3)
-    both = ["onnxruntime", "torch"]
+    both = [("onnxruntime", "fp32"), ("torch", "fp32")]
     keys = {
         timing_key(bundle, both, "fp32", 2, TILE),
         timing_key(bundle, both, "fp32", 4, TILE),
@@ -121,18 +125,18 @@ def test_timing_key_covers_shape_precision_and_weights(bundle, tmp_path):
     assert len(keys) == 5
 
 
-@pytest.mark.parametrize("precision, expected", [("fp16", "onnxruntime"), ("bf16", "torch")])
-def test_one_capable_cpu_backend_is_chosen_without_measuring(bundle, tmp_path, monkeypatch, precision, expected):
+def test_one_capable_cpu_backend_is_chosen_without_measuring(bundle, tmp_path, monkeypatch):
     no_measuring(monkeypatch)
-    backend, _, reason = auto(bundle, tmp_path, precision=precision)
-    assert backend == expected and f"only CPU backend with {precision} kernels" in reason
+    backend, _, reason = auto(bundle, tmp_path, precision="fp16")
+    assert backend == "onnxruntime" and "only CPU backend with fp16 kernels" in reason
 
 
-def test_without_onnxruntime_auto_falls_back_to_torch_and_says_why(bundle, tmp_path, monkeypatch):
+def test_without_onnxruntime_and_openvino_auto_falls_back_to_torch_and_says_why(bundle, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    monkeypatch.setitem(sys.modules, "openvino", None)
     no_measuring(monkeypatch)
     backend, _, reason = auto(bundle, tmp_path)
-    assert backend == "torch" and "pip install 'tilefeet[onnx]'" in reason
+    assert backend == "torch" and "pip install 'tilefeet[onnx]'" in reason and "pip install openvino" in reason
 
 
 # ------------------------------------------------------------------------------------- explicit
@@ -176,7 +180,7 @@ def test_explicit_gpu_without_a_gpu_says_so(bundle, tmp_path):
     "prefer, precision, message",
     [
         ("torch", "fp16", "use --precision fp32 or bf16, or --backend onnxruntime"),
-        ("onnxruntime", "bf16", "or --backend torch"),
+        ("onnxruntime", "bf16", "or --backend openvino"),
         ("tensorflow", "fp32", "unknown backend"),
     ],
 )
@@ -187,12 +191,13 @@ def test_explicit_impossible_combinations_are_config_errors(bundle, tmp_path, pr
 
 
 def test_importing_tilefeet_and_its_runners_loads_no_backend_library():
-    """``import tilefeet`` (and the runner modules, and the CLI) stay light: onnx, onnxruntime and
-    tensorrt load only when a run asks for them."""
+    """``import tilefeet`` (and the runner modules, and the CLI) stay light: onnx, onnxruntime,
+    openvino and tensorrt load only when a run asks for them."""
     code = (
         "import sys, tilefeet, tilefeet.runners, tilefeet.runners.select, tilefeet.runners.onnx_export, "
-        "tilefeet.runners.onnxruntime_runner, tilefeet.runners.tensorrt_runner, tilefeet.cli; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnxscript', 'tensorrt')))"
+        "tilefeet.runners.onnxruntime_runner, tilefeet.runners.openvino_runner, tilefeet.runners.guard, "
+        "tilefeet.runners.tensorrt_runner, tilefeet.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnxscript', 'openvino', 'tensorrt')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

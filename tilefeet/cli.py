@@ -86,11 +86,13 @@ def segment(
         None, "--invert/--no-invert", help="The section's contrast is inverted relative to the training data (default: auto detects it)."
     ),
     backend: Optional[str] = typer.Option(
-        None, help="auto (default: the fastest that works here, measured once), torch, onnxruntime, tensorrt."
+        None, help="auto (default: the fastest that works here, measured once), torch, onnxruntime, openvino, tensorrt."
     ),
     backend_option: list[str] = typer.Option([], "--backend-option", help="Backend option KEY=VALUE, e.g. compile=true (repeatable)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    precision: Optional[str] = typer.Option(
+        None, help="auto (default: fp32 on a GPU; bf16 on a CPU that runs it natively, where faster and within the accuracy guard), fp32, fp16, bf16."
+    ),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the network (default: all)."),
     blocks_in_flight: int = typer.Option(2, "--blocks-in-flight", help="Blocks in memory at once."),
     tile_cache_mb: Optional[int] = typer.Option(

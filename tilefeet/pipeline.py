@@ -304,7 +304,7 @@ def _runner_spec(plan: Any, bundle: EngineBundle, resume_into: Any, resolve: boo
     options = dict(s.backend_options)
     if s.threads is not None:
         options["threads"] = s.threads
-    backend, reason = s.backend, ""
+    backend, precision, reason = s.backend, s.precision, ""
     if resume_into is not None and backend == "auto":
         from .writer import staged_runner
 
@@ -312,24 +312,23 @@ def _runner_spec(plan: Any, bundle: EngineBundle, resume_into: Any, resolve: boo
         if staged and staged.get("backend") not in (None, "auto"):
             backend, reason = staged["backend"], "the backend the interrupted run used"
             options = {**dict(map(tuple, staged.get("options", []))), **options}
+            precision = staged.get("precision", "fp32") if precision == "auto" else precision
     spec = RunnerSpec(
         engine=str(bundle.path),
         backend=backend,
         device=s.device,
-        precision=s.precision,
+        precision=precision,
         batch_size=s.batch_size,
         tile=plan.lattice.tile,
         options=tuple(sorted(options.items())),
     )
-    if backend == "auto" and not resolve:
+    if "auto" in (backend, precision) and not resolve:
         return spec, "chosen by each process that runs the network"
-    from .runners.select import resolve_backend
+    from .runners.select import choose
 
-    chosen, chosen_options, why = resolve_backend(
-        bundle, device=s.device, precision=s.precision, batch_size=s.batch_size, tile=plan.lattice.tile, prefer=backend
-    )
-    merged = tuple(sorted({**dict(chosen_options), **dict(spec.options)}.items()))
-    return RunnerSpec(spec.engine, chosen, spec.device, spec.precision, spec.batch_size, spec.tile, merged), reason or why
+    choice = choose(bundle, device=s.device, precision=precision, batch_size=s.batch_size, tile=plan.lattice.tile, prefer=backend)
+    merged = tuple(sorted({**dict(choice.options), **dict(spec.options)}.items()))
+    return RunnerSpec(spec.engine, choice.backend, spec.device, choice.precision, spec.batch_size, spec.tile, merged), reason or choice.reason
 
 
 def segment(source: Any, engine: str | os.PathLike | EngineBundle = "isbi-membrane", **options: Any) -> Any:
@@ -451,7 +450,10 @@ def write_planned(
 
     location = output_location(output)
     location.check_writable()
-    runner = {"backend": run.runner.backend, "options": [list(kv) for kv in run.runner.options]}
+    runner = {
+        "backend": run.runner.backend, "options": [list(kv) for kv in run.runner.options], "precision": run.runner.precision,
+        "reason": run.backend_reason,
+    }
     store = OutputStore.prepare(location, run.plan, runner=runner, overwrite=overwrite, resume=resume)  # path errors first: cheap
     chain = _objects_chain(run, store, objects, resume) if objects else None
     if not compute:

@@ -2,7 +2,7 @@
 
 :meth:`Settings.create` is the boundary: it normalizes user input once (``512`` or ``(512, 384)``
 tiles, ``"4nm"`` pixel sizes, case-insensitive modes), reads the environment's defaults
-(``$TILEFEET_BACKEND``, ``$TILEFEET_TILE_CACHE_MB``) and checks what can be checked without the
+(``$TILEFEET_BACKEND``, ``$TILEFEET_PRECISION``, ``$TILEFEET_TILE_CACHE_MB``) and checks what can be checked without the
 image or the engine; the rest of the code sees one canonical, frozen form and never reads the
 environment itself. CLI flags map onto these fields one to one.
 """
@@ -24,7 +24,7 @@ BLENDS: tuple[str, ...] = ("gaussian", "cosine", "constant", "crop")
 OutputDtype = Literal["uint8", "float16", "float32"]
 OUTPUT_DTYPES: tuple[str, ...] = ("uint8", "float16", "float32")
 OUTPUT_GRIDS: tuple[str, ...] = ("input", "network")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 TTA_CHOICES: tuple[int, ...] = (1, 2, 4, 8)
 #: Output block side when none is given: large blocks amortize the tiles straddling their borders.
 DEFAULT_BLOCK = 4096
@@ -59,7 +59,10 @@ class Settings:
     backend: str = "auto"
     backend_options: tuple[tuple[str, Any], ...] = ()  #: backend-specific, e.g. (("compile", True),)
     device: str = "auto"
-    precision: str = "fp32"
+    #: "auto" (fp32 on a GPU; on a CPU with native bf16, bf16 where it is faster and passes the
+    #: accuracy guard: tilefeet.runners.guard), "fp32", "fp16" or "bf16". :meth:`create` takes the
+    #: default from ``$TILEFEET_PRECISION``.
+    precision: str = "auto"
     threads: int | None = None  #: CPU threads for the network (None: the library's default)
     blocks_in_flight: int = 2  #: blocks read/computed/written at once (bounds memory)
     labels: bool = True  #: also write labels/<class>
@@ -88,14 +91,15 @@ class Settings:
     @classmethod
     def create(cls, **kwargs: Any) -> Settings:
         """Build from loosely typed user input; unknown names are an error. Options not given take
-        their defaults, and ``backend``/``tile_cache_mb`` the environment's
-        (``$TILEFEET_BACKEND``, ``$TILEFEET_TILE_CACHE_MB``)."""
+        their defaults, and ``backend``/``precision``/``tile_cache_mb`` the environment's
+        (``$TILEFEET_BACKEND``, ``$TILEFEET_PRECISION``, ``$TILEFEET_TILE_CACHE_MB``)."""
         names = {f.name for f in fields(cls)}
         unknown = set(kwargs) - names
         if unknown:
             raise ConfigError(f"unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
         kw = {k: v for k, v in kwargs.items() if v is not None}
         kw.setdefault("backend", os.environ.get("TILEFEET_BACKEND") or "auto")
+        kw.setdefault("precision", os.environ.get("TILEFEET_PRECISION") or "auto")
         if "tile_cache_mb" not in kw and os.environ.get("TILEFEET_TILE_CACHE_MB", "").strip():
             kw["tile_cache_mb"] = _env_int("TILEFEET_TILE_CACHE_MB")
         for key in ("tile", "overlap", "block_size", "chunk_size", "shard_size"):

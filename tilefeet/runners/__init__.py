@@ -1,6 +1,6 @@
 """Runners execute an engine bundle on batches of tiles: ``runner(batch) -> probabilities``.
 
-The interface is deliberately small so that every backend (torch, ONNX Runtime, TensorRT) fits
+The interface is deliberately small so that every backend (torch, ONNX Runtime, OpenVINO, TensorRT) fits
 behind it and passes one conformance suite (``tests/test_runner_conformance.py``):
 
 * ``runner.device``: where ``batch`` must live and where the result comes back (a torch device);
@@ -79,7 +79,7 @@ class RunnerSpec:
     engine: str  #: engine bundle folder
     backend: str = "torch"  #: a backend name, or "auto": chosen where the runner is built (:func:`resolve_spec`)
     device: str = "auto"  #: "auto", "cpu", "cuda", "cuda:1"
-    precision: str = "fp32"  #: "fp32", "fp16", "bf16"
+    precision: str = "fp32"  #: "fp32", "fp16", "bf16", or "auto": chosen where the runner is built
     batch_size: int = 4
     tile: Pair = (512, 512)
     options: tuple[tuple[str, Any], ...] = field(default=())  #: backend-specific, e.g. (("compile", True),)
@@ -153,21 +153,24 @@ _cache_lock = threading.RLock()
 
 
 def resolve_spec(spec: RunnerSpec) -> tuple[RunnerSpec, str]:
-    """``(concrete spec, reason)``: a spec whose backend is "auto" becomes the backend (and its
-    options) chosen on *this* machine among those the bundle allows (:func:`.select.resolve_backend`:
-    TensorRT, compiled torch on a GPU; the measured faster of ONNX Runtime and torch on a CPU). The
-    spec's own options are kept over the chosen ones. A concrete spec is returned as it is."""
-    if spec.backend != "auto":
+    """``(concrete spec, reason)``: a spec whose backend or precision is "auto" becomes the backend
+    (and its options) and precision chosen on *this* machine among those the bundle allows
+    (:func:`.select.choose`: TensorRT, compiled torch on a GPU; the measured fastest of ONNX
+    Runtime, OpenVINO and torch on a CPU, bf16 where the CPU runs it natively and it passes the
+    accuracy guard). The spec's own options are kept over the chosen ones. A concrete spec is
+    returned as it is."""
+    if spec.backend != "auto" and spec.precision != "auto":
         return spec, f"--backend {spec.backend} was requested"
     from ..engine import load_engine
-    from .select import resolve_backend
+    from .select import choose
 
     bundle = load_engine(spec.engine)
-    backend, options, reason = resolve_backend(
-        bundle, device=spec.device, precision=spec.precision, batch_size=spec.batch_size, tile=(spec.tile[0], spec.tile[1])
+    choice = choose(
+        bundle, device=spec.device, precision=spec.precision, batch_size=spec.batch_size, tile=(spec.tile[0], spec.tile[1]),
+        prefer=spec.backend,
     )
-    merged = tuple(sorted({**dict(options), **dict(spec.options)}.items()))
-    return replace(spec, backend=backend, options=merged), reason
+    merged = tuple(sorted({**dict(choice.options), **dict(spec.options)}.items()))
+    return replace(spec, backend=choice.backend, options=merged, precision=choice.precision), choice.reason
 
 
 def get_runner(spec: RunnerSpec) -> Runner:
@@ -185,7 +188,7 @@ def get_runner(spec: RunnerSpec) -> Runner:
             _cache[concrete] = runner
             while len(_cache) > MAX_RUNNERS:
                 _cache.popitem(last=False)  # dropped, not closed: a block may still be using it
-        elif spec.backend == "auto":
+        elif spec.backend == "auto" or spec.precision == "auto":
             runner.reason = reason  # built for an explicit request first: "auto" chose it, and says why
         _cache.move_to_end(concrete)
         return runner

@@ -67,6 +67,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"tilefeet runs OpenVINO on the CPU only, not on {device}; use --device cpu"
     try:
+        import_openvino()  # each time: a module made unimportable later (tests, broken installs) is seen
         devices = core().available_devices
     except BackendUnavailableError as e:
         return str(e)

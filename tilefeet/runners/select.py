@@ -1,19 +1,28 @@
-"""``--backend auto``: pick the fastest backend that works here, and say why.
+"""``--backend auto`` and ``--precision auto``: pick the fastest backend (and precision) that works
+here, and say why.
 
 In order:
 
 1. TensorRT, when there is an NVIDIA GPU and the ``tensorrt`` package imports;
 2. ``torch.compile`` on CUDA (eager torch if Triton, its GPU compiler, is missing);
-3. on the CPU, the faster of ONNX Runtime and torch, *measured* on the bundle at the run's tile
-   and batch size, once: the result is cached on disk under a key of the bundle's fingerprint,
-   the shape, the precision, the CPU model, the thread count and the library versions.
+3. on the CPU, the fastest of ONNX Runtime, OpenVINO and torch, *measured* on the bundle at the
+   run's tile and batch size, once: the result is cached on disk under a key of the bundle's
+   fingerprint, the shape, the precisions, the CPU model, the thread count and the library versions.
+
+``--precision auto`` (the default) is fp32 on a GPU. On a CPU that runs bf16 natively (AMX or
+AVX-512 bf16: :func:`native_bf16`), the bf16 kernels of OpenVINO and torch are measured beside the
+fp32 ones, and a bf16 candidate that is faster than the fastest fp32 one is chosen only if it passes
+the accuracy guard (:mod:`.guard`: checked once on the engine's check slices, held-out F1 within
+0.002 of fp32's). An engine without check data, or a CPU without native bf16, runs fp32.
 
 Only backends the bundle's network allows take part (``EngineBundle.backends``: an ONNX graph runs
-on ONNX Runtime and TensorRT, TorchScript on torch); on a GPU without TensorRT, a bundle torch
-cannot run goes to ONNX Runtime's CUDA provider.
+on ONNX Runtime, OpenVINO and TensorRT, TorchScript on torch); on a GPU without TensorRT, a bundle
+torch cannot run goes to ONNX Runtime's CUDA provider. A backend that cannot load here (OpenVINO on
+a machine without its wheel) is left out, with its one-line reason in the choice's reason.
 
 An explicitly requested backend is checked instead, and a missing library or GPU, or a backend the
-bundle cannot use, is a one-line error that says what to do.
+bundle cannot use, is a one-line error that says what to do; with ``--precision auto`` its precision
+is chosen as above, among that backend's.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ import importlib.util
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +53,40 @@ class Choice:
     backend: str
     options: Options
     reason: str
+    precision: str = "fp32"  #: the concrete precision (``--precision auto`` resolved)
 
     def astuple(self) -> tuple[str, Options, str]:
         return self.backend, self.options, self.reason
+
+
+def choose(
+    bundle: Any,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 4,
+    tile: tuple[int, int] = (512, 512),
+    prefer: str = "auto",
+    cache: Path | None = None,
+) -> Choice:
+    """The backend, its options and the precision for a run, and why: ``prefer`` is the user's
+    ``--backend`` ("auto", or a backend name, which is checked and kept), ``precision`` the user's
+    ``--precision`` ("auto", or a precision, which is kept)."""
+    dev = resolve_device(device)
+    allowed = allowed_backends(bundle)
+    cache = cache or cache_dir()
+    tile = (tile[0], tile[1])
+    if dev.type == "cuda":
+        concrete = "fp32" if precision == "auto" else precision
+        if prefer != "auto":
+            return replace(check_backend(prefer, dev, concrete, bundle=bundle), precision=concrete)
+        return replace(_on_gpu(dev, concrete, allowed), precision=concrete)
+    if prefer != "auto":
+        if precision != "auto":
+            return replace(check_backend(prefer, dev, precision, bundle=bundle), precision=precision)
+        check_backend(prefer, dev, "fp32", bundle=bundle)
+        return _on_cpu(bundle, precision, batch_size, tile, cache, (prefer,), requested=prefer)
+    return _on_cpu(bundle, precision, batch_size, tile, cache, allowed)
 
 
 def resolve_backend(
@@ -58,15 +99,10 @@ def resolve_backend(
     prefer: str = "auto",
     cache: Path | None = None,
 ) -> tuple[str, Options, str]:
-    """``(backend, options, reason)`` for a run: ``prefer`` is the user's ``--backend`` ("auto", or a
-    backend name, which is checked and kept). ``options`` go into :class:`RunnerSpec` unchanged."""
-    dev = resolve_device(device)
-    allowed = allowed_backends(bundle)
-    if prefer != "auto":
-        return check_backend(prefer, dev, precision, bundle=bundle).astuple()
-    if dev.type == "cuda":
-        return _on_gpu(dev, precision, allowed).astuple()
-    return _on_cpu(bundle, precision, batch_size, (tile[0], tile[1]), cache or cache_dir(), allowed).astuple()
+    """``(backend, options, reason)`` for a run at a given precision (:func:`choose` also resolves
+    ``--precision auto``, and says which precision it chose)."""
+    choice = choose(bundle, device=device, precision=precision, batch_size=batch_size, tile=tile, prefer=prefer, cache=cache)
+    return choice.astuple()
 
 
 def allowed_backends(bundle: Any) -> tuple[str, ...]:
@@ -174,8 +210,10 @@ def _has_triton() -> bool:
 
 
 #: CPU backends that have kernels for each precision (torch has no fp16 convolutions on the CPU,
-#: ONNX Runtime's CPU provider no bf16 ones).
-CPU_CANDIDATES = {"fp32": ("onnxruntime", "torch"), "fp16": ("onnxruntime",), "bf16": ("torch",)}
+#: ONNX Runtime's CPU provider no bf16 ones; OpenVINO's bf16 needs a CPU with native bf16).
+CPU_CANDIDATES = {"fp32": ("onnxruntime", "openvino", "torch"), "fp16": ("onnxruntime",), "bf16": ("openvino", "torch")}
+#: The reduced precision ``--precision auto`` considers on a CPU with native bf16.
+AUTO_REDUCED = "bf16"
 
 
 def _cpu_precisions() -> dict[str, list[str]]:
@@ -187,47 +225,145 @@ def _cpu_precisions() -> dict[str, list[str]]:
     return out
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo`` on Linux; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@lru_cache(maxsize=1)
+def native_bf16() -> str | None:
+    """What says this CPU computes bf16 natively (``"AMX-BF16"``, ``"AVX512-BF16"``, or OpenVINO's
+    ``BF16`` capability where there is no ``/proc/cpuinfo``), or ``None``: then bf16 is emulated,
+    slower than fp32, and ``--precision auto`` does not consider it."""
+    flags = cpu_flags()
+    for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
+        if flag in flags:
+            return name
+    if not flags:
+        from .openvino_runner import capabilities
+
+        if "BF16" in capabilities():
+            return "OpenVINO's BF16 capability"
+    return None
+
+
+def _label(backend: str, precision: str) -> str:
+    return f"{backend} {precision}"
+
+
 def _on_cpu(
-    bundle: Any, precision: str, batch_size: int, tile: tuple[int, int], cache: Path, allowed: tuple[str, ...] = ()
+    bundle: Any,
+    precision: str,
+    batch_size: int,
+    tile: tuple[int, int],
+    cache: Path,
+    allowed: tuple[str, ...] = (),
+    *,
+    requested: str | None = None,
 ) -> Choice:
+    """The CPU half: every (backend, precision) that can run, measured; reduced precisions guarded."""
     where = f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)"
-    candidates, skipped = [], []
-    for backend in CPU_CANDIDATES.get(precision, ("torch",)):
-        if allowed and backend not in allowed:
-            skipped.append(f"{backend}: the engine's {getattr(bundle, 'network', '?')} network does not run on it")
-            continue
-        reason = unavailable_reason(backend, torch.device("cpu"))
-        if reason:
-            skipped.append(f"{backend}: {reason}")
+    precisions = [precision] if precision != "auto" else ["fp32"]
+    notes: list[str] = []
+    if precision == "auto":
+        native = native_bf16()
+        if native:
+            precisions.append(AUTO_REDUCED)
         else:
-            candidates.append(backend)
-    if not candidates:
-        raise BackendUnavailableError(f"no backend runs {precision} on the {where}: " + "; ".join(skipped))
-    if len(candidates) == 1:
-        why = "; ".join(skipped) or f"the only CPU backend with {precision} kernels"
-        return Choice(candidates[0], (), f"{candidates[0]} on the {where} ({why})")
-    timing = measured_timing(bundle, candidates, precision, batch_size, tile, cache)
+            notes.append("fp32: this CPU has no native bf16 (no AMX or AVX512_BF16)")
+    combos, skipped = _runnable(bundle, precisions, allowed, requested)
+    if not combos:
+        what = precision if precision != "auto" else "fp32"
+        raise BackendUnavailableError(f"no backend runs {what} on the {where}: " + "; ".join(skipped))
+    if requested is None:
+        notes = skipped + notes
+    if len(combos) == 1:
+        (backend, p), = combos
+        if requested is not None:
+            why = f"--backend {requested} was requested; {p}" + (f" ({'; '.join(notes)})" if notes else "")
+            return Choice(backend, (), why, p)
+        why = "; ".join(notes) or f"the only CPU backend with {p} kernels"
+        return Choice(backend, (), f"{backend} on the {where} ({why})", p)
+    timing = measured_timing(bundle, combos, precision, batch_size, tile, cache)
     rates = timing["mpx_per_s"]
-    best = max(candidates, key=lambda b: rates[b])
-    versus = " vs ".join(f"{b} {rates[b]:.2f} Mpx/s" for b in sorted(candidates, key=lambda b: -rates[b]))
-    return Choice(
-        best,
-        (),
-        f"{best} is the faster on the {where}: {versus}, measured on {batch_size}×{tile[0]}×{tile[1]} tiles ({timing['path']})",
-    )
+    ranked = sorted(combos, key=lambda c: -rates[_label(*c)])
+    chosen, guards = ranked[0], []
+    if precision == "auto":
+        fastest_fp32 = next(c for c in ranked if c[1] == "fp32")  # fp32 is always a candidate under auto
+        chosen = fastest_fp32
+        for c in ranked[: ranked.index(fastest_fp32)]:  # the reduced-precision ones that are faster
+            guard = _guard(bundle, c, batch_size, cache)
+            if guard is None:
+                guards.append(
+                    f"{c[1]} not chosen: engine {bundle.name!r} carries no check data to guard it against fp32 "
+                    f"(--precision {c[1]} runs it unchecked)"
+                )
+                break
+            guards.append(f"{guard.describe()} ({guard.path})")
+            if guard.passed:
+                chosen = c
+                break
+    versus = " vs ".join(f"{_label(*c)} {rates[_label(*c)]:.2f} Mpx/s" for c in ranked)
+    head = f"{_label(*chosen)} is the fastest on the {where}" if requested is None else f"--backend {requested} was requested; {chosen[1]} is its fastest on the {where}"
+    if chosen[1] == "fp32" and precision == "auto" and any(c[1] != "fp32" for c in ranked[: ranked.index(chosen)]):
+        head = f"{_label(*chosen)} is the fastest at full precision on the {where}"
+    reason = f"{head}: {versus}, measured on {batch_size}×{tile[0]}×{tile[1]} tiles ({timing['path']})"
+    extra = guards + [n for n in notes if n]
+    return Choice(chosen[0], (), reason + ("; " + "; ".join(extra) if extra else ""), chosen[1])
+
+
+def _runnable(
+    bundle: Any, precisions: list[str], allowed: tuple[str, ...], requested: str | None
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The ``(backend, precision)`` pairs that can run here, and why the others cannot."""
+    combos: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    unavailable: dict[str, str | None] = {}
+    for p in precisions:
+        for backend in CPU_CANDIDATES.get(p, ("torch",)):
+            if allowed and backend not in allowed:
+                if requested is None and p == precisions[0]:
+                    skipped.append(f"{backend}: the engine's {getattr(bundle, 'network', '?')} network does not run on it")
+                continue
+            if backend not in unavailable:
+                unavailable[backend] = unavailable_reason(backend, torch.device("cpu"))
+            if unavailable[backend]:
+                if p == precisions[0]:
+                    skipped.append(f"{backend}: {unavailable[backend]}")
+                continue
+            if backend == "openvino" and p != "fp32":
+                from .openvino_runner import precisions as openvino_precisions
+
+                if p not in openvino_precisions():
+                    skipped.append(f"openvino {p}: this CPU has no native {p} for OpenVINO")
+                    continue
+            combos.append((backend, p))
+    return combos, skipped
+
+
+def _guard(bundle: Any, combo: tuple[str, str], batch_size: int, cache: Path) -> Any:
+    from .guard import check_precision
+
+    return check_precision(bundle, combo[0], combo[1], batch_size=batch_size, cache=cache)
 
 
 def measured_timing(
-    bundle: Any, backends: list[str], precision: str, batch_size: int, tile: tuple[int, int], cache: Path
+    bundle: Any, combos: list[tuple[str, str]], precision: str, batch_size: int, tile: tuple[int, int], cache: Path
 ) -> dict[str, Any]:
-    """Mpx/s of each backend on this bundle and shape, measured on first use and then read from the
-    cache. The measurement runs under the cache's file lock, so concurrent workers do not measure
-    at once (which would also skew the numbers)."""
-    key = timing_key(bundle, backends, precision, batch_size, tile)
+    """Mpx/s of each ``(backend, precision)`` on this bundle and shape (keyed ``"backend precision"``),
+    measured on first use and then read from the cache. The measurement runs under the cache's
+    file lock, so concurrent workers do not measure at once (which would also skew the numbers)."""
+    key = timing_key(bundle, combos, precision, batch_size, tile)
     path = cache / "select" / f"{key[:24]}.json"
 
     def measure(tmp: Path) -> None:
-        rates = {b: measure_mpx_per_s(b, bundle, precision, batch_size, tile) for b in backends}
+        rates = {_label(b, p): measure_mpx_per_s(b, bundle, p, batch_size, tile) for b, p in combos}
         doc = {
             "mpx_per_s": rates,
             "shape": [batch_size, bundle.in_channels, *tile],
@@ -242,10 +378,10 @@ def measured_timing(
     return {**json.loads(path.read_text()), "path": str(path)}
 
 
-def timing_key(bundle: Any, backends: list[str], precision: str, batch_size: int, tile: tuple[int, int]) -> str:
+def timing_key(bundle: Any, combos: list[tuple[str, str]], precision: str, batch_size: int, tile: tuple[int, int]) -> str:
     doc = {
         "bundle": bundle.fingerprint,
-        "backends": sorted(backends),
+        "candidates": sorted(_label(b, p) for b, p in combos),
         "precision": precision,
         "batch": batch_size,
         "tile": list(tile),
@@ -299,7 +435,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions: dict[str, str] = {"torch": str(torch.__version__)}
-    for dist in ("onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript"):
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "openvino"):
         with contextlib.suppress(PackageNotFoundError):
             versions[dist] = version(dist)
     return versions

@@ -1,0 +1,258 @@
+"""The accuracy guard: a reduced precision is chosen automatically only after it was checked on data
+the engine carries, once per engine, backend, precision and CPU.
+
+    check_precision(bundle, "openvino", "bf16")  ->  Guard(passed=True, max_abs_diff=0.02, f1=0.8020, f1_fp32=0.8021, ...)
+
+The check runs the backend at the reduced precision and at fp32 on the engine's *check slices*
+(annotated images at the engine's pixel size, normalized as the engine's training data were) and
+records the largest probability difference and the pixel F1 of each against the ground truth. A
+precision whose F1 differs from fp32's by more than :data:`MAX_F1_CHANGE` fails, and ``--precision
+auto`` keeps fp32 (:mod:`.select`). The result is kept under ``$TILEFEET_CACHE/guard/``, keyed by
+the engine's fingerprint, the backend, the precision, the CPU model and the library versions.
+
+Check slices, per engine:
+
+* ``isbi-membrane``: the six held-out ISBI 2012 slices tilefeet ships (:mod:`tilefeet.sample`);
+* ``lucchi-mito``: the two held-out Lucchi test slices of ``tests/data/lucchi`` (in a source
+  checkout; a wheel carries them as ``tilefeet/_sample/lucchi``);
+* any engine: images and label masks listed in its ``engine.toml`` under ``[check]`` (paths
+  relative to the bundle; ``class`` names the output class; a label pixel > 0 is that class)::
+
+      [check]
+      images = ["check/slice-0.png"]
+      labels = ["check/slice-0-mito.png"]
+      class = "mitochondrion"
+      data = "two held-out slices of ..."
+
+An engine with none of these is never run in reduced precision by ``auto``: nothing says its
+answers stay the same (``--precision bf16`` still runs it, unchecked, when asked for).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifacts import build_once, cache_dir
+from ..errors import InvalidEngineError
+
+#: The largest change of held-out F1 against fp32 that a reduced precision may make and still be
+#: chosen by ``--precision auto``.
+MAX_F1_CHANGE = 0.002
+#: Bump when what the check measures changes, so old results are not reused.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckData:
+    """Annotated images at the engine's pixel size: ``(H, W)`` raw intensities and boolean masks."""
+
+    images: tuple[np.ndarray, ...]
+    masks: tuple[np.ndarray, ...]
+    class_name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Guard:
+    """One check of a backend at a reduced precision against the same backend at fp32."""
+
+    backend: str
+    precision: str
+    passed: bool
+    max_abs_diff: float  #: largest |p_reduced − p_fp32| over every check pixel and class
+    f1: float  #: pixel F1 of the reduced precision's labels against the ground truth
+    f1_fp32: float  #: ... of fp32's labels
+    agreement_f1: float  #: F1 of the reduced precision's labels against fp32's
+    class_name: str
+    data: str  #: what the check slices are
+    pixels: int
+    path: str = ""  #: where the result is cached
+
+    @property
+    def f1_change(self) -> float:
+        return self.f1 - self.f1_fp32
+
+    def describe(self) -> str:
+        verdict = "passes" if self.passed else "fails"
+        return (
+            f"{self.backend} {self.precision} {verdict} the accuracy guard on {self.data}: {self.class_name} F1 {self.f1:.4f} vs "
+            f"fp32 {self.f1_fp32:.4f} (Δ {self.f1_change:+.4f}, limit ±{MAX_F1_CHANGE}), max |Δp| {self.max_abs_diff:.3f}"
+        )
+
+
+def check_data(bundle: Any) -> CheckData | None:
+    """The engine's check slices (see the module docstring), or ``None`` when it carries none."""
+    declared = bundle.raw.get("check")
+    if declared:
+        return _declared(bundle, declared)
+    loader = BUNDLED.get(bundle.name)
+    return loader(bundle) if loader is not None else None
+
+
+def check_precision(
+    bundle: Any, backend: str, precision: str, *, batch_size: int = 4, cache: Path | None = None, threads: int | None = None
+) -> Guard | None:
+    """The guard's verdict on ``backend`` at ``precision`` for ``bundle`` on this CPU: measured on
+    first use (under a file lock: concurrent workers check once), then read from the cache.
+    ``None`` when the engine carries no check data."""
+    data = check_data(bundle)
+    if data is None:
+        return None
+    key = guard_key(bundle, backend, precision)
+    path = (cache or cache_dir()) / "guard" / f"{key[:24]}.json"
+
+    def measure(tmp: Path) -> None:
+        guard = _measure(bundle, backend, precision, data, batch_size, threads)
+        doc = {**asdict(guard), "engine": bundle.fingerprint, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+
+    build_once(path, measure)
+    doc = json.loads(path.read_text())
+    fields = {k: doc[k] for k in Guard.__dataclass_fields__ if k in doc}
+    return Guard(**{**fields, "path": str(path)})
+
+
+def guard_key(bundle: Any, backend: str, precision: str) -> str:
+    from .select import cpu_model, library_versions
+
+    doc = {
+        "bundle": bundle.fingerprint,
+        "backend": backend,
+        "precision": precision,
+        "cpu": cpu_model(),
+        "versions": library_versions(),
+        "max_f1_change": MAX_F1_CHANGE,
+        "format": FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def verdict(f1: float, f1_fp32: float) -> bool:
+    """Whether a reduced precision's held-out F1 is close enough to fp32's (both rounded as reported)."""
+    return abs(round(f1 - f1_fp32, 6)) <= MAX_F1_CHANGE
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+
+def _measure(bundle: Any, backend: str, precision: str, data: CheckData, batch_size: int, threads: int | None) -> Guard:
+    from ..metrics import pixel_metrics
+    from . import RunnerSpec, runner_class
+
+    tile = bundle.fixed_tile or (bundle.tile, bundle.tile)
+    tiles, crops = _tiles(bundle, data, tile)
+    step = bundle.fixed_batch or batch_size
+    options = (("threads", threads),) if threads else ()
+    probs = {}
+    for p in ("fp32", precision):
+        spec = RunnerSpec(str(bundle.path), backend, "cpu", p, step, tile, options)
+        runner = runner_class(backend)(bundle, spec, f"accuracy guard of {precision}")
+        try:
+            probs[p] = _run(runner, tiles, step)
+        finally:
+            runner.close()
+    c = list(bundle.classes).index(data.class_name)
+    reduced, full = _stitch(probs[precision], crops, data), _stitch(probs["fp32"], crops, data)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(reduced, full))
+    truth = np.concatenate([m.ravel() for m in data.masks])
+    lab_r = np.concatenate([(a[c] >= 0.5).ravel() for a in reduced])
+    lab_f = np.concatenate([(a[c] >= 0.5).ravel() for a in full])
+    f1, f1_fp32 = pixel_metrics(lab_r, truth).f1, pixel_metrics(lab_f, truth).f1
+    return Guard(
+        backend=backend, precision=precision, passed=verdict(f1, f1_fp32), max_abs_diff=diff, f1=f1, f1_fp32=f1_fp32,
+        agreement_f1=pixel_metrics(lab_r, lab_f).f1, class_name=data.class_name, data=data.description, pixels=int(truth.size),
+    )
+
+
+Crop = tuple[int, int, int, int, int]  # image index, y, x, height, width of a tile's part inside its image
+
+
+def _tiles(bundle: Any, data: CheckData, tile: tuple[int, int]) -> tuple[torch.Tensor, list[Crop]]:
+    """The check images cut into whole tiles (reflection-padded to a multiple of the tile), normalized
+    as the engine's training data were."""
+    th, tw = tile
+    out, crops = [], []
+    for i, img in enumerate(data.images):
+        x = bundle.normalization.to_network(img.astype(np.float32))
+        h, w = x.shape
+        ph, pw = -h % th, -w % tw
+        x = np.pad(x, ((0, ph), (0, pw)), mode="reflect" if ph < h and pw < w else "symmetric")
+        for y in range(0, h, th):
+            for xx in range(0, w, tw):
+                out.append(x[y : y + th, xx : xx + tw])
+                crops.append((i, y, xx, min(th, h - y), min(tw, w - xx)))
+    channels = bundle.in_channels
+    batch = torch.from_numpy(np.stack(out)[:, None].astype(np.float32)).expand(-1, channels, -1, -1).contiguous()
+    return batch, crops
+
+
+def _run(runner: Any, tiles: torch.Tensor, step: int) -> np.ndarray:
+    n = tiles.shape[0]
+    pad = -n % step
+    x = torch.cat([tiles, tiles.new_zeros((pad, *tiles.shape[1:]))]) if pad else tiles
+    return np.concatenate([runner(x[i : i + step]).cpu().numpy() for i in range(0, x.shape[0], step)])[:n]
+
+
+def _stitch(probs: np.ndarray, crops: list[Crop], data: CheckData) -> list[np.ndarray]:
+    out = [np.zeros((probs.shape[1], *img.shape), np.float32) for img in data.images]
+    for p, (i, y, x, h, w) in zip(probs, crops):
+        out[i][:, y : y + h, x : x + w] = p[:, :h, :w]
+    return out
+
+
+# ------------------------------------------------------------------------------------ check data
+
+
+def _isbi(bundle: Any) -> CheckData | None:
+    from ..sample import SLICES, isbi_sample
+
+    imgs, mems = isbi_sample()
+    first, last = SLICES[0], SLICES[-1]
+    return CheckData(tuple(imgs), tuple(m.astype(bool) for m in mems), "membrane", f"ISBI 2012 held-out slices {first}–{last}")
+
+
+def _lucchi(bundle: Any) -> CheckData | None:
+    import imageio.v3 as iio
+
+    here = Path(__file__).resolve().parents[1]
+    for d in (here.parent / "tests" / "data" / "lucchi", here / "_sample" / "lucchi"):
+        if (d / "image").is_dir() and (d / "mitochondrion").is_dir():
+            names = sorted(p.name for p in (d / "image").glob("*.png"))
+            imgs = tuple(iio.imread(d / "image" / n) for n in names)
+            masks = tuple(iio.imread(d / "mitochondrion" / n) > 127 for n in names)
+            return CheckData(imgs, masks, "mitochondrion", f"Lucchi held-out test slices {', '.join(Path(n).stem for n in names)}")
+    return None
+
+
+#: The check slices of the engines tilefeet ships, by name.
+BUNDLED: dict[str, Callable[[Any], CheckData | None]] = {"isbi-membrane": _isbi, "lucchi-mito": _lucchi}
+
+
+def _declared(bundle: Any, declared: dict) -> CheckData:
+    import imageio.v3 as iio
+
+    images, labels = list(declared.get("images", [])), list(declared.get("labels", []))
+    cls = str(declared.get("class", bundle.classes[0]))
+    where = f"engine {bundle.name!r}: [check]"
+    if not images or len(images) != len(labels):
+        raise InvalidEngineError(f"{where} needs as many labels as images (got {len(images)} and {len(labels)}); list both, in order")
+    if cls not in bundle.classes:
+        raise InvalidEngineError(f"{where} class {cls!r} is not one of the engine's classes {list(bundle.classes)}")
+    try:
+        imgs = tuple(np.asarray(iio.imread(bundle.path / p)) for p in images)
+        masks = tuple(np.asarray(iio.imread(bundle.path / p)) > 0 for p in labels)
+    except OSError as e:
+        raise InvalidEngineError(f"{where} cannot read {e.filename or e}; re-copy the bundle") from None
+    for p, a, m in zip(images, imgs, masks):
+        if a.ndim != 2 or a.shape != m.shape:
+            raise InvalidEngineError(f"{where} {p} must be a grey 2-D image of its label's shape, got {a.shape} and {m.shape}")
+    return CheckData(imgs, masks, cls, str(declared.get("data", f"{len(imgs)} check slices of the engine")))
