@@ -43,6 +43,10 @@ WHITE = 0.9
 GROW_CELLS = 2
 
 
+def _unpack_mask(bits: np.ndarray, shape: tuple[int, int], grid: Any, source: str) -> TissueMask:
+    return TissueMask(np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool), grid, source)
+
+
 @dataclass(frozen=True)
 class TissueMask:
     """A coarse boolean mask in physical space (see the module docstring)."""
@@ -54,8 +58,8 @@ class TissueMask:
     def __post_init__(self) -> None:
         self.cells.setflags(write=False)
 
-    def __reduce__(self):  # pickles as plain arrays (frozen dataclass with a read-only array)
-        return (TissueMask, (np.array(self.cells), self.grid, self.source))
+    def __reduce__(self):  # pickles as packed bits (a stack's plan carries one mask per section)
+        return (_unpack_mask, (np.packbits(self.cells), self.cells.shape, self.grid, self.source))
 
     @cached_property
     def fraction(self) -> float:
