@@ -48,5 +48,5 @@ def test_what_cannot_be_read_is_one_clear_error(tmp_path):
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     with pytest.raises(InvalidImageError, match="no OME-Zarr 'multiscales'"):
         Image.open(tmp_path / "plain.zarr")
-    with pytest.raises(InvalidImageError, match="2 planes"):
-        Image.from_array(np.zeros((2, 8, 8)), 4.0)
+    with pytest.raises(InvalidImageError, match="2 planes along its axis 0"):
+        Image.from_array(np.zeros((2, 3, 8, 8)), 4.0)  # a (z, y, x) array is a stack; one more axis is not

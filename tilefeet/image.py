@@ -433,9 +433,10 @@ def _check_axes_shape(shape: tuple[int, ...], names: tuple[str, ...], where: str
                     f"{where} is a stack of {size} sections (shape {shape}); {what} takes one section here "
                     f"(tilefeet segment takes whole stacks)"
                 )
+            axis = f"axis {name!r}" if name != "?" else f"its axis {list(shape).index(size)}"
             raise InvalidImageError(
-                f"{where} has {size} planes along axis {name!r} (shape {shape}); tilefeet segments sections and z stacks: "
-                f"select one {name} first"
+                f"{where} has {size} planes along {axis} (shape {shape}); tilefeet segments sections (y, x) and stacks "
+                f"(z, y, x): select one plane of that axis first"
             )
     return (0,) * (len(shape) - 2)
 
