@@ -13,12 +13,12 @@ import tilefeet
 #: then data in and out, then planning and engines, the block function, graphs, entry points.
 LAYERS: list[list[str]] = [
     ["errors", "units", "geometry", "console", "artifacts", "device", "profile"],
-    ["resolution", "blend", "intensity", "metrics", "ngff", "storage", "chunks", "models", "sample", "mask"],
+    ["resolution", "blend", "intensity", "metrics", "ngff", "storage", "chunks", "models", "sample", "mask", "serve", "browser"],
     ["settings", "image", "engine", "convert", "training_data", "augment"],
     ["plan", "runners", "train", "bioimageio", "polarity"],
     ["block", "tilecache", "writer", "probe"],
     ["schedule", "objects", "cluster"],
-    ["pipeline", "evaluate", "preview", "bench"],
+    ["pipeline", "evaluate", "preview", "bench", "view"],
     ["cli", "commands"],
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

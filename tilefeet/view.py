@@ -413,8 +413,6 @@ class NeuroglancerView:
                 page.close()
         data = _flatten(shot.image)
         if png is not None:
-            from .preview import _write_file
-
             _write_file(Path(png), data)
         return data
 
@@ -469,6 +467,22 @@ class NeuroglancerView:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """``data`` written beside ``path`` and renamed onto it: never half a PNG; an OS error is one line."""
+    import os
+
+    from .storage import os_error
+
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise os_error(OSError(e.errno, e.strerror), path) from None
 
 
 def _flatten(png: bytes) -> bytes:
