@@ -187,3 +187,18 @@ def test_z_median_is_exact_across_block_depths_and_is_the_median(tmp_path, stack
     assert not np.array_equal(outs[0]["0"][:], raw)
     lazy = tilefeet.segment(stack, random_engine, z_median=3, **KW)
     np.testing.assert_array_equal(np.round(lazy.values * 255).astype(np.uint8), want)
+
+
+def test_a_tczyx_stack_with_single_t_and_c_reads_as_a_stack(tmp_path, planes, random_engine):
+    """bioformats2raw's layout: (t, c, z, y, x) with one time point and one channel."""
+    from tilefeet.ngff import create_levels, image_metadata, multiscales
+
+    root = zarr.open_group(str(tmp_path / "tczyx.ome.zarr"), mode="w")
+    lead = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}, {"name": "z", "type": "space", "unit": "nanometer"}]
+    root.attrs.update(image_metadata(multiscales("tczyx", (4.0, 4.0), 1, lead_axes=lead, lead_scale=[1.0, 1.0, DZ])))
+    (arr,) = create_levels(root, [(1, 1, *planes.shape)], chunks=(1, 1, 1, 128, 128), dtype="uint8", dimension_names=list("tczyx"))
+    arr[...] = planes[None, None]
+    run = tilefeet.plan_segmentation(tmp_path / "tczyx.ome.zarr", random_engine, **KW)
+    assert run.plan.is_stack and run.plan.sections == (0, 1, 2) and run.image.meta.z_spacing_nm == DZ
+    lazy = tilefeet.segment(tmp_path / "tczyx.ome.zarr", random_engine, **KW)
+    np.testing.assert_array_equal(lazy.values, tilefeet.segment(planes, random_engine, pixel_size_nm="4nm", **KW).values)
