@@ -146,6 +146,7 @@ def test_cells_in_3d_merge_through_a_gap_in_one_section(tmp_path):
         assert scores.adapted_rand_error == pytest.approx(want, abs=1e-12) and want > 0.3
         assert scores.rand_recall == 1.0 and scores.rand_precision < 0.6 and scores.vi_split == 0.0 and scores.vi_merge > 0.9
     assert ev.connectivity == 6 and "within each section" in ev.objects_source
+    assert ev.largest_true_cell == pytest.approx(1800 / 3510) and not ev.truth_cells_join  # two cells, no caution
     # scored section by section instead, only section 1 would be merged: 3-D is what makes this a merge everywhere
     per_section = [adapted_rand_error(label(~t, connectivity=1), label(~p, connectivity=1), ignore_labels=(0,))[0] for p, t in zip(pred, truth)]
     assert per_section[0] == per_section[2] == 0.0
@@ -247,6 +248,10 @@ def test_a_real_stack_scores_as_the_sum_of_its_sections(real_stack, capsys):
     # the truth's 3-D cells are the 6-connected regions between its membranes
     assert got["objects"]["true_objects"] == int(label(~truth, connectivity=1).max())
     assert 0 <= got["cells"]["adapted_rand_error"] < 1
+    # 50 nm apart, one neuron's profile overlaps others' in the next section: the truth's 3-D regions are one
+    assert got["cells"]["largest_true_cell"] > 0.8 and got["objects"]["true_objects"] < 10
+    code, text, _ = run_cli(capsys, "evaluate", out, f"{stack}/labels/membrane", "--cells")
+    assert code == 0 and "caution     the truth's largest cell holds" in text and "join across sections" in text
     # --threshold 0.5 on the stored probabilities gives the run's own labels (threshold 0.5)
     assert evaluate(out, f"{stack}/labels/membrane", threshold=0.5).pixel == evaluate(out, f"{stack}/labels/membrane").pixel
     code, text, _ = run_cli(capsys, "evaluate", out, f"{stack}/labels/membrane")

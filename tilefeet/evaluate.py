@@ -51,6 +51,9 @@ MAX_INSTANCE_PIXELS = 1 << 26
 INSTANCE_BYTES_PER_PIXEL = 50
 #: Side of the blocks that pixel and boundary counts are computed in.
 BLOCK_PX = 2048
+#: Above this share of all true cell pixels in one true cell, the cells' scores come with a caution
+#: (ISBI's serial sections, 50 nm apart, as a stack: 100 %; Lucchi's 5 nm FIB-SEM: 8 % and 51 %).
+LARGEST_CELL_CAUTION = 0.8
 
 # ------------------------------------------------------------------------------------ options
 
@@ -420,10 +423,18 @@ class Evaluation:
     objects_source: str = ""  #: what the predicted objects are (a stored layer, or how they were made)
     sections: int = 1  #: sections scored: 1 for a section, the stack's (all of them, in 3-D)
     connectivity: int | None = None  #: a stack's objects' connectivity (6, 18, 26), when objects were scored
+    largest_true_cell: float | None = None  #: ``cells``: the largest true cell's share of all true cell pixels
 
     @property
     def is_stack(self) -> bool:
         return self.sections > 1
+
+    @property
+    def truth_cells_join(self) -> bool:
+        """The truth's cells are mostly one (its largest holds over :data:`LARGEST_CELL_CAUTION` of their
+        pixels): in a stack, its regions between membranes join across sections, and ARE/VOI say
+        little about the prediction."""
+        return self.largest_true_cell is not None and self.largest_true_cell > LARGEST_CELL_CAUTION
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (NaN becomes None)."""
@@ -440,7 +451,7 @@ class Evaluation:
             "boundary": self.boundary.to_dict(),
             "instances": self.instances.to_dict() if self.instances else None,
             "objects": {**self.objects.to_dict(), "predicted": self.objects_source} if self.objects else None,
-            "cells": self.cells.to_dict() if self.cells else None,
+            "cells": {**self.cells.to_dict(), "largest_true_cell": self.largest_true_cell} if self.cells else None,
         }
 
 
@@ -506,10 +517,10 @@ def evaluate(
     if opts.objects:
         from .objects.match import score_objects
 
-        scores, cell, what, conn = score_objects(prediction, p, t, class_name=pred.class_name, cells=opts.cells,
-                                                 use_stored=opts.threshold is None and opts.ignore_border_px == 0,
-                                                 connectivity=opts.connectivity)
-        result = replace(result, objects=scores, cells=cell, objects_source=what, connectivity=conn)
+        found = score_objects(prediction, p, t, class_name=pred.class_name, cells=opts.cells,
+                              use_stored=opts.threshold is None and opts.ignore_border_px == 0, connectivity=opts.connectivity)
+        result = replace(result, objects=found.scores, cells=found.cells, objects_source=found.source, connectivity=found.connectivity,
+                         largest_true_cell=found.largest_true_cell)
     return result
 
 

@@ -118,6 +118,11 @@ def format_objects(ev: Evaluation) -> list[str]:
             f"{'cells: adapted Rand err':24s}{_num(c.adapted_rand_error)}  (Rand precision {_num(c.rand_precision)}, recall {_num(c.rand_recall)})",
             f"{'cells: VI (bits)':24s}{_num(c.vi)}  (split {_num(c.vi_split)}, merge {_num(c.vi_merge)})",
         ]
+        if ev.truth_cells_join:
+            where = ("its regions between membranes join across sections (a cell's profile overlaps other cells' in the next "
+                     "section: sections far apart, as in serial-section TEM)" if ev.is_stack else "its membranes do not close")
+            rows.append(f"caution     the truth's largest cell holds {ev.largest_true_cell:.0%} of its cell pixels: {where}; "
+                        f"ARE and VI say little about the prediction here")
     return rows
 
 

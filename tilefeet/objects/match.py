@@ -209,18 +209,36 @@ def cell_scores(ov: Overlaps) -> InstanceMetrics:
 # ---------------------------------------------------------------------------------- evaluation
 
 
+@dataclass(frozen=True)
+class ScoredObjects:
+    """What :func:`score_objects` found."""
+
+    scores: ObjectScores
+    cells: InstanceMetrics | None  #: the cells' ARE and VI (``cells``)
+    source: str  #: what the predicted objects are (a stored layer, or how they were made)
+    connectivity: int | None = None  #: a stack's 3-D connectivity (None for a section)
+    #: ``cells``: the largest true cell's share of all true cell pixels (near 1: the truth's regions
+    #: join into one, e.g. across sections too far apart for 3-D connectivity)
+    largest_true_cell: float | None = None
+
+
+def largest_share(ov: Overlaps) -> float | None:
+    """The largest true object's share of the pixels of all true objects (None without any)."""
+    _, area = ov.areas("true")
+    return float(area.max() / area.sum()) if len(area) else None
+
+
 def score_objects(
     prediction: Any, pred_mask: Any, truth_mask: Any, *, class_name: str | None, cells: bool, use_stored: bool,
     connectivity: int | None = None,
-) -> tuple[ObjectScores, InstanceMetrics | None, str, int | None]:
+) -> ScoredObjects:
     """Object scores of a prediction against a truth, both given as boolean masks (dask, same shape).
 
     True objects are the 8-connected components of the truth mask (``cells``: the 4-connected
     regions of its complement, the truth's cells). Predicted objects are the prediction store's
     ``labels/<class>-objects`` (``-cells``) when it has one and ``use_stored``, else the same
     algorithms as ``tilefeet objects`` on the predicted mask. Stacks (z, y, x): see the module's
-    docstring (``connectivity`` 6, 18 or 26). Returns the scores, the cells' ARE/VI (``cells``), a
-    description of the predicted objects, and a stack's connectivity (None for a section).
+    docstring (``connectivity`` 6, 18 or 26).
     """
     import os
     from pathlib import Path
@@ -260,12 +278,12 @@ def score_objects(
     if pred.shape != truth.shape:
         raise ConfigError(f"the predicted objects ({what}) are {pred.shape} px but the truth is {truth.shape} px; score them on one grid")
     ov = overlaps(truth, pred)
-    return match_objects(ov), cell_scores(ov) if cells else None, what, None
+    return ScoredObjects(match_objects(ov), cell_scores(ov) if cells else None, what, None, largest_share(ov) if cells else None)
 
 
 def _score_stack(
     store: Any, pred_mask: Any, truth_mask: Any, *, class_name: str | None, cells: bool, use_stored: bool, connectivity: int | None
-) -> tuple[ObjectScores, InstanceMetrics | None, str, int]:
+) -> ScoredObjects:
     """:func:`score_objects` of a stack: 3-D objects (or cells) on both sides, labelled out of core."""
     import dask.array as da
 
@@ -310,7 +328,7 @@ def _score_stack(
     if pred.shape != truth.shape:
         raise ConfigError(f"the predicted objects ({what}) are {pred.shape} voxels but the truth is {truth.shape}; score them on one grid")
     ov = overlaps(truth, pred)
-    return match_objects(ov), cell_scores(ov) if cells else None, what, conn
+    return ScoredObjects(match_objects(ov), cell_scores(ov) if cells else None, what, conn, largest_share(ov) if cells else None)
 
 
 def _stored_connectivity(layer: Any) -> int | None:
