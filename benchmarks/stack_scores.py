@@ -1,6 +1,6 @@
 """Scores of stacks measured in 3-D (``tilefeet evaluate`` on (z, y, x)), for the README.
 
-    python benchmarks/stack_scores.py                  # all of it (about 5 minutes on 2 CPU cores)
+    python benchmarks/stack_scores.py                  # all of it (about 90 s on 2 CPU cores)
     python benchmarks/stack_scores.py --only lucchi    # lucchi-mito's mitochondria only
 
 Each stack is built and scored the way a user would: the slices converted with ``tilefeet convert
