@@ -15,16 +15,24 @@ numbers as ``skimage.measure.regionprops_table`` on the whole image, combined fr
 partial sums (:mod:`.measure`). Cells (:mod:`.cells`) are the regions between membranes grown
 into the membrane by a bounded distance.
 
+A stack (a segment output with axes c, z, y, x) gives 3-D objects: 26-connected by default (6 or
+18 with ``connectivity``), ids equal to ``skimage.measure.label`` and ``cc3d`` of the whole volume
+for any (z, y, x) block shape; a table in nm with the anisotropic spacing (volume, surface area
+from exposed voxel faces, centroid, box, z extent); ``min_size`` in µm³ and ``min_z_extent``;
+holes filled per section (:mod:`.volume`, :mod:`.stack`).
+
 ==============  ==========================================================================
 module          holds
 ==============  ==========================================================================
 ``label``       block labelling, faces, the union-find, raster-order numbering (pure)
+``volume``      the same for stacks: 3-D blocks, pairs of pieces per block, 3-D sums and table (pure)
 ``measure``     per-block partial sums, their exact combination, the table (pure)
 ``cells``       seeds grown into the membrane (pure)
 ``blocks``      what one block computes in each pass, and the reductions between passes
 ``options``     options (``ObjectSettings``) and the plan on one section
 ``store``       all OME-Zarr reading and writing of this package (staging, publishing)
 ``run``         the out-of-core dask graph with completion records (``write_objects``)
+``stack``       a stack's out-of-core graph and lazy passes
 ``lazy``        the lazy call (``label_objects``)
 ``match``       object-level scores against ground truth (``evaluate --objects``)
 ``colors``      a stable colour per id, and object outlines, for previews
