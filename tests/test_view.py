@@ -256,6 +256,31 @@ def test_screenshot_command_writes_a_png(output, chromium, tmp_path, capsys):
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_view_prints_a_url_that_serves_neuroglancer_until_ctrl_c(output):
+    """The command as a user runs it: the layers and the URL on stdout, neuroglancer's page and the
+    data behind that URL, and Ctrl-C (SIGINT) ends it cleanly, status 0."""
+    pytest.importorskip("neuroglancer", reason='neuroglancer is not installed (pip install "tilefeet[view]")')
+    import signal
+
+    from .helpers import cli_command
+
+    with subprocess.Popen(cli_command("view", output), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            lines: list[str] = []
+            while not (lines and lines[-1].startswith("http://")):
+                line = proc.stdout.readline()  # type: ignore[union-attr]
+                assert line, f"tilefeet view exited: {proc.stderr.read()}"  # type: ignore[union-attr]
+                lines.append(line.strip())
+            assert lines[-1].startswith("http://127.0.0.1:") and any(ln.split()[:2] == ["+", "membrane"] for ln in lines)
+            status, _, page = _get(lines[-1])
+            assert status == 200 and b"neuroglancer" in page.lower()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_remote_output_on_a_web_server_without_cors_is_proxied(output, tmp_path):
     """python's http.server sends no CORS headers (and ignores ranges): the local server reads it for neuroglancer."""
     pytest.importorskip("neuroglancer", reason='neuroglancer is not installed (pip install "tilefeet[view]")')

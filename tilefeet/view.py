@@ -141,7 +141,7 @@ def plan_view(output: str | Path, input: str | Path | None = None) -> ViewPlan:
         image = _input_layer(str(source), given=input is not None, output=output)
         if image is not None:
             layers.append(image)
-            stores["input"] = str(source)
+            stores["input"] = image.ms.path  # the image group itself (a bioformats2raw layout's "0")
     prob_window = (0.0, 255.0) if ms.datasets[0].dtype == "uint8" else (0.0, 1.0)
     for i, cls in enumerate(classes):
         label = label_ms.get(_label_of(cls, label_ms))
