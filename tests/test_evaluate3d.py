@@ -307,19 +307,41 @@ def test_preview_z_outside_the_stack_is_one_line(real_stack, tmp_path, capsys):
     assert "sections 0 to 2" in run_cli(capsys, "preview", out, tmp_path / "x.png", "--z", "3")[2]
 
 
-def test_preview_of_a_stack_with_z_start_lays_each_section_on_its_own_input_section(tmp_path, random_engine, capsys):
-    planes = np.stack([s[:128, :160] for s in isbi_slices()[0][:3]])
-    from tilefeet.convert import write_image
+@pytest.fixture(scope="module")
+def partial_runs(tmp_path_factory, random_engine):
+    """A 3-section stack (128 × 160) with its truth, segmented whole and with --z 1:3 and --z 2:3."""
+    from tilefeet.convert import write_image, write_labels
 
-    stack = write_image(planes, tmp_path / "stack.ome.zarr", (4.0, 4.0), chunk=128, z_spacing_nm=50.0)
+    tmp = tmp_path_factory.mktemp("partial")
+    images, masks = isbi_slices()
+    stack = write_image(np.stack([s[:128, :160] for s in images[:3]]), tmp / "stack.ome.zarr", (4.0, 4.0), chunk=128, z_spacing_nm=50.0)
+    write_labels(np.stack([m[:128, :160] for m in masks[:3]]), stack, "membrane")
     kw = dict(tile=128, overlap=32, chunk_size=64, progress=False)
-    full = tilefeet.segment_to_zarr(stack, tmp_path / "full.ome.zarr", random_engine, **kw)
-    part = tilefeet.segment_to_zarr(stack, tmp_path / "part.ome.zarr", random_engine, z_range="1:3", **kw)
+    runs = {z: tilefeet.segment_to_zarr(stack, tmp / f"seg{z.replace(':', '-')}.ome.zarr", random_engine, z_range=z, **kw)
+            for z in ("0:3", "1:3", "2:3")}
+    return stack, runs
+
+
+def test_a_z_range_output_is_scored_against_those_sections_of_the_whole_truth(partial_runs):
+    stack, runs = partial_runs
+    truth = zarr.open_group(str(stack), mode="r")["labels/membrane/0"][:] != 0
+    for z, (start, stop) in (("1:3", (1, 3)), ("2:3", (2, 3))):
+        ev = evaluate(runs[z], f"{stack}/labels/membrane")
+        pred = zarr.open_group(str(runs[z]), mode="r")["labels/membrane/0"][:] != 0
+        want = [pixel_metrics(p, t) for p, t in zip(pred, truth[start:stop])]
+        assert (ev.pixel.tp, ev.pixel.fp, ev.pixel.fn) == tuple(sum(getattr(m, k) for m in want) for k in ("tp", "fp", "fn"))
+        assert ev.sections == stop - start and f"sections {start}:{stop}, as the prediction's --z {start}:{stop}" in ev.truth
+    whole = evaluate(runs["0:3"], f"{stack}/labels/membrane")
+    assert whole.sections == 3 and "as the prediction's" not in whole.truth
+
+
+def test_preview_of_a_stack_with_z_start_lays_each_section_on_its_own_input_section(partial_runs, tmp_path, capsys):
+    _, runs = partial_runs
     a, b = tmp_path / "full.png", tmp_path / "part.png"
-    assert run_cli(capsys, "preview", full, a, "--z", "2")[0] == 0
-    assert run_cli(capsys, "preview", part, b, "--z", "1")[0] == 0  # the part's section 1 is the stack's section 2
+    assert run_cli(capsys, "preview", runs["0:3"], a, "--z", "2")[0] == 0
+    assert run_cli(capsys, "preview", runs["1:3"], b, "--z", "1")[0] == 0  # the part's section 1 is the stack's section 2
     np.testing.assert_array_equal(iio.imread(a), iio.imread(b))
-    code, _, err = run_cli(capsys, "preview", part, tmp_path / "c.png", "--z", "2")
+    code, _, err = run_cli(capsys, "preview", runs["1:3"], tmp_path / "c.png", "--z", "2")
     assert_one_line_error(code, err, "--z 2 is outside the stack", "sections 0 to 1")
 
 

@@ -163,6 +163,9 @@ class Mask:
     data: Any
     source: str
     class_name: str | None = None  #: the class picked from a store that holds several
+    #: a tilefeet output of a stack's sections (``segment --z START:STOP``): START, the input section
+    #: of its first one; None for anything else
+    first_section: int | None = None
 
     @property
     def shape(self) -> Pair:
@@ -287,7 +290,8 @@ def _open_zarr(
     if threshold is None and names:
         name = _choose_class(names, class_name, hinted, path, role, "label images")
         labels = join(path, "labels", name)
-        return _image_mask(labels, f"{labels}{rule}", foreground=foreground, class_name=name, role=role, complete=complete)
+        mask = _image_mask(labels, f"{labels}{rule}", foreground=foreground, class_name=name, role=role, complete=complete)
+        return replace(mask, first_section=_first_section(ms))
     if threshold is not None and ms.is_label:
         raise ConfigError(f"--threshold scores probabilities, but the {role} {path} is a label image; leave out --threshold")
     data = da.from_zarr(root[ms.datasets[0].path])
@@ -303,7 +307,7 @@ def _open_zarr(
                 _refuse_missing(check_chunks(root[ms.datasets[0].path], str(path), ms.datasets[0].path, what=f"the {name} probabilities",
                                              lead=lead, every_chunk_written=True), role)
         plane = _plane(data, axes, channels.index(name), path)
-        return Mask(binarize(plane, threshold=threshold), f"{path} probabilities[{name}]{rule}", name)
+        return Mask(binarize(plane, threshold=threshold), f"{path} probabilities[{name}]{rule}", name, _first_section(ms))
     if len(channels) > 1:
         raise ConfigError(
             f"{role} {path} holds {len(channels)} probability channels ({', '.join(channels)}) and no label images; "
@@ -351,6 +355,25 @@ def _image_mask(
 def _refuse_missing(found: ChunkCheck, role: str) -> None:
     if found.missing:
         raise found.error("scored as background", f"restore them (copy, convert or segment the {role} again)")
+
+
+def _first_section(ms: Any) -> int | None:
+    """The input section of a tilefeet stack output's first section (its ``--z`` start), else None."""
+    if "z" not in ms.names or ms.metadata.get("method") != "tilefeet.segment":
+        return None
+    z_range = (ms.metadata.get("settings") or {}).get("z_range")
+    return int(z_range[0] or 0) if z_range else 0
+
+
+def align_sections(pred: Mask, truth: Mask) -> Mask:
+    """The truth's sections that a ``segment --z START:STOP`` output holds, when the truth is the
+    whole stack's (it has more sections than the output, and START + the output's reach into it)."""
+    start = pred.first_section
+    if start is None or not truth.is_stack or truth.depth == pred.depth or start + pred.depth > truth.depth:
+        return truth
+    stop = start + pred.depth
+    data = truth.data[start] if pred.depth == 1 else truth.data[start:stop]
+    return replace(truth, data=data, source=f"{truth.source} (sections {start}:{stop}, as the prediction's --z {start}:{stop})")
 
 
 def _is_zarr(path: Path) -> bool:
@@ -502,6 +525,7 @@ def evaluate(
     true = open_mask(
         truth, role="truth", class_name=opts.class_name, foreground=opts.truth_foreground, class_hint=pred.class_name
     )
+    true = align_sections(pred, true)
     check_same_shape(pred, true)
     if opts.connectivity is not None and not pred.is_stack:
         raise ConfigError(
