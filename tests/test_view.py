@@ -298,6 +298,24 @@ def test_remote_output_on_a_web_server_without_cors_is_proxied(output, tmp_path)
         server.stop()
 
 
+def test_a_web_server_with_cors_and_ranges_is_read_by_neuroglancer_itself_unless_float16(output, stack_output):
+    """A web server that lets a page read it (tilefeet's own store server is one) is given to
+    neuroglancer as is; float16 probabilities still go through the local server, converted."""
+    pytest.importorskip("neuroglancer", reason='neuroglancer is not installed (pip install "tilefeet[view]")')
+    import fsspec
+
+    from tilefeet.serve import Mount, StoreServer
+    from tilefeet.view import NeuroglancerView, plan_view
+
+    with StoreServer({"a": Mount(fsspec.filesystem("file"), str(stack_output.parent)),
+                      "b": Mount(fsspec.filesystem("file"), str(output.parent))}) as web:
+        url = f"{web.url('a')}/{stack_output.name}"  # uint8
+        with NeuroglancerView(plan_view(url)) as v:
+            assert v.direct["output"] is True and v.sources["output"] == f"zarr3://{url}" and v.data_url("output") is None
+        with NeuroglancerView(plan_view(f"{web.url('b')}/{output.name}")) as v:  # float16
+            assert v.direct["output"] is False and v.data_url("output") is not None
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 

@@ -9,8 +9,8 @@ Three steps, each a function:
 2. :class:`NeuroglancerView` serves the stores on 127.0.0.1 (:mod:`tilefeet.serve`: CORS, byte
    ranges, float16 arrays as float32) and opens neuroglancer's own Python server and client on
    them, with x horizontal and the units of the metadata. A remote output is read by neuroglancer
-   itself when its web server allows it (CORS, no credentials, no float16), else through the local
-   server (S3 with the command's credentials and endpoint, web servers without CORS).
+   itself when its web server allows it (CORS and byte ranges, no credentials, no float16), else
+   through the local server (S3 with the command's credentials and endpoint, other web servers).
    :meth:`NeuroglancerView.screenshot` renders it in headless Chromium (:mod:`tilefeet.browser`)
    and refuses, in one line, a view in which a layer failed to load.
 3. :func:`napari_layers` and :func:`open_napari`: the same layers in napari, built from the arrays
@@ -311,13 +311,14 @@ def _source_prefix(ms: Multiscale) -> str:
     return "zarr2://" if ms.version.startswith("0.4") else "zarr3://"
 
 
-def _allows_cors(url: str, headers: Mapping[str, str]) -> bool:
-    """Does the web server at ``url`` (a store) let a page from another origin read it?"""
+def _browser_can_read(url: str) -> bool:
+    """Can a page from another origin read the store at ``url`` as neuroglancer does: does its web
+    server send CORS headers and honour byte ranges (sharded arrays are read by range)?"""
     origin = "http://127.0.0.1"
     for meta in ("zarr.json", ".zattrs"):
-        req = urllib.request.Request(f"{url.rstrip('/')}/{meta}", headers={"Origin": origin, **headers})
+        req = urllib.request.Request(f"{url.rstrip('/')}/{meta}", headers={"Origin": origin, "Range": "bytes=0-0"})
         with contextlib.suppress(Exception), urllib.request.urlopen(req, timeout=10) as r:
-            return r.headers.get("Access-Control-Allow-Origin") in ("*", origin)
+            return r.status == 206 and r.headers.get("Access-Control-Allow-Origin") in ("*", origin)
     return False
 
 
@@ -340,7 +341,7 @@ class NeuroglancerView:
             if is_url(location):
                 remote = Remote.create(location, None, role=name)
                 headers = {k[len("header."):]: str(v) for k, v in remote.options if k.startswith("header.")}
-                if remote.scheme != "s3" and not converted and not headers and _allows_cors(remote.url, headers):
+                if remote.scheme != "s3" and not converted and not headers and _browser_can_read(remote.url):
                     sources[name] = prefix + remote.url
                     self.direct[name] = True
                     continue
