@@ -202,3 +202,12 @@ def test_a_tczyx_stack_with_single_t_and_c_reads_as_a_stack(tmp_path, planes, ra
     assert run.plan.is_stack and run.plan.sections == (0, 1, 2) and run.image.meta.z_spacing_nm == DZ
     lazy = tilefeet.segment(tmp_path / "tczyx.ome.zarr", random_engine, **KW)
     np.testing.assert_array_equal(lazy.values, tilefeet.segment(planes, random_engine, pixel_size_nm="4nm", **KW).values)
+
+
+def test_a_stacks_label_image_has_the_stacks_z_spacing(tmp_path, planes):
+    from tilefeet.convert import write_labels
+
+    src = write_image(planes, tmp_path / "s.ome.zarr", (4.0, 4.0), chunk=128, z_spacing_nm=DZ)
+    write_labels((planes < 100).astype(np.uint8), src, "membrane")
+    ms = json.loads((src / "labels" / "membrane" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [DZ, 4.0, 4.0]

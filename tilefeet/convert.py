@@ -347,6 +347,19 @@ def _is_store_task(key: Any) -> bool:
     return str(name).startswith("store-")
 
 
+def _z_scale_nm(image: Any, px: tuple[float, float]) -> tuple[float, float]:
+    """(section spacing, z origin) of a stack image in nm, for its label images (the pixel size when
+    its z axis says no unit)."""
+    from .units import nm_per_unit
+
+    names = list(image.names)
+    if "z" not in names:
+        return px[0], 0.0
+    k, axis, ds = names.index("z"), image.axes[names.index("z")], image.datasets[0]
+    f = nm_per_unit(axis.unit) if axis.unit else 1.0
+    return float(ds.scale[k]) * f, (float(ds.translation[k]) * f if ds.translation else 0.0)
+
+
 def write_labels(
     mask: Any, image_path: str | os.PathLike, name: str, *, foreground: Sequence[float] | None = None, overwrite: bool = False
 ) -> Path:
@@ -391,7 +404,8 @@ def write_labels(
             level = downsample2(level, "max")
         tasks.append(da.store(level[..., : z.shape[-2], : z.shape[-1]].rechunk(z.chunks), z, lock=False, compute=False))
     dask.compute(*tasks, scheduler="threads")
-    ms = multiscales(name, px, n, lead_axes=lead, lead_scale=[px[0]] if lead else None, method="max",
+    ms = multiscales(name, px, n, lead_axes=lead, lead_scale=[_z_scale_nm(image, px)[0]] if lead else None,
+                     lead_origin=[_z_scale_nm(image, px)[1]] if lead else None, method="max",
                      metadata={"method": "tilefeet.convert", "every_chunk_written": True})
     g.attrs.update(label_metadata(ms, colors=[{"label-value": 1, "rgba": [255, 64, 0, 255]}]))
     add_label(root, name)
