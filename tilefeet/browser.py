@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -77,7 +79,8 @@ class HeadlessChromium:
         args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile}", f"--window-size={size[0]},{size[1]}",
                 "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", "about:blank"]
         with self._log.open("wb") as log:
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+            # its own process group: closing ends Chromium's helper processes too, not only the browser
+            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tilefeet-chromium", daemon=True)
         self._thread.start()
@@ -122,18 +125,29 @@ class HeadlessChromium:
         with contextlib.suppress(Exception):
             if self._session is not None:
                 self._call(self._session.close(), 5)
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        self._signal(signal.SIGTERM)
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self._proc.wait()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         with contextlib.suppress(RuntimeError):
             self._loop.close()
-        shutil.rmtree(self._profile, ignore_errors=True)
+        for _ in range(50):  # a helper may still write into the profile while it exits
+            shutil.rmtree(self._profile, ignore_errors=True)
+            if not self._profile.exists():
+                break
+            time.sleep(0.05)
+
+    def _signal(self, sig: int) -> None:
+        """``sig`` to Chromium's process group (the browser and its helpers)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if hasattr(os, "killpg"):
+                os.killpg(self._proc.pid, sig)
+            elif self._proc.poll() is None:  # no process groups (Windows): the browser alone
+                self._proc.kill()
 
     def __enter__(self) -> HeadlessChromium:
         return self
