@@ -67,7 +67,9 @@ def cluster(tmp_path_factory):
     common = {"cwd": folder, "stdout": log, "stderr": subprocess.STDOUT, "start_new_session": True}
     procs = [
         subprocess.Popen(
-            [_dask(), "scheduler", "--scheduler-file", str(scheduler_file), "--port", "0", "--host", "127.0.0.1", "--no-dashboard"],
+            # Its web server binds :8787 even without a dashboard; a free port leaves that to LocalClusters of other tests.
+            [_dask(), "scheduler", "--scheduler-file", str(scheduler_file), "--port", "0", "--host", "127.0.0.1", "--no-dashboard",
+             "--dashboard-address", "127.0.0.1:0"],
             **common,
         )
     ]

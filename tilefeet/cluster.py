@@ -110,6 +110,7 @@ def from_options(scheduler: str | None, scheduler_file: str | None, resources: I
         return None
     import logging
 
+    _distributed("--scheduler-file" if scheduler_file else "--scheduler")  # importing it configures its logging
     if not logging.getLogger("tilefeet").isEnabledFor(logging.DEBUG):  # -v: also the client's connection notes
         logging.getLogger("distributed").setLevel(logging.ERROR)
     cluster = connect(scheduler, scheduler_file, resources=parse_resources(resources))
@@ -276,14 +277,15 @@ class Cluster:
         first: block records keep that safe) and says how to resume: ``kept`` says what is kept
         where. A task that killed workers in turn, or a lost scheduler, is one line (:class:`ClusterError`).
         """
-        from dask.delayed import Delayed
         from tqdm.auto import tqdm
 
         distributed = _distributed("--scheduler")
         dsk = graph.__dask_graph__()
         keys = [k for k in dsk if counts(k)]
-        # The counted tasks are outputs too, so each has a future to follow (their results are tiny records).
-        futures = self.client.compute([graph, *(Delayed(k, dsk) for k in keys)])
+        # The counted tasks are outputs too, so each has a future to follow (their results are tiny
+        # records). One submission of the graph as it is (its layers keep their resource annotations):
+        # 0.1 s for 4096 blocks, where a Delayed per block costs seconds to merge.
+        futures = self.client.get(dsk, [graph.key, *keys], sync=False)
         final, parts = futures[0], futures[1:]
         bar = tqdm(total=len(parts), desc=description, unit=unit, disable=not progress, dynamic_ncols=True)
         try:
