@@ -165,7 +165,11 @@ class Cluster:
     resources: dict[str, float]
 
     def workers(self) -> dict[str, Any]:
-        return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+        try:
+            info = self.client.scheduler_info(n_workers=-1)  # all of them (recent distributed lists 5 by default)
+        except TypeError:  # distributed before 2025.1 lists all, and takes no n_workers
+            info = self.client.scheduler_info()
+        return dict(info["workers"])
 
     def describe(self) -> str:
         workers = self.workers()
