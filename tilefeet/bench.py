@@ -12,6 +12,8 @@ Jobs run in separate processes so each one's peak memory is its own:
                isolates the pipeline's share of the difference.
 ``io``         the raw I/O floor: read every input chunk and write a compressed uint8 array of the
                output's size, nothing else.
+``backends``   tilefeet end to end with each backend and precision that runs here (torch, ONNX
+               Runtime, OpenVINO; fp32, and bf16 on a CPU that runs it natively).
 ``pipeline``   tilefeet end to end with a near-free network (a 1-channel, 1-level U-Net with the
                engine's tile, overlap, pixel size and normalization, on torch): the ceiling of
                everything around the network (reading, normalization, tiling, blending, writing
@@ -194,7 +196,21 @@ def _worker(payload: str) -> dict:
     return JOBS[p["job"]](p["section"], p["out"], p["engine"], p["options"], **p["extra"])
 
 
-BASELINES = ("io", "pipeline", "monai", "monai-runner")
+BASELINES = ("io", "pipeline", "backends", "monai", "monai-runner")
+
+
+def backend_contenders(bundle: Any, device: str = "auto") -> list[tuple[str, str]]:
+    """Every ``(backend, precision)`` that runs ``bundle`` on this machine's CPU (fp32 everywhere; bf16
+    where the CPU runs it natively): what ``--baseline backends`` times, each as a tilefeet job.
+    Nothing on a GPU (``benchmarks/gpu_check.py`` sweeps the GPU's)."""
+    from .device import resolve_device
+    from .runners.select import AUTO_REDUCED, allowed_backends, native_bf16, runnable_on_cpu
+
+    if resolve_device(device).type != "cpu":
+        return []
+    precisions = ["fp32"] + ([AUTO_REDUCED] if native_bf16() else [])
+    combos, _ = runnable_on_cpu(bundle, precisions, allowed_backends(bundle), None)
+    return sorted(combos, key=lambda c: (c[1], c[0]))
 
 
 def benchmark(
@@ -203,14 +219,18 @@ def benchmark(
     workdir: Path,
     *,
     options: dict | None = None,
-    baselines: tuple[str, ...] = ("io", "pipeline", "monai", "monai-runner"),
+    baselines: tuple[str, ...] = ("io", "pipeline", "backends", "monai", "monai-runner"),
     repeats: int = 1,
     on_result: Callable[[dict], None] | None = None,
 ) -> dict:
     """Time tilefeet and the baselines on one ``size²`` section; returns a JSON-ready report.
 
-    tilefeet runs first, then the baselines in the order given. ``on_result`` is called with the
-    report so far after each job (a script that may be stopped keeps what finished)."""
+    Every job runs in a process of its own, tilefeet first, then the baselines in the order given;
+    with ``repeats`` > 1 the whole sequence runs again (the contenders alternate, so a change of
+    the machine's load falls on all of them alike) and each job reports its median run, with every
+    run's seconds and the 1-minute load average when it started. ``backends`` times tilefeet with
+    each backend and precision that runs here (:func:`backend_contenders`). ``on_result`` is
+    called with the report so far after each job (a script that may be stopped keeps what finished)."""
     import torch
 
     from . import __version__
@@ -221,6 +241,7 @@ def benchmark(
         raise ConfigError(f"--size {size} is too small to time anything; give a section side of at least 16 px, e.g. --size 4096")
     options = dict(options or {})
     profile = bool(options.pop("profile", False))
+    options.setdefault("precision", os.environ.get("TILEFEET_PRECISION") or "auto")
     workdir.mkdir(parents=True, exist_ok=True)
     reason = ""
     from .engine import load_engine
@@ -233,33 +254,26 @@ def benchmark(
             if name in baselines:
                 skipped[name] = f"the engine's {bundle.network} network has no torch module for MONAI to run"
         baselines = tuple(b for b in baselines if b not in skipped)
-    if options.get("backend", "auto") == "auto":
-        # Decide (and build: ONNX export, TensorRT plan, CPU timings) before the clock starts; those
-        # are one-time costs, cached on disk, not part of segmenting a section.
-        from .runners.select import resolve_backend
-
-        tile = options.get("tile", bundle.tile)
-        backend, backend_options, reason = resolve_backend(
-            bundle, device=options.get("device", "auto"), precision=options.get("precision", "fp32"),
-            batch_size=options.get("batch_size", 4), tile=(tile, tile),
-        )
-        options.update(backend=backend, backend_options=[list(kv) for kv in backend_options])
-    section = make_section(workdir / f"texture-{size}.ome.zarr", size)
-    mpx = size * size / 1e6
-    results: dict[str, dict] = {}
-
-    def best(name: str, **extra: Any) -> dict:
-        opts = {**options, "profile": profile} if name == "tilefeet" else options
-        runs = [run_job(name if name in JOBS else "monai", section, workdir / f"out-{name}.zarr", engine, opts, **extra) for _ in range(repeats)]
-        r = min(runs, key=lambda x: x["seconds"])
-        r["mpx_per_s"] = mpx / r["seconds"]
-        return r
-
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         from .errors import ConfigError
 
         raise ConfigError(f"unknown baseline(s) {sorted(unknown)}; use {', '.join(BASELINES)}")
+    tile = options.get("tile", bundle.tile)
+    if "auto" in (options.get("backend", "auto"), options["precision"]):
+        # Decide (and build: ONNX export, compiled models, CPU timings, the accuracy guard) before
+        # the clock starts; those are one-time costs, cached on disk, not part of segmenting a section.
+        from .runners.select import choose
+
+        choice = choose(
+            bundle, device=options.get("device", "auto"), precision=options["precision"],
+            batch_size=options.get("batch_size", 4), tile=(tile, tile), prefer=options.get("backend", "auto"),
+        )
+        reason = choice.reason
+        options.update(backend=choice.backend, precision=choice.precision, backend_options=[list(kv) for kv in choice.options])
+    section = make_section(workdir / f"texture-{size}.ome.zarr", size)
+    mpx = size * size / 1e6
+    results: dict[str, dict] = {}
     report = {
         "device": device_name(options.get("device", "auto")),
         "tilefeet_version": __version__,
@@ -271,33 +285,63 @@ def benchmark(
         "backend_reason": reason,
         "flops_per_pixel": bundle.flops_per_pixel(),
         "skipped_baselines": skipped,
+        "repeats": repeats,
         "results": results,
     }
-    for name in dict.fromkeys(("tilefeet", *baselines)):
+    # (name, job, engine, options, extra) of every contender, in the order they run
+    jobs: list[tuple[str, str, str, dict, dict]] = [("tilefeet", "tilefeet", engine, options, {})]
+    for name in dict.fromkeys(baselines):
         if name == "pipeline":
             null = null_engine(engine, workdir / "null-engine")
-            runs = []
-            for _ in range(repeats):
-                null_options = {**options, "backend": "torch", "backend_options": []}
-                runs.append(run_job("tilefeet", section, workdir / "out-pipeline.zarr", str(null), null_options))
-            results["pipeline"] = min(runs, key=lambda x: x["seconds"])
-            results["pipeline"]["mpx_per_s"] = mpx / results["pipeline"]["seconds"]
+            jobs.append(("pipeline", "tilefeet", str(null), {**options, "backend": "torch", "precision": "fp32", "backend_options": []}, {}))
+        elif name == "backends":
+            for b, p in backend_contenders(bundle, options.get("device", "auto")):
+                if (b, p) == (options.get("backend"), options.get("precision")) and not options.get("backend_options"):
+                    continue  # the default run is this one
+                jobs.append((f"{b} {p}", "tilefeet", engine, {**options, "backend": b, "precision": p, "backend_options": []}, {}))
         elif name.startswith("monai"):
-            results[name] = best(name, model="runner" if name == "monai-runner" else "plain")
+            jobs.append((name, "monai", engine, options, {"model": "runner" if name == "monai-runner" else "plain"}))
         else:
-            results[name] = best(name)
-        if on_result is not None:
-            on_result(report)
+            jobs.append((name, name, engine, options, {}))
+    runs: dict[str, list[dict]] = {}
+    for r in range(repeats):
+        for name, job, eng, opts, extra in jobs:
+            if name == "tilefeet" and profile and r == 0:
+                opts = {**opts, "profile": True}
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            out = workdir / f"out-{name.replace(' ', '-')}.zarr"
+            result = run_job(job, section, out, eng, opts, **extra)
+            result["load_at_start"] = load
+            runs.setdefault(name, []).append(result)
+            results[name] = _median_run(runs[name], mpx)
+            if on_result is not None:
+                on_result(report)
     return report
+
+
+def _median_run(runs: list[dict], mpx: float) -> dict:
+    """The median run (the lower middle one for an even count), with every run's seconds and load."""
+    ordered = sorted(runs, key=lambda x: x["seconds"])
+    mid = dict(ordered[(len(ordered) - 1) // 2])
+    for extra in ("profile", "stages"):  # the profiled (first) run's stage times, whichever run is the median
+        if extra in runs[0] and extra not in mid:
+            mid[extra] = runs[0][extra]
+    mid["mpx_per_s"] = mpx / mid["seconds"]
+    mid["runs_seconds"] = [round(x["seconds"], 3) for x in runs]
+    mid["runs_load"] = [x.get("load_at_start") for x in runs]
+    return mid
 
 
 def format_report(report: dict) -> str:
     r = report["results"]
     t = r["tilefeet"]
+    repeats = report.get("repeats", 1)
     lines = [
         f"{report['device']} — {report['size']}² section ({report['megapixels']:.1f} Mpx), engine {report['engine']}, "
-        f"backend {report['options'].get('backend')}" + (f" ({report['backend_reason']})" if report.get("backend_reason") else ""),
-        f"{'job':<14}{'seconds':>10}{'Mpx/s':>10}{'peak MB':>10}   tilefeet speed-up",
+        f"backend {report['options'].get('backend')} {report['options'].get('precision', '')}"
+        + (f" ({report['backend_reason']})" if report.get("backend_reason") else ""),
+        *([f"each job run {repeats} times, alternating; the median run shown (load average at each start in the JSON)"] if repeats > 1 else []),
+        f"{'job':<18}{'seconds':>10}{'Mpx/s':>10}{'peak MB':>10}   tilefeet speed-up",
     ]
     for name, v in r.items():
         ratio = v["seconds"] / t["seconds"]
@@ -306,7 +350,7 @@ def format_report(report: dict) -> str:
             extra = f"   (inference alone {v['infer_seconds']:.1f} s: tilefeet end to end is {v['infer_seconds'] / t['seconds']:.2f}× faster)"
         elif name == "pipeline":
             extra = f"   (everything but the network: {100 * v['seconds'] / t['seconds']:.0f} % of tilefeet's time)"
-        lines.append(f"{name:<14}{v['seconds']:>10.2f}{v['mpx_per_s']:>10.2f}{v['peak_rss_mb']:>10.0f}   ×{ratio:.2f}{extra}")
+        lines.append(f"{name:<18}{v['seconds']:>10.2f}{v['mpx_per_s']:>10.2f}{v['peak_rss_mb']:>10.0f}   ×{ratio:.2f}{extra}")
     if "stages" in t:
         busy = t.get("profile", {}).get("device_busy_fraction")
         lines.append("tilefeet by stage (a second run, synchronized at each stage):" + (f" device busy {busy:.0%} of the first run" if busy else ""))

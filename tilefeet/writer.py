@@ -35,7 +35,17 @@ import numpy as np
 
 from .errors import ConfigError, OutputExistsError, TilefeetError
 from .geometry import BlockGrid, Box, Pair
-from .ngff import LABEL_COLORS, add_label, create_levels, image_metadata, label_metadata, label_name, multiscales, pyramid_shapes
+from .ngff import (
+    LABEL_COLORS,
+    add_label,
+    create_levels,
+    grey_compressor,
+    image_metadata,
+    label_metadata,
+    label_name,
+    multiscales,
+    pyramid_shapes,
+)
 from .plan import Plan
 from .storage import OutputLocation, Url, is_remote_error, is_url, location_text, output_location
 
@@ -150,6 +160,7 @@ class OutputStore:
             shards=(len(classes), *zc, *s.shard_size) if s.shard_size else None,
             dtype=s.output_dtype,
             dimension_names=["c", *zdims, "y", "x"],
+            compressors=grey_compressor(s.output_dtype),
         )
         top = _max_value(s.output_dtype)
         window = {"start": 0, "end": top, "min": 0, "max": top}
@@ -176,7 +187,7 @@ class OutputStore:
         if s.uncertainty:
             g = root.create_group("uncertainty")
             create_levels(g, [(*zl, *sh) for sh in shapes], chunks=(*zc, *s.chunk_size), shards=(*zc, *s.shard_size) if s.shard_size else None,
-                          dtype="uint8", dimension_names=[*zdims, "y", "x"])
+                          dtype="uint8", dimension_names=[*zdims, "y", "x"], compressors=grey_compressor("uint8"))
             g.attrs.update(
                 image_metadata(
                     self._multiscales("uncertainty", len(shapes), {
