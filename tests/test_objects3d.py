@@ -101,7 +101,7 @@ def lazy_ids(mask: np.ndarray, block, connectivity: int = 26, **kw) -> np.ndarra
 # ------------------------------------------------------------------------------ ids, in memory
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=hs.tuples(hs.integers(1, 6), hs.integers(1, 10), hs.integers(1, 10)),
     block=hs.tuples(hs.integers(1, 4), hs.integers(2, 6), hs.integers(2, 6)),
