@@ -63,14 +63,14 @@ def view_cmd(
                 view.screenshot(screenshot, size=shape, timeout_s=timeout)
                 console.echo(f"wrote {screenshot}")
                 return
-            typer.echo("\n".join(["layers (+ shown at start):", *describe(plan)]))
-            typer.echo(view.url)
-            if open_browser:
-                import webbrowser
+            try:  # Ctrl-C from the moment the URL can be seen ends the view, status 0
+                typer.echo("\n".join(["layers (+ shown at start):", *describe(plan)]))
+                typer.echo(view.url)
+                if open_browser:
+                    import webbrowser
 
-                webbrowser.open(view.url)
-            console.echo("serving on 127.0.0.1 until Ctrl-C")
-            try:
+                    webbrowser.open(view.url)
+                console.echo("serving on 127.0.0.1 until Ctrl-C")
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:
