@@ -376,7 +376,7 @@ def test_a_cluster_reads_http_and_writes_s3_like_a_local_run(http, s3, random_en
     url = f"s3://{_prefix()}/o.ome.zarr"
     try:
         with (
-            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
             distributed.Client(cluster) as client,
         ):
             graph = tilefeet.segment_to_zarr(f"{http.url}/section.ome.zarr", url, random_engine, compute=False,
