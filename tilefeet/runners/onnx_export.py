@@ -30,6 +30,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,14 +97,14 @@ def export_onnx(bundle: Any, precision: str = "fp32", *, cache: Path | None = No
 
 def export_key(bundle: Any, precision: str) -> str:
     """sha256 over everything that changes the exported file."""
-    import onnxscript
+    from importlib.metadata import version
 
     doc = {
         "bundle": bundle.fingerprint,
         "precision": precision,
         "opset": OPSETS[precision],
         "torch": torch.__version__,
-        "onnxscript": onnxscript.__version__,
+        "onnxscript": version("onnxscript"),  # not imported: importing it takes seconds, a cached export needs none of it
         "format": FORMAT_VERSION,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -377,11 +378,13 @@ def _safe(name: str) -> str:
 
 
 def require_onnx() -> None:
-    """Raise a one-line :class:`BackendUnavailableError` unless onnx and onnxscript are installed."""
+    """Raise a one-line :class:`BackendUnavailableError` unless onnx and onnxscript are installed
+    (found, not imported: a cached export is loaded without them)."""
     for module in ("onnx", "onnxscript"):
         try:
-            __import__(module)
-        except ImportError:
+            if sys.modules.get(module, False) is None or importlib.util.find_spec(module) is None:
+                raise ImportError(module)
+        except (ImportError, ValueError):
             raise BackendUnavailableError(
                 f"exporting to ONNX needs the {module} package: pip install 'tilefeet[onnx]' (or pip install onnx onnxscript)"
             ) from None
