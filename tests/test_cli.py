@@ -40,7 +40,8 @@ def test_segment_info_dry_run(tmp_path, capsys, small, random_engine):
 
 def test_quiet_after_the_command_too(tmp_path, capsys, small, random_engine):
     """``-q`` where users type it, after the command, silences the plan, the bar and the summary."""
-    args = ("segment", small, tmp_path / "o.ome.zarr", "-e", random_engine.path, "--chunk-size", "128")
+    # (--no-invert: a random network cannot tell the contrast's polarity, and would say so)
+    args = ("segment", small, tmp_path / "o.ome.zarr", "-e", random_engine.path, "--chunk-size", "128", "--no-invert")
     code, out, err = run_cli(capsys, *args, "-q")
     assert code == 0 and out == "" and err == "", err
     code, _, err = run_cli(capsys, *args, "--overwrite")
@@ -95,7 +96,16 @@ def _make_bad_inputs(tmp_path: Path, img: np.ndarray) -> dict[str, tuple[Path, t
         ax["unit"] = "furlong"
     root.attrs["ome"] = attrs
     cases["unknown unit"] = (unit, ("furlong",))
-    cases["z > 1"] = (write_image(np.stack([img[:64, :64]] * 3), tmp_path / "z.ome.zarr", (4.0, 4.0)), ("3 planes", "'z'"))
+    tp = tmp_path / "time.ome.zarr"  # (a z axis longer than one is a stack, which segment takes)
+    g = zarr.open_group(str(tp), mode="w", zarr_format=3)
+    g.create_array("0", shape=(3, 64, 64), dtype="uint8", dimension_names=["t", "y", "x"])
+    g.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": [{"name": "t", "type": "time"}, {"name": "y", "type": "space", "unit": "nanometer"},
+                                  {"name": "x", "type": "space", "unit": "nanometer"}],
+                         "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 4, 4]}]}]}],
+    }
+    cases["t > 1"] = (tp, ("3 planes", "'t'"))
     ch = tmp_path / "channels.ome.zarr"
     g = zarr.open_group(str(ch), mode="w", zarr_format=3)
     g.create_array("0", shape=(3, 64, 64), dtype="uint8", dimension_names=["c", "y", "x"])
