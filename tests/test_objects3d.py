@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cc3d
 import numpy as np
 import pytest
 import zarr
@@ -26,8 +27,6 @@ from tilefeet.objects.store import read_table
 from tilefeet.objects.volume import TABLE_COLUMNS_3D
 
 from .helpers import cli_command
-
-cc3d = pytest.importorskip("cc3d")
 
 SPACING = (50.0, 5.0, 4.0)  # (z, y, x) nm: sections ten times thicker than the pixels
 LUCCHI = Path(__file__).resolve().parents[2] / "shared" / "data" / "em" / "lucchi" / "test" / "mitochondrion"
