@@ -118,6 +118,12 @@ def segment(
     cells: bool = typer.Option(False, "--cells", help="With --objects: the cells between membranes (a membrane engine)."),
     min_size: Optional[str] = typer.Option(None, "--min-size", help="With --objects: drop objects smaller than this, e.g. 0.01um2."),
     fill_holes: bool = typer.Option(False, "--fill-holes", help="With --objects: fill holes in objects first."),
+    connectivity: Optional[int] = typer.Option(
+        None, "--connectivity", help="With --objects on a stack: voxels join across faces (6), also edges (18), also corners (26, the default)."
+    ),
+    min_z_extent: Optional[str] = typer.Option(
+        None, "--min-z-extent", help="With --objects on a stack: drop objects spanning fewer sections than this (3) or less z (150nm)."
+    ),
     overwrite: bool = typer.Option(
         False, help="Replace an existing output (a folder is kept until the new one is complete; an S3 output is deleted first)."
     ),
@@ -201,7 +207,13 @@ def segment(
         from .errors import ConfigError
 
         raise ConfigError("--cells, --min-size and --fill-holes shape the objects: add --objects (or run `tilefeet objects` later)")
-    found = {"cells": cells, "min_size": min_size, "fill_holes": fill_holes} if objects else None
+    if (connectivity or min_z_extent) and not objects:
+        from .errors import ConfigError
+
+        raise ConfigError("--connectivity and --min-z-extent shape the objects of a stack: add --objects (or run `tilefeet objects` later)")
+    found: dict[str, Any] | None = {"cells": cells, "min_size": min_size, "fill_holes": fill_holes} if objects else None
+    if found is not None:
+        found |= {k: v for k, v in (("connectivity", connectivity), ("min_z_extent", min_z_extent)) if v is not None}
     if cluster is None:
         out = pipeline.write_planned(run, location, overwrite=overwrite, resume=resume, progress=console.progress_enabled(), objects=found)
     else:  # the same graph, less the local run's ordering of blocks
