@@ -211,3 +211,19 @@ def test_a_stacks_label_image_has_the_stacks_z_spacing(tmp_path, planes):
     write_labels((planes < 100).astype(np.uint8), src, "membrane")
     ms = json.loads((src / "labels" / "membrane" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [DZ, 4.0, 4.0]
+
+
+def test_a_stack_takes_a_label_image_mask_per_section(tmp_path, stack, planes, random_engine):
+    """--mask PATH on a stack: a (z, y, x) label image masks each section by its own plane."""
+    from tilefeet.convert import write_labels
+
+    tissue = np.zeros(planes.shape, np.uint8)
+    tissue[0, :, :200] = 1
+    tissue[1, :, 200:] = 1
+    tissue[2] = 1
+    write_labels(tissue, stack, "tissue")
+    got = zarr.open_group(str(tilefeet.segment_to_zarr(stack, tmp_path / "m.ome.zarr", random_engine, mask=str(stack / "labels" / "tissue"),
+                                                       **KW)), mode="r")["0"][0]
+    assert got[0, :, 300:].max() == 0 and got[0, :, :150].max() > 0
+    assert got[1, :, :100].max() == 0 and got[1, :, 250:].max() > 0
+    assert got[2].min() >= 0 and (got[2] > 0).mean() > 0.5

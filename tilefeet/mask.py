@@ -212,19 +212,28 @@ def _cell_index(src: Grid, cells: Grid, axis: int, n: int) -> np.ndarray:
     return np.clip(np.floor((centres - (co - cp / 2)) / cp).astype(np.int64), 0, cells.shape[axis] - 1)
 
 
-def mask_from_labels(path: str, network: Grid, level0: Grid) -> TissueMask:
+def mask_from_labels(path: str, network: Grid, level0: Grid, *, section: int | None = None, depth: int = 1) -> TissueMask:
     """A mask from a label image (non-zero = tissue), on the cells of ``network``. Its pixel size and
     origin come from its NGFF metadata; without units it must cover the section's extent (its shape
-    proportional to level 0's within a pixel), and is stretched over it."""
+    proportional to level 0's within a pixel), and is stretched over it. For section ``section`` of a
+    stack of ``depth`` sections, a (z, y, x) label image gives that section's plane (a 2-D one serves
+    every section)."""
     from .ngff import open_group, read_multiscale
 
     ms = read_multiscale(path, role="mask")
     k = len(ms.datasets) - 1  # the coarsest level: a mask is coarse anyway
-    arr = np.asarray(open_group(ms.path, role="mask")[ms.datasets[k].path])
+    stored = open_group(ms.path, role="mask")[ms.datasets[k].path]
+    lead = [n for n in stored.shape[:-2] if n != 1]
+    if section is not None and lead == [depth] and depth > 1:
+        index = tuple(section if n == depth else 0 for n in stored.shape[:-2])
+        arr = np.asarray(stored[index])
+    else:
+        arr = np.asarray(stored)
     while arr.ndim > 2 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
-        raise InvalidImageError(f"mask {path} has shape {arr.shape}; a mask is one 2-D label image")
+        what = f"; for a stack of {depth} sections it must have {depth} planes (or one)" if section is not None else ""
+        raise InvalidImageError(f"mask {path} has shape {arr.shape}; a mask is one 2-D label image{what}")
     px, origin = ms.pixel_size_nm(k), ms.origin_nm(k)
     if px is None:
         h0, w0 = level0.shape

@@ -145,7 +145,7 @@ def _plan_stack(image: Image, bundle: EngineBundle, spec: EngineSpec, g: Any, se
     middle = image.section(mid)
     sample = section_sample(middle, g.level)
     imap = make_intensity_map(settings.intensity, norm, sample, dtype=dtype, invert=bool(settings.invert))
-    plan = make_plan(image.meta, spec, settings, imap, tissue_mask(settings.mask, middle, g), ())
+    plan = make_plan(image.meta, spec, settings, imap, tissue_mask(settings.mask, middle, g, mid), ())
     runner, reason = _runner_spec(plan, bundle, resume_into, resolve)
     plan, decision = _polarity(plan, middle, bundle, runner, sample)
     del sample
@@ -157,7 +157,7 @@ def _plan_stack(image: Image, bundle: EngineBundle, spec: EngineSpec, g: Any, se
         section = image.section(z)
         sample = section_sample(section, g.level)
         m = make_intensity_map(settings.intensity, norm, sample, dtype=dtype, invert=invert)
-        return m, tissue_mask(settings.mask, section, g), mismatch(m, sample)
+        return m, tissue_mask(settings.mask, section, g, z), mismatch(m, sample)
 
     with ThreadPoolExecutor(STACK_PLANNING_THREADS) as pool:
         per = list(pool.map(one, sections))
@@ -267,14 +267,15 @@ def input_chunks(image: Image, g: Any, settings: Settings) -> tuple[ChunkCheck, 
     return checks
 
 
-def tissue_mask(option: str, image: Image, g: Any) -> TissueMask | None:
-    """``--mask``: none, auto (found in the section, :func:`tilefeet.mask.auto_mask`), or a label image."""
+def tissue_mask(option: str, image: Image, g: Any, section: int | None = None) -> TissueMask | None:
+    """``--mask``: none, auto (found in the section, :func:`tilefeet.mask.auto_mask`), or a label
+    image (for section ``section`` of a stack: that plane of a (z, y, x) label image)."""
     if option in ("", "none"):
         return None
     if option == "auto":
         level, grid = mask_level(g)
         return auto_mask(image, level, grid, g.network)
-    return mask_from_labels(option, g.network, g.level0)
+    return mask_from_labels(option, g.network, g.level0, section=section, depth=image.meta.depth)
 
 
 def mask_level(g: Any) -> tuple[int, Any]:
