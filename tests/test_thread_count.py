@@ -29,13 +29,19 @@ np.save(sys.argv[4], zarr.open_group(str(out), mode="r")["0"][:])
 
 
 def test_a_run_with_one_thread_leaves_a_later_default_run_the_bits_of_a_fresh_process(tmp_path, montage_2x3, random_engine):
+    """A run at ``threads=1``, then one with the default, in a process whose count is DEFAULT: the
+    second has the bits of a fresh process's default run. Also after a run at another count had
+    started dask's pool threads (ATen gives a thread its count once: they would keep the old one)."""
     src = write_image(montage_2x3[0][:256, :256], tmp_path / "s.ome.zarr", (4.0, 4.0), chunk=128)
     before = torch.get_num_threads()
-    torch.set_num_threads(DEFAULT)
     try:
+        torch.set_num_threads(1)
+        tilefeet.segment_to_zarr(src, tmp_path / "first.ome.zarr", random_engine, **KW)  # pool threads start at 1
+        torch.set_num_threads(DEFAULT)
         tilefeet.segment_to_zarr(src, tmp_path / "one.ome.zarr", random_engine, threads=1, **KW)
         assert torch.get_num_threads() == DEFAULT
         later = tilefeet.segment_to_zarr(src, tmp_path / "later.ome.zarr", random_engine, **KW)
+        assert torch.get_num_threads() == DEFAULT
     finally:
         torch.set_num_threads(before)
 

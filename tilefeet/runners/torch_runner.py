@@ -19,7 +19,10 @@ Thread count and cuDNN flags are process-wide: they are set under the runners' p
 :data:`~tilefeet.runners.TORCH_STATE_LOCK`, held for each call that relies on them, so runners
 with other settings in the same process (other threads) never run under each other's. Both are
 set for the call and restored after it: a run with ``threads=1`` leaves the process's count as it
-found it, so a later run with the default rounds as a fresh process would.
+found it, so a later run with the default rounds as a fresh process would. Without ``threads`` a
+call runs at the process's count (:func:`process_threads`), not at the count its thread happens to
+hold: ATen gives each thread the count once, when the thread first runs torch work, so dask's
+long-lived pool threads kept a count that ``torch.set_num_threads`` had changed since.
 
 The network is the bundle's: tilefeet's U-Net, or a foreign network loaded from its graph file
 (a ``torch.export`` program or TorchScript: :func:`tilefeet.models.foreign.load_module`).
@@ -28,6 +31,7 @@ The network is the bundle's: tilefeet's U-Net, or a foreign network loaded from 
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -139,11 +143,14 @@ class TorchRunner(Runner):
     def _math(self) -> Iterator[None]:
         """This runner's share of torch's process-wide state, under the process-wide lock, restored
         when the call returns."""
-        with TORCH_STATE_LOCK, _thread_count(self.threads):
-            if self._device.type != "cuda":
-                yield
-                return
-            with _cudnn_math(tf32=self.options.tf32, deterministic=self.options.deterministic):
+        with TORCH_STATE_LOCK:
+            if self._device.type == "cpu":
+                with _thread_count(self.threads):
+                    yield
+            elif self._device.type == "cuda":
+                with _cudnn_math(tf32=self.options.tf32, deterministic=self.options.deterministic):
+                    yield
+            else:
                 yield
 
 
@@ -181,19 +188,36 @@ class _GraphReplay:
         return self.static_out.to(torch.float32, copy=True)
 
 
+def process_threads() -> int:
+    """torch's intra-op thread count for this process: the last ``torch.set_num_threads`` (or
+    ``OMP_NUM_THREADS``, or the cores, at start), as a new thread sees it. A thread that already ran
+    torch work keeps the count it saw then (ATen sets each thread's OpenMP count once), so the
+    calling thread's own ``torch.get_num_threads()`` can be stale; a new thread's cannot."""
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.append(torch.get_num_threads()), name="tilefeet-threads")
+    reader.start()
+    reader.join()
+    return seen[0]
+
+
 @contextlib.contextmanager
 def _thread_count(threads: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``threads`` (None: left as it is) for the duration of a
-    call, restored afterwards (process-wide: callers hold :data:`~tilefeet.runners.TORCH_STATE_LOCK`)."""
-    old = torch.get_num_threads()
-    if threads is None or threads == old:
+    """torch's intra-op thread count set to ``threads`` (None: the process's count) for the duration
+    of a call, then the process's count again (callers hold :data:`~tilefeet.runners.TORCH_STATE_LOCK`).
+
+    ``torch.set_num_threads`` sets both the calling thread's count and the process's (the one new
+    threads take), so restoring the calling thread's own count, possibly stale, would change the
+    process's; restoring the process's count leaves the process as it was, and the thread current."""
+    process, mine = process_threads(), torch.get_num_threads()
+    wanted = process if threads is None else threads
+    if wanted == mine == process:
         yield
         return
-    torch.set_num_threads(threads)
+    torch.set_num_threads(wanted)
     try:
         yield
     finally:
-        torch.set_num_threads(old)
+        torch.set_num_threads(process)
 
 
 @contextlib.contextmanager
