@@ -421,6 +421,7 @@ def test_engine_toml_is_compact_and_reads_back_the_same():
     @example({"t": {"a": ["\u2028", "x"]}})
     @example({"t": {"a": ["a\x85b", 1], "b": ["\u2029"] * 30}})
     @example({"t": {"a": ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r"]}})
+    @example({"t": {"a": [*range(30), [1, 2]]}})  # plain values, then a nested array: 4^30 regex steps before the fix
     def reads_back(doc):
         assert tomllib.loads(dump_toml(doc)) == doc
 

@@ -389,7 +389,10 @@ def dump_toml(doc: Mapping[str, Any]) -> str:
 
 
 #: A multi-line array of plain values as tomli-w writes it: ``[``, one ``value,`` per line, ``]``.
-_ARRAY = re.compile(r"\[\n((?:[ \t]+[^\[\]{}\n]+,\n)+)[ \t]*\]")
+#: Each line matches one way only (indentation, then a value that starts with no blank): with
+#: ``[ \t]+[^...]+`` the split between them was free, and an array of n values before a nested
+#: one took 4^n steps to reject (14 values: a minute).
+_ARRAY = re.compile(r"\[\n((?:[ \t]+[^ \t\[\]{}\n][^\[\]{}\n]*,\n)+)[ \t]*\]")
 
 
 def _inline_array(m: re.Match[str]) -> str:
