@@ -70,6 +70,8 @@ CPU_CONFIGS = [
     Config("torch.compile", "torch", "fp32", (("compile", True),)),
     Config("onnxruntime", "onnxruntime", "fp32"),
     Config("onnxruntime", "onnxruntime", "fp16"),
+    Config("openvino", "openvino", "fp32"),
+    Config("openvino", "openvino", "bf16"),
 ]
 GPU_CONFIGS = [
     Config("torch eager", "torch", "fp32"),
