@@ -265,7 +265,7 @@ def test_cells_equal_the_whole_image_algorithm(block):
     prob = probs_for(mem, 1)
     for steps, min_px, fill in ((3, 0, False), (6, 4, True), (0, 0, False)):
         got = label_objects(prob, pixel_size_nm=PIXEL, cells=True, grow=f"{steps * PIXEL}nm", block_size=block,
-                            min_size=f"{min_px}px", fill_holes=fill)
+                            min_size=f"{min_px}px", fill_holes=fill, cell_method="grow")
         assert got.plan.steps == steps
         want = whole_image_cells(mem, steps, min_px=min_px, fill=fill)
         np.testing.assert_array_equal(got.labels.compute(), want)
@@ -341,7 +341,7 @@ def test_several_classes_cells_and_csv(tmp_path):
     mito = adversarial(80, 100, corner=16)
     probs = np.stack([probs_for(mem, 1), probs_for(mito, 2)])
     store = make_output(tmp_path / "seg.ome.zarr", probs, classes=("membrane", "mitochondrion"), chunk=16)
-    cells = write_objects(store, class_name="membrane", cells=True, grow="15nm", block_size=32, table_format="csv")
+    cells = write_objects(store, class_name="membrane", cells=True, grow="15nm", block_size=32, table_format="csv", cell_method="grow")
     want = whole_image_cells(mem, 3)
     np.testing.assert_array_equal(zarr.open_array(str(store / "labels/membrane-cells/0"), mode="r")[:], want)
     assert cells.table_path.name == "objects.csv"

@@ -14,7 +14,7 @@ from skimage.measure import label
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from tilefeet.evaluate import evaluate
-from tilefeet.objects import write_objects
+from tilefeet.objects import label_objects, write_objects
 from tilefeet.objects.match import THRESHOLDS, cell_scores, match_objects, overlaps
 
 from .conftest import DATA
@@ -129,13 +129,12 @@ def test_evaluate_cells(tmp_path):
     iio.imwrite(tmp_path / "truth.png", (truth_mem * 255).astype(np.uint8))
     ev = evaluate(store, tmp_path / "truth.png", cells=True)
     assert ev.cells is not None and ev.objects is not None
-    assert "cells grown 40 nm" in ev.objects_source
-    steps = round(40 / 5)
-    pred = whole_image_cells(mem, steps)
+    assert "cells: seeds below p" in ev.objects_source and "probabilities" in ev.objects_source  # the recipe, named
+    pred = label_objects(store, cells=True).labels.compute()  # what `tilefeet objects --cells` would write
     truth = label(~truth_mem, connectivity=1)
     are, _, _ = adapted_rand_error(truth, pred, ignore_labels=(0,))
     assert ev.cells.adapted_rand_error == pytest.approx(are, rel=1e-9) and ev.cells.vi_merge > 0
-    write_objects(store, cells=True, grow="10nm", block_size=64)
+    write_objects(store, cells=True, grow="10nm", block_size=64, cell_method="grow")
     stored = evaluate(store, tmp_path / "truth.png", cells=True)
     assert "membrane-cells" in stored.objects_source
     np.testing.assert_array_equal(zarr.open_array(str(store / "labels/membrane-cells/0"), mode="r")[:], whole_image_cells(mem, 2))

@@ -116,8 +116,10 @@ def segment(
     ),
     objects: bool = typer.Option(False, "--objects", help="Also find the objects of each class and measure them (see tilefeet objects)."),
     cells: bool = typer.Option(False, "--cells", help="With --objects: the cells between membranes (a membrane engine)."),
-    min_size: Optional[str] = typer.Option(None, "--min-size", help="With --objects: drop objects smaller than this, e.g. 0.01um2."),
-    fill_holes: bool = typer.Option(False, "--fill-holes", help="With --objects: fill holes in objects first."),
+    min_size: Optional[str] = typer.Option(None, "--min-size", help="With --objects: drop objects smaller than this, e.g. 0.01um2 (default: the engine's recipe)."),
+    fill_holes: Optional[bool] = typer.Option(
+        None, "--fill-holes/--no-fill-holes", help="With --objects: fill holes in objects first (default: the engine's recipe)."
+    ),
     connectivity: Optional[int] = typer.Option(
         None, "--connectivity", help="With --objects on a stack: voxels join across faces (6), also edges (18), also corners (26, the default)."
     ),
@@ -203,7 +205,7 @@ def segment(
         typer.echo(run.describe())
         return
     _echo(run.describe())
-    if (cells or min_size or fill_holes) and not objects:
+    if (cells or min_size or fill_holes is not None) and not objects:
         from .errors import ConfigError
 
         raise ConfigError("--cells, --min-size and --fill-holes shape the objects: add --objects (or run `tilefeet objects` later)")
@@ -212,6 +214,8 @@ def segment(
 
         raise ConfigError("--connectivity and --min-z-extent shape the objects of a stack: add --objects (or run `tilefeet objects` later)")
     found: dict[str, Any] | None = {"cells": cells, "min_size": min_size, "fill_holes": fill_holes} if objects else None
+    if found is not None:
+        _echo(_recipe_line(run.plan.engine, found))
     if found is not None:
         found |= {k: v for k, v in (("connectivity", connectivity), ("min_z_extent", min_z_extent)) if v is not None}
     if cluster is None:
@@ -227,6 +231,19 @@ def segment(
     _echo(f"wrote {out} in {dt:.1f} s ({h * w * n / dt / 1e6:.2f} Mpx/s" + (f", {n} sections)" if run.plan.is_stack else ")"))
     if found is not None:
         _echo(_objects_summary(out, run.plan.engine.classes, bool(cells)))
+
+
+def _recipe_line(engine: Any, found: dict[str, Any]) -> str:
+    """The objects' rules per class (the engine's recipe, unless flags say otherwise), for the plan."""
+    from .objects.options import ObjectSettings, engine_recipes, resolve_recipe
+
+    lines = []
+    recipes = engine_recipes(engine.path)
+    for cls in engine.classes:
+        table = recipes.get(cls)
+        settings = ObjectSettings.create(**{k: v for k, v in found.items() if k in ("cells", "min_size", "fill_holes")})
+        lines.append(f"objects {cls}: {resolve_recipe(settings, table, engine.name)[1]}")
+    return "\n".join(lines)
 
 
 def _objects_summary(out: Any, classes: tuple[str, ...], cells: bool) -> str:

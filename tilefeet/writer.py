@@ -414,6 +414,12 @@ def _max_value(dtype: str) -> float:
     return 255 if dtype == "uint8" else 1.0
 
 
+def _engine_recipes(path: str) -> dict:
+    from .objects.options import engine_recipes
+
+    return engine_recipes(path)
+
+
 def _provenance(plan: Plan, runner: dict) -> dict:
     from . import __version__
 
@@ -424,6 +430,8 @@ def _provenance(plan: Plan, runner: dict) -> dict:
         "version": __version__,
         "engine": plan.engine.name,
         "engine_sha256": plan.engine.fingerprint,
+        # the engine's object recipe per class (engine.toml [objects]): what `tilefeet objects` uses by default
+        "objects": _engine_recipes(plan.engine.path),
         # An absolute path: the output may be moved or read from another folder (preview finds the input by it).
         "input": location_text(source) if plan.image.version else source,
         "input_level": plan.level,

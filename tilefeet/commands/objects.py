@@ -22,7 +22,7 @@ def objects_cmd(
         None, help="Probability at and above which a pixel is in the mask (default: the run's, i.e. labels/<class>)."
     ),
     min_size: Optional[str] = typer.Option(
-        None, "--min-size", help="Drop objects (with --cells: seeds) below this area, e.g. 0.01um2, 2000nm2, 20px; a stack's below this volume, e.g. 0.001um3, 20px (voxels)."
+        None, "--min-size", help="Drop objects below this area, e.g. 0.01um2, 2000nm2, 20px (with --cells: smaller cells join a neighbour); a stack's below this volume, e.g. 0.001um3, 20px (voxels). Default: the engine's recipe."
     ),
     connectivity: Optional[int] = typer.Option(
         None, "--connectivity", help="A stack: voxels that join across faces (6), also edges (18), also corners (26, the default: 8-connected within a section)."
@@ -30,11 +30,22 @@ def objects_cmd(
     min_z_extent: Optional[str] = typer.Option(
         None, "--min-z-extent", help="A stack: drop objects spanning fewer sections than this (3) or less z (150nm)."
     ),
-    fill_holes: bool = typer.Option(False, "--fill-holes", help="Fill holes (background enclosed by an object) before labelling; in a stack, in each section."),
-    cells: bool = typer.Option(
-        False, "--cells", help="Cells between membranes: regions below the threshold, grown into the membrane (a membrane engine)."
+    fill_holes: Optional[bool] = typer.Option(
+        None, "--fill-holes/--no-fill-holes", help="Fill holes (background enclosed by an object) before labelling; in a stack, in each section. Default: the engine's recipe."
     ),
-    grow: str = typer.Option("40nm", help="With --cells: how far cells grow into the membrane, e.g. 40nm (0: not at all)."),
+    cells: bool = typer.Option(
+        False, "--cells", help="Cells between membranes (a membrane engine): seeds where the membrane probability is low, a watershed on it, neighbours merged across weak boundaries."
+    ),
+    seed_threshold: Optional[float] = typer.Option(
+        None, "--seed-threshold", help="With --cells: seeds are the regions of membrane probability below this (default: the engine's recipe, else 0.05)."
+    ),
+    merge_threshold: Optional[float] = typer.Option(
+        None, "--merge-threshold", help="With --cells: merge neighbouring cells whose shared boundary's mean probability is below this (0: never; default: the recipe's)."
+    ),
+    grow: Optional[str] = typer.Option(None, help="With --cells: how far the watershed reaches from a seed, e.g. 120nm (default: the recipe's)."),
+    cell_method: str = typer.Option(
+        "watershed", "--cell-method", help="With --cells: watershed, or grow (the regions below the label threshold grown --grow nm, default 40nm: the earlier algorithm)."
+    ),
     csv: bool = typer.Option(False, "--csv", help="Write the table as CSV instead of Parquet."),
     overwrite: bool = typer.Option(False, help="Replace an existing objects layer (kept until the new one is complete)."),
     resume: bool = typer.Option(False, help="Continue an interrupted objects run."),
@@ -63,11 +74,15 @@ def objects_cmd(
         class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells,
         grow=grow, block_size=block_size, blocks_in_flight=blocks_in_flight, table_format="csv" if csv else "parquet",
         overwrite=overwrite, resume=resume, connectivity=connectivity, min_z_extent=min_z_extent,
+        **{k: v for k, v in (("seed_threshold", seed_threshold), ("merge_threshold", merge_threshold)) if v is not None},
+        **({"cell_method": cell_method} if cell_method != "watershed" else {}),
     )
     if cluster is None:
         result = write_objects(output, progress=console.progress_enabled(), **options)
     else:
         result = _on_cluster(cluster, absolute(output), options, progress=console.progress_enabled())
+    if result.recipe:
+        typer.echo(result.recipe)
     typer.echo(summary(result.table(), result.path, result.section_um2, volume_um3=result.volume_um3))
     console.echo(f"wrote {result.path} ({result.dtype}) and {result.table_path.name} in {result.seconds:.1f} s")
 

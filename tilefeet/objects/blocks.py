@@ -10,8 +10,10 @@ fill        mask | holes (its mask)                                 –
 pieces      pieces, faces, first pixels, counts, partial sums      the final id of every piece
             (its mask + 2 px, probabilities)                       and the table (:func:`resolve_pieces`)
 relabel     final ids (its mask)                                   –
-cells       seeds grown by ``steps``, partial sums                 the cells' table
-            (seeds + ``steps`` + 2 px, probabilities)
+flood       cells before merging (seed ids), their boundary and    every seed's cell after the
+            area sums (seeds and probabilities + ``steps`` + 1 px) merge (:func:`merge_cells`)
+cells       the merged ids, partial sums                           the cells' table
+            (flooded ids + 2 px, probabilities)
 ==========  =====================================================  ===========================
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..geometry import BlockGrid, Box, Pair
-from .cells import OUTSIDE, grow
+from .cells import OUTSIDE, Boundaries, CellRecipe, boundaries, flood, levels
 from .label import (
     Connectivity,
     Faces,
@@ -122,13 +124,27 @@ def relabel_block(mask: np.ndarray, final: np.ndarray, connectivity: Connectivit
     return out
 
 
-def cells_block(seeds: np.ndarray, halo: int, steps: int, box: Box, prob: np.ndarray) -> tuple[np.ndarray, PartialSums]:
-    """Cells of one block from its seeds plus ``halo`` ≥ ``steps`` + 2 px (:data:`OUTSIDE` off the
-    image): the grown ids of the block, and their partial sums."""
-    grown = grow(seeds, steps)
-    cut = halo - PERIMETER_HALO
-    window = grown[cut : grown.shape[0] - cut, cut : grown.shape[1] - cut]
-    window = np.where(window == OUTSIDE, 0, window)
+def flood_block(seeds: np.ndarray, prob: np.ndarray, halo: int, ring: int, cell: CellRecipe) -> tuple[np.ndarray, np.ndarray]:
+    """Cells before merging (seed ids; 0: none or off the image) of a block's core plus ``ring`` px,
+    and the probabilities there as integer levels: from its seeds (:data:`OUTSIDE` off the image) and
+    probabilities over the core plus ``halo`` ≥ ``cell.steps`` + ``ring`` px."""
+    lev, _ = levels(prob)
+    grown = flood(seeds, lev if cell.method == "watershed" else None, cell.steps)
+    cut = halo - ring
+    inner = (slice(cut, grown.shape[0] - cut), slice(cut, grown.shape[1] - cut))
+    ids = grown[inner]
+    return np.where(ids == OUTSIDE, 0, ids), lev[inner]
+
+
+def boundary_block(ids: np.ndarray, lev: np.ndarray) -> Boundaries:
+    """The boundary and area sums a block owns, from its cells before merging and levels over its core + 1 px."""
+    return boundaries(ids, lev, 1)
+
+
+def cells_block(basins: np.ndarray, lut: np.ndarray, box: Box, prob: np.ndarray) -> tuple[np.ndarray, PartialSums]:
+    """The merged cells of a block and their partial sums, from its cells before merging over the core
+    + 2 px (0 off the image) and each seed's merged id (``lut``)."""
+    window = lut[basins]
     core = _core(window, PERIMETER_HALO)
     return core, block_sums(core, box.origin, prob, window, PERIMETER_HALO)
 
@@ -176,6 +192,14 @@ def resolve_pieces(grid: BlockGrid, records: Sequence[BlockRecord], connectivity
         parts = PartialSums.concat([r.sums for r in records if r.sums is not None], prob_dtype)
         sums = combine(parts, final - 1, n)
     return Resolution(final, offsets, n, sums)
+
+
+def resolve_cells(n_seeds: int, parts: Sequence[Boundaries], cell: CellRecipe, min_px: int, prob_dtype: Any) -> tuple[np.ndarray, int]:
+    """Every seed's merged cell id (0: dropped) and the number of cells, from the blocks' boundary sums."""
+    from .cells import merge_cells
+
+    scale = levels(np.zeros(1, dtype=np.dtype(prob_dtype)))[1]
+    return merge_cells(n_seeds, Boundaries.combine(list(parts)), threshold=cell.merge_threshold, scale=scale, min_px=min_px)
 
 
 def combine_cells(parts: Sequence[PartialSums], n: int, prob_dtype: Any) -> PartialSums:

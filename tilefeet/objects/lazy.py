@@ -22,19 +22,22 @@ import numpy as np
 from ..errors import ConfigError, InvalidImageError, TilefeetWarning
 from ..geometry import BlockGrid
 from .blocks import (
+    boundary_block,
     cells_block,
     combine_cells,
     fill_block,
+    flood_block,
     holes_block,
     pieces_block,
     relabel_block,
+    resolve_cells,
     resolve_holes,
     resolve_pieces,
 )
 from .cells import OUTSIDE
 from .label import dual
 from .measure import PERIMETER_HALO, PartialSums, table
-from .options import ObjectPlan, ObjectSettings, make_plan
+from .options import ObjectPlan, ObjectSettings, make_plan, resolve_recipe
 from .run import id_dtype
 
 
@@ -57,7 +60,7 @@ def label_objects(
     pixel_size_nm: Any = None,
     origin_nm: tuple[float, ...] = (0.0, 0.0),
     min_size: str | float | None = None,
-    fill_holes: bool = False,
+    fill_holes: bool | None = None,
     cells: bool = False,
     grow: str | float | None = None,
     connectivity: int | None = None,
@@ -85,22 +88,26 @@ def label_objects(
         block_size=block_size, connectivity=connectivity, min_z_extent=min_z_extent, **advanced,
     )
     mask, prob, scale, meta = _open(source, settings, probabilities, pixel_size_nm, origin_nm)
+    settings, recipe = resolve_recipe(settings, meta.get("recipe"), meta.get("engine"),
+                                      z_spacing_nm=meta["spacing_nm"][0] if mask.ndim == 3 else None)
     if mask.ndim == 3:
         from .options import make_volume_plan
         from .stack import label_stack
 
         vplan = make_volume_plan(settings, class_name=meta["class_name"], shape=tuple(int(n) for n in mask.shape),  # type: ignore[arg-type]
-                                 spacing_nm=meta["spacing_nm"], origin_nm=meta["origin_nm"], chunks=meta["chunks"])
+                                 spacing_nm=meta["spacing_nm"], origin_nm=meta["origin_nm"], chunks=meta["chunks"], recipe=recipe)
         return label_stack(mask, prob, vplan, prob_scale=scale, measure=measure, no_probabilities=meta["no_probabilities"])  # type: ignore[no-any-return]
     h, w = mask.shape
     plan = make_plan(settings, class_name=meta["class_name"], shape=(h, w), pixel_size_nm=meta["pixel_size_nm"],
-                     origin_nm=meta["origin_nm"], chunks=meta["chunks"])
+                     origin_nm=meta["origin_nm"], chunks=meta["chunks"], recipe=recipe)
     grid = plan.grid
     mask = mask.rechunk(grid.chunks())
     prob = prob.rechunk(grid.chunks())
-    if cells:
+    if plan.cell is not None and plan.cell.method == "watershed":
+        mask = prob < plan.cell.seed_threshold * scale  # the seeds' region
+    elif cells:
         mask = ~mask
-    if fill_holes:
+    if settings.fill_holes:
         mask = _filled(mask, grid, dual(plan.connectivity))
     halo = 0 if cells else PERIMETER_HALO
     windows = _windows(mask, grid, halo, False)
@@ -116,32 +123,51 @@ def label_objects(
         _delayed(relabel_block)(_block(mask, grid, k), res.block(k), plan.connectivity, dtype) for k in range(len(grid))
     ], dtype)
     sums = res.sums
+    n_objects = res.n_objects
     if cells:
-        labels, sums = _cells(labels, prob, grid, plan, res.n_objects, dtype, measure)
+        labels, sums, n_objects = _cells(labels, prob, grid, plan, res.n_objects, dtype, measure)
     if not measure:
-        return Objects(labels, None, plan, res.n_objects)
+        return Objects(labels, None, plan, n_objects)
     assert sums is not None
     df = table(sums, class_name="cell" if cells else plan.class_name, pixel_size_nm=plan.pixel_size_nm,
                origin_nm=plan.origin_nm, shape=shape, prob_scale=scale, id_dtype=dtype)
     if meta["no_probabilities"]:
         df["mean_probability"] = np.nan
         df["max_probability"] = np.nan
-    return Objects(labels, df, plan, res.n_objects)
+    return Objects(labels, df, plan, n_objects)
 
 
-def _cells(seeds: Any, prob: Any, grid: BlockGrid, plan: ObjectPlan, n: int, dtype: Any, measure: bool) -> tuple[Any, PartialSums | None]:
+def _cells(seeds: Any, prob: Any, grid: BlockGrid, plan: ObjectPlan, n_seeds: int, dtype: Any,
+           measure: bool) -> tuple[Any, PartialSums | None, int]:
+    """The merged cells (lazy), their sums, and their number: the flood's boundary sums are computed
+    at once (the merge needs all of them); each block of the labels floods its window again."""
     from dask import delayed
 
-    halo = plan.steps + PERIMETER_HALO
-    windows = _windows(seeds.astype(np.int64), grid, halo, OUTSIDE)
+    cell = plan.cell
+    assert cell is not None
+    seeds64 = seeds.astype(np.int64)
+    ring = 1
+    halo = cell.steps + ring
+    flooded = [
+        delayed(flood_block, nout=2)(s, p, halo, ring, cell)
+        for s, p in zip(_windows(seeds64, grid, halo, OUTSIDE), _windows(prob, grid, halo, 0))
+    ]
+    parts = _compute([delayed(boundary_block)(f[0], f[1]) for f in flooded])
+    lut, n = resolve_cells(n_seeds, parts, cell, plan.min_cell_px, prob.dtype)
+    halo = cell.steps + PERIMETER_HALO
+
+    def one(s: np.ndarray, p: np.ndarray, core: np.ndarray, box: Any) -> tuple[np.ndarray, PartialSums]:
+        basins, _ = flood_block(s, p, halo, PERIMETER_HALO, cell)
+        return cells_block(basins, lut, box, core)
+
     tasks = [
-        delayed(cells_block, nout=2)(windows[k], halo, plan.steps, grid.box(*i), _block(prob, grid, k))
-        for k, i in enumerate(grid)
+        delayed(one, nout=2)(s, p, _block(prob, grid, k), grid.box(*i))
+        for k, (i, s, p) in enumerate(zip(grid, _windows(seeds64, grid, halo, OUTSIDE), _windows(prob, grid, halo, 0)))
     ]
     labels = _assemble(grid, [delayed(np.ndarray.astype)(t[0], dtype) for t in tasks], dtype)
     if not measure:
-        return labels, None
-    return labels, combine_cells(_compute([t[1] for t in tasks]), n, prob.dtype)
+        return labels, None, n
+    return labels, combine_cells(_compute([t[1] for t in tasks]), n, prob.dtype), n
 
 
 def _filled(mask: Any, grid: BlockGrid, connectivity: int) -> Any:
@@ -207,14 +233,14 @@ def _open(source: Any, settings: ObjectSettings, probabilities: Any, pixel_size_
             mask = (da.from_zarr(str(os.path.join(src.store, src.mask_path))) != 0 if src.mask_path is not None
                     else prob >= src.threshold * src.prob_scale)
             return mask, prob, src.prob_scale, {"class_name": src.class_name, "spacing_nm": src.spacing_nm, "origin_nm": src.origin3_nm,
-                                                "chunks": src.chunks, "no_probabilities": False}
+                                                "chunks": src.chunks, "no_probabilities": False, "recipe": src.recipe, "engine": src.engine}
         if src.mask_path is not None:
             labels = da.from_zarr(str(os.path.join(src.store, src.mask_path)))
             mask = labels[(0,) * (labels.ndim - 2)] != 0
         else:
             mask = prob >= src.threshold * src.prob_scale
         meta = {"class_name": src.class_name, "pixel_size_nm": src.pixel_size_nm, "origin_nm": src.origin_nm,
-                "chunks": src.chunks, "no_probabilities": False}
+                "chunks": src.chunks, "no_probabilities": False, "recipe": src.recipe, "engine": src.engine}
         return mask, prob, src.prob_scale, meta
     data, px, origin, dz = _unwrap(source, pixel_size_nm, origin_nm)
     arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=4096)
@@ -237,9 +263,9 @@ def _open(source: Any, settings: ObjectSettings, probabilities: Any, pixel_size_
         if settings.threshold is not None:
             warnings.warn(TilefeetWarning("threshold is ignored for a boolean mask (it is the mask already)"), stacklevel=3)
         mask = arr
-        if probabilities is None:
-            return mask, mask.astype(np.uint8), 1.0, {"class_name": name, "pixel_size_nm": px, "spacing_nm": px, "origin_nm": origin,
-                                                      "chunks": chunks, "no_probabilities": True}
+        if probabilities is None:  # the mask as probabilities 0 and 1 (cells flood it as a flat map: ``grow``'s growth)
+            return mask, mask.astype(np.uint8) * np.uint8(255), 255.0, {"class_name": name, "pixel_size_nm": px, "spacing_nm": px,
+                                                                        "origin_nm": origin, "chunks": chunks, "no_probabilities": True}
         prob = probabilities if isinstance(probabilities, da.Array) else da.from_array(np.asarray(probabilities), chunks=chunks)
     else:
         prob = arr

@@ -237,7 +237,9 @@ def score_objects(
     True objects are the 8-connected components of the truth mask (``cells``: the 4-connected
     regions of its complement, the truth's cells). Predicted objects are the prediction store's
     ``labels/<class>-objects`` (``-cells``) when it has one and ``use_stored``, else the same
-    algorithms as ``tilefeet objects`` on the predicted mask. Stacks (z, y, x): see the module's
+    algorithms as ``tilefeet objects`` on the predicted mask; predicted cells of a segment output are
+    made from its probabilities with the same recipe as ``tilefeet objects --cells`` (the engine's),
+    unless a threshold or a cropped border asks for the mask. Stacks (z, y, x): see the module's
     docstring (``connectivity`` 6, 18 or 26).
     """
     import os
@@ -270,11 +272,19 @@ def score_objects(
                 "--cells needs the prediction's pixel size (cells grow a distance in nm): score a tilefeet segment "
                 "output, or run `tilefeet objects OUT --cells` first and score its labels/<class>-cells"
             )
-        objs = label_objects(pred_mask, pixel_size_nm=pixel or (1.0, 1.0), cells=cells, measure=False)
-        what = (f"cells grown {objs.plan.settings.grow_nm:g} nm into the predicted membranes" if cells
-                else "8-connected components of the predicted mask")
+        if cells and use_stored:  # a segment output: its probabilities, as `tilefeet objects --cells` makes cells
+            objs = label_objects(store, class_name=class_name, cells=True, measure=False)
+            what = f"{objs.plan.recipe}; made from the predicted probabilities as `tilefeet objects --cells` makes them"
+        elif pixel is not None and use_stored:  # a segment output: its objects as `tilefeet objects` makes them
+            objs = label_objects(store, class_name=class_name, measure=False)
+            what = f"8-connected components of the predicted mask, as `tilefeet objects` makes them ({objs.plan.recipe})"
+        else:
+            objs = label_objects(pred_mask, pixel_size_nm=pixel or (1.0, 1.0), cells=cells, measure=False)
+            what = (f"{objs.plan.recipe}; made from the predicted mask (its probabilities 0 and 1: --threshold or "
+                    f"--ignore-border given)" if cells else "8-connected components of the predicted mask")
         pred = objs.labels
-    truth = label_objects(truth_mask, pixel_size_nm=(1.0, 1.0), cells=cells, grow=0, measure=False).labels
+    truth_cells: dict[str, Any] = {"cells": True, "grow": 0, "cell_method": "grow"} if cells else {}  # the truth's regions, as they are
+    truth = label_objects(truth_mask, pixel_size_nm=(1.0, 1.0), measure=False, **truth_cells).labels
     if pred.shape != truth.shape:
         raise ConfigError(f"the predicted objects ({what}) are {pred.shape} px but the truth is {truth.shape} px; score them on one grid")
     ov = overlaps(truth, pred)
@@ -308,6 +318,9 @@ def _score_stack(
         if stored is not None and connectivity in (None, stored):
             conn = stored
             pred, what = da.from_zarr(str(layer / "0")), f"{layer} (as stored, {stored}-connected)"
+    if pred is None and not cells and spacing is not None and use_stored:  # a segment output: as `tilefeet objects` makes them
+        objs = label_objects(store, class_name=class_name, connectivity=conn, measure=False)
+        pred, what = objs.labels, f"{conn}-connected 3-D components of the predicted mask, as `tilefeet objects` makes them ({objs.plan.recipe})"
     if cells:
         if spacing is None:
             raise ConfigError(

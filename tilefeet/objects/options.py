@@ -11,7 +11,7 @@ from typing import Any, Literal
 from ..errors import ConfigError, UnitError
 from ..geometry import BlockGrid, Pair
 from ..settings import pair
-from .cells import growth_steps
+from .cells import CELL_METHODS, CellRecipe, growth_steps
 from .label import Connectivity
 from .volume import SKIMAGE_CONNECTIVITY, Triple, VolumeGrid
 
@@ -19,7 +19,10 @@ TableFormat = Literal["parquet", "csv"]
 DEFAULT_BLOCK = 4096
 DEFAULT_BLOCK_3D = (16, 1024, 1024)  #: (z, y, x) of a stack's blocks: 16 Mi voxels, as a 4096² section block
 DEFAULT_CONNECTIVITY_3D = 26
-DEFAULT_GROW_NM = 40.0
+DEFAULT_GROW_NM = 40.0  #: how far the ``grow`` method's cells (and a stack's 3-D cells in ``evaluate``) grow
+#: Cells when neither the engine nor a flag says otherwise: chosen on isbi-membrane's training slices
+#: (ISBI 2012 training slices 0-20, and the same slices degraded; ``benchmarks/cells_scores.py --choose``).
+DEFAULT_CELLS = CellRecipe()
 UINT32_LIMIT = 2**32 - 1  #: more objects than this switch the label image to uint64
 
 _AREA = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-zA-Zµμ²2]*)\s*$")
@@ -117,10 +120,15 @@ class ObjectSettings:
 
     class_name: str | None = None  #: the class whose objects are found (default: the store's only class)
     threshold: float | None = None  #: probability at and above which a pixel is in the mask (default: the run's)
-    min_size: str | float | None = None  #: objects (cells: seeds) smaller than this are dropped, e.g. "0.01um2", 2000 (nm²), "20px"; a stack's: "0.001um3"
-    fill_holes: bool = False  #: fill holes (background not reaching the image edge) before labelling
+    #: objects smaller than this are dropped (cells: join a neighbour; ``grow`` cells: seeds dropped), e.g.
+    #: "0.01um2", 2000 (nm²), "20px"; a stack's: "0.001um3". None: the engine's recipe (:func:`resolve_recipe`), else 0
+    min_size: str | float | None = None
+    fill_holes: bool | None = None  #: fill holes (background not reaching the image edge) before labelling; None: the engine's recipe, else no
     cells: bool = False  #: cells between membranes instead of objects of the class (see :mod:`.cells`)
-    grow_nm: float = DEFAULT_GROW_NM  #: cells: how far seeds grow into the membrane
+    grow_nm: float | None = None  #: cells: how far the flood reaches (None: the recipe's; ``grow``: 40 nm)
+    seed_threshold: float | None = None  #: cells: seeds are the regions of membrane probability below this (None: the recipe's)
+    merge_threshold: float | None = None  #: cells: neighbours whose boundary's mean probability is below this merge (0: never; None: the recipe's)
+    cell_method: str = "watershed"  #: cells: ``watershed`` (seeds, flood, merge) or ``grow`` (regions below the label threshold grown by --grow)
     block_size: tuple[int, ...] | None = None  #: one task's block, (y, x), or (z, y, x) for a stack; a multiple of chunk_size (default: ≤ 4096; stacks 16, 1024, 1024)
     chunk_size: Pair | None = None  #: chunks of the label image (default: the probabilities')
     blocks_in_flight: int = 2  #: blocks in memory at once (local runs)
@@ -146,6 +154,8 @@ class ObjectSettings:
                 raise ConfigError(f"--connectivity must be 6, 18 or 26 (a stack) or 8 (a section), got {kw['connectivity']!r}") from None
         if "grow_nm" in kw and isinstance(kw["grow_nm"], str):
             kw["grow_nm"] = parse_distance_nm(kw["grow_nm"], where="--grow")
+        if "cell_method" in kw:
+            kw["cell_method"] = str(kw["cell_method"]).lower()
         if "table_format" in kw:
             kw["table_format"] = str(kw["table_format"]).lower()
         return cls(**kw)
@@ -153,8 +163,19 @@ class ObjectSettings:
     def __post_init__(self) -> None:
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold <= 1.0):
             raise ConfigError(f"--threshold must be a probability between 0 and 1, got {self.threshold}")
-        if not (isinstance(self.grow_nm, (int, float)) and self.grow_nm >= 0):
+        if self.grow_nm is not None and not (isinstance(self.grow_nm, (int, float)) and self.grow_nm >= 0):
             raise ConfigError(f"--grow must be a length of 0 or more, got {self.grow_nm}")
+        for name, flag in (("seed_threshold", "--seed-threshold"), ("merge_threshold", "--merge-threshold")):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0):
+                raise ConfigError(f"{flag} must be a probability between 0 and 1, got {v!r}")
+        if self.cell_method not in CELL_METHODS:
+            raise ConfigError(f"--cell-method must be {' or '.join(CELL_METHODS)}, got {self.cell_method!r}")
+        if not self.cells and (self.seed_threshold is not None or self.merge_threshold is not None or self.cell_method != "watershed"):
+            raise ConfigError("--seed-threshold, --merge-threshold and --cell-method shape cells: add --cells")
+        if self.cells and self.cell_method == "grow" and (self.seed_threshold is not None or self.merge_threshold is not None):
+            raise ConfigError("--cell-method grow seeds at the label threshold (--threshold) and never merges: "
+                              "leave out --seed-threshold and --merge-threshold, or use the watershed")
         if self.blocks_in_flight < 1:
             raise ConfigError(f"--blocks-in-flight must be at least 1, got {self.blocks_in_flight}")
         if self.table_format not in ("parquet", "csv"):
@@ -200,7 +221,9 @@ class ObjectPlan:
     grid: BlockGrid
     chunks: Pair  #: of the label image
     min_size_nm2: float
-    steps: int  #: cells: rounds of growth (0 for objects)
+    steps: int  #: cells: rounds of the flood (0 for objects)
+    cell: CellRecipe | None = None  #: cells: the recipe every block and the merge agree on
+    recipe: str = ""  #: where the size, holes and cell rules came from, in one line (:func:`resolve_recipe`)
 
     @property
     def connectivity(self) -> Connectivity:
@@ -208,8 +231,18 @@ class ObjectPlan:
         return 1 if self.settings.cells else 2
 
     def keep(self, area_px: Any) -> Any:
-        """Which objects (by pixel count) are at least the minimum size; the same expression as the table's area."""
+        """Which objects (by pixel count) are at least the minimum size; the same expression as the table's
+        area. Cells of the watershed keep every seed (small cells join a neighbour after the flood)."""
+        if self.cell is not None and self.cell.method == "watershed":
+            return area_px >= 0
         return area_px * self.pixel_size_nm[0] * self.pixel_size_nm[1] >= self.min_size_nm2
+
+    @property
+    def min_cell_px(self) -> int:
+        """Watershed cells below this many pixels join a neighbour (the same expression as :meth:`keep`)."""
+        if self.cell is None or self.cell.method != "watershed" or self.min_size_nm2 <= 0:
+            return 0
+        return math.ceil(self.min_size_nm2 / (self.pixel_size_nm[0] * self.pixel_size_nm[1]) - 1e-9)
 
     def describe(self) -> dict:
         return {
@@ -217,13 +250,14 @@ class ObjectPlan:
             "class": self.class_name,
             "connectivity": self.connectivity * 4,
             "min_size_nm2": self.min_size_nm2,
-            "fill_holes": self.settings.fill_holes,
-            **({"grow_nm": self.settings.grow_nm, "growth_steps": self.steps} if self.settings.cells else {}),
+            "fill_holes": bool(self.settings.fill_holes),
+            **(self.cell.describe() if self.cell is not None else {}),
+            "recipe": self.recipe,
         }
 
 
 def make_plan(settings: ObjectSettings, *, class_name: str, shape: Pair, pixel_size_nm: tuple[float, float],
-              origin_nm: tuple[float, float], chunks: Pair) -> ObjectPlan:
+              origin_nm: tuple[float, float], chunks: Pair, recipe: str = "") -> ObjectPlan:
     """Resolve block and chunk sizes (blocks are whole chunks, so no two tasks write one chunk)."""
     if settings.block_size is not None and len(settings.block_size) == 3:
         raise ConfigError(f"--block-size {','.join(map(str, settings.block_size))} has a z size but this output is one section (2-D); give y,x")
@@ -240,11 +274,21 @@ def make_plan(settings: ObjectSettings, *, class_name: str, shape: Pair, pixel_s
             chunk = tuple(c if b % c == 0 else b for b, c in zip(block, chunk))  # type: ignore[assignment]
     if block[0] % chunk[0] or block[1] % chunk[1]:
         raise ConfigError(f"--block-size {block[0]},{block[1]} must be a multiple of the chunk size {chunk[0]},{chunk[1]}")
-    steps = growth_steps(settings.grow_nm, pixel_size_nm) if settings.cells else 0
+    cell = None
+    min_size_nm2 = settings.min_size_nm2(pixel_size_nm)
+    if settings.cells:
+        grow_nm = settings.grow_nm if settings.grow_nm is not None else DEFAULT_CELLS.grow_nm if settings.cell_method == "watershed" else DEFAULT_GROW_NM
+        cell = CellRecipe(
+            method=settings.cell_method,  # type: ignore[arg-type]
+            seed_threshold=DEFAULT_CELLS.seed_threshold if settings.seed_threshold is None else float(settings.seed_threshold),
+            merge_threshold=(DEFAULT_CELLS.merge_threshold if settings.merge_threshold is None else float(settings.merge_threshold))
+            if settings.cell_method == "watershed" else 0.0,
+            min_size_nm2=min_size_nm2, grow_nm=float(grow_nm), steps=growth_steps(float(grow_nm), pixel_size_nm),
+        )
     return ObjectPlan(
         settings=settings, class_name=class_name, shape=shape, pixel_size_nm=pixel_size_nm, origin_nm=origin_nm,
         grid=BlockGrid(shape, (int(block[0]), int(block[1]))), chunks=(int(chunk[0]), int(chunk[1])),
-        min_size_nm2=settings.min_size_nm2(pixel_size_nm), steps=steps,
+        min_size_nm2=min_size_nm2, steps=cell.steps if cell is not None else 0, cell=cell, recipe=recipe,
     )
 
 
@@ -263,6 +307,7 @@ class VolumePlan:
     min_size_nm3: float
     min_z_sections: int
     min_z_nm: float
+    recipe: str = ""  #: where the size and holes rules came from, in one line (:func:`resolve_recipe`)
 
     @property
     def pixel_size_nm(self) -> tuple[float, float]:
@@ -287,11 +332,12 @@ class VolumePlan:
             "min_z_nm": self.min_z_nm,
             "fill_holes": "per section" if self.settings.fill_holes else False,
             "surface": "exposed voxel faces",
+            "recipe": self.recipe,
         }
 
 
 def make_volume_plan(settings: ObjectSettings, *, class_name: str, shape: Triple, spacing_nm: tuple[float, float, float],
-                     origin_nm: tuple[float, float, float], chunks: Triple, where: str = "") -> VolumePlan:
+                     origin_nm: tuple[float, float, float], chunks: Triple, where: str = "", recipe: str = "") -> VolumePlan:
     """A stack's plan: blocks of whole chunks in z, y and x (see :func:`make_plan`)."""
     at = f"{where} is a stack of {shape[0]} sections: " if where else "a stack: "
     if settings.cells:
@@ -323,5 +369,145 @@ def make_volume_plan(settings: ObjectSettings, *, class_name: str, shape: Triple
         grid=VolumeGrid(shape, tuple(int(b) for b in block)), chunks=tuple(int(c) for c in chunk),  # type: ignore[arg-type]
         connectivity=settings.connectivity or DEFAULT_CONNECTIVITY_3D,
         min_size_nm3=parse_volume(settings.min_size, voxel_nm3=voxel),
-        min_z_sections=z_sections, min_z_nm=z_nm,
+        min_z_sections=z_sections, min_z_nm=z_nm, recipe=recipe,
     )
+
+
+# ------------------------------------------------------------------------------------- recipes
+
+
+def engine_recipes(engine: str | None) -> dict:
+    """The ``[objects]`` table of an engine (a name or a bundle folder): one recipe per class; empty
+    when the engine records none or cannot be found here."""
+    import tomllib
+
+    if not engine:
+        return {}
+    try:
+        from ..engine import ENGINE_FILE, find_engine
+
+        raw = tomllib.loads((find_engine(engine) / ENGINE_FILE).read_text())
+    except Exception:  # an engine of another machine, renamed or damaged: no recipe, said in the plan
+        return {}
+    table = raw.get("objects", {})
+    return dict(table) if isinstance(table, dict) else {}
+
+
+def engine_recipe(engine: str | None, class_name: str) -> dict | None:
+    """The engine's object recipe for a class (``[objects.<class>]`` of its ``engine.toml``), or None."""
+    table = engine_recipes(engine).get(class_name)
+    return dict(table) if isinstance(table, dict) else None
+
+
+def _um2(nm2: float) -> str:
+    return f"{nm2 / 1e6:.4g} µm²"
+
+
+def resolve_recipe(settings: ObjectSettings, recipe: Any, engine: str | None, *,
+                   z_spacing_nm: float | None = None) -> tuple[ObjectSettings, str]:
+    """The settings with every rule a flag left open taken from the engine's ``recipe`` (its
+    ``[objects.<class>]`` table: ``min_size_nm2``, ``fill_holes``, ``why``; ``cells``: ``seed_threshold``,
+    ``merge_threshold``, ``min_size_nm2``, ``grow_nm``, ``why``), and one line saying where each came
+    from. A stack's minimum size is the recipe's area times the section spacing (one section's worth
+    of the smallest object). Without a recipe: objects keep every size and their holes; cells take
+    :data:`DEFAULT_CELLS`."""
+    from dataclasses import replace
+
+    recipe = dict(recipe or {})
+    src = f"the engine {engine}" if engine else "the engine"
+    if settings.cells:
+        if settings.cell_method == "grow":
+            size = "min seed size " + (_um2(settings.min_size_nm2((1.0, 1.0))) if settings.min_size is not None and size_kind(settings.min_size) != "pixels" else str(settings.min_size or 0))
+            return settings, f"cells grown {settings.grow_nm or DEFAULT_GROW_NM:g} nm from the regions below the label threshold, {size} (--cell-method grow)"
+        table = dict(recipe.get("cells") or {})
+        base = table if table else {}
+        chosen: dict[str, Any] = {}
+        given = []
+        for field, flag in (("seed_threshold", "--seed-threshold"), ("merge_threshold", "--merge-threshold"),
+                            ("grow_nm", "--grow"), ("min_size", "--min-size")):
+            v = getattr(settings, field)
+            if v is not None:
+                given.append(flag)
+                continue
+            key = "min_size_nm2" if field == "min_size" else field
+            default = getattr(DEFAULT_CELLS, key)
+            chosen[field] = float(base.get(key, default))
+        out = replace(settings, **chosen)
+        area = out.min_size_nm2((1.0, 1.0)) if size_kind(out.min_size) != "pixels" else None
+        rules = (f"seeds below p {out.seed_threshold:g}, flood {out.grow_nm:g} nm, merged below a mean boundary of "
+                 f"{out.merge_threshold:g}, min size {_um2(area) if area is not None else out.min_size}")
+        if table:
+            where = f"recipe from {src}" + (f": {table['why']}" if table.get("why") else "")
+        else:
+            where = ("defaults chosen on isbi-membrane's training slices" + (f"; {src} records no cell recipe" if engine else ""))
+        if given:
+            where += f"; {', '.join(given)} given"
+        return out, f"cells: {rules} ({where})"
+    chosen = {}
+    notes = []
+    why = f" ({recipe['why']})" if recipe.get("why") else ""
+    if settings.min_size is not None:
+        notes.append(f"min size {settings.min_size} (--min-size)")
+    elif "min_size_nm2" in recipe:
+        nm2 = float(recipe["min_size_nm2"])
+        chosen["min_size"] = nm2 * z_spacing_nm if z_spacing_nm else nm2
+        per = f" per section ({nm2 * z_spacing_nm / 1e9:.3g} µm³ at {z_spacing_nm:g} nm sections)" if z_spacing_nm else ""
+        notes.append(f"min size {_um2(nm2)}{per}{why}")
+    else:
+        notes.append("no min size")
+    if settings.fill_holes is not None:
+        notes.append("holes filled (--fill-holes)" if settings.fill_holes else "holes kept (--no-fill-holes)")
+    elif "fill_holes" in recipe:
+        chosen["fill_holes"] = bool(recipe["fill_holes"])
+        notes.append("holes filled" if chosen["fill_holes"] else "holes kept")
+    else:
+        notes.append("holes kept")
+    if chosen:
+        head = f"recipe from {src}"
+    elif settings.min_size is not None or settings.fill_holes is not None:
+        head = "flags"
+    else:
+        head = f"{src} records no object recipe for this class" if engine else "no engine recipe"
+    return replace(settings, **chosen), f"{head}: {', '.join(notes)}"
+
+
+#: ``recipe_from_masks``: the minimum size is this percentile of the true objects' areas ...
+MIN_SIZE_PERCENTILE = 2.0
+#: ... leaving out specks below this fraction of the median area (annotation noise, not objects)
+SPECK_FRACTION = 0.01
+#: holes are filled when fewer than this fraction of the true objects have one
+HOLES_FRACTION = 0.05
+
+
+def recipe_from_masks(masks: Any, pixel_size_nm: tuple[float, float]) -> dict:
+    """An object recipe for one class from its training masks (2-D, non-zero inside): the minimum
+    size is the :data:`MIN_SIZE_PERCENTILE` th percentile of the true objects' areas (8-connected
+    components of each mask; specks below :data:`SPECK_FRACTION` of the median left out), and holes
+    are filled when almost no true object has one (:data:`HOLES_FRACTION`). Chosen so on
+    lucchi-mito's 27 training slices: object F1 of its own predictions there 0.920 (none 0.847,
+    the smallest object 0.912, the 5th percentile 0.915, the 10th 0.894; ``benchmarks/cells_scores.py``)."""
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    areas, holed = [], 0
+    for m in masks:
+        m = np.asarray(m) != 0
+        lab, n = ndi.label(m, structure=np.ones((3, 3), bool))
+        if not n:
+            continue
+        areas.append(np.bincount(lab.ravel())[1:])
+        filled = ndi.binary_fill_holes(m, structure=np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool))
+        holed += len(np.unique(lab[ndi.binary_dilation(filled & ~m, structure=np.ones((3, 3), bool)) & m]))
+    if not areas:
+        return {}
+    area = np.concatenate(areas)
+    real = area[area >= SPECK_FRACTION * np.median(area)]
+    px = float(pixel_size_nm[0]) * float(pixel_size_nm[1])
+    min_px = float(np.percentile(real, MIN_SIZE_PERCENTILE))
+    fill = holed < HOLES_FRACTION * len(area)
+    return {
+        "min_size_nm2": round(min_px * px, 1),
+        "fill_holes": bool(fill),
+        "why": (f"percentile {MIN_SIZE_PERCENTILE:g} of the areas of the {len(real)} objects in its training masks, specks "
+                f"left out; {holed} of {len(area)} have holes"),
+    }

@@ -10,7 +10,9 @@ finished task; the result does not depend on where a crash happened. The same gr
 
     holes → fill                                      --fill-holes: a filled mask (scratch array)
     pieces → resolve → relabel                        objects: the table at resolve, ids at relabel
-    pieces → resolve → relabel (seeds) → cells → table   --cells: seeds (scratch array), grown cells
+    pieces → resolve → relabel (seeds) → flood → merge → cells → table
+                                                      --cells: seeds, then the flooded cells (scratch
+                                                      arrays), every seed's merged id, the merged cells
     pyramid levels → publish
 
 A block writes its ids to level 0 and to every coarser level where its part is still whole chunks
@@ -35,19 +37,22 @@ from ..geometry import BlockGrid, Box
 from . import store as st
 from .blocks import (
     BlockRecord,
+    boundary_block,
     cells_block,
     combine_cells,
     fill_block,
+    flood_block,
     holes_block,
     pieces_block,
     relabel_block,
+    resolve_cells,
     resolve_holes,
     resolve_pieces,
 )
-from .cells import OUTSIDE
+from .cells import OUTSIDE, Boundaries
 from .label import dual
 from .measure import PERIMETER_HALO, PartialSums, table
-from .options import ObjectPlan, ObjectSettings, make_plan
+from .options import ObjectPlan, ObjectSettings, make_plan, resolve_recipe
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,11 @@ class ObjectsJob:
         return self.plan.settings.cells
 
     def object_mask(self, box: Box) -> np.ndarray:
-        """The mask whose components are the objects (cells: the non-membrane region), False off the image."""
+        """The mask whose components are the objects (cells: their seeds, the region of membrane
+        probability below the seed threshold, or for ``grow`` below the label threshold), False off the image."""
+        cell = self.plan.cell
+        if cell is not None and cell.method == "watershed":
+            return (self.source.read_prob_window(box) < cell.seed_threshold * self.source.prob_scale) & _inside(box, self.plan.shape)
         m = self.source.read_mask(box)
         return ~m & _inside(box, self.plan.shape) if self.cells else m
 
@@ -147,17 +156,22 @@ def _resolve(job: ObjectsJob, *_after: Any) -> int:
     res = resolve_pieces(job.grid, records, job.plan.connectivity, job.plan.keep, np.dtype(job.source.prob_dtype))
     dtype = id_dtype(res.n_objects, job.plan.settings.uint32_limit)
     job.save("resolve", {"final": res.final.astype(dtype), "offsets": res.offsets, "n": np.array(res.n_objects)})
-    st.create_label_image(
-        job.staging, job.name, shapes=st.level_shapes(job.plan.shape, job.source.levels), chunks=job.plan.chunks, dtype=dtype,
-        pixel_size_nm=job.plan.pixel_size_nm, origin_nm=job.plan.origin_nm, metadata=_provenance(job, res.n_objects, dtype),
-    )
-    if job.cells:
+    if job.cells:  # seeds, then the flooded cells before merging: ids of seeds
         st.create_scratch(job.staging, "seeds", job.plan.shape, job.plan.chunks, dtype)
+        st.create_scratch(job.staging, "basins", job.plan.shape, job.plan.chunks, dtype)
     else:
+        _create_layer(job, res.n_objects, dtype)
         assert res.sums is not None
         _write_table(job, res.sums, dtype)
     job.staging.mark("resolve")
     return res.n_objects
+
+
+def _create_layer(job: ObjectsJob, n: int, dtype: Any) -> None:
+    st.create_label_image(
+        job.staging, job.name, shapes=st.level_shapes(job.plan.shape, job.source.levels), chunks=job.plan.chunks, dtype=dtype,
+        pixel_size_nm=job.plan.pixel_size_nm, origin_nm=job.plan.origin_nm, metadata=_provenance(job, n, dtype),
+    )
 
 
 def _relabel(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
@@ -174,14 +188,45 @@ def _relabel(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     return f"b{_bid(index)}"
 
 
+def _flood(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
+    box = job.grid.box(*index)
+    cell = job.plan.cell
+    assert cell is not None
+    halo = cell.steps + 1
+    window = Box(box.y0 - halo, box.x0 - halo, box.y1 + halo, box.x1 + halo)
+    seeds = st.read_window(_scratch(job, "seeds"), window, job.plan.shape, 0, np.int64)
+    seeds[~_inside(window, job.plan.shape)] = OUTSIDE
+    ids, lev = flood_block(seeds, job.source.read_prob_window(window), halo, 1, cell)
+    arr = _scratch(job, "basins")
+    arr[box.y0 : box.y1, box.x0 : box.x1] = ids[1:-1, 1:-1].astype(arr.dtype)
+    job.save(f"w{_bid(index)}", boundary_block(ids, lev).arrays())
+    job.staging.mark(f"w{_bid(index)}")
+    return f"w{_bid(index)}"
+
+
+def _merge(job: ObjectsJob, *_after: Any) -> int:
+    assert job.plan.cell is not None
+    with np.load(job.staging.record("resolve")) as resolved:
+        n_seeds, dtype = int(resolved["n"]), resolved["final"].dtype
+    parts = []
+    for i in job.grid:
+        with np.load(job.staging.record(f"w{_bid(i)}")) as d:
+            parts.append(Boundaries(**{k: d[k] for k in d.files}))
+    lut, n = resolve_cells(n_seeds, parts, job.plan.cell, job.plan.min_cell_px, job.source.prob_dtype)
+    job.save("merge", {"lut": lut, "n": np.array(n)})
+    _create_layer(job, n, dtype)  # ids never exceed the seeds': the seeds' dtype holds them
+    job.staging.mark("merge")
+    return n
+
+
 def _cells(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     box = job.grid.box(*index)
-    halo = job.plan.steps + PERIMETER_HALO
-    window = Box(box.y0 - halo, box.x0 - halo, box.y1 + halo, box.x1 + halo)
-    seeds_arr = _scratch(job, "seeds")
-    seeds = st.read_window(seeds_arr, window, job.plan.shape, 0, np.int64)
-    seeds[~_inside(window, job.plan.shape)] = OUTSIDE
-    ids, sums = cells_block(seeds, halo, job.plan.steps, box, job.source.read_prob(box))
+    h = PERIMETER_HALO
+    window = Box(box.y0 - h, box.x0 - h, box.y1 + h, box.x1 + h)
+    basins = st.read_window(_scratch(job, "basins"), window, job.plan.shape, 0, np.int64)
+    with np.load(job.staging.record("merge")) as merged:
+        lut = merged["lut"]
+    ids, sums = cells_block(basins, lut, box, job.source.read_prob(box))
     _write_levels(job, box, ids.astype(job.label_array(0).dtype))
     job.save(f"c{_bid(index)}", {f"s_{k}": v for k, v in sums.arrays().items()})
     job.staging.mark(f"c{_bid(index)}")
@@ -189,8 +234,8 @@ def _cells(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
 
 
 def _cells_reduce(job: ObjectsJob, *_after: Any) -> str:
-    with np.load(job.staging.record("resolve")) as resolved:
-        n = int(resolved["n"])
+    with np.load(job.staging.record("merge")) as merged:
+        n = int(merged["n"])
     parts = []
     for i in job.grid:
         with np.load(job.staging.record(f"c{_bid(i)}")) as d:
@@ -304,6 +349,7 @@ def objects_graph(job: ObjectsJob, done: set[str], after: Any = None) -> Any:
     after = once(_resolve, "resolve", per_block(_pieces, "a", after))
     after = per_block(_relabel, "b", after)
     if job.cells:
+        after = once(_merge, "merge", per_block(_flood, "w", after))
         after = once(_cells_reduce, "cells", per_block(_cells, "c", after))
     shapes = st.level_shapes(job.plan.shape, job.source.levels)
     for level in range(direct_levels(job.plan, len(shapes)), len(shapes)):
@@ -337,6 +383,7 @@ class ObjectsResult:
     seconds: float
     section_um2: float  #: area of the section the layer covers (of one section of a stack)
     volume_um3: float | None = None  #: a stack's volume (sections × spacing × section area); None for a section
+    recipe: str = ""  #: where the minimum size, hole filling (and cells' rules) came from, in one line
 
     @property
     def density_per_um2(self) -> float:
@@ -350,12 +397,13 @@ class ObjectsResult:
 def prepare_job(store: str | os.PathLike, settings: ObjectSettings, *, overwrite: bool = False, resume: bool = False) -> tuple[Any, set[str]]:
     """Open the class, plan the run and create (or reopen) its staging folder (a stack's: :mod:`.stack`)."""
     source = st.open_class(store, settings.class_name, settings.threshold)
+    settings, recipe = resolve_recipe(settings, source.recipe, source.engine, z_spacing_nm=source.z_spacing_nm if source.is_stack else None)
     if source.is_stack:
         from .stack import prepare_stack_job
 
-        return prepare_stack_job(source, settings, store, overwrite=overwrite, resume=resume)
+        return prepare_stack_job(source, settings, store, overwrite=overwrite, resume=resume, recipe=recipe)
     plan = make_plan(settings, class_name=source.class_name, shape=source.shape, pixel_size_nm=source.pixel_size_nm,  # type: ignore[arg-type]
-                     origin_nm=source.origin_nm, chunks=source.chunks)  # type: ignore[arg-type]
+                     origin_nm=source.origin_nm, chunks=source.chunks, recipe=recipe)  # type: ignore[arg-type]
     name = st.layer_name(source.class_name, settings.cells)
     identity = {"source": source.identity(), "plan": plan.describe(), "block": list(plan.grid.block),
                 "chunks": list(plan.chunks), "table": settings.table_format, "uint32_limit": settings.uint32_limit}
@@ -369,7 +417,7 @@ def write_objects(
     class_name: str | None = None,
     threshold: float | None = None,
     min_size: str | float | None = None,
-    fill_holes: bool = False,
+    fill_holes: bool | None = None,
     cells: bool = False,
     grow: str | float | None = None,
     connectivity: int | None = None,
@@ -387,6 +435,9 @@ def write_objects(
 ) -> ObjectsResult | Any:
     """Find the objects (or ``cells``) of one class of a segment output and add them to it as
     ``labels/<class>-objects`` (``-cells``) with a measurements table; see :mod:`tilefeet.objects`.
+    ``min_size`` and ``fill_holes`` left as None take the engine's recipe for the class (cells: the
+    seed and merge thresholds, reach and minimum size too; ``advanced``: ``seed_threshold``,
+    ``merge_threshold``, ``cell_method``), as the layer's ``recipe`` says.
     On a stack (c, z, y, x) the objects are 3-D (``connectivity`` 6, 18 or 26, default 26;
     ``min_size`` a volume, ``min_z_extent`` sections or a length; :mod:`.stack`).
 
@@ -427,7 +478,8 @@ def finished(path: Path, seconds: float = 0.0) -> ObjectsResult:
     h, w = shape[-2:]
     area = h * w * float(scale[-2]) * float(scale[-1]) / 1e6
     volume = area * shape[0] * float(scale[0]) / 1e3 if len(shape) == 3 else None
-    return ObjectsResult(path, path / meta["table"], int(meta["objects"]), str(meta["dtype"]), seconds, area, volume)
+    return ObjectsResult(path, path / meta["table"], int(meta["objects"]), str(meta["dtype"]), seconds, area, volume,
+                         str(meta.get("recipe", "")))
 
 
 class _Progress(dask.callbacks.Callback):

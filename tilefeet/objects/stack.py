@@ -268,10 +268,10 @@ def _provenance(job: StackJob, n: int, dtype: Any) -> dict:
 
 
 def prepare_stack_job(source: st.ClassSource, settings: ObjectSettings, store: str | os.PathLike, *, overwrite: bool,
-                      resume: bool) -> tuple[StackJob, set[str]]:
+                      resume: bool, recipe: str = "") -> tuple[StackJob, set[str]]:
     plan = make_volume_plan(settings, class_name=source.class_name, shape=source.shape,  # type: ignore[arg-type]
                             spacing_nm=source.spacing_nm, origin_nm=source.origin3_nm, chunks=source.chunks,  # type: ignore[arg-type]
-                            where=str(store))
+                            where=str(store), recipe=recipe)
     name = st.layer_name(source.class_name, False)
     identity = {"source": source.identity(), "plan": plan.describe(), "block": list(plan.grid.block),
                 "chunks": list(plan.chunks), "table": settings.table_format, "uint32_limit": settings.uint32_limit}

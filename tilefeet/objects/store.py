@@ -66,6 +66,15 @@ class ClassSource:
     levels: int = 1  #: pyramid levels of the image (a label image must have as many)
     z_spacing_nm: float | None = None  #: a stack's section spacing (None: a section)
     z_origin_nm: float = 0.0  #: a stack's first section's z position
+    engine: str | None = None  #: the engine that made the output (its provenance)
+    recipe_json: str = ""  #: the engine's object recipe for the class, as JSON (what segment recorded, else the engine's own)
+
+    @property
+    def recipe(self) -> dict | None:
+        """The engine's ``[objects.<class>]`` table (None: the engine records none, or was not found)."""
+        import json
+
+        return json.loads(self.recipe_json) if self.recipe_json else None
 
     @property
     def is_stack(self) -> bool:
@@ -113,6 +122,14 @@ class ClassSource:
     def read_prob(self, box: Box) -> np.ndarray:
         """The class probability (as stored) over ``box``, which lies inside the image."""
         return np.asarray(_array(self.store, self.prob_path)[self.channel, box.y0 : box.y1, box.x0 : box.x1])
+
+    def read_prob_window(self, box: Box, fill: Any = 0) -> np.ndarray:
+        """The class probability (as stored) over ``box``, ``fill`` outside the image."""
+        inner = box.intersect(Box(0, 0, *self.shape))
+        out = np.full(box.shape, fill, dtype=np.dtype(self.prob_dtype))
+        if not inner.empty:
+            out[inner.relative_to(box)] = self.read_prob(inner)
+        return out
 
     def read_mask(self, box: Box) -> np.ndarray:
         """The class mask over ``box`` (bool), False outside the image."""
@@ -203,6 +220,7 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
     if pixel is None:
         raise InvalidImageError(f"{path} gives no unit on its y/x axes, so its pixel size is unknown; areas and lengths need it")
     stored = float(ms.metadata.get("settings", {}).get("threshold", 0.5))
+    recipe = _recipe(ms.metadata, cls)
     name = label_name(cls)
     use_labels = (threshold is None or math.isclose(threshold, stored, abs_tol=1e-12)) and name in ms.labels
     if ms.metadata.get("every_chunk_written") is True:
@@ -213,15 +231,31 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
             store=str(path), prob_path=level0.path, channel=channel, class_name=cls, shape=tuple(level0.shape[1:]),
             chunks=tuple(level0.chunks[1:]), pixel_size_nm=pixel, origin_nm=ms.origin_nm(0), prob_dtype=level0.dtype,
             threshold=stored if threshold is None else float(threshold), mask_path=f"labels/{name}/0" if use_labels else None,
-            levels=len(ms.datasets), **_z_axis(ms, path),
+            levels=len(ms.datasets), **_z_axis(ms, path), **recipe,
         )
     return ClassSource(
         store=str(path), prob_path=level0.path, channel=channel, class_name=cls,
         shape=(level0.shape[1], level0.shape[2]), chunks=(level0.chunks[1], level0.chunks[2]),
         pixel_size_nm=pixel, origin_nm=ms.origin_nm(0), prob_dtype=level0.dtype,
         threshold=stored if threshold is None else float(threshold), mask_path=f"labels/{name}/0" if use_labels else None,
-        levels=len(ms.datasets),
+        levels=len(ms.datasets), **recipe,
     )
+
+
+def _recipe(provenance: Any, class_name: str) -> dict:
+    """The engine and its recipe for a class: as ``segment`` recorded it in the output (``objects``),
+    else from the engine bundle of that name, when it is found here."""
+    import json
+
+    from .options import engine_recipe
+
+    engine = provenance.get("engine") if isinstance(provenance.get("engine"), str) else None
+    recorded = provenance.get("objects")
+    if isinstance(recorded, dict):
+        table = recorded.get(class_name)
+    else:
+        table = engine_recipe(engine, class_name)
+    return {"engine": engine, "recipe_json": json.dumps(table, sort_keys=True) if isinstance(table, dict) else ""}
 
 
 def _z_axis(ms: Any, path: Path) -> dict:
