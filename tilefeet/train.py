@@ -362,6 +362,9 @@ def train_engine(
                 **info,
             },
         )
+        from .objects.options import record_recipes  # the object recipe of each class, from its training masks
+
+        bundle = record_recipes(bundle, [*masks, *val_masks], parent=parent.bundle if parent is not None else None)
         (folder / "training_history.json").write_text(json.dumps(history, indent=1))
         return bundle
 

@@ -265,7 +265,8 @@ def score_objects(
     if store is not None and class_name is not None and use_stored:
         layer = store / "labels" / layer_name(class_name, cells)
         if (layer / "0" / "zarr.json").exists():
-            pred, what = da.from_zarr(str(layer / "0")), f"{layer} (as stored)"
+            recipe = _stored_recipe(layer)
+            pred, what = da.from_zarr(str(layer / "0")), f"{layer} (as stored" + (f": {recipe})" if recipe else ")")
     if pred is None:
         if cells and pixel is None:
             raise ConfigError(
@@ -317,7 +318,8 @@ def _score_stack(
         stored = _stored_connectivity(layer)
         if stored is not None and connectivity in (None, stored):
             conn = stored
-            pred, what = da.from_zarr(str(layer / "0")), f"{layer} (as stored, {stored}-connected)"
+            recipe = _stored_recipe(layer)
+            pred, what = da.from_zarr(str(layer / "0")), f"{layer} (as stored, {stored}-connected" + (f"; {recipe})" if recipe else ")")
     if pred is None and not cells and spacing is not None and use_stored:  # a segment output: as `tilefeet objects` makes them
         objs = label_objects(store, class_name=class_name, connectivity=conn, measure=False)
         pred, what = objs.labels, f"{conn}-connected 3-D components of the predicted mask, as `tilefeet objects` makes them ({objs.plan.recipe})"
@@ -342,6 +344,16 @@ def _score_stack(
         raise ConfigError(f"the predicted objects ({what}) are {pred.shape} voxels but the truth is {truth.shape}; score them on one grid")
     ov = overlaps(truth, pred)
     return ScoredObjects(match_objects(ov), cell_scores(ov) if cells else None, what, conn, largest_share(ov) if cells else None)
+
+
+def _stored_recipe(layer: Any) -> str:
+    """The one line a stored objects layer records about its rules (its minimum size, holes, cells' recipe)."""
+    import json
+
+    try:
+        return str(json.loads((layer / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]["metadata"].get("recipe", ""))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
 
 
 def _stored_connectivity(layer: Any) -> int | None:

@@ -434,8 +434,9 @@ def resolve_recipe(settings: ObjectSettings, recipe: Any, engine: str | None, *,
             chosen[field] = float(base.get(key, default))
         out = replace(settings, **chosen)
         area = out.min_size_nm2((1.0, 1.0)) if size_kind(out.min_size) != "pixels" else None
-        rules = (f"seeds below p {out.seed_threshold:g}, flood {out.grow_nm:g} nm, merged below a mean boundary of "
-                 f"{out.merge_threshold:g}, min size {_um2(area) if area is not None else out.min_size}")
+        size = "no min size" if area == 0 else f"min size {_um2(area) if area is not None else out.min_size}"
+        rules = (f"seeds below p {out.seed_threshold:g}, a watershed reaching {out.grow_nm:g} nm, neighbours merged below a "
+                 f"mean boundary of {out.merge_threshold:g}, {size}")
         if table:
             where = f"recipe from {src}" + (f": {table['why']}" if table.get("why") else "")
         else:
@@ -511,3 +512,35 @@ def recipe_from_masks(masks: Any, pixel_size_nm: tuple[float, float]) -> dict:
         "why": (f"percentile {MIN_SIZE_PERCENTILE:g} of the areas of the {len(real)} objects in its training masks, specks "
                 f"left out; {holed} of {len(area)} have holes"),
     }
+
+
+def record_recipes(bundle: Any, masks: Any, *, parent: Any = None) -> Any:
+    """Write ``[objects.<class>]`` into a new bundle's ``engine.toml`` from its training masks (``(C, H, W)``
+    arrays at the engine's pixel size, or ``(H, W)`` for one class): :func:`recipe_from_masks` per
+    class; a class the ``parent`` bundle (fine-tuning) has a cell recipe for keeps it. Returns the
+    reloaded bundle."""
+    import tomllib
+
+    import numpy as np
+
+    from ..engine import ENGINE_FILE, dump_toml, load_engine
+
+    recipes: dict[str, Any] = {}
+    inherited = dict(getattr(parent, "raw", {}).get("objects") or {}) if parent is not None else {}
+    for c, cls in enumerate(bundle.classes):
+        planes = [np.asarray(m)[c] if np.ndim(m) == 3 else np.asarray(m) for m in masks]
+        table = recipe_from_masks(planes, bundle.pixel_size_nm)
+        cells = (inherited.get(cls) or {}).get("cells") if isinstance(inherited.get(cls), dict) else None
+        if cells:
+            table["cells"] = {**cells, "why": f"{cells.get('why', '')} (the parent {parent.name}'s)".strip()}
+        if table:
+            recipes[cls] = table
+    if not recipes:
+        return bundle
+    path = bundle.path / ENGINE_FILE
+    doc = tomllib.loads(path.read_text())
+    doc["objects"] = recipes
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(dump_toml(doc))
+    tmp.replace(path)
+    return load_engine(bundle.path)
