@@ -493,7 +493,8 @@ def lucchi_scores(work: Path) -> dict:
         if not (pred / "labels" / "mitochondrion").exists():
             assert tf(["-q", "segment", str(src), str(pred), "-e", "lucchi-mito", "--intensity", "bundle", "--overwrite"]) == 0
         per_slice[name] = {}
-        for variant, opts in (("components", []), ("min-size 0.01 µm², holes filled", ["--min-size", "0.01um2", "--fill-holes"])):
+        for variant, opts in (("components", ["--min-size", "0", "--no-fill-holes"]),
+                              ("min-size 0.01 µm², holes filled", ["--min-size", "0.01um2", "--fill-holes"])):
             assert tf(["-q", "objects", str(pred), "--overwrite", *opts]) == 0
             out = subprocess.run([sys.executable, "-c", "import sys; from tilefeet.cli import main; sys.exit(main())", "evaluate",
                                   str(pred), str(src / "labels" / "mitochondrion"), "--objects", "--json"],

@@ -3,7 +3,7 @@ and how the defaults were chosen (on training data only).
 
     python benchmarks/cells_scores.py                 # scores: cells (ISBI held out, Lucchi) and objects (Lucchi), ~10 min on 2 cores
     python benchmarks/cells_scores.py --choose        # also the cell-recipe grid on ISBI's training slices (~20 min)
-    python benchmarks/cells_scores.py --only cells    # or objects
+    python benchmarks/cells_scores.py --only cells    # or objects, or choose (the grid alone)
 
 Every score goes through the commands a user runs: each slice converted alone (``tilefeet convert``,
 its truth as ``--labels``), segmented (``tilefeet segment``), cells or objects made (``tilefeet objects``)
@@ -28,7 +28,7 @@ and scored (``tilefeet evaluate --cells`` / ``--objects``, from the stored layer
   threshold, minimum cell size, on ISBI training slices 0-20 as they are and degraded (defocus and
   noise, low contrast with a gamma, 5 nm imaging read as 4 nm; one kind per slice), each scored by
   mean ARE and VOI; the choice minimizes the mean over both sets and both scores of score / best score.
-  The object recipe's rule (:func:`tilefeet.objects.options.recipe_from_masks`) is shown against
+  The object recipe's rule (:func:`tilefeet.engine.recipe_from_masks`) is shown against
   other minimum sizes on lucchi-mito's own training slices.
 
 Writes ``benchmarks/results/cells-objects-scores.json``.
@@ -213,6 +213,7 @@ def degraded(work: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     from skimage.measure import label
 
     rng = np.random.default_rng(0)
+    work.mkdir(parents=True, exist_ok=True)
     out = []
     for i, (image, truth) in enumerate(ISBI_TRAIN):
         img = iio.imread(image).astype(np.float64)
@@ -290,8 +291,8 @@ def object_rule(work: Path) -> dict:
     from scipy import ndimage as ndi
     from skimage.measure import label
 
+    from tilefeet.engine import recipe_from_masks
     from tilefeet.objects.match import ObjectScores, match_objects, overlaps
-    from tilefeet.objects.options import recipe_from_masks
 
     pairs = []
     for f in sorted(glob.glob(str(EM / "lucchi/train/slices/*.png"))):
@@ -317,7 +318,7 @@ def object_rule(work: Path) -> dict:
     return {"recipe_from_masks": chosen, "training_slices_f1_holes_filled": rows}
 
 
-JOBS = {"cells": cells, "objects": objects}
+JOBS = {"cells": cells, "objects": objects, "choose": choose}
 
 
 def main(argv: list[str]) -> int:
@@ -342,13 +343,13 @@ def main(argv: list[str]) -> int:
                          "tilefeet": __version__, "load_average_at_start": os.getloadavg(),
                          "engines": {e: load_engine(e).weights_sha256 for e in ("isbi-membrane", "lucchi-mito")},
                          "note": "CPU only, shared with other jobs: seconds are upper bounds; scores do not depend on the machine"}
-    jobs = list(a.only or JOBS)
-    if a.choose:
+    jobs = list(a.only or ["cells", "objects"])
+    if a.choose and "choose" not in jobs:
         jobs.append("choose")
     for name in jobs:
         print(name, flush=True)
         t = time.perf_counter()
-        report[name] = (choose if name == "choose" else JOBS[name])(a.workdir)
+        report[name] = JOBS[name](a.workdir)
         report[name]["seconds"] = round(time.perf_counter() - t, 1)
         path.write_text(json.dumps(report, indent=1, default=_json))
     print(f"wrote {path}")

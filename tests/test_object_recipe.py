@@ -17,9 +17,8 @@ import zarr
 from scipy import ndimage as ndi
 from skimage.measure import label
 
-from tilefeet.engine import load_engine
+from tilefeet.engine import load_engine, recipe_from_masks
 from tilefeet.objects import label_objects, write_objects
-from tilefeet.objects.options import recipe_from_masks
 
 from .conftest import DATA
 from .helpers import run_cli

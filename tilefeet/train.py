@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .augment import ALL, parse_augment, randomize
-from .engine import ENGINE_FILE, EngineBundle, dump_toml, load_engine, write_bundle
+from .engine import ENGINE_FILE, EngineBundle, dump_toml, load_engine, record_recipes, write_bundle
 from .errors import BackendUnavailableError, ConfigError, Interrupted, InvalidEngineError, OutputExistsError, OutputWriteError
 from .intensity import Normalization, training_normalization
 from .metrics import PixelMetrics, pixel_metrics
@@ -362,8 +362,7 @@ def train_engine(
                 **info,
             },
         )
-        from .objects.options import record_recipes  # the object recipe of each class, from its training masks
-
+        # the object recipe of each class, from its training masks (engine.toml [objects])
         bundle = record_recipes(bundle, [*masks, *val_masks], parent=parent.bundle if parent is not None else None)
         (folder / "training_history.json").write_text(json.dumps(history, indent=1))
         return bundle

@@ -415,7 +415,7 @@ def _max_value(dtype: str) -> float:
 
 
 def _engine_recipes(path: str) -> dict:
-    from .objects.options import engine_recipes
+    from .engine import engine_recipes
 
     return engine_recipes(path)
 

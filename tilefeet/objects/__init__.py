@@ -12,8 +12,10 @@ whole mask bit for bit (raster order of each object's first pixel), whatever the
 chunking or the workers: blocks label themselves, faces give equivalences, a union-find resolves
 them, and a second pass relabels (:mod:`.label`). The table has one row per object, the same
 numbers as ``skimage.measure.regionprops_table`` on the whole image, combined from per-block
-partial sums (:mod:`.measure`). Cells (:mod:`.cells`) are the regions between membranes grown
-into the membrane by a bounded distance.
+partial sums (:mod:`.measure`). Cells (:mod:`.cells`) are seeded where the membrane probability is
+low, flooded by a watershed of bounded reach on it, and merged across weak boundaries. The minimum
+size, hole filling and cell thresholds default to the engine's recipe for the class
+(``engine.toml [objects.<class>]``; :func:`.options.resolve_recipe`).
 
 A stack (a segment output with axes c, z, y, x) gives 3-D objects: 26-connected by default (6 or
 18 with ``connectivity``), ids equal to ``skimage.measure.label`` and ``cc3d`` of the whole volume
@@ -27,9 +29,9 @@ module          holds
 ``label``       block labelling, faces, the union-find, raster-order numbering (pure)
 ``volume``      the same for stacks: 3-D blocks, pairs of pieces per block, 3-D sums and table (pure)
 ``measure``     per-block partial sums, their exact combination, the table (pure)
-``cells``       seeds grown into the membrane (pure)
+``cells``       seeds flooded by a bounded watershed, boundary sums, merging (pure)
 ``blocks``      what one block computes in each pass, and the reductions between passes
-``options``     options (``ObjectSettings``) and the plan on one section
+``options``     options (``ObjectSettings``), engines' recipes, and the plan on one section
 ``store``       all OME-Zarr reading and writing of this package (staging, publishing)
 ``run``         the out-of-core dask graph with completion records (``write_objects``)
 ``stack``       a stack's out-of-core graph and lazy passes

@@ -18,9 +18,10 @@ default, as ``tilefeet objects`` labels a stack; 6 or 18 when asked), labelled o
 :func:`tilefeet.objects.label_objects` on both sides, so an object cut by a block or spread over
 many sections is one object. Cells in 3-D (the SNEMI3D measure) are the 6-connected regions
 between membranes (a membrane drawn in one section separates that section's two sides); the
-predicted ones are grown within each section into the predicted membrane, as a section's cells
-are (:mod:`tilefeet.objects.cells`: ``grow`` nm, the same rounds), block by block with a halo in
-y and x.
+predicted ones are grown within each section into the predicted membrane as ``--cell-method grow``
+grows a section's cells (:mod:`tilefeet.objects.cells`: 40 nm, the same rounds; the watershed
+recipe is 2-D), block by block with a halo in y and x. A section's predicted cells are those of
+``tilefeet objects --cells`` (the engine's recipe), named in the report.
 
 A ratio with nothing to count is 1, as everywhere in :mod:`tilefeet.metrics`.
 """
