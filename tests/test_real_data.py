@@ -55,7 +55,8 @@ def test_evaluate_agrees(heldout):
 
 def test_bf16_changes_few_labels_on_the_trained_engine(heldout, tmp_path):
     """bf16's worst pixel differs from fp32 by more than 1e-2 on this trained engine (README), so
-    ``auto`` never picks it; what a user who asks for it gets: labels and F1 almost unchanged."""
+    ``auto`` picks it only after the accuracy guard (tilefeet.runners.guard); what a user who asks for
+    it gets: labels and F1 almost unchanged."""
     src, _, pred, truth = heldout
     out = tilefeet.segment_to_zarr(src, tmp_path / "bf16.ome.zarr", "isbi-membrane", chunk_size=256, block_size=768,
                                    backend="torch", precision="bf16", **HELD_OUT_SETTINGS)
