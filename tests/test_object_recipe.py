@@ -21,7 +21,7 @@ from tilefeet.engine import load_engine, recipe_from_masks
 from tilefeet.objects import label_objects, write_objects
 
 from .conftest import DATA
-from .helpers import run_cli
+from .helpers import assert_one_line_error, run_cli
 from .test_objects import make_output, probs_for, reference
 
 LUCCHI_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "em" / "lucchi" / "train" / "mitochondrion"
@@ -152,3 +152,21 @@ def test_segment_objects_uses_lucchi_mitos_recipe_and_says_so(tmp_path, capsys):
     assert run_cli(capsys, "-q", "objects", out, "--overwrite", "--min-size", "0", "--no-fill-holes")[0] == 0
     bare = json.loads(run_cli(capsys, "evaluate", out, src / "labels" / "mitochondrion", "--objects", "--json")[1])["objects"]
     assert bare["f1"] < scored["f1"] - 0.03
+
+
+def test_cell_options_are_checked_in_one_line(tmp_path, capsys):
+    mem = mito_mask()
+    store = make_output(tmp_path / "seg.ome.zarr", probs_for(mem), classes=("membrane",), chunk=32)
+    for args, needles in (
+        (("--cells", "--seed-threshold", "1.5"), ("--seed-threshold", "between 0 and 1")),
+        (("--cells", "--merge-threshold", "-0.2"), ("--merge-threshold",)),
+        (("--seed-threshold", "0.2"), ("add --cells",)),
+        (("--cells", "--cell-method", "grow", "--merge-threshold", "0.3"), ("--cell-method grow", "never merges")),
+        (("--cells", "--cell-method", "flood"), ("--cell-method", "watershed or grow")),
+    ):
+        code, _, err = run_cli(capsys, "objects", store, *args)
+        assert_one_line_error(code, err, *needles)
+        assert not (store / "labels" / "membrane-cells").exists() and not list(tmp_path.glob("*.partial"))
+    code, out, err = run_cli(capsys, "objects", store, "--cells", "--merge-threshold", "0", "-q")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("cells: seeds below p 0.05, a watershed reaching 160 nm, neighbours never merged, no min size")

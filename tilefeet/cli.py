@@ -203,6 +203,8 @@ def segment(
     if dry_run:
         _check_output(run, location, overwrite=overwrite, resume=resume)
         typer.echo(run.describe())
+        if objects:
+            typer.echo(_recipe_line(run.plan.engine, {"cells": cells, "min_size": min_size, "fill_holes": fill_holes}))
         return
     _echo(run.describe())
     if (cells or min_size or fill_holes is not None) and not objects:

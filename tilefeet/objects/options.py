@@ -419,8 +419,9 @@ def resolve_recipe(settings: ObjectSettings, recipe: Any, engine: str | None, *,
         out = replace(settings, **chosen)
         area = out.min_size_nm2((1.0, 1.0)) if size_kind(out.min_size) != "pixels" else None
         size = "no min size" if area == 0 else f"min size {_um2(area) if area is not None else out.min_size}"
-        rules = (f"seeds below p {out.seed_threshold:g}, a watershed reaching {out.grow_nm:g} nm, neighbours merged below a "
-                 f"mean boundary of {out.merge_threshold:g}, {size}")
+        merge = (f"neighbours merged below a mean boundary of {out.merge_threshold:g}" if out.merge_threshold
+                 else "neighbours never merged")
+        rules = f"seeds below p {out.seed_threshold:g}, a watershed reaching {out.grow_nm:g} nm, {merge}, {size}"
         if table:
             where = f"recipe from {src}" + (f": {table['why']}" if table.get("why") else "")
         else:
