@@ -163,6 +163,7 @@ def test_cell_options_are_checked_in_one_line(tmp_path, capsys):
         (("--seed-threshold", "0.2"), ("add --cells",)),
         (("--cells", "--cell-method", "grow", "--merge-threshold", "0.3"), ("--cell-method grow", "never merges")),
         (("--cells", "--cell-method", "flood"), ("--cell-method", "watershed or grow")),
+        (("--cells", "--threshold", "0.6"), ("--threshold 0.6", "--seed-threshold")),
     ):
         code, _, err = run_cli(capsys, "objects", store, *args)
         assert_one_line_error(code, err, *needles)

@@ -174,6 +174,9 @@ class ObjectSettings:
             raise ConfigError(f"--cell-method must be {' or '.join(CELL_METHODS)}, got {self.cell_method!r}")
         if not self.cells and (self.seed_threshold is not None or self.merge_threshold is not None or self.cell_method != "watershed"):
             raise ConfigError("--seed-threshold, --merge-threshold and --cell-method shape cells: add --cells")
+        if self.cells and self.cell_method == "watershed" and self.threshold is not None:
+            raise ConfigError(f"--threshold {self.threshold:g} sets the class mask, which the watershed's cells do not use: their seeds "
+                              f"are the regions below --seed-threshold (or use --cell-method grow, seeded below --threshold)")
         if self.cells and self.cell_method == "grow" and (self.seed_threshold is not None or self.merge_threshold is not None):
             raise ConfigError("--cell-method grow seeds at the label threshold (--threshold) and never merges: "
                               "leave out --seed-threshold and --merge-threshold, or use the watershed")
