@@ -364,6 +364,7 @@ def train_engine(
         )
         # the object recipe of each class, from its training masks (engine.toml [objects])
         bundle = record_recipes(bundle, [*masks, *val_masks], parent=parent.bundle if parent is not None else None)
+        bundle = _record_reference(bundle, val_images or images, "validation" if val_images else "training")
         (folder / "training_history.json").write_text(json.dumps(history, indent=1))
         return bundle
 
@@ -754,6 +755,26 @@ class _CropSampler:
         x, y = randomize(x, y, cfg.augment, rng, top=self.tops[i])
         x = self.norm.to_network(x).astype(np.float32)
         return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+#: Pixels of validation (else training) images a new bundle's ``[reference]`` is measured on.
+REFERENCE_PIXELS = 1 << 22
+
+
+def _record_reference(bundle: EngineBundle, images: Sequence[np.ndarray], kind: str) -> EngineBundle:
+    """The new bundle with ``[reference]``: what its network outputs on its own data (the
+    validation images, else the training images; up to :data:`REFERENCE_PIXELS`), which the
+    contrast polarity check of every later run shows beside a section's (:mod:`tilefeet.polarity`)."""
+    from .polarity import record_reference
+
+    chosen: list[np.ndarray] = []
+    total = 0
+    for img in images:
+        if chosen and total + img.size > REFERENCE_PIXELS:
+            break
+        chosen.append(img)
+        total += img.size
+    return record_reference(bundle, chosen, f"{len(chosen)} of the engine's own {kind} images, {total} px")
 
 
 def validation_f1(model, images, masks, dataset: Sequence[int], n_datasets: int, norm: Normalization, device) -> list[list[float]]:
