@@ -92,4 +92,4 @@ def test_a_worker_killed_mid_job_changes_nothing(tmp_path, small_section, random
     for name in ("0", "1", "labels/membrane/0"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
     backends = a.attrs["ome"]["multiscales"][0]["metadata"]["backends"]
-    assert sum(backends.values()) == 24 and set(backends) <= {"torch", "onnxruntime"}
+    assert sum(backends.values()) == 24 and set(backends) <= {"torch", "onnxruntime", "openvino"}

@@ -48,7 +48,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
 
 def test_onnx_import_reads_and_measures_the_graph(monai_onnx):
     b = monai_onnx
-    assert b.network == "onnx" and b.backends == ("onnxruntime", "tensorrt")
+    assert b.network == "onnx" and b.backends == ("onnxruntime", "openvino", "tensorrt")
     assert (b.in_channels, b.classes, b.activation) == (1, ("membrane",), "sigmoid")
     # BasicUNet pads odd sizes itself, so the size alone would say 1: the divisor is its total stride.
     assert b.divisor == 16
@@ -201,7 +201,7 @@ def test_a_pt2_archive_with_pickled_payloads_is_refused(tmp_path):
 
 
 def test_an_onnx_bundle_refuses_the_torch_backend_in_one_line(monai_onnx):
-    with pytest.raises(ConfigError, match="runs on onnxruntime or tensorrt, not torch"):
+    with pytest.raises(ConfigError, match="runs on onnxruntime or openvino or tensorrt, not torch"):
         get_runner(RunnerSpec(str(monai_onnx.path), "torch", "cpu", "fp32", 2, (64, 96)))
 
 
@@ -211,8 +211,8 @@ def test_an_onnx_bundle_refuses_the_torch_backend_in_one_line(monai_onnx):
 def test_auto_is_resolved_where_the_runner_is_built(monai_onnx):
     spec = RunnerSpec(str(monai_onnx.path), "auto", "cpu", "fp32", 2, (64, 96), (("threads", 1),))
     concrete, reason = resolve_spec(spec)
-    assert concrete.backend == "onnxruntime" and ("threads", 1) in concrete.options
-    assert "onnxruntime" in reason and "torch: the engine's onnx network does not run on it" in reason
+    assert concrete.backend in ("onnxruntime", "openvino") and ("threads", 1) in concrete.options  # the measured faster
+    assert "onnxruntime" in reason and "openvino" in reason and "torch: the engine's onnx network does not run on it" in reason
     runner = get_runner(spec)
     assert runner.spec == concrete and runner.reason == reason and get_runner(spec) is runner
 
@@ -250,7 +250,7 @@ def test_import_and_export_commands(tmp_path, capsys):
                  "--activation", "sigmoid", "--normalize", "percentile:1,99.5"])
     out, err = capsys.readouterr()
     assert code == 0 and Path(out.strip()) == tmp_path / "mine", err
-    assert "divisor 16" in err and "receptive field" in err and "onnxruntime, tensorrt" in err
+    assert "divisor 16" in err and "receptive field" in err and "onnxruntime, openvino, tensorrt" in err
     bundle = load_engine(tmp_path / "mine")
     assert bundle.pixel_size_nm == (5.0, 5.0) and bundle.normalization.adaptive == "percentile"
     assert main(["export-engine", str(bundle.path), "--bioimageio", "-o", str(tmp_path / "mine.zip")]) == 0
