@@ -277,7 +277,7 @@ def _on_cpu(
             precisions.append(AUTO_REDUCED)
         else:
             notes.append("fp32: this CPU has no native bf16 (no AMX or AVX512_BF16)")
-    combos, skipped = _runnable(bundle, precisions, allowed, requested)
+    combos, skipped = runnable_on_cpu(bundle, precisions, allowed, requested)
     if not combos:
         what = precision if precision != "auto" else "fp32"
         raise BackendUnavailableError(f"no backend runs {what} on the {where}: " + "; ".join(skipped))
@@ -318,7 +318,7 @@ def _on_cpu(
     return Choice(chosen[0], (), reason + ("; " + "; ".join(extra) if extra else ""), chosen[1])
 
 
-def _runnable(
+def runnable_on_cpu(
     bundle: Any, precisions: list[str], allowed: tuple[str, ...], requested: str | None
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """The ``(backend, precision)`` pairs that can run here, and why the others cannot."""
