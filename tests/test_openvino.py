@@ -215,3 +215,43 @@ def test_precision_auto_runs_bf16_only_after_the_guard_and_says_so_in_plan_and_p
 def test_explicit_precisions_are_kept_and_gpus_default_to_fp32(bundle, tmp_path):
     choice = choose(bundle, device="cpu", precision="fp32", batch_size=2, tile=TILE, prefer="torch", cache=tmp_path)
     assert (choice.backend, choice.precision) == ("torch", "fp32") and choice.reason == "--backend torch was requested"
+
+
+class _Step(torch.nn.Module):
+    """1000 · (x − c): a label is x ≥ c, so the labels change wherever rounding moves x across c."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.register_buffer("c", torch.tensor(c, dtype=torch.float32))
+
+    def forward(self, x):
+        return (x - self.c) * 1000.0
+
+
+def test_the_guard_fails_a_precision_that_moves_f1(tmp_path):
+    """A network whose labels flip for every pixel of one grey level when its input is rounded to bf16
+    (c between that level's fp32 value and its bf16 rounding), checked against its own fp32 labels:
+    fp32 scores F1 1, bf16 loses that level's pixels, and the guard fails it with the figures."""
+    from tilefeet.engine import bundle_from_module, load_engine, parse_normalization
+
+    norm = parse_normalization("meanstd:125,43")
+    img = isbi_montage(1, 1)[0][:256, :256]
+    levels, counts = np.unique(img, return_counts=True)
+    for k in levels[np.argsort(-counts)]:  # the most frequent level whose bf16 rounding goes up
+        v = np.float32(norm.to_network(np.array([k], np.float32))[0])
+        up = float(torch.tensor(float(v)).to(torch.bfloat16).float())
+        if up > v:
+            break
+    c = float(np.float32((float(v) + up) / 2))
+    assert v < c < up
+    bundle = bundle_from_module(_Step(c), pixel_size_nm="4nm", classes=["membrane"], normalization=norm, cache=tmp_path / "modules")
+    (bundle.path / "check").mkdir()
+    iio.imwrite(bundle.path / "check" / "0.png", img)
+    truth = norm.to_network(img.astype(np.float32)) >= np.float32(c)
+    iio.imwrite(bundle.path / "check" / "0-label.png", truth.astype(np.uint8) * 255)
+    toml = bundle.path / "engine.toml"
+    toml.write_text(toml.read_text() + '\n[check]\nimages = ["check/0.png"]\nlabels = ["check/0-label.png"]\ndata = "a step at one grey level"\n')
+    guard = check_precision(load_engine(bundle.path), "torch", "bf16", batch_size=2, cache=tmp_path / "cache")
+    assert guard is not None and guard.f1_fp32 == 1.0
+    assert not guard.passed and guard.f1_fp32 - guard.f1 > MAX_F1_CHANGE
+    assert "fails the accuracy guard on a step at one grey level" in guard.describe() and f"{guard.f1:.4f}" in guard.describe()
