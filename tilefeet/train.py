@@ -64,7 +64,7 @@ _RESUMABLE_CHANGES = ("steps", "description", "tile", "overlap")
 
 #: What changes when a run starts from a parent engine (``--from``) and the option is not given:
 #: a small annotated set needs fewer, gentler steps (measured in benchmarks/train_measure.py).
-FINETUNE_DEFAULTS: dict[str, Any] = {"steps": 300, "lr": 5e-4, "batch_size": 4, "val_every": 50}
+FINETUNE_DEFAULTS: dict[str, Any] = {"steps": 300, "lr": 5e-4, "batch_size": 4, "val_every": 50, "augment": "all"}
 
 
 @dataclass(frozen=True)

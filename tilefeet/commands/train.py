@@ -25,6 +25,7 @@ from typing import Optional
 
 import typer
 
+from ..augment import ALL
 from ..train import FINETUNE_DEFAULTS, TrainConfig
 
 #: TrainConfig's defaults, so each flag's default has one home
@@ -35,8 +36,15 @@ def _default(name: str) -> str:
     """Help text for an option whose default differs with --from."""
     value = getattr(_D, name)
     if name in FINETUNE_DEFAULTS:
-        return f" (default {value:g}; {FINETUNE_DEFAULTS[name]:g} with --from)"
-    return f" (default {value:g}; the parent's with --from)"
+        return f" (default {_show(value)}; {_show(FINETUNE_DEFAULTS[name])} with --from)"
+    return f" (default {_show(value)}; the parent's with --from)"
+
+
+def _show(value: object) -> str:
+    """A default as the user types it: ``5e-4``, ``300``, ``all``, ``legacy``."""
+    if isinstance(value, tuple):
+        return "all" if value == ALL else ",".join(value)
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def register(app: typer.Typer) -> None:
@@ -81,9 +89,9 @@ def train_cmd(
     scale_jitter: str = typer.Option(
         ",".join(map("{:g}".format, _D.scale_jitter)), "--scale-jitter", help="Random zoom range LOW,HIGH (1 or 1,1 = off)."
     ),
-    augment: str = typer.Option(
-        "all", "--augment", help="Domain randomization: all, none, legacy, or groups of intensity, noise, blur, elastic, artefacts "
-        "(e.g. all,-elastic).",
+    augment: Optional[str] = typer.Option(
+        None, "--augment", help="Domain randomization: all, none, legacy, or groups of intensity, noise, blur, elastic, artefacts "
+        "(e.g. all,-elastic)." + _default("augment"),
     ),
     val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate (and save the checkpoint) every N steps." + _default("val_every")),
     seed: int = typer.Option(_D.seed, help="Random seed (weights, crops, augmentation)."),
