@@ -151,7 +151,7 @@ def segment(
     from . import pipeline
     from .cluster import absolute, from_options
     from .storage import default_storage_options, output_location, parse_storage_options
-    from .writer import check_output
+    from .writer import check_output, check_paths
 
     set_verbosity(quiet, verbose)
     if scheduler or scheduler_file:  # the workers open these paths from working folders of their own
@@ -159,6 +159,7 @@ def segment(
     storage = parse_storage_options(storage_option)
     location = output_location(output, {**storage, **parse_storage_options(output_storage_option, "--output-storage-option")})
     # Before any work: an output that cannot be written, or that the flags do not allow, is said at once.
+    check_paths(str(input), location.final)
     location.check_writable()
     check_output(location, overwrite=overwrite, resume=resume)
     cluster = from_options(scheduler, scheduler_file, resources)  # None: run here

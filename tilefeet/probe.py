@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .block import to_network_grid
+from .geometry import Box
 from .polarity import OutputStats, output_stats
 
 #: Lattice tiles a probe runs (each in both polarities, as it is and mirrored: four network
@@ -20,22 +21,56 @@ PROBE_TILES = 4
 PROBE_CANDIDATES = 6
 
 
-def probe_tiles(plan: Any, image: Any, count: int = PROBE_TILES) -> list[tuple[int, int]]:
-    """Up to ``count`` lattice tiles to probe: among evenly spread candidates that run (tissue
-    mask), the ones whose source pixels vary most (tissue, not resin or padding)."""
+def probe_candidates(plan: Any) -> list[tuple[int, int]]:
+    """Up to PROBE_CANDIDATES² lattice tiles spread evenly over the section, those that run."""
     ny, nx = plan.lattice.counts
     ys = np.unique(np.linspace(0, ny - 1, min(ny, PROBE_CANDIDATES)).round().astype(int))
     xs = np.unique(np.linspace(0, nx - 1, min(nx, PROBE_CANDIDATES)).round().astype(int))
-    candidates = [(int(y), int(x)) for y in ys for x in xs if plan.tile_runs(int(y), int(x))]
+    return [(int(y), int(x)) for y in ys for x in xs if plan.tile_runs(int(y), int(x))]
+
+
+def probe_tiles(plan: Any, image: Any, count: int = PROBE_TILES) -> list[tuple[int, int]]:
+    """Up to ``count`` lattice tiles to probe: among evenly spread candidates that run (tissue
+    mask), the ones whose source pixels vary most (tissue, not resin or padding)."""
+    candidates = probe_candidates(plan)
     if len(candidates) <= count:
         return candidates
-    spread = []
-    for iy, ix in candidates:
-        raw = np.asarray(image.read(plan.level, plan.tile_geometry(iy, ix).src_box), dtype=np.float64)
-        raw = raw[np.isfinite(raw)]
-        spread.append(float(raw.std()) if raw.size else 0.0)
+    spread = _spreads(plan, image, [plan.tile_geometry(iy, ix).src_box for iy, ix in candidates])
     order = sorted(range(len(candidates)), key=lambda i: (-spread[i], i))[:count]
     return [candidates[i] for i in sorted(order)]
+
+
+#: The candidates' spreads come from one read of a whole pyramid level at most this large (the
+#: finest such level at or below the one segmented), not one read per candidate tile: on a remote
+#: gigapixel section that is one small GET or a few instead of dozens of full-resolution tiles.
+SPREAD_LEVEL_PIXELS = 4_000_000
+
+
+def _spreads(plan: Any, image: Any, boxes: Sequence[Any]) -> list[float]:
+    """The standard deviation of the source pixels under each box (at ``plan.level``), measured on
+    one whole coarser level when the pyramid has a small enough one, else tile by tile."""
+    levels = image.meta.levels
+    base = levels[plan.level].shape
+    small = [k for k in range(plan.level, len(levels)) if levels[k].shape[0] * levels[k].shape[1] <= SPREAD_LEVEL_PIXELS]
+    if small:
+        k = small[0]
+        h, w = levels[k].shape
+        whole = np.asarray(image.read(k, Box(0, 0, h, w)), dtype=np.float64)
+        fy, fx = h / base[0], w / base[1]
+
+        def window(b: Any) -> np.ndarray:
+            y0, x0 = max(0, int(b.y0 * fy)), max(0, int(b.x0 * fx))
+            y1, x1 = min(h, max(y0 + 1, int(np.ceil(b.y1 * fy)))), min(w, max(x0 + 1, int(np.ceil(b.x1 * fx))))
+            return whole[y0:y1, x0:x1]
+
+        raws = [window(b) for b in boxes]
+    else:
+        raws = [np.asarray(image.read(plan.level, b), dtype=np.float64) for b in boxes]
+    out = []
+    for raw in raws:
+        raw = raw[np.isfinite(raw)]
+        out.append(float(raw.std()) if raw.size else 0.0)
+    return out
 
 
 def probe(plan: Any, image: Any, runner: Any, imaps: Sequence[Any], tiles: Sequence[tuple[int, int]]) -> list[OutputStats]:

@@ -354,6 +354,8 @@ def check_output(location: OutputLocation, *, overwrite: bool, resume: bool) -> 
         raise OutputExistsError(f"{location.final} already exists; pass --overwrite to replace it ({location.overwrite_note})")
     if location.has_staging() and not (overwrite or resume):
         raise OutputExistsError(f"an interrupted run left {location.staging}; pass --resume to continue it or --overwrite to start over")
+    if resume and not overwrite and location.exists() and not location.has_staging():
+        raise OutputExistsError(f"{location.final} is already complete; nothing to resume (pass --overwrite to redo it)")
 
 
 def plan_state(plan: Plan) -> dict[str, Any]:
