@@ -396,9 +396,10 @@ def test_a_crash_while_publishing_is_recovered(tmp_path):
     store = make_output(tmp_path / "seg.ome.zarr", probs_for(mask), chunk=16)
     write_objects(store, block_size=32)
     layer = store / "labels" / "mitochondrion-objects"
-    st._set_listed(store, "mitochondrion-objects", False)
+    location = st.LocalLayer(store, "mitochondrion-objects")
+    location._withdraw()  # what publish does first: unlist the old layer
     layer.rename(st.old_path(store, "mitochondrion-objects"))  # killed right after this rename
-    st.recover(store, "mitochondrion-objects")
+    location.recover()
     assert layer.exists() and not st.old_path(store, "mitochondrion-objects").exists()
     assert "mitochondrion-objects" in zarr.open_group(str(store / "labels"), mode="r").attrs["ome"]["labels"]
     np.testing.assert_array_equal(zarr.open_array(str(layer / "0"), mode="r")[:], reference(mask))

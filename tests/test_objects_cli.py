@@ -83,7 +83,7 @@ def test_bad_inputs_get_one_line(tmp_path, capsys, mito_store, section):
     two = make_output(tmp_path / "two.ome.zarr", np.stack([probs_for(np.eye(40, dtype=bool))] * 2), classes=("a", "b"), chunk=16)
     cases = [
         (("objects", tmp_path / "nope.ome.zarr"), ("does not exist",)),
-        (("objects", "s3://bucket/seg.ome.zarr"), ("local file system",)),
+        (("objects", "http://127.0.0.1:9/seg.ome.zarr"), ("read-only", "s3://")),  # objects are written where they are read
         (("objects", store, "--class", "axon"), ("no class 'axon'", "mitochondrion")),
         (("objects", two), ("several classes", "--class")),
         (("objects", section), ("no probabilities", "segment")),  # an input image, not a segment output

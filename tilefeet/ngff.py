@@ -159,10 +159,14 @@ def ome_attrs(group: Any) -> dict:
 
 
 def read_multiscale(
-    path: str | Path, *, role: str = "input", validate: bool = True, storage_options: Mapping[str, Any] | None = None
+    path: str | Path, *, role: str = "input", validate: bool = True, storage_options: Mapping[str, Any] | None = None,
+    group: Any = None,
 ) -> Multiscale:
-    """The NGFF multiscale image or label image at ``path``, a local path or a URL (see the module docstring)."""
-    group = open_group(path, role=role, storage_options=storage_options)
+    """The NGFF multiscale image or label image at ``path``, a local path or a URL (see the module
+    docstring); ``group``: the zarr group at ``path``, opened already (a store whose metadata is not
+    where a reader looks for it: an unfinished output on an object store)."""
+    if group is None:
+        group = open_group(path, role=role, storage_options=storage_options)
     attrs = dict(group.attrs)
     ome = ome_attrs(group)
     if "bioformats2raw.layout" in ome and "0" in group:
@@ -400,9 +404,11 @@ def create_levels(
     dimension_names: Sequence[str] | None,
     shards: tuple[int, ...] | None = None,
     compressors: Any = "default",
+    overwrite: bool = False,
 ) -> list[Any]:
     """One array per pyramid level (``"0"``, ``"1"``, ...), chunked as ``chunks`` clipped to each
-    level's shape, filled with 0; ``shards`` (zarr v3) on level 0 only (coarser levels are small)."""
+    level's shape, filled with 0; ``shards`` (zarr v3) on level 0 only (coarser levels are small);
+    ``overwrite``: replace arrays of those names."""
     arrays = []
     for k, shape in enumerate(shapes):
         kw: dict[str, Any] = {}
@@ -417,6 +423,7 @@ def create_levels(
                 dtype=dtype,
                 compressors=compressor() if compressors == "default" else compressors,
                 fill_value=0,
+                overwrite=overwrite,
                 **kw,
             )
         )

@@ -416,7 +416,7 @@ def _objects_chain(run: Run, store: Any, objects: bool | dict, resume: bool) -> 
     """A function that chains the objects of every class (or the chosen one) behind a graph's
     pyramid, into the staging store, before it is finalized."""
     from .objects import write_objects
-    from .objects.store import layer_name, layer_path
+    from .objects.store import layer_location, layer_name
 
     options = dict(objects) if isinstance(objects, dict) else {}
     options.setdefault("blocks_in_flight", run.plan.settings.blocks_in_flight)
@@ -425,9 +425,12 @@ def _objects_chain(run: Run, store: Any, objects: bool | dict, resume: bool) -> 
 
     def chain(after: Any) -> Any:
         for cls in classes:
-            if resume and layer_path(store.staging, layer_name(cls, bool(options.get("cells")))).exists():
-                continue  # finished before the interruption
-            after = write_objects(store.staging, class_name=cls, resume=resume, compute=False, after=after, **options)
+            if resume:
+                layer = layer_location(store.location, layer_name(cls, bool(options.get("cells"))))
+                layer.recover()
+                if layer.exists() and not layer.has_staging():
+                    continue  # finished before the interruption
+            after = write_objects(store.location, class_name=cls, resume=resume, compute=False, after=after, **options)
         return after
 
     return chain

@@ -14,7 +14,11 @@ on disk                     meaning                       what :func:`recover` d
 ``OUT`` + ``OUT.old``       crashed after the rename      deletes ``OUT.old``
 ==========================  ============================  ========================================
 
-``convert`` and ``segment`` both use it (:func:`replace_dir`).
+``convert`` and ``segment`` both use it (:func:`replace_dir`), and so does ``objects``: a label
+layer of an output is an output location too (:mod:`tilefeet.objects.store`), staged beside the
+store, set aside elsewhere than ``OUT.old``, and listed in its parent's ``labels`` group by the
+two hooks every location has (:meth:`OutputLocation._withdraw`, :meth:`OutputLocation._placed`).
+Every location drops its run state only once the output is in place.
 
 Remote data (``s3://bucket/key``, ``http(s)://host/path``) is reached through fsspec (s3fs, and
 fsspec's HTTP file system) as zarr's :class:`~zarr.storage.FsspecStore`: :class:`Remote` is a URL
@@ -95,21 +99,25 @@ def old_path(path: str | os.PathLike) -> Path:
     return Path(path).with_name(Path(path).name + ".old")
 
 
-def recover(path: str | os.PathLike) -> None:
-    """Undo what a crash in :func:`replace_dir` left (see the module table); safe to call anytime."""
-    path, old = Path(path), old_path(path)
+def recover(path: str | os.PathLike, old: Path | None = None) -> bool:
+    """Undo what a crash in :func:`replace_dir` left (see the module table); safe to call anytime.
+    ``old``: where the old folder is set aside (default ``PATH.old``). Whether there was anything to undo."""
+    path = Path(path)
+    old = old_path(path) if old is None else old
     if not old.exists():
-        return
+        return False
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(old, path)
+    return True
 
 
-def replace_dir(staging: Path, path: Path) -> Path:
-    """Move the finished ``staging`` folder to ``path``, replacing what is there, crash-safely."""
-    recover(path)
-    old = old_path(path)
+def replace_dir(staging: Path, path: Path, old: Path | None = None) -> Path:
+    """Move the finished ``staging`` folder to ``path``, replacing what is there, crash-safely
+    (the old one set aside at ``old``, default ``PATH.old``)."""
+    old = old_path(path) if old is None else old
+    recover(path, old)
     if path.exists():
         os.replace(path, old)
     os.replace(staging, path)
@@ -541,7 +549,19 @@ class OutputLocation(ABC):
 
     @abstractmethod
     def publish(self) -> Path | Url:
-        """Make the finished staging store the output at ``final`` and drop the run state; returns ``final``."""
+        """Make the finished staging store the output at ``final``, then (once it is there) drop the run
+        state; returns ``final``. A crash in between leaves the state beside a complete output:
+        :meth:`recover` drops it."""
+
+    def _withdraw(self) -> None:
+        """Called before an existing output at ``final`` is set aside or deleted: a part of a larger
+        store (a label layer) leaves its parent's listing here. Nothing for a whole output."""
+        return None
+
+    def _placed(self) -> None:
+        """Called once the output is at ``final``, before its state is dropped (and by :meth:`recover`
+        when a crash came between): a label layer joins its parent's listing here."""
+        return None
 
     @abstractmethod
     def write_error(self, e: BaseException, *, kept: bool | None) -> TilefeetError:
@@ -555,17 +575,20 @@ class LocalOutput(OutputLocation):
     final: Path
     staging: Path
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, staging: Path | None = None, old: Path | None = None):
         self.final = Path(path)
-        self.staging = staging_path(self.final)
+        self.staging = staging_path(self.final) if staging is None else Path(staging)
+        self.old = old_path(self.final) if old is None else Path(old)  #: where an old output is set aside while replaced
 
     def __repr__(self) -> str:
-        return f"LocalOutput({str(self.final)!r})"
+        return f"{type(self).__name__}({str(self.final)!r})"
 
     def recover(self) -> None:
-        recover(self.final)
+        if recover(self.final, self.old):
+            self._placed()  # whichever came back (old or new), it is in place again
         if (self.final / STATE_DIR).exists() and not self.staging.exists():
-            shutil.rmtree(self.final / STATE_DIR, ignore_errors=True)  # a finalize interrupted after its rename
+            self._placed()  # a publish interrupted after its rename
+            shutil.rmtree(self.final / STATE_DIR, ignore_errors=True)
         if self.staging.exists() and not self.read_state():
             shutil.rmtree(self.staging)  # a run that died while creating it: nothing in it to resume
 
@@ -618,8 +641,11 @@ class LocalOutput(OutputLocation):
         return {p.name for p in done.iterdir()} if done.exists() else set()
 
     def publish(self) -> Path:
-        replace_dir(self.staging, self.final)
-        shutil.rmtree(self.final / STATE_DIR, ignore_errors=True)
+        if self.final.exists():
+            self._withdraw()
+        replace_dir(self.staging, self.final, self.old)
+        self._placed()
+        shutil.rmtree(self.final / STATE_DIR, ignore_errors=True)  # last: until the output is in place, it is the run's
         return self.final
 
     def write_error(self, e: BaseException, *, kept: bool | None) -> TilefeetError:
@@ -635,7 +661,7 @@ class ObjectStoreOutput(OutputLocation):
     final: Url
     staging: Url
 
-    def __init__(self, remote: Remote):
+    def __init__(self, remote: Remote, *, documents: Remote | None = None):
         if remote.scheme != "s3":
             raise ConfigError(
                 f"cannot write to {remote.url}: web servers are read-only here; write to a local folder or to s3://bucket/out.ome.zarr"
@@ -643,12 +669,15 @@ class ObjectStoreOutput(OutputLocation):
         if not remote.key:
             raise ConfigError(f"output {remote.url} names a bucket but no output name; give e.g. {remote.url}/out.ome.zarr")
         self.remote = remote
+        #: where the Zarr metadata documents are published: the prefix itself, or (a label layer of an
+        #: output that is itself unfinished) that output's unpublished documents, published with it
+        self.documents = remote if documents is None else documents
         self.final = Url(remote.url)
         self.staging = self.final
         self._bucket_seen = False  #: the bucket is known to exist (so "not found" means a key)
 
     def __repr__(self) -> str:
-        return f"ObjectStoreOutput({self.remote.url!r})"
+        return f"{type(self).__name__}({self.remote.url!r})"
 
     # ---- keys
 
@@ -683,14 +712,20 @@ class ObjectStoreOutput(OutputLocation):
 
     # ---- state
 
+    def _doc(self, *parts: str) -> str:
+        """The file system path of a published metadata document."""
+        return self.documents.fs_path(*parts)
+
     def _published(self) -> bool:
         """Is the root metadata document there (v3's, or v2's attributes)?"""
-        return self._exists("zarr.json") or self._exists(".zattrs")
+        fs = self._fs()
+        return bool(self._call(fs.exists, self._doc("zarr.json")) or self._call(fs.exists, self._doc(".zattrs")))
 
     def recover(self) -> None:
         published, running = self._published(), self.has_staging()
         if published and running:
-            self._call(self._fs().rm, self._path(STATE_DIR), recursive=True)  # finalize died after publishing
+            self._placed()  # finalize died after publishing
+            self._call(self._fs().rm, self._path(STATE_DIR), recursive=True)
         elif not published and not running and self._listing(STATE_DIR):
             self._clear()  # died while creating the store: nothing in it was finished
 
@@ -731,16 +766,20 @@ class ObjectStoreOutput(OutputLocation):
         """Delete everything under the prefix: the root document first, so that from the first request
         on no reader takes what is left for an output."""
         fs = self._fs()
+        if self._published():
+            self._withdraw()
         for root in ("zarr.json", ".zattrs"):
             with contextlib.suppress(FileNotFoundError):
-                self._call(fs.rm_file, self._path(root))
-        with contextlib.suppress(FileNotFoundError):
-            self._call(fs.rm, self._path(), recursive=True)
+                self._call(fs.rm_file, self._doc(root))
+        prefixes = [self._path()] + ([self._doc()] if self.documents != self.remote else [])
+        for prefix in prefixes:
+            with contextlib.suppress(FileNotFoundError):
+                self._call(fs.rm, prefix, recursive=True)
 
     def open_group(self, mode: str, *, zarr_format: int = 3) -> Any:
         import zarr
 
-        store = _unpublished(self.remote.zarr_store(read_only=False), self.remote)
+        store = unpublished_store(self.remote.zarr_store(read_only=False), self.remote)
         if mode == "w":
             self._clear()
             return zarr.open_group(store, mode="a", zarr_format=zarr_format)  # type: ignore[arg-type]
@@ -769,13 +808,14 @@ class ObjectStoreOutput(OutputLocation):
         meta = self._path(STATE_DIR, "meta")
         docs = self._call(fs.find, meta)
         contents = self._call(fs.cat, docs) if docs else {}
-        inner = {self._path(doc[len(meta) + 1 :]): contents[doc] for doc in docs if "/" in doc[len(meta) + 1 :]}
+        inner = {self._doc(doc[len(meta) + 1 :]): contents[doc] for doc in docs if "/" in doc[len(meta) + 1 :]}
         if inner:
             self._call(fs.pipe, inner)  # every document but the root's, at once
         for name in (".zgroup", ".zattrs", "zarr.json"):  # v2's root documents, then v3's
             if f"{meta}/{name}" in contents:
-                self._call(fs.pipe_file, self._path(name), contents[f"{meta}/{name}"])  # the output exists from here on
-        self._call(fs.rm, self._path(STATE_DIR), recursive=True)
+                self._call(fs.pipe_file, self._doc(name), contents[f"{meta}/{name}"])  # the output exists from here on
+        self._placed()
+        self._call(fs.rm, self._path(STATE_DIR), recursive=True)  # last: until the output is published, it is the run's
         return self.final
 
     def write_error(self, e: BaseException, *, kept: bool | None) -> TilefeetError:
@@ -847,7 +887,7 @@ def _unpublished_store_class() -> type:
     return UnpublishedMetadata
 
 
-def _unpublished(store: Any, remote: Remote) -> Any:
+def unpublished_store(store: Any, remote: Remote) -> Any:
     """``store`` wrapped so that its metadata documents stay unpublished (zarr is imported on first use)."""
     return _unpublished_store_class()(store, remote)
 

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+
+from ..storage import STORAGE_HELP
+
+if TYPE_CHECKING:
+    from ..storage import Url
 
 
 def register(app: typer.Typer) -> None:
@@ -16,7 +21,9 @@ def register(app: typer.Typer) -> None:
 
 
 def objects_cmd(
-    output: str = typer.Argument(..., help="A tilefeet segment output (OME-Zarr with probabilities), on a local file system."),
+    output: str = typer.Argument(
+        ..., help="A tilefeet segment output (OME-Zarr with probabilities): a folder, or s3://bucket/out.ome.zarr (read and written there)."
+    ),
     class_name: Optional[str] = typer.Option(None, "--class", "-c", help="Class whose objects to find (default: the only one)."),
     threshold: Optional[float] = typer.Option(
         None, help="Probability at and above which a pixel is in the mask (default: the run's, i.e. labels/<class>)."
@@ -60,6 +67,7 @@ def objects_cmd(
     scheduler_file: Optional[str] = typer.Option(
         None, "--scheduler-file", help="Run on the cluster whose scheduler wrote this file (dask scheduler --scheduler-file PATH)."
     ),
+    storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
 ) -> None:
     """Find the objects of a class (connected components, 8-connected; in a stack 3-D, 26-connected
     by default) or the cells between membranes, write them as an NGFF label image with a table of
@@ -67,8 +75,10 @@ def objects_cmd(
     from .. import console
     from ..cluster import absolute, from_options
     from ..objects import write_objects
+    from ..storage import default_storage_options, parse_storage_options
 
     console.configure(quiet=quiet)
+    storage = parse_storage_options(storage_option)
     cluster = from_options(scheduler, scheduler_file)  # None: run here
     options: dict[str, Any] = dict(
         class_name=class_name, threshold=threshold, min_size=min_size, fill_holes=fill_holes, cells=cells,
@@ -77,13 +87,15 @@ def objects_cmd(
         **{k: v for k, v in (("seed_threshold", seed_threshold), ("merge_threshold", merge_threshold)) if v is not None},
         **({"cell_method": cell_method} if cell_method != "watershed" else {}),
     )
-    if cluster is None:
-        result = write_objects(output, progress=console.progress_enabled(), **options)
-    else:
-        result = _on_cluster(cluster, absolute(output), options, progress=console.progress_enabled())
+    with default_storage_options(storage):
+        if cluster is None:
+            result = write_objects(output, progress=console.progress_enabled(), **options)
+        else:
+            result = _on_cluster(cluster, absolute(output), options, progress=console.progress_enabled())
+        table = result.table()
     if result.recipe:
         typer.echo(result.recipe)
-    typer.echo(summary(result.table(), result.path, result.section_um2, volume_um3=result.volume_um3))
+    typer.echo(summary(table, result.path, result.section_um2, volume_um3=result.volume_um3))
     console.echo(f"wrote {result.path} ({result.dtype}) and {result.table_path.name} in {result.seconds:.1f} s")
 
 
@@ -96,7 +108,7 @@ def _on_cluster(cluster: Any, output: str, options: dict, *, progress: bool) -> 
     from ..objects.run import finished
     from ..storage import is_url
 
-    if not is_url(output):  # a URL is refused by write_objects itself, in one line
+    if not is_url(output):  # the workers reach a URL themselves (with the options the graph carries)
         cluster.check_reach(write=("the output", Path(output)))
     t0 = time.perf_counter()
     graph = write_objects(output, compute=False, **options)
@@ -104,10 +116,10 @@ def _on_cluster(cluster: Any, output: str, options: dict, *, progress: bool) -> 
         graph, progress=progress, description="objects", counts=lambda k: str(k).startswith(OBJECTS_TASKS),
         kept=f"the finished tasks are kept in {output}",
     )
-    return finished(Path(path), time.perf_counter() - t0)
+    return finished(path, time.perf_counter() - t0)
 
 
-def summary(df: Any, layer: Path, area_um2: float, *, volume_um3: float | None = None) -> str:
+def summary(df: Any, layer: Path | Url, area_um2: float, *, volume_um3: float | None = None) -> str:
     """Count, density and size distribution of a table's objects, as a few lines of text (a
     stack's: of volumes, per µm³)."""
     import numpy as np
@@ -136,7 +148,7 @@ def summary(df: Any, layer: Path, area_um2: float, *, volume_um3: float | None =
     return "\n".join(rows)
 
 
-def _summary_3d(df: Any, layer: Path, volume_um3: float) -> str:
+def _summary_3d(df: Any, layer: Path | Url, volume_um3: float) -> str:
     import numpy as np
 
     n = len(df)

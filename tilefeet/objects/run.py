@@ -18,14 +18,16 @@ finished task; the result does not depend on where a crash happened. The same gr
 A block writes its ids to level 0 and to every coarser level where its part is still whole chunks
 (:func:`direct_levels`: level k keeps every 2^k-th pixel, so that part is ``ids[::2^k, ::2^k]``);
 the pyramid tasks make the rest, each from the level below. Scratch arrays and records live in
-the staging folder's ``.tilefeet/`` and go with it.
+the layer's run state (``.tilefeet/``) and go with it once the layer is published
+(:mod:`.store`: a folder beside the store, or the layer's own prefix on S3).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import numpy as np
 from dask import delayed
 
 from ..geometry import BlockGrid, Box
+from ..storage import OutputLocation, Remote, Url, is_url, join
 from . import store as st
 from .blocks import (
     BlockRecord,
@@ -63,7 +66,7 @@ class ObjectsJob:
     source: st.ClassSource
     store: str
     name: str
-    staging: st.Staging
+    location: st.Layer  #: where the layer is written (staged, resumed, published)
 
     @property
     def grid(self) -> BlockGrid:
@@ -89,20 +92,14 @@ class ObjectsJob:
         return st.read_window(_scratch(self, "filled"), box, self.plan.shape, False, bool)
 
     def save(self, name: str, record: BlockRecord | dict) -> None:
-        arrays = record.to_arrays() if isinstance(record, BlockRecord) else record
-        path = self.staging.record(name)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        self.location.save_record(name, record.to_arrays() if isinstance(record, BlockRecord) else record)
 
     def load(self, name: str) -> BlockRecord:
-        with np.load(self.staging.record(name)) as d:
+        with self.location.open_record(name) as d:
             return BlockRecord.from_arrays({k: d[k] for k in d.files})
 
     def label_array(self, level: int) -> Any:
-        import zarr
-
-        return zarr.open_array(str(self.staging.path / str(level)), mode="r+")
+        return self.location.label_array(level)
 
 
 def _bid(index: tuple[int, int]) -> str:
@@ -115,7 +112,7 @@ def _bid(index: tuple[int, int]) -> str:
 def _holes(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     box = job.grid.box(*index)
     job.save(f"h{_bid(index)}", holes_block(job.object_mask(box), box, job.plan.shape, dual(job.plan.connectivity)))
-    job.staging.mark(f"h{_bid(index)}")
+    job.location.mark(f"h{_bid(index)}", "")
     return f"h{_bid(index)}"
 
 
@@ -123,21 +120,21 @@ def _holes_reduce(job: ObjectsJob, *_after: Any) -> str:
     records = [job.load(f"h{_bid(i)}") for i in job.grid]
     holes, offsets = resolve_holes(job.grid, records, dual(job.plan.connectivity))
     job.save("holes", {"holes": holes, "offsets": offsets})
-    st.create_scratch(job.staging, "filled", job.plan.shape, job.plan.chunks, bool)
-    job.staging.mark("holes")
+    job.location.create_scratch("filled", job.plan.shape, job.plan.chunks, bool)
+    job.location.mark("holes", "")
     return "holes"
 
 
 def _fill(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     box = job.grid.box(*index)
     k = index[0] * job.grid.counts[1] + index[1]
-    with np.load(job.staging.record("holes")) as d:
+    with job.location.open_record("holes") as d:
         off = d["offsets"]
         holes = d["holes"][off[k] : off[k + 1]]
     filled = fill_block(job.object_mask(box), holes, dual(job.plan.connectivity))
     arr = _scratch(job, "filled")
     arr[box.y0 : box.y1, box.x0 : box.x1] = filled
-    job.staging.mark(f"f{_bid(index)}")
+    job.location.mark(f"f{_bid(index)}", "")
     return f"f{_bid(index)}"
 
 
@@ -147,7 +144,7 @@ def _pieces(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     window = job.mask(Box(box.y0 - halo, box.x0 - halo, box.y1 + halo, box.x1 + halo))
     prob = None if job.cells else job.source.read_prob(box)
     job.save(f"a{_bid(index)}", pieces_block(window, halo, box, job.plan.shape, job.plan.connectivity, prob))
-    job.staging.mark(f"a{_bid(index)}")
+    job.location.mark(f"a{_bid(index)}", "")
     return f"a{_bid(index)}"
 
 
@@ -157,19 +154,19 @@ def _resolve(job: ObjectsJob, *_after: Any) -> int:
     dtype = id_dtype(res.n_objects, job.plan.settings.uint32_limit)
     job.save("resolve", {"final": res.final.astype(dtype), "offsets": res.offsets, "n": np.array(res.n_objects)})
     if job.cells:  # seeds, then the flooded cells before merging: ids of seeds
-        st.create_scratch(job.staging, "seeds", job.plan.shape, job.plan.chunks, dtype)
-        st.create_scratch(job.staging, "basins", job.plan.shape, job.plan.chunks, dtype)
+        job.location.create_scratch("seeds", job.plan.shape, job.plan.chunks, dtype)
+        job.location.create_scratch("basins", job.plan.shape, job.plan.chunks, dtype)
     else:
         _create_layer(job, res.n_objects, dtype)
         assert res.sums is not None
         _write_table(job, res.sums, dtype)
-    job.staging.mark("resolve")
+    job.location.mark("resolve", "")
     return res.n_objects
 
 
 def _create_layer(job: ObjectsJob, n: int, dtype: Any) -> None:
     st.create_label_image(
-        job.staging, job.name, shapes=st.level_shapes(job.plan.shape, job.source.levels), chunks=job.plan.chunks, dtype=dtype,
+        job.location, job.name, shapes=st.level_shapes(job.plan.shape, job.source.levels), chunks=job.plan.chunks, dtype=dtype,
         pixel_size_nm=job.plan.pixel_size_nm, origin_nm=job.plan.origin_nm, metadata=_provenance(job, n, dtype),
     )
 
@@ -177,14 +174,14 @@ def _create_layer(job: ObjectsJob, n: int, dtype: Any) -> None:
 def _relabel(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     box = job.grid.box(*index)
     k = index[0] * job.grid.counts[1] + index[1]
-    with np.load(job.staging.record("resolve")) as resolved:
+    with job.location.open_record("resolve") as resolved:
         off, final = resolved["offsets"], resolved["final"]
     ids = relabel_block(job.mask(box), final[off[k] : off[k + 1]], job.plan.connectivity, final.dtype)
     if job.cells:
         _scratch(job, "seeds")[box.y0 : box.y1, box.x0 : box.x1] = ids
     else:
         _write_levels(job, box, ids)
-    job.staging.mark(f"b{_bid(index)}")
+    job.location.mark(f"b{_bid(index)}", "")
     return f"b{_bid(index)}"
 
 
@@ -200,22 +197,22 @@ def _flood(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     arr = _scratch(job, "basins")
     arr[box.y0 : box.y1, box.x0 : box.x1] = ids[1:-1, 1:-1].astype(arr.dtype)
     job.save(f"w{_bid(index)}", boundary_block(ids, lev).arrays())
-    job.staging.mark(f"w{_bid(index)}")
+    job.location.mark(f"w{_bid(index)}", "")
     return f"w{_bid(index)}"
 
 
 def _merge(job: ObjectsJob, *_after: Any) -> int:
     assert job.plan.cell is not None
-    with np.load(job.staging.record("resolve")) as resolved:
+    with job.location.open_record("resolve") as resolved:
         n_seeds, dtype = int(resolved["n"]), resolved["final"].dtype
     parts = []
     for i in job.grid:
-        with np.load(job.staging.record(f"w{_bid(i)}")) as d:
+        with job.location.open_record(f"w{_bid(i)}") as d:
             parts.append(Boundaries(**{k: d[k] for k in d.files}))
     lut, n = resolve_cells(n_seeds, parts, job.plan.cell, job.plan.min_cell_px, job.source.prob_dtype)
     job.save("merge", {"lut": lut, "n": np.array(n)})
     _create_layer(job, n, dtype)  # ids never exceed the seeds': the seeds' dtype holds them
-    job.staging.mark("merge")
+    job.location.mark("merge", "")
     return n
 
 
@@ -224,25 +221,25 @@ def _cells(job: ObjectsJob, index: tuple[int, int], *_after: Any) -> str:
     h = PERIMETER_HALO
     window = Box(box.y0 - h, box.x0 - h, box.y1 + h, box.x1 + h)
     basins = st.read_window(_scratch(job, "basins"), window, job.plan.shape, 0, np.int64)
-    with np.load(job.staging.record("merge")) as merged:
+    with job.location.open_record("merge") as merged:
         lut = merged["lut"]
     ids, sums = cells_block(basins, lut, box, job.source.read_prob(box))
     _write_levels(job, box, ids.astype(job.label_array(0).dtype))
     job.save(f"c{_bid(index)}", {f"s_{k}": v for k, v in sums.arrays().items()})
-    job.staging.mark(f"c{_bid(index)}")
+    job.location.mark(f"c{_bid(index)}", "")
     return f"c{_bid(index)}"
 
 
 def _cells_reduce(job: ObjectsJob, *_after: Any) -> str:
-    with np.load(job.staging.record("merge")) as merged:
+    with job.location.open_record("merge") as merged:
         n = int(merged["n"])
     parts = []
     for i in job.grid:
-        with np.load(job.staging.record(f"c{_bid(i)}")) as d:
+        with job.location.open_record(f"c{_bid(i)}") as d:
             parts.append(PartialSums(**{k[2:]: d[k] for k in d.files}))
     sums = combine_cells(parts, n, np.dtype(job.source.prob_dtype))
     _write_table(job, sums, job.label_array(0).dtype)
-    job.staging.mark("cells")
+    job.location.mark("cells", "")
     return "cells"
 
 
@@ -268,12 +265,12 @@ def _pyramid(job: ObjectsJob, level: int, box: Box, record: str, *_after: Any) -
     h, w = src.shape
     part = np.asarray(src[2 * box.y0 : min(2 * box.y1, h), 2 * box.x0 : min(2 * box.x1, w)])
     dst[box.y0 : box.y1, box.x0 : box.x1] = part[::2, ::2]
-    job.staging.mark(record)
+    job.location.mark(record, "")
     return record
 
 
 def _publish(job: ObjectsJob, *_after: Any) -> str:
-    return str(st.publish(job.staging, Path(job.store), job.name))
+    return str(job.location.publish())
 
 
 def _barrier(*records: Any) -> int:
@@ -281,9 +278,7 @@ def _barrier(*records: Any) -> int:
 
 
 def _scratch(job: ObjectsJob, name: str) -> Any:
-    import zarr
-
-    return zarr.open_array(str(job.staging.state / name), mode="r+")
+    return job.location.scratch(name)
 
 
 def _inside(box: Box, shape: tuple[int, int]) -> np.ndarray:
@@ -302,7 +297,7 @@ def _write_table(job: ObjectsJob, sums: PartialSums, dtype: Any) -> None:
         sums, class_name="cell" if job.cells else job.plan.class_name, pixel_size_nm=job.plan.pixel_size_nm,
         origin_nm=job.plan.origin_nm, shape=job.plan.shape, prob_scale=job.source.prob_scale, id_dtype=dtype,
     )
-    st.write_table(df, job.staging, job.plan.settings.table_format)
+    job.location.write_table(df, job.plan.settings.table_format)
 
 
 def _provenance(job: ObjectsJob, n: int, dtype: Any) -> dict:
@@ -327,7 +322,7 @@ def objects_graph(job: ObjectsJob, done: set[str], after: Any = None) -> Any:
     """A dask ``Delayed`` that runs every unfinished task of the run and returns the layer's path;
     its first tasks wait for ``after`` (a ``Delayed``, e.g. the segment run's last pyramid level)."""
     leaf = delayed(job, traverse=False)
-    token = st.fingerprint({"staging": str(job.staging.path), "plan": repr(job.plan)})[:10]
+    token = st.fingerprint({"staging": str(job.location.staging), "plan": repr(job.plan)})[:10]
     blocks = list(job.grid)  # row-major
 
     def per_block(fn: Any, prefix: str, after: Any) -> Any:
@@ -376,14 +371,15 @@ def _pyramid_boxes(plan: ObjectPlan, shape: tuple[int, int], level: int) -> list
 class ObjectsResult:
     """A finished objects layer."""
 
-    path: Path  #: ``store/labels/<class>-objects`` (or ``-cells``)
-    table_path: Path
+    path: Path | Url  #: ``store/labels/<class>-objects`` (or ``-cells``)
+    table_path: Path | Url
     n_objects: int
     dtype: str
     seconds: float
     section_um2: float  #: area of the section the layer covers (of one section of a stack)
     volume_um3: float | None = None  #: a stack's volume (sections × spacing × section area); None for a section
     recipe: str = ""  #: where the minimum size, hole filling (and cells' rules) came from, in one line
+    options: tuple = field(default=(), repr=False)  #: storage options of an ``s3://`` layer
 
     @property
     def density_per_um2(self) -> float:
@@ -391,28 +387,30 @@ class ObjectsResult:
 
     def table(self) -> Any:
         """The measurements as a pandas DataFrame."""
-        return st.read_table(self.path)
+        return st.read_table(self.path, dict(self.options) or None)
 
 
-def prepare_job(store: str | os.PathLike, settings: ObjectSettings, *, overwrite: bool = False, resume: bool = False) -> tuple[Any, set[str]]:
-    """Open the class, plan the run and create (or reopen) its staging folder (a stack's: :mod:`.stack`)."""
-    source = st.open_class(store, settings.class_name, settings.threshold)
+def prepare_job(store: str | os.PathLike | OutputLocation, settings: ObjectSettings, *, overwrite: bool = False, resume: bool = False,
+                storage_options: Mapping[str, Any] | None = None) -> tuple[Any, set[str]]:
+    """Open the class, plan the run and create (or reopen) its layer's staging store (a stack's: :mod:`.stack`)."""
+    source = st.open_class(store, settings.class_name, settings.threshold, storage_options)
     settings, recipe = resolve_recipe(settings, source.recipe, source.engine, z_spacing_nm=source.z_spacing_nm if source.is_stack else None)
     if source.is_stack:
         from .stack import prepare_stack_job
 
-        return prepare_stack_job(source, settings, store, overwrite=overwrite, resume=resume, recipe=recipe)
+        return prepare_stack_job(source, settings, store, overwrite=overwrite, resume=resume, recipe=recipe, storage_options=storage_options)
     plan = make_plan(settings, class_name=source.class_name, shape=source.shape, pixel_size_nm=source.pixel_size_nm,  # type: ignore[arg-type]
                      origin_nm=source.origin_nm, chunks=source.chunks, recipe=recipe)  # type: ignore[arg-type]
     name = st.layer_name(source.class_name, settings.cells)
     identity = {"source": source.identity(), "plan": plan.describe(), "block": list(plan.grid.block),
                 "chunks": list(plan.chunks), "table": settings.table_format, "uint32_limit": settings.uint32_limit}
-    staging, done = st.prepare(Path(store), name, identity, overwrite=overwrite, resume=resume)
-    return ObjectsJob(plan, source, str(store), name, staging), done
+    location = st.layer_location(store, name, storage_options)
+    done = st.prepare(location, identity, overwrite=overwrite, resume=resume)
+    return ObjectsJob(plan, source, str(location.final), name, location), done
 
 
 def write_objects(
-    store: str | os.PathLike,
+    store: str | os.PathLike | OutputLocation,
     *,
     class_name: str | None = None,
     threshold: float | None = None,
@@ -431,6 +429,7 @@ def write_objects(
     progress: bool = False,
     compute: bool = True,
     after: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
     **advanced: Any,
 ) -> ObjectsResult | Any:
     """Find the objects (or ``cells``) of one class of a segment output and add them to it as
@@ -441,8 +440,9 @@ def write_objects(
     On a stack (c, z, y, x) the objects are 3-D (``connectivity`` 6, 18 or 26, default 26;
     ``min_size`` a volume, ``min_z_extent`` sections or a length; :mod:`.stack`).
 
-    ``store`` is a finished segment output or a segment run's staging folder (``OUT.partial``)
-    before it is moved into place. ``compute=False`` returns the dask ``Delayed`` of the whole
+    ``store`` is a finished segment output (a folder, or an ``s3://`` URL reached with
+    ``storage_options``, by default the command's) or a segment run's output location, whose
+    staging store the layer is published into before the run itself is. ``compute=False`` returns the dask ``Delayed`` of the whole
     job (for a ``dask.distributed`` client; computing it returns the layer's path); its first tasks
     wait for ``after`` (a ``Delayed``: chain it behind a segment graph that is still to run; the
     store's metadata and ``labels/<class>`` listing must exist already, only its pixels may not).
@@ -453,7 +453,7 @@ def write_objects(
         connectivity=connectivity, min_z_extent=min_z_extent, **advanced,
     )
     t0 = time.perf_counter()
-    job, done = prepare_job(store, settings, overwrite=overwrite, resume=resume)
+    job, done = prepare_job(store, settings, overwrite=overwrite, resume=resume, storage_options=storage_options)
     if isinstance(job, ObjectsJob):
         graph = objects_graph(job, done, after)
     else:
@@ -464,22 +464,29 @@ def write_objects(
         return graph
     with _Progress(enabled=progress):
         (path,) = dask.compute(graph, scheduler="threads", num_workers=settings.blocks_in_flight)
-    return finished(Path(path), time.perf_counter() - t0)
+    return finished(path, time.perf_counter() - t0, storage_options=storage_options)
 
 
-def finished(path: Path, seconds: float = 0.0) -> ObjectsResult:
-    """Describe a published layer (after ``compute=False`` graphs, too)."""
+def finished(path: str | os.PathLike, seconds: float = 0.0, *, storage_options: Mapping[str, Any] | None = None) -> ObjectsResult:
+    """Describe a published layer (after ``compute=False`` graphs, too); a URL is reached with
+    ``storage_options`` (by default the command's)."""
     import zarr
 
-    ms: Any = st.ome_attrs(zarr.open_group(str(path), mode="r").attrs)["multiscales"][0]
+    where: Path | Url = Path(path)
+    options: tuple = ()
+    if is_url(path):
+        remote = Remote.create(str(path), storage_options)
+        where, options = Url(remote.url), remote.options
+    store = st.zarr_store(where, options)
+    ms: Any = st.ome_attrs(zarr.open_group(store, mode="r").attrs)["multiscales"][0]
     meta = ms["metadata"]
     scale = next(t["scale"] for t in ms["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
-    shape = zarr.open_array(str(path / "0"), mode="r").shape
+    shape = zarr.open_array(store, path="0", mode="r").shape
     h, w = shape[-2:]
     area = h * w * float(scale[-2]) * float(scale[-1]) / 1e6
     volume = area * shape[0] * float(scale[0]) / 1e3 if len(shape) == 3 else None
-    return ObjectsResult(path, path / meta["table"], int(meta["objects"]), str(meta["dtype"]), seconds, area, volume,
-                         str(meta.get("recipe", "")))
+    return ObjectsResult(where, join(where, meta["table"]), int(meta["objects"]), str(meta["dtype"]), seconds, area, volume,
+                         str(meta.get("recipe", "")), options)
 
 
 class _Progress(dask.callbacks.Callback):

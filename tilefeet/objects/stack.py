@@ -20,9 +20,7 @@ in 3-D, is rare in such masks, and a hole open to the next section is still a ho
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,7 +64,7 @@ class StackJob:
     source: st.ClassSource
     store: str
     name: str
-    staging: st.Staging
+    location: st.Layer  #: where the layer is written (staged, resumed, published)
 
     @property
     def grid(self) -> VolumeGrid:
@@ -88,25 +86,18 @@ class StackJob:
         return out
 
     def save(self, name: str, arrays: dict[str, np.ndarray]) -> None:
-        path = self.staging.record(name)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
+        self.location.save_record(name, arrays)
 
     def load(self, name: str) -> dict[str, np.ndarray]:
-        with np.load(self.staging.record(name)) as d:
+        with self.location.open_record(name) as d:
             return {k: d[k] for k in d.files}
 
     def label_array(self, level: int) -> Any:
-        import zarr
-
-        return zarr.open_array(str(self.staging.path / str(level)), mode="r+")
+        return self.location.label_array(level)
 
 
 def _scratch(job: StackJob, name: str) -> Any:
-    import zarr
-
-    return zarr.open_array(str(job.staging.state / name), mode="r+")
+    return job.location.scratch(name)
 
 
 class _Faces:
@@ -117,7 +108,7 @@ class _Faces:
 
     def __call__(self, index: Triple, name: str) -> np.ndarray:
         if index not in self.open:
-            self.open[index] = np.load(self.job.staging.record(f"{self.prefix}{_bid(index)}"))
+            self.open[index] = self.job.location.open_record(f"{self.prefix}{_bid(index)}")
         return self.open[index][name]
 
     def close(self) -> None:
@@ -133,7 +124,7 @@ def _holes(job: StackJob, index: Triple, *_after: Any) -> str:
     record, faces = holes_block(job.source.read_mask3(box), box, job.shape, background_structure(job.plan.connectivity))
     job.save(f"HF{_bid(index)}", faces)
     job.save(f"h{_bid(index)}", record)
-    job.staging.mark(f"h{_bid(index)}")
+    job.location.mark(f"h{_bid(index)}", "")
     return f"h{_bid(index)}"
 
 
@@ -145,7 +136,7 @@ def _pairs(job: StackJob, index: Triple, prefix: str, *_after: Any) -> str:
     finally:
         faces.close()
     job.save(f"{prefix}p{_bid(index)}", pairs)
-    job.staging.mark(f"{prefix}p{_bid(index)}")
+    job.location.mark(f"{prefix}p{_bid(index)}", "")
     return f"{prefix}p{_bid(index)}"
 
 
@@ -154,20 +145,20 @@ def _holes_reduce(job: StackJob, *_after: Any) -> str:
     pairs = [job.load(f"hp{_bid(i)}") for i in job.grid]
     holes, offsets = resolve_holes([int(r["n"]) for r in records], [r["on_edge"] for r in records], pairs)
     job.save("holes", {"holes": holes, "offsets": offsets})
-    st.create_scratch(job.staging, "filled", job.shape, job.plan.chunks, bool)
-    job.staging.mark("holes")
+    job.location.create_scratch("filled", job.shape, job.plan.chunks, bool)
+    job.location.mark("holes", "")
     return "holes"
 
 
 def _fill(job: StackJob, index: Triple, *_after: Any) -> str:
     box = job.grid.box(index)
     k = job.grid.flat(index)
-    with np.load(job.staging.record("holes")) as d:
+    with job.location.open_record("holes") as d:
         off = d["offsets"]
         holes = d["holes"][off[k] : off[k + 1]]
     filled = fill_block(job.source.read_mask3(box), holes, background_structure(job.plan.connectivity))
     _scratch(job, "filled")[box.slices] = filled
-    job.staging.mark(f"f{_bid(index)}")
+    job.location.mark(f"f{_bid(index)}", "")
     return f"f{_bid(index)}"
 
 
@@ -177,7 +168,7 @@ def _pieces(job: StackJob, index: Triple, *_after: Any) -> str:
     record, faces = pieces_block(window, box, job.shape, structure(job.plan.connectivity), job.source.read_prob3(box))
     job.save(f"AF{_bid(index)}", faces)
     job.save(f"a{_bid(index)}", record)
-    job.staging.mark(f"a{_bid(index)}")
+    job.location.mark(f"a{_bid(index)}", "")
     return f"a{_bid(index)}"
 
 
@@ -191,28 +182,28 @@ def _resolve(job: StackJob, *_after: Any) -> int:
     dtype = id_dtype(res.n_objects, job.plan.settings.uint32_limit)
     job.save("resolve", {"final": res.final.astype(dtype), "offsets": res.offsets, "n": np.array(res.n_objects)})
     st.create_label_volume(
-        job.staging, job.name, shapes=st.volume_level_shapes(job.shape, job.source.levels), chunks=job.plan.chunks, dtype=dtype,
+        job.location, job.name, shapes=st.volume_level_shapes(job.shape, job.source.levels), chunks=job.plan.chunks, dtype=dtype,
         spacing_nm=job.plan.spacing_nm, origin_nm=job.plan.origin_nm, metadata=_provenance(job, res.n_objects, dtype),
     )
     assert res.sums is not None
     df = table(res.sums, class_name=job.plan.class_name, spacing_nm=job.plan.spacing_nm, origin_nm=job.plan.origin_nm,
                shape=job.shape, prob_scale=job.source.prob_scale, id_dtype=dtype)
-    st.write_table(df, job.staging, job.plan.settings.table_format)
-    job.staging.mark("resolve")
+    job.location.write_table(df, job.plan.settings.table_format)
+    job.location.mark("resolve", "")
     return res.n_objects
 
 
 def _relabel(job: StackJob, index: Triple, *_after: Any) -> str:
     box = job.grid.box(index)
     k = job.grid.flat(index)
-    with np.load(job.staging.record("resolve")) as resolved:
+    with job.location.open_record("resolve") as resolved:
         off, final = resolved["offsets"], resolved["final"]
     ids = relabel_block(job.mask(box), final[off[k] : off[k + 1]], structure(job.plan.connectivity), final.dtype)
     for level in range(direct_levels(job.plan, job.source.levels)):
         f = 1 << level
         (z0, y0, x0), (z1, y1, x1) = box.start, box.stop
         job.label_array(level)[z0:z1, y0 // f : -(-y1 // f), x0 // f : -(-x1 // f)] = ids[:, ::f, ::f]
-    job.staging.mark(f"b{_bid(index)}")
+    job.location.mark(f"b{_bid(index)}", "")
     return f"b{_bid(index)}"
 
 
@@ -231,7 +222,7 @@ def _pyramid(job: StackJob, level: int, box: VBox, record: str, *_after: Any) ->
     (z0, y0, x0), (z1, y1, x1) = box.start, box.stop
     part = np.asarray(src[z0:z1, 2 * y0 : min(2 * y1, h), 2 * x0 : min(2 * x1, w)])
     dst[box.slices] = part[:, ::2, ::2]
-    job.staging.mark(record)
+    job.location.mark(record, "")
     return record
 
 
@@ -242,7 +233,7 @@ def _pyramid_boxes(plan: VolumePlan, shape: Triple, level: int) -> list[tuple[st
 
 
 def _publish(job: StackJob, *_after: Any) -> str:
-    return str(st.publish(job.staging, Path(job.store), job.name))
+    return str(job.location.publish())
 
 
 def _barrier(*records: Any) -> int:
@@ -267,22 +258,23 @@ def _provenance(job: StackJob, n: int, dtype: Any) -> dict:
 # ------------------------------------------------------------------------------------------ graph
 
 
-def prepare_stack_job(source: st.ClassSource, settings: ObjectSettings, store: str | os.PathLike, *, overwrite: bool,
-                      resume: bool, recipe: str = "") -> tuple[StackJob, set[str]]:
+def prepare_stack_job(source: st.ClassSource, settings: ObjectSettings, store: Any, *, overwrite: bool,
+                      resume: bool, recipe: str = "", storage_options: Any = None) -> tuple[StackJob, set[str]]:
     plan = make_volume_plan(settings, class_name=source.class_name, shape=source.shape,  # type: ignore[arg-type]
                             spacing_nm=source.spacing_nm, origin_nm=source.origin3_nm, chunks=source.chunks,  # type: ignore[arg-type]
-                            where=str(store), recipe=recipe)
+                            where=source.store, recipe=recipe)
     name = st.layer_name(source.class_name, False)
     identity = {"source": source.identity(), "plan": plan.describe(), "block": list(plan.grid.block),
                 "chunks": list(plan.chunks), "table": settings.table_format, "uint32_limit": settings.uint32_limit}
-    staging, done = st.prepare(Path(store), name, identity, overwrite=overwrite, resume=resume)
-    return StackJob(plan, source, str(store), name, staging), done
+    location = st.layer_location(store, name, storage_options)
+    done = st.prepare(location, identity, overwrite=overwrite, resume=resume)
+    return StackJob(plan, source, str(location.final), name, location), done
 
 
 def stack_graph(job: StackJob, done: set[str], after: Any = None) -> Any:
     """A dask ``Delayed`` that runs every unfinished task of a stack run and returns the layer's path."""
     leaf = delayed(job, traverse=False)
-    token = st.fingerprint({"staging": str(job.staging.path), "plan": repr(job.plan)})[:10]
+    token = st.fingerprint({"staging": str(job.location.staging), "plan": repr(job.plan)})[:10]
     blocks = list(job.grid)
 
     def per_block(fn: Any, prefix: str, after: Any, *args: Any) -> Any:

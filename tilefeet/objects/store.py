@@ -10,21 +10,27 @@ Layout added to a segment output (``OUT``)::
     OUT/labels/<class>-cells/       the same for cells between membranes (``--cells``)
     OUT/labels/zarr.json            lists a layer only once it is complete
 
-A layer is built in a staging folder beside the store (``OUT.<layer>.partial``, with its
-completion records in ``.tilefeet/``) and :func:`publish` moves it into ``labels/`` by renames,
-listing it last. A reader of ``OUT`` never sees a half-written layer; a crash leaves the staging
-folder for ``--resume``. The store itself may be a segment run's own staging folder
-(``OUT.partial``) that is not yet in place.
+A layer is an output of its own, written through the output-location protocol that ``segment``
+and ``convert`` use (:mod:`tilefeet.storage`): :class:`LocalLayer` builds it in a staging folder
+beside the store (``OUT.<layer>.partial``, its completion records, saved records and scratch
+arrays in ``.tilefeet/``) and publishes it into ``labels/`` by renames; :class:`ObjectStoreLayer`
+writes it in place under ``s3://.../OUT/labels/<layer>/`` with its metadata held back until it
+is complete. Either way the layer joins the ``labels`` list once it is in place, and its state is
+dropped only after that, so a crash at any point leaves a valid store and either a run to
+``--resume`` or a publish that :meth:`recover <tilefeet.storage.OutputLocation.recover>` completes.
+The store itself may be a segment run's own staging store (``OUT.partial``, or on S3 an output
+whose metadata is not yet published): the layer is then published into it, and with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
-import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +39,20 @@ import numpy as np
 from ..errors import ConfigError, InputNotFoundError, InvalidImageError, OutputExistsError
 from ..geometry import Box, Pair
 from ..ngff import compressor, create_levels, label_metadata, label_name, multiscales
+from ..storage import (
+    STATE_DIR,
+    LocalOutput,
+    ObjectStoreOutput,
+    OutputLocation,
+    Remote,
+    Url,
+    is_url,
+    join,
+    location_text,
+    unpublished_store,
+)
 from .volume import VBox
 
-STATE_DIR = ".tilefeet"
 TABLE_NAMES = {"parquet": "objects.parquet", "csv": "objects.csv"}
 
 
@@ -68,6 +85,17 @@ class ClassSource:
     z_origin_nm: float = 0.0  #: a stack's first section's z position
     engine: str | None = None  #: the engine that made the output (its provenance)
     recipe_json: str = ""  #: the engine's object recipe for the class, as JSON (what segment recorded, else the engine's own)
+    #: storage options of a URL ``store`` (credentials: kept in memory, never in the identity)
+    options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+    unpublished: bool = False  #: ``store`` is an unfinished object-store output (its metadata held back)
+    zarr_format: int | None = None  #: the store's (None: found on each open; known: no requests for the other's documents)
+
+    def array(self, path: str) -> Any:
+        """A zarr array of the store, opened by each task (a metadata read): handles never outlive a store's rewrite."""
+        import zarr
+
+        store = zarr_store(self.store, self.options, unpublished=self.unpublished)
+        return zarr.open_array(store, path=path, mode="r", zarr_format=self.zarr_format)  # type: ignore[arg-type]
 
     @property
     def recipe(self) -> dict | None:
@@ -92,7 +120,7 @@ class ClassSource:
 
     def read_prob3(self, box: VBox) -> np.ndarray:
         """A stack's class probability (as stored) over ``box``, which lies inside the volume."""
-        return np.asarray(_array(self.store, self.prob_path)[(self.channel, *box.slices)])
+        return np.asarray(self.array(self.prob_path)[(self.channel, *box.slices)])
 
     def read_mask3(self, box: VBox) -> np.ndarray:
         """A stack's class mask over ``box`` (bool), False outside the volume."""
@@ -101,7 +129,7 @@ class ClassSource:
         if inner.empty:
             return out
         if self.mask_path is not None:
-            m = np.asarray(_array(self.store, self.mask_path)[inner.slices]) != 0
+            m = np.asarray(self.array(self.mask_path)[inner.slices]) != 0
         else:
             m = self.read_prob3(inner) >= self.threshold * self.prob_scale
         out[inner.relative_to(box)] = m
@@ -115,13 +143,14 @@ class ClassSource:
     def identity(self) -> dict:
         """What the output depends on (for the resume fingerprint)."""
         d = asdict(self)
-        d["store"] = str(Path(self.store).resolve())
-        d["provenance"] = _provenance(self.store)
+        del d["options"]
+        d["store"] = location_text(self.store)
+        d["provenance"] = _provenance(self.store, self.options, self.unpublished)
         return d
 
     def read_prob(self, box: Box) -> np.ndarray:
         """The class probability (as stored) over ``box``, which lies inside the image."""
-        return np.asarray(_array(self.store, self.prob_path)[self.channel, box.y0 : box.y1, box.x0 : box.x1])
+        return np.asarray(self.array(self.prob_path)[self.channel, box.y0 : box.y1, box.x0 : box.x1])
 
     def read_prob_window(self, box: Box, fill: Any = 0) -> np.ndarray:
         """The class probability (as stored) over ``box``, ``fill`` outside the image."""
@@ -138,7 +167,7 @@ class ClassSource:
         if inner.empty:
             return out
         if self.mask_path is not None:
-            labels = _array(self.store, self.mask_path)
+            labels = self.array(self.mask_path)
             lead = (0,) * (labels.ndim - 2)  # (y, x), or (1, y, x) as tilefeet wrote labels before
             m = np.asarray(labels[(*lead, slice(inner.y0, inner.y1), slice(inner.x0, inner.x1))]) != 0
         else:
@@ -147,11 +176,14 @@ class ClassSource:
         return out
 
 
-def _array(store: str, path: str) -> Any:
-    """A zarr array, opened by each task (a metadata read): handles never outlive a store's rewrite."""
-    import zarr
-
-    return zarr.open_array(str(Path(store) / path), mode="r")
+def zarr_store(store: str | os.PathLike, options: Any = (), *, unpublished: bool = False, writable: bool = False) -> Any:
+    """zarr's store for a folder or an ``s3://`` URL (``options``: its storage options);
+    ``unpublished``: its metadata documents are held back (:class:`~tilefeet.storage.ObjectStoreOutput`)."""
+    if not is_url(store):
+        return str(store)
+    remote = Remote(str(store), tuple(options))
+    zs = remote.zarr_store(read_only=not writable)
+    return unpublished_store(zs, remote) if unpublished else zs
 
 
 def ome_attrs(attrs: Any) -> dict:
@@ -160,17 +192,38 @@ def ome_attrs(attrs: Any) -> dict:
     return dict(attrs.get("ome", attrs))
 
 
-def _provenance(store: str) -> Any:
+def _provenance(store: str, options: Any = (), unpublished: bool = False) -> Any:
     try:
         import zarr
 
-        return ome_attrs(zarr.open_group(store, mode="r").attrs)["multiscales"][0].get("metadata", {})
+        group = zarr.open_group(zarr_store(store, options, unpublished=unpublished), mode="r")
+        return ome_attrs(group.attrs)["multiscales"][0].get("metadata", {})
     except Exception:
         return {}
 
 
-def open_class(store: str | os.PathLike, class_name: str | None = None, threshold: float | None = None) -> ClassSource:
-    """The class ``class_name`` (or the store's only class) of a segment output, read (and
+def _source(store: str | os.PathLike | OutputLocation, storage_options: Mapping[str, Any] | None) -> tuple[Path | Url, tuple, bool]:
+    """Where a segment output is read: (path or URL, storage options, metadata held back). An output
+    location is a segment run's, read where it is being written (its staging store)."""
+    if isinstance(store, ObjectStoreOutput):
+        return Url(store.remote.url), store.remote.options, True
+    if isinstance(store, OutputLocation):
+        return Path(store.staging), (), False
+    if is_url(store):
+        remote = Remote.create(str(store), storage_options, role="segment output")
+        if remote.scheme != "s3":
+            raise ConfigError(
+                f"cannot write objects to {remote.url}: web servers are read-only here; "
+                f"give the segment output on a local file system or on s3://"
+            )
+        return Url(remote.url), remote.options, False
+    return Path(store), (), False
+
+
+def open_class(store: str | os.PathLike | OutputLocation, class_name: str | None = None, threshold: float | None = None,
+               storage_options: Mapping[str, Any] | None = None) -> ClassSource:
+    """The class ``class_name`` (or the store's only class) of a segment output (a folder, an
+    ``s3://`` URL reached with ``storage_options``, or a segment run's output location), read (and
     validated) through :func:`tilefeet.ngff.read_multiscale`.
 
     The mask is ``labels/<class>`` exactly when no threshold is given or the given one is the
@@ -179,22 +232,23 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
     """
     from ..ngff import read_multiscale
 
-    if "://" in str(store):
-        raise ConfigError(
-            f"{store}: objects are written next to the probabilities, on a local file system only; "
-            f"run `tilefeet objects` on a local copy of the segment output"
-        )
-    path = Path(store)
+    path, options, unpublished = _source(store, storage_options)
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
         raise ConfigError(f"--threshold must be a probability between 0 and 1, got {threshold}")
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         raise InputNotFoundError(f"{path} does not exist; give a tilefeet segment output (run `tilefeet segment IN OUT` first)")
     not_ours = (
         f"{path} has no probabilities (it is not a tilefeet segment output: a (c, y, x) probability image with "
         f"named classes); give the output of `tilefeet segment IN OUT` (the OUT folder itself)"
     )
     try:
-        ms = read_multiscale(path, role="segment output")
+        if unpublished:
+            import zarr
+
+            group = zarr.open_group(zarr_store(path, options, unpublished=True), mode="r")
+            ms = read_multiscale(path, role="segment output", group=group)
+        else:
+            ms = read_multiscale(path, role="segment output", storage_options=dict(options))
     except InvalidImageError as e:
         if "multiscales" in str(e) and "no OME-Zarr" in str(e):
             raise InvalidImageError(not_ours) from None
@@ -225,20 +279,21 @@ def open_class(store: str | os.PathLike, class_name: str | None = None, threshol
     use_labels = (threshold is None or math.isclose(threshold, stored, abs_tol=1e-12)) and name in ms.labels
     if ms.metadata.get("every_chunk_written") is True:
         _check_chunks(path, [(level0.path, (channel,), f"the {cls} probabilities")]
-                      + ([(f"labels/{name}/0", None, f"labels/{name}")] if use_labels else []))
+                      + ([(f"labels/{name}/0", None, f"labels/{name}")] if use_labels else []), options)
+    where: dict[str, Any] = {"options": options, "unpublished": unpublished, "zarr_format": 3 if ms.version.startswith("0.5") else None}
     if stack:
         return ClassSource(
             store=str(path), prob_path=level0.path, channel=channel, class_name=cls, shape=tuple(level0.shape[1:]),
             chunks=tuple(level0.chunks[1:]), pixel_size_nm=pixel, origin_nm=ms.origin_nm(0), prob_dtype=level0.dtype,
             threshold=stored if threshold is None else float(threshold), mask_path=f"labels/{name}/0" if use_labels else None,
-            levels=len(ms.datasets), **_z_axis(ms, path), **recipe,
+            levels=len(ms.datasets), **_z_axis(ms, path), **recipe, **where,
         )
     return ClassSource(
         store=str(path), prob_path=level0.path, channel=channel, class_name=cls,
         shape=(level0.shape[1], level0.shape[2]), chunks=(level0.chunks[1], level0.chunks[2]),
         pixel_size_nm=pixel, origin_nm=ms.origin_nm(0), prob_dtype=level0.dtype,
         threshold=stored if threshold is None else float(threshold), mask_path=f"labels/{name}/0" if use_labels else None,
-        levels=len(ms.datasets), **recipe,
+        levels=len(ms.datasets), **recipe, **where,
     )
 
 
@@ -258,7 +313,7 @@ def _recipe(provenance: Any, class_name: str) -> dict:
     return {"engine": engine, "recipe_json": json.dumps(table, sort_keys=True) if isinstance(table, dict) else ""}
 
 
-def _z_axis(ms: Any, path: Path) -> dict:
+def _z_axis(ms: Any, path: Path | Url) -> dict:
     """A stack's section spacing and first section's position in nm, from its z axis."""
     from ..units import nm_per_unit
 
@@ -273,7 +328,7 @@ def _z_axis(ms: Any, path: Path) -> dict:
     return {"z_spacing_nm": float(ds.scale[1]) * f, "z_origin_nm": float(ds.translation[1]) * f}
 
 
-def _check_chunks(path: Path, arrays: list[tuple[str, tuple[int, ...] | None, str]]) -> None:
+def _check_chunks(path: Path | Url, arrays: list[tuple[str, tuple[int, ...] | None, str]], options: tuple = ()) -> None:
     """Refuse an output that lost chunk files of an array objects read (``(path, leading index, in words)``):
     its writer stored every chunk, and a lost one would read as 0, no objects there (:mod:`tilefeet.chunks`)."""
     import zarr
@@ -281,19 +336,19 @@ def _check_chunks(path: Path, arrays: list[tuple[str, tuple[int, ...] | None, st
     from ..chunks import check_chunks
 
     for array_path, lead, what in arrays:
-        arr = zarr.open_array(str(path / array_path), mode="r")
+        arr = zarr.open_array(zarr_store(path, options), path=array_path, mode="r")
         head = lead if lead is not None else ()
         if arr.ndim - len(head) == 3:  # a stack: the (y, x) plane of every section's chunk row
-            lead = _first_incomplete_section(arr, path / array_path, head)
+            lead = _first_incomplete_section(arr, join(path, array_path), head, options)
             if lead is None:
                 continue
         found = check_chunks(arr, str(path), array_path, what=what, lead=lead if lead is not None else (0,) * (arr.ndim - 2),
-                             every_chunk_written=True)
+                             every_chunk_written=True, storage_options=dict(options))
         if found.missing:
             raise found.error("no objects there", "segment the section again (tilefeet segment IN OUT --overwrite) to restore the output")
 
 
-def _first_incomplete_section(arr: Any, folder: Path, head: tuple[int, ...]) -> tuple[int, ...] | None:
+def _first_incomplete_section(arr: Any, folder: Path | Url, head: tuple[int, ...], options: tuple = ()) -> tuple[int, ...] | None:
     """The leading index (``head`` + a section) of the first section of a stack whose chunk files
     are not all there, from one listing of the array's folder; None when all are."""
     import itertools
@@ -301,7 +356,7 @@ def _first_incomplete_section(arr: Any, folder: Path, head: tuple[int, ...]) -> 
     from ..storage import list_files
 
     try:
-        stored = list_files(folder)
+        stored = list_files(folder, dict(options) if is_url(folder) else None)
     except Exception:
         return None
     unit = tuple(int(u) for u in (getattr(arr, "shards", None) or arr.chunks))
@@ -344,12 +399,13 @@ def read_window(array: Any, box: Box, shape: Pair, fill: Any, dtype: Any) -> np.
 
 
 def staging_path(store: str | os.PathLike, name: str) -> Path:
-    """Where a layer is built: beside the store, so that publishing it is a rename."""
+    """Where a layer of a store on a file system is built: beside the store, so that publishing it is a rename."""
     p = Path(store)
     return p.with_name(f"{p.name}.{name}.partial")
 
 
 def old_path(store: str | os.PathLike, name: str) -> Path:
+    """Where an old layer is set aside while a new one replaces it (beside the store, like the staging folder)."""
     p = Path(store)
     return p.with_name(f"{p.name}.{name}.old")
 
@@ -362,68 +418,213 @@ def fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class Staging:
-    """The staging folder of one layer and its completion records."""
-
-    path: Path
-
-    @property
-    def state(self) -> Path:
-        return self.path / STATE_DIR
-
-    def done(self) -> set[str]:
-        d = self.state / "done"
-        return {p.name for p in d.iterdir()} if d.exists() else set()
-
-    def mark(self, record: str) -> None:
-        (self.state / "done" / record).touch()
-
-    def record(self, name: str) -> Path:
-        return self.state / "records" / f"{name}.npz"
+def _listing(doc: bytes | None, name: str, listed: bool) -> bytes:
+    """``labels/zarr.json`` with ``name`` added to (or removed from) its NGFF list; a new labels group when ``doc`` is None."""
+    meta: dict[str, Any] = json.loads(doc) if doc else {"zarr_format": 3, "node_type": "group", "attributes": {}}
+    ome = meta.setdefault("attributes", {}).setdefault("ome", {"version": "0.5"})
+    names = [n for n in ome.get("labels", []) if n != name]
+    if listed:
+        names.append(name)
+    ome["labels"] = names
+    return json.dumps(meta, indent=2).encode()
 
 
-def prepare(store: Path, name: str, identity: dict, *, overwrite: bool, resume: bool) -> tuple[Staging, set[str]]:
-    """Create (or, with ``resume``, reopen) the staging folder of layer ``name`` of ``store``.
+class _Layer:
+    """What an objects run does in a layer's staging store, the same on either kind of location:
+    saved records (``.tilefeet/records/<name>.npz``), scratch arrays (``.tilefeet/<name>``), the
+    label image's arrays and the measurements table. A subclass moves the bytes."""
 
-    Refuses to replace an existing layer without ``overwrite``, and to resume a run started with
-    other options. Returns the staging folder and the records already done.
-    """
-    recover(store, name)
-    staging = Staging(staging_path(store, name))
-    target = layer_path(store, name)
-    fp = fingerprint(identity)
-    if target.exists() and not (overwrite or resume):
-        raise OutputExistsError(
-            f"{target} already exists; pass --overwrite to replace it (the old layer stays until the new one is complete)"
+    staging: Any
+    name: str
+
+    def _put(self, rel: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _get(self, rel: str) -> bytes:
+        raise NotImplementedError
+
+    def _remove(self, rel: str) -> None:
+        raise NotImplementedError
+
+    def zarr_store(self, *, state: bool = False) -> Any:
+        """zarr's store of the staging store (``state``: for scratch arrays, whose metadata is never published)."""
+        raise NotImplementedError
+
+    def save_record(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        self._put(f"{STATE_DIR}/records/{name}.npz", buffer.getvalue())
+
+    def open_record(self, name: str) -> Any:
+        """A saved record (an ``NpzFile``: arrays are read when asked for)."""
+        return np.load(io.BytesIO(self._get(f"{STATE_DIR}/records/{name}.npz")))
+
+    def create_scratch(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any) -> None:
+        """A level-0-sized array for intermediate results (dropped with the run state)."""
+        import zarr
+
+        zarr.create_array(
+            self.zarr_store(state=True), name=f"{STATE_DIR}/{name}", shape=shape, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
+            dtype=dtype, compressors=compressor(), fill_value=0, overwrite=True, zarr_format=3,
         )
-    if staging.path.exists():
+
+    def scratch(self, name: str) -> Any:
+        import zarr
+
+        return zarr.open_array(self.zarr_store(state=True), path=f"{STATE_DIR}/{name}", mode="r+", zarr_format=3)
+
+    def label_array(self, level: int) -> Any:
+        import zarr
+
+        return zarr.open_array(self.zarr_store(), path=str(level), mode="r+", zarr_format=3)
+
+    def group(self) -> Any:
+        import zarr
+
+        return zarr.open_group(self.zarr_store(), mode="a", zarr_format=3)
+
+    def write_table(self, df: Any, fmt: str) -> None:
+        """The measurements table as Parquet (or CSV), in the layer."""
+        for other in TABLE_NAMES.values():
+            if other != TABLE_NAMES[fmt]:
+                self._remove(other)
+        if fmt == "csv":
+            data = df.to_csv(index=False).encode()
+        else:
+            buffer = io.BytesIO()
+            df.to_parquet(buffer, index=False)
+            data = buffer.getvalue()
+        self._put(TABLE_NAMES[fmt], data)
+
+
+class LocalLayer(_Layer, LocalOutput):
+    """A layer of a store on a file system: built in ``OUT.<layer>.partial`` beside the store and
+    renamed into ``labels/`` (an old layer set aside in ``OUT.<layer>.old`` meanwhile)."""
+
+    def __init__(self, store: str | os.PathLike, name: str):
+        super().__init__(layer_path(store, name), staging=staging_path(store, name), old=old_path(store, name))
+        self.store, self.name = Path(store), name
+
+    def _put(self, rel: str, data: bytes) -> None:
+        path = self.staging / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def _get(self, rel: str) -> bytes:
+        return (self.staging / rel).read_bytes()
+
+    def _remove(self, rel: str) -> None:
+        (self.staging / rel).unlink(missing_ok=True)
+
+    def zarr_store(self, *, state: bool = False) -> Any:
+        return str(self.staging)
+
+    def _set_listed(self, listed: bool) -> None:
+        meta = self.store / "labels" / "zarr.json"
+        doc = _listing(meta.read_bytes() if meta.exists() else None, self.name, listed)
+        meta.parent.mkdir(exist_ok=True)
+        tmp = meta.with_name(f".zarr.json.{os.getpid()}.tmp")
+        tmp.write_bytes(doc)
+        os.replace(tmp, meta)
+
+    def _withdraw(self) -> None:
+        self._set_listed(False)
+
+    def _placed(self) -> None:
+        self._set_listed(True)
+
+
+class ObjectStoreLayer(_Layer, ObjectStoreOutput):
+    """A layer of a store on S3: written in place under ``labels/<layer>/``, its metadata held back
+    until it is complete. In an output that is itself unfinished (``segment --objects``), the layer's
+    documents and the ``labels`` list are published into that output's held-back metadata, to
+    appear with it."""
+
+    def __init__(self, store: Remote, name: str, *, unpublished: bool = False):
+        documents = store.child(STATE_DIR, "meta") if unpublished else store
+        super().__init__(store.child("labels", name), documents=documents.child("labels", name))
+        self.listing = documents.child("labels", "zarr.json")
+        self.name = name
+
+    def _put(self, rel: str, data: bytes) -> None:
+        self._call(self._fs().pipe_file, self._path(rel), data)
+
+    def _get(self, rel: str) -> bytes:
+        return bytes(self._call(self._fs().cat_file, self._path(rel)))
+
+    def _remove(self, rel: str) -> None:
+        if self._exists(rel):
+            self._call(self._fs().rm_file, self._path(rel))
+
+    def zarr_store(self, *, state: bool = False) -> Any:
+        store = self.remote.zarr_store(read_only=False)
+        return store if state else unpublished_store(store, self.remote)
+
+    def _set_listed(self, listed: bool) -> None:
+        fs, path = self._fs(), self.listing.fs_path()
+        try:
+            doc = bytes(self._call(fs.cat_file, path))
+        except FileNotFoundError:
+            doc = None
+        self._call(fs.pipe_file, path, _listing(doc, self.name, listed))
+
+    def _withdraw(self) -> None:
+        self._set_listed(False)
+
+    def _placed(self) -> None:
+        self._set_listed(True)
+
+
+#: A layer's location, on either kind of storage.
+Layer = LocalLayer | ObjectStoreLayer
+
+
+def layer_location(store: str | os.PathLike | OutputLocation, name: str, storage_options: Mapping[str, Any] | None = None) -> Layer:
+    """Where layer ``name`` of ``store`` is written: a folder, an ``s3://`` URL (reached with
+    ``storage_options``), or a segment run's output location (the layer goes into its staging store)."""
+    path, options, unpublished = _source(store, storage_options)
+    if isinstance(path, Url):
+        return ObjectStoreLayer(Remote(str(path), options), name, unpublished=unpublished)
+    return LocalLayer(path, name)
+
+
+def prepare(layer: Layer, identity: dict, *, overwrite: bool, resume: bool) -> set[str]:
+    """Create (or, with ``resume``, reopen) the staging store of ``layer``, by the rules every output
+    follows (:func:`tilefeet.writer.check_output`): an existing layer needs ``overwrite``, an
+    interrupted run ``resume`` (with the same options) or ``overwrite``. Returns the records already done."""
+    from ..writer import check_output
+
+    layer.recover()
+    check_output(layer, overwrite=overwrite, resume=resume)
+    fp = fingerprint(identity)
+    if layer.has_staging():
         if resume:
-            try:
-                state = json.loads((staging.state / "plan.json").read_text())
-            except (OSError, ValueError):
-                state = {}
-            if state.get("fingerprint") != fp:
+            if layer.read_state().get("fingerprint") != fp:
                 raise OutputExistsError(
-                    f"{staging.path} was started with other options or another input; rerun with the same options "
+                    f"{layer.staging} was started with other options or another input; rerun with the same options "
                     f"to resume it, or pass --overwrite to start over"
                 )
-            return staging, staging.done()
-        if not overwrite:
-            raise OutputExistsError(
-                f"an interrupted objects run left {staging.path}; pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(staging.path)
-    if target.exists() and resume and not overwrite:
-        raise OutputExistsError(f"{target} is already complete; nothing to resume (pass --overwrite to redo it)")
-    for sub in ("done", "records"):
-        (staging.state / sub).mkdir(parents=True, exist_ok=True)
-    (staging.state / "plan.json").write_text(json.dumps({"fingerprint": fp, "identity": identity}, default=str))
-    return staging, set()
+            return layer.record_names()
+        layer.discard_staging()
+    if resume and not overwrite and layer.exists():
+        raise OutputExistsError(f"{layer.final} is already complete; nothing to resume (pass --overwrite to redo it)")
+    layer.check_kind()
+    try:
+        layer.open_group("w")
+        layer.write_state({"fingerprint": fp, "identity": identity})
+    except Exception as e:
+        from ..storage import is_remote_error
+
+        if not (isinstance(e, OSError) or is_remote_error(e)):
+            raise
+        raise layer.write_error(e, kept=None) from None
+    return set()
 
 
 def create_label_image(
-    staging: Staging,
+    layer: _Layer,
     name: str,
     *,
     shapes: list[Pair],
@@ -433,20 +634,15 @@ def create_label_image(
     origin_nm: tuple[float, float],
     metadata: dict,
 ) -> None:
-    """The label image's group and (empty) pyramid arrays in the staging folder."""
-    import zarr
-
-    root = zarr.open_group(str(staging.path), mode="a", zarr_format=3)
-    for k in range(len(shapes)):
-        if str(k) in root:
-            del root[str(k)]
-    create_levels(root, shapes, chunks=chunks, dtype=dtype, dimension_names=["y", "x"])
+    """The label image's group and (empty) pyramid arrays in the staging store."""
+    root = layer.group()
+    create_levels(root, shapes, chunks=chunks, dtype=dtype, dimension_names=["y", "x"], overwrite=True)
     ms = multiscales(name, pixel_size_nm, len(shapes), origin_nm=origin_nm, method="subsample (ids are never averaged)", metadata=metadata)
     root.attrs.update(label_metadata(ms))
 
 
 def create_label_volume(
-    staging: Staging,
+    layer: _Layer,
     name: str,
     *,
     shapes: list[tuple[int, int, int]],
@@ -456,14 +652,9 @@ def create_label_volume(
     origin_nm: tuple[float, float, float],
     metadata: dict,
 ) -> None:
-    """A stack's label image (z, y, x; a pyramid in y and x only) and its empty arrays in the staging folder."""
-    import zarr
-
-    root = zarr.open_group(str(staging.path), mode="a", zarr_format=3)
-    for k in range(len(shapes)):
-        if str(k) in root:
-            del root[str(k)]
-    create_levels(root, shapes, chunks=chunks, dtype=dtype, dimension_names=["z", "y", "x"])
+    """A stack's label image (z, y, x; a pyramid in y and x only) and its empty arrays in the staging store."""
+    root = layer.group()
+    create_levels(root, shapes, chunks=chunks, dtype=dtype, dimension_names=["z", "y", "x"], overwrite=True)
     ms = multiscales(name, spacing_nm[1:], len(shapes), origin_nm=origin_nm[1:], method="subsample in y and x (ids are never averaged)",
                      metadata=metadata, lead_axes=[{"name": "z", "type": "space", "unit": "nanometer"}], lead_scale=[spacing_nm[0]],
                      lead_origin=[origin_nm[0]])
@@ -475,91 +666,21 @@ def volume_level_shapes(shape: tuple[int, ...], levels: int) -> list[tuple[int, 
     return [(shape[0], h, w) for h, w in level_shapes((shape[1], shape[2]), levels)]
 
 
-def create_scratch(staging: Staging, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any) -> None:
-    """A level-0-sized array for intermediate results (removed with the staging state)."""
-    import zarr
-
-    zarr.create_array(
-        str(staging.state / name), shape=shape, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)), dtype=dtype,
-        compressors=compressor(), fill_value=0, overwrite=True, zarr_format=3,
-    )
-
-
-def publish(staging: Staging, store: Path, name: str) -> Path:
-    """Move a finished layer into ``store/labels/<name>`` and list it there, crash-safely.
-
-    Order: unlist and set aside an old layer, rename the new one in, list it, delete the old one.
-    A crash in between leaves a valid store (the layer unlisted or absent) and the old layer in
-    ``<store>.<name>.old``, which :func:`recover` puts back if the new one never arrived.
-    """
-    shutil.rmtree(staging.state, ignore_errors=True)
-    target = layer_path(store, name)
-    old = old_path(store, name)
-    _ensure_labels_group(store)
-    if target.exists():
-        _set_listed(store, name, False)
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(staging.path, target)
-    _set_listed(store, name, True)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def recover(store: Path, name: str) -> None:
-    """Undo a crash inside :func:`publish`: an old layer set aside with no new one in place returns."""
-    old, target = old_path(store, name), layer_path(store, name)
-    if not old.exists():
-        return
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        _set_listed(store, name, True)
-    else:
-        os.replace(old, target)
-        _set_listed(store, name, True)
-
-
-def _ensure_labels_group(store: Path) -> None:
-    import zarr
-
-    root = zarr.open_group(str(store), mode="r+")
-    if "labels" not in root:
-        g = root.create_group("labels")
-        g.attrs["ome"] = {"version": "0.5", "labels": []}
-
-
-def _set_listed(store: Path, name: str, listed: bool) -> None:
-    """Add or remove ``name`` in ``labels/zarr.json``'s NGFF list, by an atomic rewrite of the file."""
-    meta = Path(store) / "labels" / "zarr.json"
-    doc = json.loads(meta.read_text())
-    ome = doc.setdefault("attributes", {}).setdefault("ome", {"version": "0.5"})
-    names = [n for n in ome.get("labels", []) if n != name]
-    if listed:
-        names.append(name)
-    ome["labels"] = names
-    tmp = meta.with_name(f".zarr.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, meta)
-
-
-def write_table(df: Any, staging: Staging, fmt: str) -> Path:
-    """The measurements table as Parquet (or CSV) inside the staging layer."""
-    path = staging.path / TABLE_NAMES[fmt]
-    for other in TABLE_NAMES.values():
-        (staging.path / other).unlink(missing_ok=True)
-    if fmt == "csv":
-        df.to_csv(path, index=False)
-    else:
-        df.to_parquet(path, index=False)
-    return path
-
-
-def read_table(layer: Path) -> Any:
-    """The measurements table of a finished layer."""
+def read_table(layer: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """The measurements table of a finished layer (a folder, or an ``s3://`` URL reached with ``storage_options``)."""
     import pandas as pd
 
-    if (layer / TABLE_NAMES["parquet"]).exists():
-        return pd.read_parquet(layer / TABLE_NAMES["parquet"])
-    if (layer / TABLE_NAMES["csv"]).exists():
-        return pd.read_csv(layer / TABLE_NAMES["csv"])
+    if is_url(layer):
+        remote = Remote.create(str(layer), storage_options)
+        fs = remote.filesystem()
+        for fmt, name in TABLE_NAMES.items():
+            if fs.exists(remote.fs_path(name)):
+                data = io.BytesIO(fs.cat_file(remote.fs_path(name)))
+                return pd.read_parquet(data) if fmt == "parquet" else pd.read_csv(data)
+    else:
+        path = Path(layer)
+        if (path / TABLE_NAMES["parquet"]).exists():
+            return pd.read_parquet(path / TABLE_NAMES["parquet"])
+        if (path / TABLE_NAMES["csv"]).exists():
+            return pd.read_csv(path / TABLE_NAMES["csv"])
     raise InputNotFoundError(f"{layer} has no measurements table ({' or '.join(TABLE_NAMES.values())}); rerun `tilefeet objects`")
