@@ -235,14 +235,18 @@ def test_a_publish_on_s3_interrupted_after_the_documents_is_completed_by_recover
 # ------------------------------------------------------------------------------ bad input
 
 
-def test_bad_input_on_s3_is_one_line(s3, tmp_path, capsys):
+def test_bad_input_on_s3_is_one_line(s3, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # an unreachable endpoint: one try, not botocore's retries
     url, _ = _upload(s3, _section(tmp_path))
+    write_image(np.zeros((32, 32), np.uint8), tmp_path / "image.ome.zarr", (4.0, 4.0))
+    image, _ = _upload(s3, tmp_path / "image.ome.zarr")
     opts = _cli_options(s3)
     down = ["--storage-option", f"endpoint_url=http://127.0.0.1:{free_port()}", "--storage-option", "key=k", "--storage-option", "secret=s"]
     cases = [
         (("objects", url, *down), ("cannot reach", "endpoint")),
         (("objects", f"s3://{BUCKET}/nothing-here.ome.zarr", *opts), ("does not exist",)),
         (("objects", f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/seg.ome.zarr", *opts), ("bucket", "does not exist")),
+        (("objects", image, *opts), ("no probabilities", "segment")),  # an image, not a segment output: no labels to read
     ]
     for args, needles in cases:
         code, _, err = run_cli(capsys, *args)

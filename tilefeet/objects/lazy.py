@@ -228,14 +228,14 @@ def _open(source: Any, settings: ObjectSettings, probabilities: Any, pixel_size_
         from . import store as st
 
         src = st.open_class(source, settings.class_name, settings.threshold)
-        prob = da.from_zarr(str(os.path.join(src.store, src.prob_path)))[src.channel]
+        prob = da.from_zarr(src.array(src.prob_path))[src.channel]
         if src.is_stack:
-            mask = (da.from_zarr(str(os.path.join(src.store, src.mask_path))) != 0 if src.mask_path is not None
+            mask = (da.from_zarr(src.array(src.mask_path)) != 0 if src.mask_path is not None
                     else prob >= src.threshold * src.prob_scale)
             return mask, prob, src.prob_scale, {"class_name": src.class_name, "spacing_nm": src.spacing_nm, "origin_nm": src.origin3_nm,
                                                 "chunks": src.chunks, "no_probabilities": False, "recipe": src.recipe, "engine": src.engine}
         if src.mask_path is not None:
-            labels = da.from_zarr(str(os.path.join(src.store, src.mask_path)))
+            labels = da.from_zarr(src.array(src.mask_path))
             mask = labels[(0,) * (labels.ndim - 2)] != 0
         else:
             mask = prob >= src.threshold * src.prob_scale
