@@ -209,6 +209,27 @@ def test_the_state_is_dropped_only_after_a_local_layer_is_in_place(tmp_path, mon
     assert LAYER in zarr.open_group(str(store / "labels"), mode="r").attrs["ome"]["labels"]
 
 
+def test_a_local_publish_interrupted_after_the_rename_is_completed_by_recovery(tmp_path, monkeypatch):
+    from tilefeet.objects.store import LocalLayer
+
+    store = _section(tmp_path)
+
+    def killed(self):
+        raise RuntimeError("killed while listing the layer")
+
+    monkeypatch.setattr(LocalLayer, "_placed", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_objects(store, block_size=32)
+    monkeypatch.undo()
+    layer = store / "labels" / LAYER
+    assert (layer / ".tilefeet" / "plan.json").exists() and not staging_path(store, LAYER).exists()  # in place, state kept
+    assert LAYER not in zarr.open_group(str(store / "labels"), mode="r").attrs["ome"]["labels"]
+    with pytest.raises(OutputExistsError, match="already complete"):
+        write_objects(store, block_size=32, resume=True)  # recovery lists it and drops the state
+    assert LAYER in zarr.open_group(str(store / "labels"), mode="r").attrs["ome"]["labels"]
+    assert not (layer / ".tilefeet").exists()
+
+
 def test_a_publish_on_s3_interrupted_after_the_documents_is_completed_by_recovery(s3, tmp_path, monkeypatch):
     local = _section(tmp_path)
     url, key = _upload(s3, local)
