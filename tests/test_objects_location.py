@@ -144,6 +144,18 @@ def test_segment_objects_to_s3_equal_the_local_run(s3, tmp_path, random_engine):
     assert not _fs(s3).exists(f"{key}/.tilefeet") and not _fs(s3).exists(f"{key}/labels/{layer}/.tilefeet")
 
 
+def test_segment_objects_to_s3_prints_what_it_found(s3, tmp_path, random_engine, capsys):
+    """The CLI's one-line summary reads the tables where they are (here S3), as for a local output."""
+    section = tmp_path / "section.ome.zarr"
+    write_image(isbi_montage(1, 1)[0][:256, :256], section, (4.0, 4.0), chunk=128)
+    url = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/out.ome.zarr"
+    opts = ["-e", str(random_engine.path), "--chunk-size", "128", "--block-size", "128", "--threads", "1", "--no-invert"]
+    code, _, err = run_cli(capsys, "segment", section, url, *opts, "--objects", "--min-size", "0px", *_cli_options(s3))
+    assert code == 0, err
+    n = len(read_table(f"{url}/labels/membrane-objects", s3.options))
+    assert f"objects: {n} membrane object{'s' if n != 1 else ''} in {url}/labels/membrane-objects/objects.parquet" in err
+
+
 # ------------------------------------------------------------------------------ resume and ordering
 
 

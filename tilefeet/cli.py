@@ -233,7 +233,7 @@ def segment(
     n = run.plan.depth
     _echo(f"wrote {out} in {dt:.1f} s ({h * w * n / dt / 1e6:.2f} Mpx/s" + (f", {n} sections)" if run.plan.is_stack else ")"))
     if found is not None:
-        _echo(_objects_summary(out, run.plan.engine.classes, bool(cells)))
+        _echo(_objects_summary(out, run.plan.engine.classes, bool(cells), {**storage, **parse_storage_options(output_storage_option, "--output-storage-option")}))
 
 
 def _recipe_line(engine: Any, found: dict[str, Any]) -> str:
@@ -249,20 +249,31 @@ def _recipe_line(engine: Any, found: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _objects_summary(out: Any, classes: tuple[str, ...], cells: bool) -> str:
+def _objects_summary(out: Any, classes: tuple[str, ...], cells: bool, storage_options: Any = None) -> str:
     """One line: how many objects (or cells) of each class ``segment --objects`` found, and where
-    each table is (``tilefeet objects OUT`` prints the full summary)."""
+    each table is (``tilefeet objects OUT`` prints the full summary); ``out`` a folder or a URL."""
     import pyarrow.parquet as pq
 
-    from .objects.store import TABLE_NAMES, layer_name, layer_path
+    from .errors import InputNotFoundError
+    from .objects.store import TABLE_NAMES, layer_name, layer_path, read_table
+    from .storage import is_url
 
     parts = []
     for cls in classes:
-        table = layer_path(out, layer_name(cls, cells)) / TABLE_NAMES["parquet"]
-        if not table.is_file():
-            continue
-        n = pq.ParquetFile(table).metadata.num_rows
-        parts.append(f"{n} {'cells' if cells else cls + (' object' if n == 1 else ' objects')} in {table}")
+        name = layer_name(cls, cells)
+        if is_url(out):
+            layer = f"{str(out).rstrip('/')}/labels/{name}"
+            try:
+                n = len(read_table(layer, storage_options))
+            except InputNotFoundError:
+                continue
+            where = f"{layer}/{TABLE_NAMES['parquet']}"
+        else:
+            table = layer_path(out, name) / TABLE_NAMES["parquet"]
+            if not table.is_file():
+                continue
+            n, where = pq.ParquetFile(table).metadata.num_rows, str(table)
+        parts.append(f"{n} {'cells' if cells else cls + (' object' if n == 1 else ' objects')} in {where}")
     return "objects: " + "; ".join(parts) if parts else "objects: none written"
 
 
