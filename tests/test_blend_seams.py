@@ -146,7 +146,7 @@ def test_no_steps_along_the_lattice_on_a_real_section(tmp_path):
     corner = isbi_slices()[0][0][: size // factor, : size // factor].astype(np.float64)
     img = np.clip(np.round(resize(corner, (size, size), order=3, mode="reflect", anti_aliasing=False)), 0, 255).astype(np.uint8)
     src = write_image(img, tmp_path / "s.ome.zarr", (4.0, 4.0), chunk=256)
-    opts = dict(tile=128, overlap=16, backend="torch", threads=1, block_size=1024)
+    opts = dict(tile=128, overlap=16, backend="torch", threads=1, block_size=1024, invert=False)  # (polarity: test_polarity.py)
 
     shipped = tilefeet.segment(src, "isbi-membrane", **opts).sel(c="membrane").values.astype(np.float64)
 

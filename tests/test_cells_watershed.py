@@ -164,7 +164,7 @@ def isbi_probs() -> np.ndarray:
     import tilefeet
 
     img = iio.imread(DATA / "isbi" / "image" / "24.png")
-    p = tilefeet.segment(img, "isbi-membrane", pixel_size_nm="4nm").values[0]
+    p = tilefeet.segment(img, "isbi-membrane", pixel_size_nm="4nm", invert=False).values[0]  # (polarity: test_polarity.py)
     return np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
 
 
@@ -200,7 +200,7 @@ def test_lucchi_zero_shot_cells_merge_less(tmp_path):
     import tilefeet
 
     img = iio.imread(DATA / "lucchi" / "image" / "testing0000.png")
-    p = tilefeet.segment(img, "isbi-membrane", pixel_size_nm="5nm").values[0]
+    p = tilefeet.segment(img, "isbi-membrane", pixel_size_nm="5nm", invert=False).values[0]  # (polarity: test_polarity.py)
     prob = np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
     truth = label(iio.imread(DATA / "lucchi" / "membranes" / "testing0000.png") == 0, connectivity=1)
     new = cell_scores(overlaps(truth, label_objects(prob, pixel_size_nm=5.0, cells=True, block_size=384).labels.compute()))

@@ -226,7 +226,7 @@ def real_stack(tmp_path_factory):
     stack = tmp / "stack.ome.zarr"
     assert main(["convert", str(tmp / "images"), str(stack), "--stack", "--pixel-size", "50,4,4nm", "--chunk", "128"]) == 0
     assert main(["convert", str(tmp / "labels"), str(stack), "--stack", "--labels", "membrane", "--foreground", "0"]) == 0
-    out = tilefeet.segment_to_zarr(stack, tmp / "seg.ome.zarr", "isbi-membrane", chunk_size=128, progress=False)
+    out = tilefeet.segment_to_zarr(stack, tmp / "seg.ome.zarr", "isbi-membrane", chunk_size=128, progress=False, invert=False)
     return stack, Path(out)
 
 

@@ -86,7 +86,7 @@ def test_uncertainty_predicts_error_on_held_out_data(tmp_path, heldout_run):
     often as the rest, and TTA does not lose F1 (against the session's run without TTA)."""
     src, _, pred1, truth = heldout_run
     out = tilefeet.segment_to_zarr(src, tmp_path / "t8.ome.zarr", "isbi-membrane", tta=8, uncertainty=True,
-                                   chunk_size=512, block_size=1024)
+                                   chunk_size=512, block_size=1024, invert=False)  # the session run's decision (test_trust asserts it)
     root = zarr.open_group(str(out), mode="r")
     pred = root["labels/membrane/0"][:].astype(bool)
     scores = {1: f1(pred1, truth), 8: f1(pred, truth)}
