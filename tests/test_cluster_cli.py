@@ -139,11 +139,11 @@ def _cli(folder: Path, *args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(*args), cwd=folder, capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def _wait_for_blocks(done: Path, proc: subprocess.Popen, n: int) -> None:
+def _wait_for_blocks(done: Path, proc: subprocess.Popen, n: int, *, may_finish: bool = False) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (done.is_dir() and len(list(done.iterdir())) >= n):
         time.sleep(0.02)
-    assert proc.poll() is None, "the run finished (or failed) before it could be interrupted; make the section bigger"
+    assert may_finish or proc.poll() is None, "the run finished (or failed) before it could be interrupted; make the section bigger"
 
 
 @pytest.mark.slow
@@ -169,15 +169,23 @@ def test_ctrl_c_cancels_the_cluster_job_and_resume_finishes_it(cluster, job, tmp
     folder, options = job
     out = tmp_path / "interrupted.ome.zarr"
     args = ["segment", folder / "section.ome.zarr", out, *options, "--scheduler-file", scheduler_file]
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(cli_command("-q", *args), stderr=err)
-        try:
-            _wait_for_blocks(tmp_path / "interrupted.ome.zarr.partial" / ".tilefeet" / "done", proc, 4)
-            proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    # Ctrl-C once the first blocks are done. On a loaded machine the workers may finish the other
+    # blocks before this process is scheduled to send it: then the run is complete (exit 0, the
+    # output whole), and it is tried again on a fresh output, up to three times.
+    for attempt in range(3):
+        with open(tmp_path / "stderr.txt", "w") as err:
+            proc = subprocess.Popen(cli_command("-q", *args), stderr=err)
+            try:
+                _wait_for_blocks(tmp_path / "interrupted.ome.zarr.partial" / ".tilefeet" / "done", proc, 1 + attempt % 2, may_finish=True)
+                proc.send_signal(signal.SIGINT)
+                code = proc.wait(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        if code != 0:
+            break
+        _assert_same(out, folder / "local.ome.zarr")  # too late to interrupt: complete and right
+        shutil.rmtree(out)
     stderr = (tmp_path / "stderr.txt").read_text()
     assert_one_line_error(code, stderr, "interrupted", "cancelled", str(out) + ".partial", "--resume")
     assert code == 130 and not out.exists()

@@ -36,7 +36,11 @@ def test_the_imitation_blocks_what_the_h200_image_lacks(tmp_path):
     code = "import zarr, dask.array, ome_zarr_models, tilefeet.pipeline\ntry:\n import imagecodecs\nexcept ImportError as e:\n print(e)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert "not on the H200 image" in out
-    assert [line.split()[0] for line in log.read_text().splitlines()] == ["imagecodecs"]
+    tried = log.read_text().splitlines()
+    assert "imagecodecs" in [line.split()[0] for line in tried]
+    # Other attempts may come from libraries' optional imports (numcodecs tries backports.lzma where
+    # another test's environment left one to find); none from tilefeet, the benchmarks or the tests.
+    assert not [line for line in tried if any(f"{REPO}/{d}/" in line for d in ("tilefeet", "benchmarks", "tests"))], tried
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -58,7 +58,8 @@ def view_cmd(
             console.echo(f"napari: {len(viewer.layers)} layers of {output}")
             napari_module.run()
             return
-        with NeuroglancerView(plan, port=port) as view:
+        view = NeuroglancerView(plan, port=port)
+        try:
             if screenshot is not None:
                 view.screenshot(screenshot, size=shape, timeout_s=timeout)
                 console.echo(f"wrote {screenshot}")
@@ -75,6 +76,22 @@ def view_cmd(
                     time.sleep(3600)
             except KeyboardInterrupt:
                 console.echo("stopped")
+        finally:
+            _close_within(view, CLOSE_SECONDS)
+
+
+#: Seconds the servers get to stop when the view ends. neuroglancer's server stops on its own event
+#: loop, which an open browser connection can keep busy (seen on a loaded CI machine: Ctrl-C did not
+#: end the command in 30 s); its threads are daemons, so the command ends after this bound either way.
+CLOSE_SECONDS = 5.0
+
+
+def _close_within(view: Any, seconds: float) -> None:
+    import threading
+
+    closer = threading.Thread(target=view.close, name="tilefeet-view-close", daemon=True)
+    closer.start()
+    closer.join(seconds)
 
 
 def _parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
