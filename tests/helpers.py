@@ -29,8 +29,11 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> str:
 
 
 def cli_command(*args) -> list[str]:
-    """``tilefeet ARGS`` as a command line for a subprocess (killed, timed or measured from outside)."""
-    return [sys.executable, "-c", "import sys; from tilefeet.cli import main; sys.exit(main())", *map(str, args)]
+    """``tilefeet ARGS`` as a command line for a subprocess (killed, timed or measured from outside).
+    Ctrl-C works in it as in a terminal: a suite started as a background job (``.ci/run &``) hands
+    its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    code = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from tilefeet.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code, *map(str, args)]
 
 
 def f1(pred: np.ndarray, truth: np.ndarray) -> float:
