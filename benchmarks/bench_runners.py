@@ -119,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
     flops = {name: flops_per_pixel(b) for b, name in bundles}
     load_before = os.getloadavg()
-    peaks_before = measured_peaks(device)
+    peaks_before = measured_peaks(device, args.peak_size)
     rows = [
         row for batch in args.batch for row in measure_batch(configs, bundles, device, batch, args.tile, args.seconds)
     ]
     # The peak is measured before and after the runners and the higher kept: on a shared machine
     # one of the two may have been slowed down by other work.
-    peaks_after = measured_peaks(device)
+    peaks_after = measured_peaks(device, args.peak_size)
     peaks = {k: max(v, peaks_after[k]) for k, v in peaks_before.items()}
     datasheet = datasheet_peaks(device)
     add_rates(rows, flops, peaks, datasheet)
@@ -178,6 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seconds", type=float, default=3.0, help="time spent measuring each configuration")
     p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: torch's default)")
+    p.add_argument("--peak-size", type=int, help="side of the matrices whose product measures the peak (default 8192 on a GPU, "
+                   "2048 on a CPU; smaller is quicker and lower)")
     p.add_argument("--only", help="regular expression on 'label precision' selecting configurations")
     p.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/runners-<device>.json)")
     return p.parse_args(argv)
@@ -302,9 +304,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measured_peaks(device: torch.device) -> dict[str, float]:
-    """TFLOP/s of a large dense matmul per precision, on this device, now (the achievable peak)."""
-    n = 8192 if device.type == "cuda" else 2048
+def measured_peaks(device: torch.device, n: int | None = None) -> dict[str, float]:
+    """TFLOP/s of a large dense matmul (``n``², default 8192 on a GPU, 2048 on a CPU) per precision,
+    on this device, now (the achievable peak)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     kinds = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if device.type == "cuda":
         kinds.update({"tf32": torch.float32, "fp16": torch.float16})

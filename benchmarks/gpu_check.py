@@ -139,6 +139,7 @@ class Settings:
     runner_tile: int = 512
     runner_batch: int = 16
     runner_seconds: float = 1.0
+    runner_peak_size: int | None = None  #: None: bench_runners' default matmul for the peak
     #: every GPU configuration of bench_runners but torch.compile fp32/fp16 (bf16 is compiled, and
     #: each compile costs tens of seconds); ONNX Runtime and TensorRT rows say why they cannot run.
     runner_only: str = r"^(?!torch\.compile fp(32|16)$)"
@@ -174,7 +175,7 @@ class Settings:
             device, quick, precision="fp32" if device == "cpu" else "fp16", batch_size=2, block_size=256,
             chunk_size=128, blocks_in_flight=2, tile=128, overlap=32, gigapixel_size=512, versus_size=256, sweep_size=256,
             gigapixel_baselines=("io",),
-            runner_tile=128, runner_batch=2, runner_seconds=0.2,
+            runner_tile=128, runner_batch=2, runner_seconds=0.2, runner_peak_size=256,
             runner_only=r"^torch eager (fp32|bf16)$" if device == "cpu" else cls.runner_only,
             sweep=(("bf16", (("precision", "bf16"),)), ("fp32", (("precision", "fp32"),))),
             pytest_timeout=120, reasons=("quick mode: tiny sizes, the code paths of the full check",),
@@ -635,6 +636,7 @@ class Check:
             cmd = [sys.executable, str(HERE / "bench_runners.py"), "--device", s.device, "--engine", s.engine,
                    "--tile", str(s.runner_tile), "--batch", str(s.runner_batch), "--seconds", str(s.runner_seconds),
                    "--only", s.runner_only, "--out", str(self.ctx.out / self.ctx.names.get("runners", "runners.json"))]
+            cmd += ["--peak-size", str(s.runner_peak_size)] if s.runner_peak_size else []
             return run_command(cmd, timeout, self.log)
         (self.ctx.workdir / "context.json").write_text(self.ctx.to_json())
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", step.name, "--context", str(self.ctx.workdir / "context.json")]

@@ -20,7 +20,9 @@ if "TILEFEET_CACHE" not in os.environ:
     os.environ["TILEFEET_CACHE"] = tempfile.mkdtemp(prefix="tilefeet-test-cache-")
     atexit.register(shutil.rmtree, os.environ["TILEFEET_CACHE"], True)
 
-# Under pytest-xdist (CI: two workers on two cores), one CPU thread per worker, also in the
+# Under pytest-xdist (CI: three workers on two cores: many tests wait on a subprocess, a server or
+# a cluster's workers, and a third worker fills those waits; measured 6:29 against 7:52 with two),
+# one CPU thread per worker, also in the
 # subprocesses tests start (they inherit these): workers do not fight over the cores, and a CLI run
 # in a subprocess rounds like the in-process run it is compared with (oneDNN's rounding depends on
 # the thread count).
@@ -49,6 +51,15 @@ def _keep_freed_memory() -> None:
 
 
 _keep_freed_memory()
+
+#: The same for the subprocesses tests start (CLI runs killed and resumed, cluster workers, the GPU
+#: check's steps): glibc reads these at a process's start. A CLI run of the torch backend on the
+#: held-out montage took 7.9 s (2.5 s of it in the kernel) with glibc's defaults and 5.7 s (0.6 s)
+#: with these. The tests that measure a subprocess's peak memory drop them (``helpers.peak_rss_mb``):
+#: users' processes run with glibc's defaults.
+SUBPROCESS_MALLOC = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1"
+if os.environ.get("TILEFEET_TEST_GLIBC_DEFAULTS") is None:
+    os.environ.setdefault("GLIBC_TUNABLES", SUBPROCESS_MALLOC)
 
 DATA = Path(__file__).parent / "data"
 

@@ -4,6 +4,9 @@ and imported as a bundle, and the same module as a ``torch.export`` bundle."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +27,28 @@ def monai_net(seed: int = 0, sharpen: float = 20.0) -> torch.nn.Module:
 
 def export_onnx_file(net: torch.nn.Module, path: Path, *, dynamic: bool = True, size: tuple[int, int] = (64, 96)) -> Path:
     """``net`` as an ONNX file (torch's dynamo exporter), with dynamic batch, height and width in
-    multiples of 16, or all fixed at ``size`` (batch 1)."""
+    multiples of 16, or all fixed at ``size`` (batch 1).
+
+    torch's exporter takes about 7 s a call on this machine, and the suite asks for the same network
+    several times: each export is made once per test session (keyed by the network's class, weights
+    and these options, under the session's ``TILEFEET_CACHE``, which every xdist worker shares) and
+    copied to ``path``. The tests' subject is what tilefeet does with the file, not torch's exporter."""
+    digest = hashlib.sha256(f"{type(net).__qualname__} {dynamic} {size}".encode())
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    cached = Path(os.environ.get("TILEFEET_CACHE") or Path.home() / ".cache" / "tilefeet") / "test-onnx" / f"{digest.hexdigest()[:24]}.onnx"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    import filelock
+
+    with filelock.FileLock(str(cached) + ".lock"):
+        if not cached.exists():
+            _export_onnx(net, cached.with_suffix(".partial"), dynamic=dynamic, size=size).rename(cached)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, path)
+    return path
+
+
+def _export_onnx(net: torch.nn.Module, path: Path, *, dynamic: bool, size: tuple[int, int]) -> Path:
     from torch.export import Dim
 
     from tilefeet.runners.onnx_export import _exporter_noise_silenced
@@ -35,7 +59,6 @@ def export_onnx_file(net: torch.nn.Module, path: Path, *, dynamic: bool = True, 
         program = torch.onnx.export(net, (x,), dynamo=True, verbose=False, dynamic_shapes=shapes,
                                     input_names=["image"], output_names=["logits"])
     assert program is not None
-    path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
     return path
 

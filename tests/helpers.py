@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -34,6 +37,18 @@ def cli_command(*args) -> list[str]:
     its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
     code = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from tilefeet.cli import main; sys.exit(main())"
     return [sys.executable, "-c", code, *map(str, args)]
+
+
+def peak_rss_mb(command: list[str], env: Mapping[str, str] | None = None) -> float:
+    """Peak resident memory (MB) of one run of ``command``, measured by a wrapper process that has
+    only that child, under glibc's default allocator settings (a user's; the suite's other
+    subprocesses keep freed memory, see conftest)."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "assert r.returncode == 0; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "GLIBC_TUNABLES"}
+    r = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, env=environ)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.strip().splitlines()[-1]) / 1024
 
 
 def f1(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -26,7 +26,7 @@ from tilefeet.objects import label_objects, write_objects
 from tilefeet.objects.store import read_table
 from tilefeet.objects.volume import TABLE_COLUMNS_3D
 
-from .helpers import cli_command
+from .helpers import cli_command, peak_rss_mb
 
 SPACING = (50.0, 5.0, 4.0)  # (z, y, x) nm: sections ten times thicker than the pixels
 LUCCHI = Path(__file__).resolve().parents[2] / "shared" / "data" / "em" / "lucchi" / "test" / "mitochondrion"
@@ -361,14 +361,6 @@ def test_a_stack_that_lost_a_chunk_file_is_refused(tmp_path):
 # ------------------------------------------------------------------------------ memory
 
 
-def _peak_rss_mb(code: str) -> float:
-    wrapper = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-c', sys.argv[1]]); "
-               "assert r.returncode == 0; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    r = subprocess.run([sys.executable, "-c", wrapper, code], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    return int(r.stdout.strip().splitlines()[-1]) / 1024
-
-
 def test_peak_memory_is_flat_in_the_volume(tmp_path):
     """A stack 4× larger (twice the sections, twice the width), same blocks: peak memory within 15 %
     plus 20 MB; the larger volume's int32 labels alone are 32 MB."""
@@ -381,7 +373,7 @@ def test_peak_memory_is_flat_in_the_volume(tmp_path):
             mask[z : z + 4] = blobs((4, side, side * n), seed=z, fraction=0.2, sigma=(1, 6, 6))
         make_stack_output(store, probs_for(mask), chunk=256)
         code = (f"from tilefeet.objects import write_objects; write_objects({str(store)!r}, block_size='4,256,256', blocks_in_flight=2)")
-        rss[n] = _peak_rss_mb(code)
+        rss[n] = peak_rss_mb([sys.executable, "-c", code], {"OMP_NUM_THREADS": "1"})
     assert rss[2] <= 1.15 * rss[1] + 20, rss
 
 

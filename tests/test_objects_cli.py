@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tilefeet.objects import label_objects, write_objects
 from tilefeet.objects.store import read_table
 
 from .conftest import DATA
-from .helpers import assert_one_line_error, cli_command, run_cli
+from .helpers import assert_one_line_error, cli_command, peak_rss_mb, run_cli
 from .test_cli import snapshot
 from .test_objects import PIXEL, make_output, probs_for, reference
 
@@ -226,23 +225,13 @@ def test_a_cluster_with_worker_processes_gives_the_same_bits(tmp_path, client):
 # ---------------------------------------------------------------------------------- memory
 
 
-def _peak_rss_mb(args: list[str]) -> float:
-    wrapper = (
-        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-        "assert r.returncode == 0; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    r = subprocess.run([sys.executable, "-c", wrapper, *cli_command(*args)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return int(r.stdout.strip().splitlines()[-1]) / 1024
-
-
 @pytest.mark.slow
 def test_peak_memory_is_flat_in_section_size(tmp_path):
     """A section 4× larger in area, same blocks: peak memory within 20 % (bounded by blocks in flight)."""
     rss = {}
     for n in (2048, 4096):
         src = make_output(tmp_path / f"s{n}.ome.zarr", mito_probs(n), chunk=256, levels=1)
-        rss[n] = _peak_rss_mb(["objects", src, "-q", "--block-size", "1024", "--fill-holes"])
+        rss[n] = peak_rss_mb(cli_command("objects", src, "-q", "--block-size", "1024", "--fill-holes"))
     assert rss[4096] <= 1.2 * rss[2048], rss
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,7 +15,7 @@ import tilefeet.schedule
 from tilefeet.convert import write_image
 
 from .conftest import isbi_montage
-from .helpers import cli_command
+from .helpers import cli_command, peak_rss_mb
 
 
 def _arrays(path) -> dict[str, np.ndarray]:
@@ -67,23 +65,13 @@ def test_killed_run_resumes_to_identical_output(tmp_path, random_engine, monkeyp
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def _peak_rss_mb(args: list[str]) -> float:
-    """Peak resident memory (MB) of one CLI run, measured by a wrapper process that has only that child."""
-    wrapper = (
-        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-        "assert r.returncode == 0; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    r = subprocess.run([sys.executable, "-c", wrapper, *cli_command(*args)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr
-    return int(r.stdout.strip().splitlines()[-1]) / 1024
-
-
 def test_peak_memory_is_flat_in_section_size(tmp_path, random_engine):
     """A section 4× larger in area, same blocks: peak memory within 20 % (it is bounded by blocks in flight)."""
     rss = {}
     for n in (4, 8):  # 2048² and 4096²
         img, _ = isbi_montage(n, n)
         src = write_image(img, tmp_path / f"s{n}.ome.zarr", (4.0, 4.0), chunk=512)
-        rss[n] = _peak_rss_mb(["-q", "segment", src, tmp_path / f"o{n}.ome.zarr", "-e", random_engine.path,
-                               "--chunk-size", "512", "--block-size", "1024", "--tile", "256", "--overlap", "32"])
+        rss[n] = peak_rss_mb(cli_command("-q", "segment", src, tmp_path / f"o{n}.ome.zarr", "-e", random_engine.path,
+                               "--chunk-size", "512", "--block-size", "1024", "--tile", "256", "--overlap", "32"),
+                              {"OMP_NUM_THREADS": "2"})
     assert rss[8] <= 1.2 * rss[4], rss

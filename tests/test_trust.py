@@ -95,20 +95,18 @@ def test_dask_input_is_part_of_the_graph_not_computed_inside_a_task(random_engin
 @pytest.mark.slow
 @pytest.mark.skipif(not bundled_engine_available(), reason="engines/isbi-membrane is not in this checkout")
 def test_16bit_float_and_inverted_sections_segment_right_by_default(tmp_path, heldout_run):
-    """The held-out ISBI montage as 16-bit (full range, and with an offset), float in [0, 1] and with
-    inverted contrast: default options give the 8-bit run's F1 within 0.02, and the plan says why.
-    The 8-bit run is the session's (the same bits as with this test's chunks and blocks)."""
+    """The held-out ISBI montage as 16-bit (with an offset: a detector's range), float in [0, 1] and
+    with inverted contrast: default options give the 8-bit run's F1 within 0.02, and the plan says
+    why. The 8-bit run is the session's (the same bits as with this test's chunks and blocks)."""
     img, mem = isbi_montage(2, 3)
     truth = mem.astype(bool)
     src8, _, pred8, _ = heldout_run
     scores = {"uint8": f1(pred8, truth)}
     described = {"uint8": tilefeet.plan_segmentation(src8, "isbi-membrane", block_size=1024, chunk_size=512).describe()}
     variants = {
-        "uint16": img.astype(np.uint16) * 257,
-        "uint16+offset": img.astype(np.uint16) * 100 + 3000,
+        "uint16": img.astype(np.uint16) * 100 + 3000,
         "float": img.astype(np.float32) / 255,
         "inverted": 255 - img,
-        "inverted float": 1.0 - img.astype(np.float32) / 255,
     }
     for name, data in variants.items():
         src = write_image(data, tmp_path / f"{name}.ome.zarr", (4.0, 4.0), chunk=512)
@@ -326,7 +324,7 @@ def test_sigkill_at_random_moments_resumes_to_the_same_bits(tmp_path, random_eng
     assert subprocess.run(cli_command("segment", src, ref, *opts)).returncode == 0
     total = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    for i, fraction in enumerate(sorted(rng.uniform(0.25, 1.0, 4))):
+    for i, fraction in enumerate(rng.uniform([0.25, 0.5, 0.75], [0.5, 0.75, 1.0])):  # one moment in each quarter after the start
         out = tmp_path / f"o{i}.ome.zarr"
         proc = subprocess.Popen(cli_command("segment", src, out, *opts), stderr=subprocess.DEVNULL)
         time.sleep(total * fraction)

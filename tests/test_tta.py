@@ -83,15 +83,16 @@ def test_tta_options_are_checked(small, random_engine):
 @pytest.mark.skipif(not bundled_engine_available(), reason="engines/isbi-membrane is not in this checkout")
 def test_uncertainty_predicts_error_on_held_out_data(tmp_path, heldout_run):
     """On the held-out ISBI montage, the 10 % most uncertain pixels are wrong several times as
-    often as the rest, and TTA does not lose F1 (against the session's run without TTA)."""
+    often as the rest (6.9× with 4 TTA samples), and TTA does not lose F1 (against the session's run
+    without TTA; 0.805 vs 0.802). Four samples, not eight: the same claim at half the cost."""
     src, _, pred1, truth = heldout_run
-    out = tilefeet.segment_to_zarr(src, tmp_path / "t8.ome.zarr", "isbi-membrane", tta=8, uncertainty=True,
+    out = tilefeet.segment_to_zarr(src, tmp_path / "t4.ome.zarr", "isbi-membrane", tta=4, uncertainty=True,
                                    chunk_size=512, block_size=1024, invert=False)  # the session run's decision (test_trust asserts it)
     root = zarr.open_group(str(out), mode="r")
     pred = root["labels/membrane/0"][:].astype(bool)
-    scores = {1: f1(pred1, truth), 8: f1(pred, truth)}
+    scores = {1: f1(pred1, truth), 4: f1(pred, truth)}
     u = root["uncertainty/0"][:]
     wrong = pred != truth
     top = u >= np.quantile(u, 0.9)
     assert wrong[top].mean() > 4 * wrong[~top].mean(), (wrong[top].mean(), wrong[~top].mean())
-    assert scores[8] >= scores[1] - 0.002, scores
+    assert scores[4] >= scores[1] - 0.002, scores

@@ -129,6 +129,7 @@ def job_monai(section: str, out: str, engine: str, options: dict, model: str = "
 def job_io(section: str, out: str, engine: str, options: dict) -> dict:
     """Read every chunk of the input and write an array of the same size: the I/O floor."""
     import dask.array as da
+    import dask.threaded
     import zarr
 
     from .ngff import compressor
@@ -136,7 +137,7 @@ def job_io(section: str, out: str, engine: str, options: dict) -> dict:
     t0 = time.perf_counter()
     src = da.from_zarr(zarr.open_group(section, mode="r")["0"])
     z: Any = zarr.create_array(out, shape=src.shape, chunks=src.chunksize, dtype="uint8", compressors=compressor(), overwrite=True)
-    da.store((src // 2).astype(np.uint8), z, lock=False, scheduler="threads")
+    da.store((src // 2).astype(np.uint8), z, lock=False, scheduler=dask.threaded.get)
     return {"seconds": time.perf_counter() - t0}
 
 

@@ -289,6 +289,7 @@ def write_image(
     one is deleted first.
     """
     import dask.array as da
+    import dask.threaded
 
     from .console import dask_progress
     from .storage import output_location
@@ -330,7 +331,7 @@ def write_image(
             for k, z in enumerate(arrays):
                 # Each level is computed from the one just written, so the input is read only once.
                 src = arr if k == 0 else downsample2(da.from_zarr(arrays[k - 1]))
-                da.store(src.rechunk(z.chunks), z, lock=False, scheduler="threads")
+                da.store(src.rechunk(z.chunks), z, lock=False, scheduler=dask.threaded.get)
         return location.publish()
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -369,8 +370,8 @@ def write_labels(
     The label image is listed in ``labels/`` only once it is complete, so a failed write leaves no
     label image a reader would find.
     """
-    import dask
     import dask.array as da
+    import dask.threaded
     import zarr
 
     from .ngff import add_label, label_metadata, read_multiscale
@@ -403,7 +404,7 @@ def write_labels(
         if k:
             level = downsample2(level, "max")
         tasks.append(da.store(level[..., : z.shape[-2], : z.shape[-1]].rechunk(z.chunks), z, lock=False, compute=False))
-    dask.compute(*tasks, scheduler="threads")
+    dask.compute(*tasks, scheduler=dask.threaded.get)
     ms = multiscales(name, px, n, lead_axes=lead, lead_scale=[_z_scale_nm(image, px)[0]] if lead else None,
                      lead_origin=[_z_scale_nm(image, px)[1]] if lead else None, method="max",
                      metadata={"method": "tilefeet.convert", "every_chunk_written": True})

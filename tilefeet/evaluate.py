@@ -557,12 +557,12 @@ def score_chunks(depth: int, shape: Pair) -> tuple[int, ...]:
 
 
 def _score(pred_source: str, truth_source: str, region: Box, opts: EvaluateOptions, p: Any, t: Any) -> Evaluation:
-    import dask
+    import dask.threaded
 
     lazy = [_pixel_histogram(p, t), _boundary_histogram(p, t, opts.tolerance_px)]
     if opts.instances != "none":
         lazy += [p, t]  # computed with the counts, so the inputs are read once
-    out = dask.compute(*lazy, scheduler="threads")
+    out = dask.compute(*lazy, scheduler=dask.threaded.get)
     inst = instance_metrics(out[2], out[3], opts.instances, opts.connectivity) if opts.instances != "none" else None  # type: ignore[arg-type]
     return Evaluation(
         pred_source,

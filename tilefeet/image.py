@@ -270,7 +270,9 @@ class Image:
         arr = self.array(level)
         index = self._lead + (slice(box.y0, box.y1), slice(box.x0, box.x1))
         if self.in_memory:  # a dask array read outside a graph (statistics, small in-process reads)
-            return np.asarray(arr[index].compute(scheduler="sync"))
+            import dask.local
+
+            return np.asarray(arr[index].compute(scheduler=dask.local.get_sync))
         try:
             return np.asarray(arr[index])
         except Exception as e:

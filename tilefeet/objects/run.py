@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import dask.threaded
 import numpy as np
 from dask import delayed
 
@@ -463,7 +464,7 @@ def write_objects(
     if not compute:
         return graph
     with _Progress(enabled=progress):
-        (path,) = dask.compute(graph, scheduler="threads", num_workers=settings.blocks_in_flight)
+        (path,) = dask.compute(graph, scheduler=dask.threaded.get, num_workers=settings.blocks_in_flight)
     return finished(path, time.perf_counter() - t0, storage_options=storage_options)
 
 
