@@ -91,6 +91,13 @@ def pytest_terminal_summary(terminalreporter, config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Modules holding a test marked slow run first (a stable sort: pytest-randomly's shuffled order
+    # stays within each group). With `--dist loadfile --no-loadscope-reorder` the workers take the
+    # long modules while the short ones are left to fill in behind them, instead of a long module
+    # drawn last running alone at the end (xdist's own reorder counts tests, not seconds).
+    slow = {item.module for item in items if item.get_closest_marker("slow") and getattr(item, "module", None)}
+    items.sort(key=lambda item: getattr(item, "module", None) not in slow)
+
     import torch
 
     if torch.cuda.is_available():

@@ -242,6 +242,7 @@ def test_onnx_bundle_takes_the_same_onnx_to_plan_path_on_fake_tensorrt(monai_onn
         export_onnx(monai_onnx, "bf16", cache=tmp_path)
 
 
+@pytest.mark.slow
 def test_import_and_export_commands(tmp_path, capsys):
     """The CLI a user meets: import-engine prints the bundle folder (what it measured on stderr),
     export-engine --bioimageio prints the package, and the package imports back to the same outputs."""

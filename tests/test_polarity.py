@@ -167,3 +167,37 @@ def test_decision_rule():
     d = decide(nothing, nothing, None)
     assert not d.invert and d.strength == "none" and "no probed tile has anything of the engine's classes" in d.warning
     assert OutputStats.from_toml(strong_plain[0].to_toml("x")) == strong_plain[0]
+
+
+def test_a_probe_is_cached_by_what_it_reads_and_runs(tmp_path, monkeypatch, random_engine):
+    """The same pixels through the same network and settings give the cached probe (no network pass,
+    the same decision and evidence); other pixels are another probe; a damaged or unwritable cache
+    is passed over."""
+    import tilefeet.probe as probe_module
+
+    monkeypatch.setenv("TILEFEET_CACHE", str(tmp_path / "cache"))
+    img = _isbi()
+
+    def plan(data):
+        return tilefeet.plan_segmentation(data, random_engine, pixel_size_nm="4nm")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PolarityWarning)
+        first = plan(img)
+        files = sorted((tmp_path / "cache" / "probe").glob("*.json"))
+        assert len(files) == 1
+        runs: list[int] = []  # probes computed: output statistics of the network's passes
+        real_stats = probe_module.output_stats
+        monkeypatch.setattr(probe_module, "output_stats", lambda *a, **k: runs.append(1) or real_stats(*a, **k))
+        again = plan(img)
+        assert again.plan.polarity == first.plan.polarity and again.describe() == first.describe()
+        assert not runs  # read from the cache: the network did not run
+        plan(img ^ 1)  # every pixel one grey level off
+        assert len(sorted((tmp_path / "cache" / "probe").glob("*.json"))) == 2 and runs
+        files[0].write_text("{not json")
+        assert plan(img).plan.polarity == first.plan.polarity  # recomputed, and written again
+        assert files[0].read_text().startswith('{"key"')
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("TILEFEET_CACHE", str(tmp_path / "a-file" / "cache"))  # no folder can be made there, even by root
+        runs.clear()
+        assert plan(img).plan.polarity == first.plan.polarity and runs  # the probe ran, and nothing failed

@@ -86,6 +86,7 @@ def mid_tile_shift(seams_a: list[int], extent: int, lattice_for) -> tuple[int, l
     return best[1], best[2]
 
 
+@pytest.mark.slow
 def test_no_seams_along_tile_borders(heldout, tmp_path):
     """Pixels where neighbouring tiles meet are no worse than the same pixels in mid-tile.
 

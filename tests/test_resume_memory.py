@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
@@ -65,6 +66,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path, random_engine, monkeyp
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_peak_memory_is_flat_in_section_size(tmp_path, random_engine):
     """A section 4× larger in area, same blocks: peak memory within 20 % (it is bounded by blocks in flight)."""
     rss = {}

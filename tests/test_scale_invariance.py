@@ -64,6 +64,7 @@ def maps(scene, heldout_run):
 
 
 @pytest.mark.parametrize("px", [2.0, 5.0, 8.0])
+@pytest.mark.slow
 def test_same_scene_at_other_pixel_sizes_agrees_with_4nm(maps, px):
     assert f1(maps[px], maps[4.0]) >= FLOORS[px]
 

@@ -168,6 +168,7 @@ def test_convert_records_the_section_spacing_or_warns(tmp_path, planes, capsys):
     assert Image.open(tmp_path / "b.ome.zarr", stacks=True).meta.z_spacing_nm == 4.0
 
 
+@pytest.mark.slow
 def test_z_median_is_exact_across_block_depths_and_is_the_median(tmp_path, stack, random_engine):
     """--z-median 3: each probability is the median over the section and its neighbours (reflected at
     the ends), computed from per-section probabilities that do not depend on the block depth."""

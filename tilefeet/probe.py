@@ -5,6 +5,10 @@ evidence :func:`tilefeet.polarity.decide` weighs."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -83,6 +87,10 @@ def probe(plan: Any, image: Any, runner: Any, imaps: Sequence[Any], tiles: Seque
     th, tw = plan.lattice.tile
     geos = [plan.tile_geometry(iy, ix) for iy, ix in tiles]
     raws = [image.read(plan.level, geo.src_box) for geo in geos]
+    key = _probe_key(plan, runner, imaps, geos, raws)
+    cached = _load(key)
+    if cached is not None:
+        return cached
     inputs = []
     for imap in imaps:
         for geo, raw in zip(geos, raws):
@@ -117,4 +125,76 @@ def probe(plan: Any, image: Any, runner: Any, imaps: Sequence[Any], tiles: Seque
         q = np.stack([o[..., ::-1] for o in mine[1::2]])
         per_tile = tuple(output_stats(p[k : k + 1], q[k : k + 1], activation, valid[k : k + 1]) for k in range(n))
         stats.append(replace(output_stats(p, q, activation, valid), tiles=per_tile))
+    _store(key, stats)
     return stats
+
+
+# A probe is a pure function of the pixels it reads, the network and how it runs, so its result is
+# kept in the cache folder under a hash of all of them: a `--dry-run` and the run that follows, a
+# `--resume`, or the same section segmented again with other output options pay for it once (2-4 s
+# of network passes on a CPU). Any change to the pixels, the engine's files, the backend, precision,
+# thread count, tiling or intensity map is another key. A cache that cannot be read or written is
+# passed over: the probe runs.
+PROBE_CACHE_VERSION = 1
+
+
+def _probe_key(plan: Any, runner: Any, imaps: Sequence[Any], geos: Sequence[Any], raws: Sequence[np.ndarray]) -> str:
+    import torch
+
+    bundle = runner.bundle
+    h = hashlib.sha256(json.dumps({
+        "version": PROBE_CACHE_VERSION, "engine": bundle.fingerprint, "spec": repr(runner.spec), "device": str(runner.device),
+        "threads": torch.get_num_threads(), "maps": [repr(m) for m in imaps], "tiles": [repr(g) for g in geos],
+        "lattice": repr(plan.lattice), "network": repr(plan.network), "level": plan.level,
+        "resampling": repr(plan.src_from_net) if plan.resamples_input else None,
+    }, sort_keys=True).encode())
+    for raw in raws:
+        a = np.ascontiguousarray(raw)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _cache_file(key: str) -> Any:
+    from .artifacts import cache_dir
+
+    return cache_dir() / "probe" / f"{key[:40]}.json"
+
+
+def _load(key: str) -> list[OutputStats] | None:
+    try:
+        doc = json.loads(_cache_file(key).read_text())
+        if doc.get("key") != key:
+            return None
+        return [_stats_from(d) for d in doc["stats"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store(key: str, stats: Sequence[OutputStats]) -> None:
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "stats": [_stats_doc(st) for st in stats]}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _stats_doc(st: OutputStats) -> dict[str, Any]:
+    # full precision (JSON's NaN token for "no foreground"): a cached probe gives the same decision
+    # and the same evidence in the plan as the probe itself
+    return {"fraction": list(st.fraction), "consistency": list(st.consistency), "confidence": list(st.confidence),
+            "tiles": [_stats_doc(t) for t in st.tiles]}
+
+
+def _stats_from(doc: dict[str, Any]) -> OutputStats:
+    def floats(values: Sequence[Any]) -> tuple[float, ...]:
+        out = tuple(float(v) for v in values)
+        if any(math.isinf(v) for v in out):
+            raise ValueError("not a probe's statistics")
+        return out
+
+    return OutputStats(floats(doc["fraction"]), floats(doc["consistency"]), floats(doc["confidence"]),
+                       tuple(_stats_from(t) for t in doc["tiles"]))
