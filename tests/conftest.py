@@ -56,10 +56,9 @@ _keep_freed_memory()
 #: check's steps): glibc reads these at a process's start. A CLI run of the torch backend on the
 #: held-out montage took 7.9 s (2.5 s of it in the kernel) with glibc's defaults and 5.7 s (0.6 s)
 #: with these. The tests that measure a subprocess's peak memory drop them (``helpers.peak_rss_mb``):
-#: users' processes run with glibc's defaults.
+#: users' processes run with glibc's defaults. ``GLIBC_TUNABLES=`` (empty) runs the suite with them.
 SUBPROCESS_MALLOC = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1"
-if os.environ.get("TILEFEET_TEST_GLIBC_DEFAULTS") is None:
-    os.environ.setdefault("GLIBC_TUNABLES", SUBPROCESS_MALLOC)
+os.environ.setdefault("GLIBC_TUNABLES", SUBPROCESS_MALLOC)
 
 DATA = Path(__file__).parent / "data"
 

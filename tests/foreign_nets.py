@@ -5,11 +5,12 @@ and imported as a bundle, and the same module as a ``torch.export`` bundle."""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from tilefeet.artifacts import build_once, cache_dir
 
 PIXEL_SIZE = "4nm"
 NORMALIZE = "meanstd:125,43"
@@ -36,13 +37,8 @@ def export_onnx_file(net: torch.nn.Module, path: Path, *, dynamic: bool = True, 
     digest = hashlib.sha256(f"{type(net).__qualname__} {dynamic} {size}".encode())
     for name, tensor in net.state_dict().items():
         digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    cached = Path(os.environ.get("TILEFEET_CACHE") or Path.home() / ".cache" / "tilefeet") / "test-onnx" / f"{digest.hexdigest()[:24]}.onnx"
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    import filelock
-
-    with filelock.FileLock(str(cached) + ".lock"):
-        if not cached.exists():
-            _export_onnx(net, cached.with_suffix(".partial"), dynamic=dynamic, size=size).rename(cached)
+    cached = build_once(cache_dir() / "test-onnx" / f"{digest.hexdigest()[:24]}.onnx",
+                        lambda tmp: _export_onnx(net, tmp, dynamic=dynamic, size=size))
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, path)
     return path

@@ -157,7 +157,8 @@ def segment(
     if scheduler or scheduler_file:  # the workers open these paths from working folders of their own
         input, output, engine = absolute(input), absolute(output), absolute(engine) if Path(engine).exists() else engine
     storage = parse_storage_options(storage_option)
-    location = output_location(output, {**storage, **parse_storage_options(output_storage_option, "--output-storage-option")})
+    output_storage = {**storage, **parse_storage_options(output_storage_option, "--output-storage-option")}
+    location = output_location(output, output_storage)
     # Before any work: an output that cannot be written, or that the flags do not allow, is said at once.
     check_paths(str(input), location.final)
     location.check_writable()
@@ -233,7 +234,7 @@ def segment(
     n = run.plan.depth
     _echo(f"wrote {out} in {dt:.1f} s ({h * w * n / dt / 1e6:.2f} Mpx/s" + (f", {n} sections)" if run.plan.is_stack else ")"))
     if found is not None:
-        _echo(_objects_summary(out, run.plan.engine.classes, bool(cells), {**storage, **parse_storage_options(output_storage_option, "--output-storage-option")}))
+        _echo(_objects_summary(out, run.plan.engine.classes, bool(cells), output_storage))
 
 
 def _recipe_line(engine: Any, found: dict[str, Any]) -> str:

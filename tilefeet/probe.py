@@ -5,10 +5,10 @@ evidence :func:`tilefeet.polarity.decide` weighs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -88,7 +88,7 @@ def probe(plan: Any, image: Any, runner: Any, imaps: Sequence[Any], tiles: Seque
     geos = [plan.tile_geometry(iy, ix) for iy, ix in tiles]
     raws = [image.read(plan.level, geo.src_box) for geo in geos]
     key = _probe_key(plan, runner, imaps, geos, raws)
-    cached = _load(key)
+    cached = _load(_cache_file(key), key)
     if cached is not None:
         return cached
     inputs = []
@@ -161,25 +161,26 @@ def _cache_file(key: str) -> Any:
     return cache_dir() / "probe" / f"{key[:40]}.json"
 
 
-def _load(key: str) -> list[OutputStats] | None:
+def _load(path: Any, key: str) -> list[OutputStats] | None:
     try:
-        doc = json.loads(_cache_file(key).read_text())
-        if doc.get("key") != key:
-            return None
-        return [_stats_from(d) for d in doc["stats"]]
+        doc = json.loads(path.read_text())
+        return [_stats_from(d) for d in doc["stats"]] if doc.get("key") == key else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def _store(key: str, stats: Sequence[OutputStats]) -> None:
+    from .artifacts import build_once
+
     path = _cache_file(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "stats": [_stats_doc(st) for st in stats]}))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    text = json.dumps({"key": key, "stats": [_stats_doc(st) for st in stats]})
+
+    def write(tmp: Any) -> None:
+        tmp.write_text(text)
+
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)  # only a damaged entry can be there: a readable one was returned
+        build_once(path, write)
 
 
 def _stats_doc(st: OutputStats) -> dict[str, Any]:
