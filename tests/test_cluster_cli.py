@@ -182,9 +182,12 @@ def test_ctrl_c_cancels_the_cluster_job_and_resume_finishes_it(cluster, job, tmp
             finally:
                 if proc.poll() is None:
                     proc.kill()
-        if code != 0:
+        if code != 0 and not out.exists():
             break
-        _assert_same(out, folder / "local.ome.zarr")  # too late to interrupt: complete and right
+        # Too late to interrupt: complete and right. With exit 130 too, when Ctrl-C landed while the
+        # last task (the publish) was already running on a worker: running tasks finish (a known
+        # race, in the README's limitations: the message then says to --resume, which says the output is complete).
+        _assert_same(out, folder / "local.ome.zarr")
         shutil.rmtree(out)
     stderr = (tmp_path / "stderr.txt").read_text()
     assert_one_line_error(code, stderr, "interrupted", "cancelled", str(out) + ".partial", "--resume")
