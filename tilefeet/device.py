@@ -13,7 +13,7 @@ def resolve_device(device: str):  # -> torch.device
     import torch
 
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -27,4 +27,8 @@ def resolve_device(device: str):  # -> torch.device
             f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 to "
             f"cuda:{torch.cuda.device_count() - 1}); pick one of them or set CUDA_VISIBLE_DEVICES"
         )
+    if dev.type == "cuda" and dev.index is None:
+        # A bare "cuda" names the current GPU; say which, so that the runner's device equals the
+        # device of the tensors it returns (torch.device("cuda") != torch.device("cuda:0")).
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev

@@ -579,13 +579,7 @@ def import_network(
 
             onnx.save(model, str(folder / weights_name))
     elif suffix == ".pt2":
-        import torch
-
-        foreign.check_pt2(src)
-        try:
-            program = torch.export.load(str(src))
-        except Exception as e:
-            raise InvalidEngineError(f"{src} is not a loadable torch.export program ({foreign.first_line(e)})") from None
+        program = foreign.load_pt2(src)
         shape = _program_input_shape(program, where)
         channels = shape[1] if isinstance(shape[1], int) else (declared.in_channels or 1)
         fixed_hw = tuple(shape[2:]) if all(isinstance(v, int) for v in shape[2:]) else None

@@ -29,6 +29,7 @@ from .intensity import IntensityWarning, make_intensity_map, mismatch
 from .mask import TissueMask, auto_mask, mask_from_labels
 from .plan import EngineSpec, Plan, grids, make_plan
 from .polarity import Polarity, PolarityWarning
+from .profile import PROFILE
 from .runners import RunnerSpec
 from .schedule import Run, get_runner, lazy_array, run_graph, write_graph
 from .settings import Settings
@@ -219,7 +220,11 @@ def _polarity(plan: Plan, image: Image, bundle: EngineBundle, runner: RunnerSpec
     norm = bundle.normalization
     inverted = make_intensity_map(s.intensity, norm, sample, dtype=np.dtype(image.meta.dtype), invert=True)
     tiles = probe_tiles(plan, image)
-    stats: list[Any] = probe(plan, image, get_runner(runner), [plan.intensity, inverted], tiles) if tiles else [None, None]
+    stats: list[Any] = [None, None]
+    if tiles:
+        net = get_runner(runner)
+        with PROFILE.stage("probe"):
+            stats = probe(plan, image, net, [plan.intensity, inverted], tiles)
     reference = OutputStats.from_toml(bundle.raw.get("reference"))
     decision = decide(stats[0], stats[1], histogram_distances(norm, sample), reference=reference, tiles=len(tiles))
     return replace(plan, intensity=inverted if decision.invert else plan.intensity, polarity=decision.describe()), decision
@@ -397,9 +402,10 @@ def segment_to_zarr(
     declare that resource.
     """
     location = output_location(output, output_options(storage_options, output_storage_options))
-    run = plan_segmentation(
-        source, engine, resume_into=location if resume else None, resolve_backend=compute, storage_options=storage_options, **options
-    )
+    with PROFILE.stage("plan"):
+        run = plan_segmentation(
+            source, engine, resume_into=location if resume else None, resolve_backend=compute, storage_options=storage_options, **options
+        )
     return write_planned(
         run, location, overwrite=overwrite, resume=resume, progress=progress, compute=compute, resources=resources, objects=objects
     )

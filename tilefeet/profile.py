@@ -7,12 +7,15 @@ asynchronous device (a GPU) makes one number lie:
 * ``network_device_seconds``: the runner calls timed on the device itself (CUDA events, read once
   at the end, so nothing waits): the device's busy time. Divided by the run's wall time it is the
   *device busy fraction*, the number to push towards 1.
-* per-stage wall seconds (read, upload, resample, tiles, network, blend, download, write,
-  pyramid, finalize): with ``sync=True`` the device is synchronized at every stage boundary, so
+* per-stage wall seconds (plan, runner, probe, read, upload, resample, tiles, network, blend,
+  download, write, pyramid, finalize): with ``sync=True`` the device is synchronized at every stage boundary, so
   each stage is charged what it really cost, at the price of the overlap between stages (use it in
   a separate, profiled run; on a CPU it changes nothing).
 
 Stages of concurrent blocks add up, so their sum can pass the wall time when blocks overlap.
+``plan`` is the setup before the first block (opening the input, planning, the polarity probe);
+``runner`` (building a runner: loading, compiling, warming up, choosing a backend) and ``probe``
+(the polarity probe's network calls) happen inside it and are also shown alone.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-STAGES = ("read", "upload", "resample_in", "tiles", "network", "blend", "resample_out", "download", "write", "pyramid", "finalize")
+STAGES = ("plan", "runner", "probe", "read", "upload", "resample_in", "tiles", "network", "blend", "resample_out", "download", "write", "pyramid", "finalize")
 
 
 class Profile:

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -189,18 +191,30 @@ def check_pt2(path: Path) -> None:
         raise InvalidEngineError(f"{path} is not a torch.export program (.pt2 archive); save one with torch.export.save") from None
 
 
+def load_pt2(path: str | os.PathLike) -> Any:  # -> torch.export.ExportedProgram
+    """The ``torch.export`` program in ``path``, checked to hold no pickle first (:func:`check_pt2`).
+
+    torch 2.11 warns that the archive's read-only buffer backs its weights ("The given buffer is not
+    writable"): the program is only read for inference, so the warning says nothing to a user (and
+    under ``-W error`` it would refuse a valid file, as it did in the GPU tests)."""
+    import torch
+
+    check_pt2(Path(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+            return torch.export.load(str(path))
+    except Exception as e:  # deserialization raises many types
+        raise InvalidEngineError(f"{path} is not a loadable torch.export program ({first_line(e)})") from None
+
+
 def load_module(bundle: Any) -> Any:  # -> torch.nn.Module
     """The torch module of a bundle holding a ``.pt2`` program or TorchScript, on the CPU, fp32."""
     import torch
 
     path = bundle.weights_path
     if bundle.network == "torch_export":
-        check_pt2(path)
-        try:
-            program = torch.export.load(str(path))
-        except Exception as e:  # deserialization raises many types
-            raise InvalidEngineError(f"{path} is not a loadable torch.export program ({first_line(e)})") from None
-        return program.module()
+        return load_pt2(path).module()
     if bundle.network == "torchscript":
         try:
             return torch.jit.load(str(path), map_location="cpu").eval()

@@ -177,14 +177,19 @@ def get_runner(spec: RunnerSpec) -> Runner:
     """The runner for ``spec`` in this process, built on first use and then shared by all tasks.
     An "auto" spec is resolved once per process (:func:`resolve_spec`) and served by the runner of
     its concrete spec."""
+    from ..profile import PROFILE
+
     with _cache_lock:
-        concrete, reason = _resolved.get(spec) or resolve_spec(spec)
-        _resolved[spec] = (concrete, reason)
+        if spec not in _resolved:
+            with PROFILE.stage("runner"):
+                _resolved[spec] = resolve_spec(spec)
+        concrete, reason = _resolved[spec]
         runner = _cache.get(concrete)
         if runner is None:
             from ..engine import load_engine
 
-            runner = runner_class(concrete.backend)(load_engine(concrete.engine), concrete, reason)
+            with PROFILE.stage("runner"):
+                runner = runner_class(concrete.backend)(load_engine(concrete.engine), concrete, reason)
             _cache[concrete] = runner
             while len(_cache) > MAX_RUNNERS:
                 _cache.popitem(last=False)  # dropped, not closed: a block may still be using it

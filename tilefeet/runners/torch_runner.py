@@ -128,6 +128,7 @@ class TorchRunner(Runner):
             return lambda x: self.model(x).float()
         net = self.model
         if opts.compile is not None:
+            _room_for_compiled_runners()
             net = torch.compile(self.model, mode=opts.compile, dynamic=False, fullgraph=True)
         example = torch.zeros(self._shape(), dtype=self.dtype, device=self._device).to(memory_format=self.memory_format)
         with torch.inference_mode(), self._math(), _compiler_noise_silenced():
@@ -152,6 +153,29 @@ class TorchRunner(Runner):
                     yield
             else:
                 yield
+
+
+#: Compiled graphs dynamo may keep per code object (a network class's ``forward``) in one process.
+COMPILED_PER_PROCESS = 64
+
+
+def _room_for_compiled_runners() -> None:
+    """Let one process hold many compiled runners of one network class.
+
+    Dynamo caches compiled graphs per *code object*, not per module: every runner of the same class
+    (each precision, batch size, tile) adds an entry to one ``forward``'s cache, and past
+    ``recompile_limit`` (8 by default) a ``fullgraph=True`` compile fails outright ("recompile limit
+    exceeded"). A long-lived process (a Dask worker serving several engines and precisions, the GPU
+    tests) reaches 8 quickly. Raised, never lowered, under the process-wide lock of the caller."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6
+        if hasattr(config, name) and getattr(config, name) < COMPILED_PER_PROCESS:
+            setattr(config, name, COMPILED_PER_PROCESS)
+            break
+    if getattr(config, "accumulated_recompile_limit", COMPILED_PER_PROCESS * 4) < COMPILED_PER_PROCESS * 4:
+        config.accumulated_recompile_limit = COMPILED_PER_PROCESS * 4
 
 
 def _captured(
