@@ -666,6 +666,9 @@ class Check:
         t = self.summary.get("targets", {})
         for key, v in t.items():
             lines.append(f"{key}: measured {v.get('measured')} (target {v['comparison']} {v['target']}): met {v.get('met')}")
+        vs = self.summary.get("versus_monai", {})
+        if vs.get("ratio"):
+            lines.append(f"versus MONAI at {vs['size']}²: MONAI's time / tilefeet's = {vs['ratio']:.2f} (reported, not a GPU target)")
         g = self.summary.get("gigapixel", {})
         if g.get("stages"):
             lines.append("gigapixel stages (s, synchronized run): " + ", ".join(f"{k} {v}" for k, v in g["stages"].items()))
@@ -733,15 +736,16 @@ def headline(ctx: Context, summary: dict) -> dict[str, Any]:
                         "agreement": sweep["agreement"], "unfinished": sweep["unfinished"]}
     full = not s.quick
     g_s = out.get("gigapixel", {}).get("seconds")
-    ratio = out.get("versus_monai", {}).get("ratio")
+    # The mission's one GPU target. Its MONAI target ("several times MONAI's speed") is the CPU's:
+    # on a GPU the ratio is reported (versus_monai), not judged.
     out["targets"] = {
         "gigapixel_seconds": {"target": 10.0, "comparison": "<", "measured": g_s, "size": s.gigapixel_size,
                               "met": (g_s < 10.0) if full and g_s is not None else None},
-        "monai_ratio": {"target": 5.0, "comparison": ">=", "measured": ratio, "size": s.versus_size,
-                        "baseline": "MONAI sliding_window_inference on the engine's plain nn.Module (fp32), end to end "
-                                    "(read, infer, write), same tile, overlap, gaussian blending",
-                        "met": (ratio >= 5.0) if full and ratio is not None else None},
     }
+    if "versus_monai" in out:
+        out["versus_monai"]["baseline"] = (
+            "MONAI sliding_window_inference on the engine's plain nn.Module (fp32), end to end (load, read, infer, "
+            "write one uint8 array), same tile, overlap, gaussian blending; tilefeet also writes labels and pyramids")
     if not full:
         out["targets_note"] = "quick mode: tiny sizes on this machine; the targets are judged on the full run only"
     return out

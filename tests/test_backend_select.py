@@ -14,7 +14,8 @@ import torch
 from tests.conftest import make_random_engine
 from tilefeet.errors import BackendUnavailableError, ConfigError
 from tilefeet.runners import RunnerSpec, runner_class, select
-from tilefeet.runners.select import gpu_choice, resolve_backend, timing_key
+from tilefeet.runners.guard import Guard
+from tilefeet.runners.select import choose, gpu_choice, gpu_precision_choice, resolve_backend, timing_key
 
 TILE = (64, 96)
 
@@ -71,6 +72,35 @@ def test_gpu_order_is_tensorrt_then_compiled_torch_then_eager():
 def test_auto_on_a_gpu_picks_a_gpu_backend(bundle, tmp_path):
     backend, _, reason = auto(bundle, tmp_path, device="cuda", precision="fp16")
     assert backend in ("tensorrt", "torch") and torch.cuda.get_device_name() in reason
+
+
+def guard_of(f1: float, f1_fp32: float = 0.8103) -> Guard:
+    return Guard(backend="torch", precision="fp16", passed=abs(f1 - f1_fp32) <= 0.002, max_abs_diff=0.004, f1=f1, f1_fp32=f1_fp32,
+                 agreement_f1=0.999, class_name="membrane", data="ISBI 2012 held-out slices 24–29", pixels=6 * 512 * 512)
+
+
+def test_precision_auto_on_a_gpu_is_fp16_only_on_tensor_cores_and_a_passed_guard():
+    """Found on the H200: fp32 by default ran a gigapixel section 1.5x slower than fp16, whose
+    outputs differ by 2e-3. fp16 is chosen only where it is checked, and the reason says so."""
+    precision, why = gpu_precision_choice("NVIDIA H200", (9, 0), guard_of(0.8101))
+    assert precision == "fp16" and "passes the accuracy guard" in why and "F1 0.8101 vs fp32 0.8103" in why
+    precision, why = gpu_precision_choice("NVIDIA H200", (9, 0), guard_of(0.7950))
+    assert precision == "fp32" and "fails the accuracy guard" in why and "--precision fp16 runs it anyway" in why
+    precision, why = gpu_precision_choice("NVIDIA H200", (9, 0), None)
+    assert precision == "fp32" and "no check slices" in why
+    precision, why = gpu_precision_choice("Tesla P100", (6, 0), guard_of(0.8103))
+    assert precision == "fp32" and "compute capability 6.0" in why and "no fp16 tensor cores" in why
+
+
+@pytest.mark.gpu
+def test_precision_auto_on_a_gpu_runs_the_guard_on_that_gpu(tmp_path):
+    from tilefeet.engine import load_engine
+
+    choice = choose(load_engine("isbi-membrane"), device="cuda", precision="auto", batch_size=4, cache=tmp_path)
+    assert choice.precision == "fp16" and "accuracy guard" in choice.reason and torch.cuda.get_device_name() in choice.reason
+    assert len(list((tmp_path / "guard").glob("*.json"))) == 1  # checked once, on the GPU, and cached
+    again = choose(load_engine("isbi-membrane"), device="cuda", precision="auto", batch_size=4, cache=tmp_path)
+    assert again == choice
 
 
 # ------------------------------------------------------------------------------------------ CPU

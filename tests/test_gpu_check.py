@@ -84,8 +84,9 @@ def test_quick_cpu_mode_writes_what_the_readme_quotes_and_imports_only_what_the_
 
     targets = s["targets"]
     assert targets["gigapixel_seconds"]["measured"] == giga["seconds"] and targets["gigapixel_seconds"]["target"] == 10
-    assert targets["monai_ratio"]["measured"] == vs["ratio"] and targets["monai_ratio"]["target"] == 5
-    assert targets["gigapixel_seconds"]["met"] is None and targets["monai_ratio"]["met"] is None  # quick: not judged
+    assert set(targets) == {"gigapixel_seconds"}  # the mission's MONAI target is the CPU's: reported in versus_monai
+    assert targets["gigapixel_seconds"]["met"] is None  # quick: not judged
+    assert "labels and pyramids" in vs["baseline"]
 
     runners = s["runners"]
     assert {(r["label"], r["precision"]) for r in runners["rows"]} == {("torch eager", "fp32"), ("torch eager", "bf16")}
@@ -158,7 +159,7 @@ def test_targets_are_judged_on_a_full_run(tmp_path):
     gpu_check.write_json(tmp_path / "segment-nvidia-h200-8192.json", vs)
     h = gpu_check.headline(ctx, {})
     assert h["targets"]["gigapixel_seconds"] | {"measured": 8.5, "met": True} == h["targets"]["gigapixel_seconds"]
-    assert h["targets"]["monai_ratio"]["measured"] == 4.0 and h["targets"]["monai_ratio"]["met"] is False
+    assert h["versus_monai"]["ratio"] == 4.0 and "monai_ratio" not in h["targets"]
     assert h["gigapixel"]["stages"] == {"network": 2.0} and h["gigapixel"]["device_busy_fraction"] == 0.8
     assert h["versus_monai"]["ratio_to_monai_inference_alone"] == 3.0 and h["gigapixel"]["complete"] is True
 

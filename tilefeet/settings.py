@@ -59,7 +59,7 @@ class Settings:
     backend: str = "auto"
     backend_options: tuple[tuple[str, Any], ...] = ()  #: backend-specific, e.g. (("compile", True),)
     device: str = "auto"
-    #: "auto" (fp32 on a GPU; on a CPU with native bf16, bf16 where it is faster and passes the
+    #: "auto" (fp16 on a GPU with tensor cores where the accuracy guard passes, else fp32; on a CPU with native bf16, bf16 where it is faster and passes the
     #: accuracy guard: tilefeet.runners.guard), "fp32", "fp16" or "bf16". :meth:`create` takes the
     #: default from ``$TILEFEET_PRECISION``.
     precision: str = "auto"

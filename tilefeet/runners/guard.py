@@ -1,5 +1,5 @@
 """The accuracy guard: a reduced precision is chosen automatically only after it was checked on data
-the engine carries, once per engine, backend, precision and CPU.
+the engine carries, once per engine, backend, precision and processor (the CPU model, or the GPU's).
 
     check_precision(bundle, "openvino", "bf16")  ->  Guard(passed=True, max_abs_diff=0.02, f1=0.8020, f1_fp32=0.8021, ...)
 
@@ -7,8 +7,9 @@ The check runs the backend at the reduced precision and at fp32 on the engine's 
 (annotated images at the engine's pixel size, normalized as the engine's training data were) and
 records the largest probability difference and the pixel F1 of each against the ground truth. A
 precision whose F1 differs from fp32's by more than :data:`MAX_F1_CHANGE` fails, and ``--precision
-auto`` keeps fp32 (:mod:`.select`). The result is kept under ``$TILEFEET_CACHE/guard/``, keyed by
-the engine's fingerprint, the backend, the precision, the CPU model and the library versions.
+auto`` keeps fp32 (:mod:`.select`): bf16 on a CPU that runs it natively, fp16 on a GPU with tensor
+cores. The result is kept under ``$TILEFEET_CACHE/guard/``, keyed by the engine's fingerprint, the
+backend, the precision, the processor and the library versions.
 
 Check slices, per engine:
 
@@ -99,19 +100,26 @@ def check_data(bundle: Any) -> CheckData | None:
 
 
 def check_precision(
-    bundle: Any, backend: str, precision: str, *, batch_size: int = 4, cache: Path | None = None, threads: int | None = None
+    bundle: Any,
+    backend: str,
+    precision: str,
+    *,
+    batch_size: int = 4,
+    cache: Path | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
 ) -> Guard | None:
-    """The guard's verdict on ``backend`` at ``precision`` for ``bundle`` on this CPU: measured on
-    first use (under a file lock: concurrent workers check once), then read from the cache.
-    ``None`` when the engine carries no check data."""
+    """The guard's verdict on ``backend`` at ``precision`` for ``bundle`` on ``device`` (this CPU, or
+    a GPU): measured on first use (under a file lock: concurrent workers check once), then read from
+    the cache. ``None`` when the engine carries no check data."""
     data = check_data(bundle)
     if data is None:
         return None
-    key = guard_key(bundle, backend, precision)
+    key = guard_key(bundle, backend, precision, device)
     path = (cache or cache_dir()) / "guard" / f"{key[:24]}.json"
 
     def measure(tmp: Path) -> None:
-        guard = _measure(bundle, backend, precision, data, batch_size, threads)
+        guard = _measure(bundle, backend, precision, data, batch_size, threads, device)
         doc = {**asdict(guard), "engine": bundle.fingerprint, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -121,7 +129,7 @@ def check_precision(
     return Guard(**{**fields, "path": str(path)})
 
 
-def guard_key(bundle: Any, backend: str, precision: str) -> str:
+def guard_key(bundle: Any, backend: str, precision: str, device: str = "cpu") -> str:
     from .select import cpu_model, library_versions
 
     doc = {
@@ -129,6 +137,7 @@ def guard_key(bundle: Any, backend: str, precision: str) -> str:
         "backend": backend,
         "precision": precision,
         "cpu": cpu_model(),
+        **({"gpu": gpu_model(device)} if device != "cpu" else {}),
         "versions": library_versions(),
         "max_f1_change": MAX_F1_CHANGE,
         "format": FORMAT_VERSION,
@@ -144,7 +153,18 @@ def verdict(f1: float, f1_fp32: float) -> bool:
 # ------------------------------------------------------------------------------------- measuring
 
 
-def _measure(bundle: Any, backend: str, precision: str, data: CheckData, batch_size: int, threads: int | None) -> Guard:
+def gpu_model(device: str) -> str:
+    """The GPU's name and compute capability, and the CUDA and cuDNN versions: what its kernels depend on."""
+    from ..device import resolve_device
+
+    dev = resolve_device(device)
+    major, minor = torch.cuda.get_device_capability(dev)
+    return f"{torch.cuda.get_device_name(dev)} sm_{major}{minor} cuda {torch.version.cuda} cudnn {torch.backends.cudnn.version()}"
+
+
+def _measure(
+    bundle: Any, backend: str, precision: str, data: CheckData, batch_size: int, threads: int | None, device: str = "cpu"
+) -> Guard:
     from ..metrics import pixel_metrics
     from . import RunnerSpec, runner_class
 
@@ -154,7 +174,7 @@ def _measure(bundle: Any, backend: str, precision: str, data: CheckData, batch_s
     options = (("threads", threads),) if threads else ()
     probs = {}
     for p in ("fp32", precision):
-        spec = RunnerSpec(str(bundle.path), backend, "cpu", p, step, tile, options)
+        spec = RunnerSpec(str(bundle.path), backend, device, p, step, tile, options)
         runner = runner_class(backend)(bundle, spec, f"accuracy guard of {precision}")
         try:
             probs[p] = _run(runner, tiles, step)
