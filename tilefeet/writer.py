@@ -275,15 +275,19 @@ class OutputStore:
         """The completion records of the output blocks (backend, counts)."""
         return [json.loads(text or "{}") for text in self.location.records("b").values()]
 
-    def pyramid_tasks(self, level: int) -> list[tuple[Any, ...]]:
-        """The (record, box) of each block of pyramid ``level`` (≥ 1), in that level's pixels; for a
-        stack (record, box, sections), one task per block and :meth:`Plan.z_blocks` group of sections."""
+    def pyramid_grid(self, level: int) -> BlockGrid:
+        """The task grid of pyramid ``level`` (≥ 1), in that level's pixels."""
         # Half a block per task, in whole chunks (pyramid levels are chunked, not sharded): a task
         # then reads one block's worth of the level below, not four.
         s = self.plan.settings
         assert s.block_size is not None  # the plan fills it in
         side = tuple(max(c, b // 2 // c * c) for b, c in zip(s.block_size, s.chunk_size))
-        grid = BlockGrid(self.shapes[level], side)  # type: ignore[arg-type]
+        return BlockGrid(self.shapes[level], side)  # type: ignore[arg-type]
+
+    def pyramid_tasks(self, level: int) -> list[tuple[Any, ...]]:
+        """The (record, box) of each block of pyramid ``level`` (≥ 1), in that level's pixels; for a
+        stack (record, box, sections), one task per block and :meth:`Plan.z_blocks` group of sections."""
+        grid = self.pyramid_grid(level)
         if not self.plan.is_stack:
             return [(f"p{level}_{by}_{bx}", grid.box(by, bx)) for by, bx in grid]
         return [(f"p{level}_{zs.start}_{by}_{bx}", grid.box(by, bx), zs) for zs in self.plan.z_blocks() for by, bx in grid]
