@@ -152,7 +152,7 @@ class Settings:
         ("bf16", (("precision", "bf16"),)),
         ("CUDA graph", (("backend_options", (("cuda_graphs", True),)),)),
         ("blocks of 8192²", (("block_size", 8192),)),
-        ("torch.compile (--backend auto's choice here)", (("backend_options", (("compile", True),)),)),
+        ("torch.compile (opt-in: --backend-option compile=true)", (("backend_options", (("compile", True),)),)),
     )
     pytest_timeout: int = 120
     reasons: tuple[str, ...] = (

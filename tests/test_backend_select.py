@@ -51,21 +51,19 @@ def no_measuring(monkeypatch) -> None:
 # ------------------------------------------------------------------------------------------ GPU
 
 
-def test_gpu_order_is_tensorrt_then_compiled_torch_then_eager():
-    trt = gpu_choice("NVIDIA H200", "fp16", trt_version="10.13.0", trt_reason=None, has_triton=True)
+def test_gpu_order_is_tensorrt_then_eager_torch():
+    trt = gpu_choice("NVIDIA H200", "fp16", trt_version="10.13.0", trt_reason=None)
     assert (
         (trt.backend, trt.options) == ("tensorrt", ())
         and "TensorRT 10.13.0" in trt.reason
         and "NVIDIA H200" in trt.reason
     )
     why = "backend 'tensorrt' needs the tensorrt package: pip install tensorrt"
-    compiled = gpu_choice("NVIDIA H200", "fp16", trt_version=None, trt_reason=why, has_triton=True)
-    assert (compiled.backend, compiled.options) == (
-        "torch",
-        (("compile", True),),
-    ) and "pip install tensorrt" in compiled.reason
-    eager = gpu_choice("NVIDIA H200", "fp16", trt_version=None, trt_reason=why, has_triton=False)
-    assert (eager.backend, eager.options) == ("torch", ()) and "pip install triton" in eager.reason
+    eager = gpu_choice("NVIDIA H200", "fp16", trt_version=None, trt_reason=why)
+    # torch.compile is opt-in on a GPU: measured on the H200, its 15 s build per process outweighed
+    # what a faster network saves on a section the pipeline around the network bounds.
+    assert (eager.backend, eager.options) == ("torch", ())
+    assert "pip install tensorrt" in eager.reason and "--backend-option compile=true" in eager.reason
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ here, and say why.
 In order:
 
 1. TensorRT, when there is an NVIDIA GPU and the ``tensorrt`` package imports;
-2. ``torch.compile`` on CUDA (eager torch if Triton, its GPU compiler, is missing);
+2. eager torch (channels-last) on CUDA; ``torch.compile`` is opt-in there (:data:`EAGER_ON_GPU`);
 3. on the CPU, the fastest of ONNX Runtime, OpenVINO and torch, *measured* on the bundle at the
    run's tile and batch size, once: the result is cached on disk under a key of the bundle's
    fingerprint, the shape, the precisions, the CPU model, the thread count and the library versions.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import platform
 import time
@@ -173,10 +172,7 @@ def _on_gpu(device: torch.device, precision: str, allowed: tuple[str, ...] = ("t
 
         trt_version = str(import_tensorrt().__version__)
     ort_reason = unavailable_reason("onnxruntime", device) if "torch" not in allowed else None
-    return gpu_choice(
-        gpu, precision, trt_version=trt_version, trt_reason=trt_reason, has_triton=_has_triton(), allowed=allowed,
-        ort_reason=ort_reason,
-    )
+    return gpu_choice(gpu, precision, trt_version=trt_version, trt_reason=trt_reason, allowed=allowed, ort_reason=ort_reason)
 
 
 def gpu_choice(
@@ -185,12 +181,11 @@ def gpu_choice(
     *,
     trt_version: str | None,
     trt_reason: str | None,
-    has_triton: bool,
     allowed: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt"),
     ort_reason: str | None = None,
 ) -> Choice:
-    """The GPU half of the order (pure): TensorRT, else torch.compile, else eager torch; for a
-    network torch cannot run (an ONNX graph), ONNX Runtime's CUDA provider after TensorRT."""
+    """The GPU half of the order (pure): TensorRT, else eager torch; for a network torch cannot run
+    (an ONNX graph), ONNX Runtime's CUDA provider after TensorRT."""
     if trt_version is not None and "tensorrt" in allowed:
         return Choice(
             "tensorrt", (), f"TensorRT {trt_version} and {gpu}: a compiled {precision} plan (built once, cached)"
@@ -200,13 +195,17 @@ def gpu_choice(
         if "onnxruntime" in allowed and ort_reason is None:
             return Choice("onnxruntime", (), f"{why_not}; ONNX Runtime's CUDA provider ({precision}) on {gpu}")
         raise BackendUnavailableError(f"no backend for this network on {gpu}: {why_not}; onnxruntime: {ort_reason}")
-    if has_triton:
-        return Choice("torch", (("compile", True),), f"{why_not}; torch.compile ({precision}) on {gpu}")
-    return Choice(
-        "torch",
-        (),
-        f"{why_not} and no Triton for torch.compile (pip install triton); eager torch ({precision}) on {gpu}",
-    )
+    return Choice("torch", (), f"{why_not}; eager torch ({precision}, channels-last) on {gpu}; {EAGER_ON_GPU}")
+
+
+#: Why ``auto`` runs eager torch on a GPU, not torch.compile. Measured on an H200 (isbi-membrane):
+#: compiling took 15.1 s in a fresh process, while a whole gigapixel section took 9.54 s with eager
+#: fp16, 8.75 s of it the pipeline around the network (the run with a near-free network), so a
+#: faster network could save at most 8 % there. Worth it only for jobs of many gigapixels per process.
+EAGER_ON_GPU = (
+    "torch.compile is opt-in (--backend-option compile=true): on an H200 it took 15 s to build per process, "
+    "more than a faster network saves on a section bound by the CPU work around it"
+)
 
 
 #: The reduced precision ``--precision auto`` considers on a GPU: on tensor cores fp16 runs at bf16's
@@ -241,10 +240,6 @@ def gpu_precision_choice(gpu: str, capability: tuple[int, int], guard: Any) -> t
     if guard.passed:
         return GPU_REDUCED, f"{GPU_REDUCED} on {gpu}'s tensor cores: {guard.describe()}"
     return "fp32", f"fp32: {guard.describe()} (--precision {GPU_REDUCED} runs it anyway)"
-
-
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 # ------------------------------------------------------------------------------------------ CPU
