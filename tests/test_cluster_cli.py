@@ -184,9 +184,9 @@ def test_ctrl_c_cancels_the_cluster_job_and_resume_finishes_it(cluster, job, tmp
                     proc.kill()
         if code != 0 and not out.exists():
             break
-        # Too late to interrupt: complete and right. With exit 130 too, when Ctrl-C landed while the
-        # last task (the publish) was already running on a worker: running tasks finish (a known
-        # race, in the README's limitations: the message then says to --resume, which says the output is complete).
+        # Too late to interrupt: complete and right, exit 0 (also when Ctrl-C landed while the last
+        # task, the publish, was already running on a worker: test_ctrl_c_while_the_last_task_runs...).
+        assert code == 0
         _assert_same(out, folder / "local.ome.zarr")
         shutil.rmtree(out)
     stderr = (tmp_path / "stderr.txt").read_text()
@@ -291,3 +291,62 @@ def test_a_worker_killed_mid_run_changes_nothing(cluster, job, tmp_path):
     stderr = (tmp_path / "stderr.txt").read_text()
     assert code == 0 and "Traceback" not in stderr, stderr
     _assert_same(out, folder / "local.ome.zarr")
+
+
+def _interrupt_when(c, key, state="processing", timeout=60.0):
+    """Ctrl-C (KeyboardInterrupt in the main thread, as SIGINT gives) once the scheduler reports ``key`` in ``state``."""
+    import _thread
+    import threading
+
+    from tilefeet.cluster import _task_state
+
+    def watch():
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and c.client.run_on_scheduler(_task_state, key) != state:
+            time.sleep(0.02)
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _job(tmp_path, slow_block: float, name: str):
+    """Three block tasks, then a last task that takes 2 s and leaves ``published`` (stdlib callables
+    only: the workers, started elsewhere, unpickle them)."""
+    from dask import delayed
+
+    blocks = [delayed(time.sleep, pure=False)(slow_block if i == 0 else 0.01, dask_key_name=f"tilefeet-block-{name}-{i}") for i in range(3)]
+    (tmp_path / "3").mkdir()
+    folder = delayed(os.path.join)(str(tmp_path), delayed(str)(delayed(len)(blocks)))
+    return delayed(subprocess.run)(["sh", "-c", "sleep 2 && touch published"], cwd=folder, check=True, dask_key_name=f"tilefeet-finalize-{name}")
+
+
+def test_ctrl_c_while_the_last_task_runs_lets_it_finish_and_says_so(cluster, tmp_path, capsys):
+    """Found in CI: a Ctrl-C landing while the publish already ran on a worker (which cannot stop it)
+    reported "interrupted, --resume" over a complete output. Now: the output is finished, exit 0."""
+    from tilefeet.cluster import connect
+
+    c = connect(scheduler_file=str(cluster[0]))
+    try:
+        graph = _job(tmp_path, 0.01, "late")
+        _interrupt_when(c, graph.key)
+        result = c.compute(graph, progress=False, description="t", counts=lambda k: str(k).startswith("tilefeet-block"), kept="k")
+        assert result.returncode == 0 and (tmp_path / "3" / "published").exists()
+        assert "after the job's last task had started on a worker; it finishes the output" in capsys.readouterr().err
+    finally:
+        c.close()
+
+
+def test_ctrl_c_before_the_last_task_cancels_the_job(cluster, tmp_path):
+    from tilefeet.cluster import connect
+    from tilefeet.errors import Interrupted
+
+    c = connect(scheduler_file=str(cluster[0]))
+    try:
+        graph = _job(tmp_path, 3.0, "early")
+        _interrupt_when(c, "tilefeet-block-early-0")
+        with pytest.raises(Interrupted, match="cancelled .* rerun the same command with --resume"):
+            c.compute(graph, progress=False, description="t", counts=lambda k: str(k).startswith("tilefeet-block"), kept="k")
+        time.sleep(5)  # the running block ends; the last task never starts
+        assert not (tmp_path / "3" / "published").exists()
+    finally:
+        c.close()

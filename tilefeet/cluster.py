@@ -301,10 +301,23 @@ class Cluster:
                 bar.set_postfix_str(then)
             return final.result()
         except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) and self._started(final):
+                # The last task (it publishes the output) already runs on a worker, where a running
+                # task cannot be stopped: cancelling would report an interrupted job while the
+                # output becomes complete behind the message. Let it finish and say so.
+                echo("Ctrl-C came after the job's last task had started on a worker; it finishes the output")
+                return final.result()
             self.client.cancel(futures, force=True)
             raise self._error(e, distributed, kept) from None
         finally:
             bar.close()
+
+    def _started(self, future: Any) -> bool:
+        """Whether ``future``'s task is running on a worker or done (asked of the scheduler)."""
+        try:
+            return self.client.run_on_scheduler(_task_state, future.key) in ("processing", "memory")
+        except Exception:  # the scheduler is gone: nothing runs
+            return False
 
     def _error(self, e: BaseException, distributed: Any, kept: str) -> BaseException:
         """What a failure of the job is, in one line where it is the cluster's doing."""
@@ -329,6 +342,12 @@ class Cluster:
 
         with contextlib.suppress(Exception):
             self.client.close()
+
+
+def _task_state(key: Any, dask_scheduler: Any = None) -> str | None:
+    """The scheduler's state of task ``key`` (runs on the scheduler: ``Client.run_on_scheduler``)."""
+    task = dask_scheduler.tasks.get(key) if dask_scheduler is not None else None
+    return task.state if task is not None else None
 
 
 def _address(worker: Any) -> str:
