@@ -344,7 +344,7 @@ def test_ctrl_c_before_the_last_task_cancels_the_job(cluster, tmp_path):
     try:
         graph = _job(tmp_path, 3.0, "early")
         _interrupt_when(c, "tilefeet-block-early-0")
-        with pytest.raises(Interrupted, match="cancelled .* rerun the same command with --resume"):
+        with pytest.raises(Interrupted, match=r"cancelled .* rerun the same command with --resume"):
             c.compute(graph, progress=False, description="t", counts=lambda k: str(k).startswith("tilefeet-block"), kept="k")
         time.sleep(5)  # the running block ends; the last task never starts
         assert not (tmp_path / "3" / "published").exists()
