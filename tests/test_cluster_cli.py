@@ -293,20 +293,39 @@ def test_a_worker_killed_mid_run_changes_nothing(cluster, job, tmp_path):
     _assert_same(out, folder / "local.ome.zarr")
 
 
-def _interrupt_when(c, key, state="processing", timeout=60.0):
-    """Ctrl-C (KeyboardInterrupt in the main thread, as SIGINT gives) once the scheduler reports ``key`` in ``state``."""
-    import _thread
+@pytest.fixture
+def ctrl_c(cluster):
+    """``ctrl_c(c, key)``: Ctrl-C once the scheduler reports task ``key`` running: SIGINT sent to
+    the main thread, as a terminal does (it wakes a blocked wait; ``_thread.interrupt_main`` only
+    sets a flag that a blocked main thread sees late). Python's own SIGINT handler is installed for
+    the test (pytest-xdist's workers ignore SIGINT), and the watcher never fires after the test: a
+    stray interrupt would land in a later one."""
     import threading
 
     from tilefeet.cluster import _task_state
 
-    def watch():
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and c.client.run_on_scheduler(_task_state, key) != state:
-            time.sleep(0.02)
-        _thread.interrupt_main()
+    done, threads = threading.Event(), []
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    threading.Thread(target=watch, daemon=True).start()
+    def start(c, key, timeout=60.0):
+        def watch():
+            end = time.monotonic() + timeout
+            while not done.is_set() and time.monotonic() < end:
+                if c.client.run_on_scheduler(_task_state, key) == "processing":
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    return
+                time.sleep(0.02)
+
+        threads.append(threading.Thread(target=watch, daemon=True))
+        threads[-1].start()
+
+    try:
+        yield start
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+        signal.signal(signal.SIGINT, previous)
 
 
 def _job(tmp_path, slow_block: float, name: str):
@@ -320,7 +339,7 @@ def _job(tmp_path, slow_block: float, name: str):
     return delayed(subprocess.run)(["sh", "-c", "sleep 2 && touch published"], cwd=folder, check=True, dask_key_name=f"tilefeet-finalize-{name}")
 
 
-def test_ctrl_c_while_the_last_task_runs_lets_it_finish_and_says_so(cluster, tmp_path, capsys):
+def test_ctrl_c_while_the_last_task_runs_lets_it_finish_and_says_so(cluster, ctrl_c, tmp_path, capsys):
     """Found in CI: a Ctrl-C landing while the publish already ran on a worker (which cannot stop it)
     reported "interrupted, --resume" over a complete output. Now: the output is finished, exit 0."""
     from tilefeet.cluster import connect
@@ -328,7 +347,7 @@ def test_ctrl_c_while_the_last_task_runs_lets_it_finish_and_says_so(cluster, tmp
     c = connect(scheduler_file=str(cluster[0]))
     try:
         graph = _job(tmp_path, 0.01, "late")
-        _interrupt_when(c, graph.key)
+        ctrl_c(c, graph.key)
         result = c.compute(graph, progress=False, description="t", counts=lambda k: str(k).startswith("tilefeet-block"), kept="k")
         assert result.returncode == 0 and (tmp_path / "3" / "published").exists()
         assert "after the job's last task had started on a worker; it finishes the output" in capsys.readouterr().err
@@ -336,14 +355,14 @@ def test_ctrl_c_while_the_last_task_runs_lets_it_finish_and_says_so(cluster, tmp
         c.close()
 
 
-def test_ctrl_c_before_the_last_task_cancels_the_job(cluster, tmp_path):
+def test_ctrl_c_before_the_last_task_cancels_the_job(cluster, ctrl_c, tmp_path):
     from tilefeet.cluster import connect
     from tilefeet.errors import Interrupted
 
     c = connect(scheduler_file=str(cluster[0]))
     try:
         graph = _job(tmp_path, 3.0, "early")
-        _interrupt_when(c, "tilefeet-block-early-0")
+        ctrl_c(c, "tilefeet-block-early-0")
         with pytest.raises(Interrupted, match=r"cancelled .* rerun the same command with --resume"):
             c.compute(graph, progress=False, description="t", counts=lambda k: str(k).startswith("tilefeet-block"), kept="k")
         time.sleep(5)  # the running block ends; the last task never starts
