@@ -6,6 +6,7 @@ with status 2, never with a traceback; anything else is a bug and keeps its trac
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 import warnings
@@ -512,17 +513,36 @@ def main(argv: Optional[list[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except TilefeetError as e:
         typer.echo(f"tilefeet: error: {e}", err=True)
+        quiet_abandoned_io()
         return e.exit_code
     except KeyboardInterrupt:
         typer.echo("tilefeet: interrupted", err=True)
+        quiet_abandoned_io()
         return 130
     except OSError as e:
         # The operating system refused something tilefeet did not expect to fail (reading an input,
         # a cache folder): still one line, naming the path.
         where = f": {e.filename}" if e.filename else ""
         typer.echo(f"tilefeet: error: {e.strerror or e}{where}", err=True)
+        quiet_abandoned_io()
         return 1
     return 0
+
+
+def quiet_abandoned_io() -> None:
+    """After the one-line error: drop what the I/O it interrupted prints when Python finalizes it.
+
+    An aborted remote read leaves coroutines behind (zarr's, s3fs's); when the interpreter collects
+    them at exit, aiobotocore's context reset fails in another context and Python prints "Exception
+    ignored in: <coroutine ...>" with a traceback under the error line. Only exceptions raised while
+    finalizing a coroutine are dropped; anything else still reaches the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not inspect.iscoroutine(unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 if __name__ == "__main__":
