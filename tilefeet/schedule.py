@@ -159,6 +159,9 @@ def _write_block(run: Run, store: OutputStore, index: Index, region: Any, *_afte
             out.z = z
             outs.append(out)
         t1 = time.perf_counter()
+        if store.fuses_level1():  # before level 0's record: a resumed block rewrites both (same bits)
+            with PROFILE.stage("pyramid"):
+                store.write_level1(outs, store.level1_task(index))
         if not outs:
             store.mark_done(record, skipped=1)
             return record
@@ -263,8 +266,11 @@ def write_graph(
     # whole level: the pyramid then overlaps the network instead of running as a tail after the last
     # block (on the H200 the pyramid was the largest CPU stage of a gigapixel run, with the GPU idle).
     # The same tasks write the same chunks from the same data: the output is unchanged.
+    # Where blocks write level 1 themselves (OutputStore.fuses_level1), an unfinished block's task
+    # stands for its level-1 task; a level-1 task is left only where its block finished in an earlier
+    # run and the level did not.
     group = {zs: i for i, zs in enumerate(plan.z_blocks())} if plan.is_stack else {}
-    grid_below = plan.blocks
+    grid_below, fused = plan.blocks, store.fuses_level1()
     for level in range(1, len(store.shapes)):
         grid, level_tasks = store.pyramid_grid(level), {}
         for task in store.pyramid_tasks(level):
@@ -272,13 +278,17 @@ def write_graph(
             if record in store.done:
                 continue
             zb = group[zs] if zs is not None else None
+            if level == 1 and fused and (block := below.get((zb, box.y0 // grid.block[0], box.x0 // grid.block[1]))) is not None:
+                level_tasks[(zb, box.y0 // grid.block[0], box.x0 // grid.block[1])] = block
+                continue
             under = Box(2 * box.y0, 2 * box.x0, 2 * box.y1, 2 * box.x1)
             deps = [below[k] for yx in cells_under(grid_below, under) if (k := (zb, *yx)) in below]
             cell = (zb, box.y0 // grid.block[0], box.x0 // grid.block[1])
             level_tasks[cell] = delayed(_pyramid_block, pure=False)(
                 store_leaf, level, box, record, zs, *deps, dask_key_name=f"tilefeet-{record}-{token}"
             )
-        tasks += level_tasks.values()
+        seen = {id(t) for t in tasks}
+        tasks += [t for t in level_tasks.values() if id(t) not in seen]
         below, grid_below = level_tasks, grid
     after = delayed(_barrier)(*tasks, dask_key_name=f"tilefeet-written-{token}")
     if before_finalize is not None:

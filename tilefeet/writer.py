@@ -292,6 +292,39 @@ class OutputStore:
             return [(f"p{level}_{by}_{bx}", grid.box(by, bx)) for by, bx in grid]
         return [(f"p{level}_{zs.start}_{by}_{bx}", grid.box(by, bx), zs) for zs in self.plan.z_blocks() for by, bx in grid]
 
+    def fuses_level1(self) -> bool:
+        """Whether each output block writes pyramid level 1 itself, from the arrays it has just
+        written to level 0, instead of a pyramid task reading them back (decoding every level-0
+        chunk: most of the pyramid's cost). It does where a level-1 task covers exactly one block
+        (half a block is a whole number of chunks): the same function on the same values, so the
+        same bits either way."""
+        s = self.plan.settings
+        assert s.block_size is not None
+        return len(self.shapes) > 1 and all(b % 2 == 0 for b in s.block_size) and self.pyramid_grid(1).block == tuple(
+            b // 2 for b in s.block_size
+        )
+
+    def level1_task(self, index: tuple[int, ...]) -> tuple[str, Box, range | None]:
+        """The level-1 pyramid task (record, box, sections) that output block ``index`` covers when
+        :meth:`fuses_level1` (``index`` is (by, bx), or (section group, by, bx) for a stack)."""
+        box = self.pyramid_grid(1).box(index[-2], index[-1])
+        if not self.plan.is_stack:
+            return f"p1_{index[-2]}_{index[-1]}", box, None
+        zs = self.plan.z_blocks()[index[0]]
+        return f"p1_{zs.start}_{index[-2]}_{index[-1]}", box, zs
+
+    def write_level1(self, outs: list[Any], task: tuple[str, Box, range | None]) -> None:
+        """Level 1 over one block from its level-0 output ``outs`` (one per section written; a
+        section the block skipped, outside a tissue mask, reads as the fill value 0, as the pyramid
+        task would read it), then the task's completion record."""
+        record, box, zs = task
+        by_z = {getattr(o, "z", None): o for o in outs}
+        for z in zs if zs is not None else [None]:
+            o = by_z.get(z)
+            below = None if o is None else (o.probabilities, o.uncertainty)
+            self._pyramid_section(1, box, z, below=below, zeros_below=o is None)
+        self.mark_done(record)
+
     def write_pyramid_block(self, level: int, box: Box, record: str, zs: range | None = None) -> None:
         """Level ``level`` over ``box`` (of each section in ``zs``, a stack's) from level ``level - 1``:
         2×2 means of the probabilities; labels are the mean probability thresholded (so every label
@@ -300,14 +333,23 @@ class OutputStore:
             self._pyramid_section(level, box, z)
         self.mark_done(record)
 
-    def _pyramid_section(self, level: int, box: Box, z: int | None) -> None:
+    def _pyramid_section(
+        self, level: int, box: Box, z: int | None, *, below: tuple[Any, Any] | None = None, zeros_below: bool = False
+    ) -> None:
+        """Level ``level`` over ``box`` of section ``z`` from the level below: read from the store, or
+        ``below`` (its probabilities and uncertainty over the region, as written), or zeros."""
         root: Any = self.location.open_group("r+")
         s = self.plan.settings
         src = root[str(level - 1)]
         hs, ws = src.shape[-2:]
         region = Box(2 * box.y0, 2 * box.x0, min(2 * box.y1, hs), min(2 * box.x1, ws))
         at, src_at = self._at(box, z), self._at(region, z)
-        mean = downsample_mean(np.asarray(src[(slice(None), *src_at)]), box.shape)
+        if zeros_below:
+            below = (np.zeros((src.shape[0], *region.shape), src.dtype), np.zeros(region.shape, np.uint8) if s.uncertainty else None)
+        if below is not None:
+            assert below[0].shape[-2:] == region.shape, (below[0].shape, region)
+        probs = np.asarray(src[(slice(None), *src_at)]) if below is None else below[0]
+        mean = downsample_mean(probs, box.shape)
         scale = 255.0 if s.output_dtype == "uint8" else 1.0
         if s.output_dtype == "uint8":
             every(root[str(level)])[(slice(None), *at)] = np.round(mean).astype(np.uint8)
@@ -318,7 +360,7 @@ class OutputStore:
                 lab = (mean[i] >= s.threshold * scale).astype(np.uint8)
                 every(root[f"labels/{label_name(cls)}/{level}"])[at] = lab
         if s.uncertainty:
-            u = root[f"uncertainty/{level - 1}"][src_at]
+            u = root[f"uncertainty/{level - 1}"][src_at] if below is None else below[1]
             every(root[f"uncertainty/{level}"])[at] = np.round(downsample_mean(u[None], box.shape)[0]).astype(np.uint8)
 
     def finalize(self) -> Path | Url:
