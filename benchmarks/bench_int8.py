@@ -15,7 +15,8 @@ to OpenVINO bf16 (today's default on a CPU with native bf16); pixel F1 of the la
 ground truth, and against fp32's labels (agreement); the largest and the mean probability change
 against fp32. Writes ``results/int8-<device>-<engine>.json``.
 
-This is a measurement, not a feature: tilefeet does not run int8 yet (see the README).
+``--precision int8`` runs the uint8-activation graph on OpenVINO (tilefeet/runners/quantize.py, opt-in:
+``auto`` never chooses it); the other rows are here for comparison.
 """
 
 from __future__ import annotations
@@ -35,27 +36,10 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def quantize(src: Path, folder: Path, calibration: np.ndarray, activations: str) -> Path:
-    """``src`` (an ONNX graph with external weights) quantized, calibrated on ``calibration`` (N, C, H, W)."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static, shape_inference
+    """``src`` quantized by tilefeet's own recipe (:func:`tilefeet.runners.quantize.quantize_graph`), with ``activations``."""
+    from tilefeet.runners.quantize import quantize_graph
 
-    whole, pre, out = folder / "whole.onnx", folder / "pre.onnx", folder / f"int8-{activations}.onnx"
-    if not pre.exists():
-        onnx.save(onnx.load(str(src)), str(whole))  # the weights inline: the pre-processor reads one file
-        shape_inference.quant_pre_process(str(whole), str(pre), skip_symbolic_shape=True)
-    name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{name: calibration[i : i + 1]} for i in range(calibration.shape[0])])
-
-        def get_next(self) -> dict | None:
-            return next(self.items, None)
-
-    act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations]
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=act, weight_type=QuantType.QInt8)
-    return out
+    return quantize_graph(src, folder / f"int8-{activations}.onnx", calibration, activations)
 
 
 def ort_runner(path: Path, threads: int) -> Any:

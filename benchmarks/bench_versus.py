@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def job(tree: Path | None, section: Path, out: Path, engine: str) -> dict:
-    payload = json.dumps({"job": "tilefeet", "section": str(section), "out": str(out), "engine": engine, "options": {}, "extra": {}})
+def job(tree: Path | None, section: Path, out: Path, engine: str, options: dict | None = None) -> dict:
+    payload = json.dumps({"job": "tilefeet", "section": str(section), "out": str(out), "engine": engine, "options": options or {}, "extra": {}})
     code = (
         "import json, sys; from tilefeet.bench import _worker, peak_rss_mb; r = _worker(sys.argv[1]); "
         "r['peak_rss_mb'] = peak_rss_mb(); print('RESULT' + json.dumps(r))"
@@ -42,13 +42,15 @@ def job(tree: Path | None, section: Path, out: Path, engine: str) -> dict:
     return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT") :])
 
 
-def dry_run(tree: Path | None, section: Path, engine: str) -> str:
+def dry_run(tree: Path | None, section: Path, engine: str, options: dict | None = None) -> str:
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree else dict(os.environ)
     env.pop("TILEFEET_PRECISION", None)
     env.pop("TILEFEET_BACKEND", None)
-    code = "import sys, tilefeet; print(tilefeet.__file__); print(tilefeet.plan_segmentation(sys.argv[1], sys.argv[2]).describe())"
+    code = ("import json, sys, tilefeet; print(tilefeet.__file__); "
+            "print(tilefeet.plan_segmentation(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3])).describe())")
     proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", code, str(section), engine], capture_output=True, text=True, env=env, cwd=tree or ROOT
+        [sys.executable, "-W", "ignore", "-c", code, str(section), engine, json.dumps(options or {})], capture_output=True, text=True,
+        env=env, cwd=tree or ROOT,
     )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -66,9 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine", default="isbi-membrane")
     p.add_argument("--workdir", type=Path, default=Path("bench-work"))
     p.add_argument("--out", type=Path, default=None, help="JSON report (default: benchmarks/results/versus-<commit>-<size>.json)")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE,...",
+                   help="also time the working tree with these options (e.g. precision=int8,backend=openvino), alternating too")
     a = p.parse_args(argv)
     from tilefeet.bench import device_name, make_section
 
+    a.workdir = a.workdir.absolute()  # the earlier commit's processes run in its own folder
     a.workdir.mkdir(parents=True, exist_ok=True)
     section = make_section(a.workdir / f"texture-{a.size}.ome.zarr", a.size)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", a.against], capture_output=True, text=True, check=True).stdout.strip()
@@ -78,28 +83,34 @@ def main(argv: list[str] | None = None) -> None:
         old = Path(tmp)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        trees = {f"default at {commit}": old, f"default at {head} (working tree)": None}
+        trees: dict[str, tuple[Path | None, dict]] = {f"default at {commit}": (old, {}), f"default at {head} (working tree)": (None, {})}
+        for v in a.variant:
+            options = dict(kv.split("=", 1) for kv in v.split(","))
+            trees[f"{v} at {head} (working tree)"] = (None, options)
         report: dict = {
             "device": device_name("cpu"), "size": a.size, "megapixels": a.size**2 / 1e6, "engine": a.engine, "repeats": a.repeats,
-            "backend_lines": {name: dry_run(tree, section, a.engine) for name, tree in trees.items()}, "runs": {n: [] for n in trees},
+            "backend_lines": {name: dry_run(tree, section, a.engine, o) for name, (tree, o) in trees.items()}, "runs": {n: [] for n in trees},
         }
         for name, line in report["backend_lines"].items():
             print(f"{name}: {line}", flush=True)
         for r in range(a.repeats):
-            for name, tree in trees.items():
+            for name, (tree, options) in trees.items():
                 load = os.getloadavg()[0]
                 t0 = time.time()
-                result = job(tree, section, a.workdir / "out-versus.zarr", a.engine)
+                result = job(tree, section, a.workdir / "out-versus.zarr", a.engine, options)
                 result.update(load_at_start=load, started=t0)
                 report["runs"][name].append(result)
                 print(f"repeat {r + 1} {name}: {result['seconds']:.1f} s (load {load:.1f})", flush=True)
         medians = {n: statistics.median(x["seconds"] for x in runs) for n, runs in report["runs"].items()}
-        (old_name, new_name) = list(trees)
+        old_name, new_name, *variants = list(trees)
         report["median_seconds"] = medians
         report["speedup"] = medians[old_name] / medians[new_name]
+        report["speedups"] = {n: medians[old_name] / medians[n] for n in [new_name, *variants]}
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"median {old_name}: {medians[old_name]:.1f} s; {new_name}: {medians[new_name]:.1f} s; speed-up {report['speedup']:.2f}x -> {out_path}")
+    for n in [new_name, *variants]:
+        print(f"median {old_name}: {medians[old_name]:.1f} s; {n}: {medians[n]:.1f} s; speed-up {report['speedups'][n]:.2f}x")
+    print(f"-> {out_path}")
 
 
 if __name__ == "__main__":

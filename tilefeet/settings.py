@@ -24,7 +24,7 @@ BLENDS: tuple[str, ...] = ("gaussian", "cosine", "constant", "crop")
 OutputDtype = Literal["uint8", "float16", "float32"]
 OUTPUT_DTYPES: tuple[str, ...] = ("uint8", "float16", "float32")
 OUTPUT_GRIDS: tuple[str, ...] = ("input", "network")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16", "int8")
 TTA_CHOICES: tuple[int, ...] = (1, 2, 4, 8)
 #: Output block side when none is given: large blocks amortize the tiles straddling their borders.
 DEFAULT_BLOCK = 4096
@@ -60,7 +60,8 @@ class Settings:
     backend_options: tuple[tuple[str, Any], ...] = ()  #: backend-specific, e.g. (("compile", True),)
     device: str = "auto"
     #: "auto" (fp16 on a GPU with tensor cores where the accuracy guard passes, else fp32; on a CPU with native bf16, bf16 where it is faster and passes the
-    #: accuracy guard: tilefeet.runners.guard), "fp32", "fp16" or "bf16". :meth:`create` takes the
+    #: accuracy guard: tilefeet.runners.guard), "fp32", "fp16", "bf16" or "int8" (opt-in, OpenVINO on
+    #: the CPU: tilefeet.runners.quantize). :meth:`create` takes the
     #: default from ``$TILEFEET_PRECISION``.
     precision: str = "auto"
     threads: int | None = None  #: CPU threads for the network (None: the library's default)

@@ -40,8 +40,10 @@ from .onnx_export import export_onnx
 
 INSTALL = "pip install openvino"
 #: tilefeet precision -> OpenVINO inference precision hint, and the CPU capability it needs.
-HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
+#: OpenVINO's inference precision per tilefeet precision; int8 runs the quantized graph
+#: (:mod:`.quantize`), its few float operations in f32.
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
 
 
 def import_openvino():  # -> module
@@ -89,7 +91,7 @@ def capabilities() -> tuple[str, ...]:
 def precisions() -> tuple[str, ...]:
     """The tilefeet precisions OpenVINO runs natively on this CPU."""
     caps = capabilities()
-    return tuple(p for p in ("fp32", "bf16", "fp16") if CAPABILITY[p] in caps)
+    return tuple(p for p in ("fp32", "bf16", "fp16", "int8") if CAPABILITY[p] in caps)
 
 
 def version() -> str:
@@ -109,7 +111,7 @@ class OpenVinoRunner(Runner):
         if why:
             raise BackendUnavailableError(why)
         if spec.precision not in HINTS:
-            raise ConfigError(f"unknown precision {spec.precision!r}; use fp32 or bf16")
+            raise ConfigError(f"unknown precision {spec.precision!r}; use fp32, bf16 or int8")
         if CAPABILITY[spec.precision] not in capabilities():
             raise ConfigError(
                 f"openvino has no native {spec.precision} on this CPU (it has {', '.join(capabilities())}); use --precision fp32"
@@ -120,10 +122,15 @@ class OpenVinoRunner(Runner):
             raise ConfigError(
                 f"engine {bundle.name!r} takes batches of exactly {self.step}; use --batch-size {self.step} or a multiple of it"
             )
-        self.export = export_onnx(bundle, "fp32")  # OpenVINO applies the precision itself
+        self.export = export_onnx(bundle, "fp32")  # OpenVINO applies the precision itself ...
+        graph = self.export.path
+        if spec.precision == "int8":  # ... except int8, which needs the quantized graph
+            from .quantize import int8_graph
+
+            graph = int8_graph(bundle)
         self.shape = (self.step, bundle.in_channels, *spec.tile)
         self.cache = compile_cache(bundle, spec.precision, self.shape)
-        self.compiled = _compile(self.export.path, self.shape, spec.precision, self.threads, self.cache)
+        self.compiled = _compile(graph, self.shape, spec.precision, self.threads, self.cache)
         self.request = self.compiled.create_infer_request()
 
     @property

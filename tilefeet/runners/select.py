@@ -81,6 +81,8 @@ def choose(
         def pick(p: str) -> Choice:
             return replace(check_backend(prefer, dev, p, bundle=bundle) if prefer != "auto" else _on_gpu(dev, p, allowed), precision=p)
 
+        if precision == "int8":
+            raise ConfigError("--precision int8 runs on the CPU (OpenVINO); on a GPU use fp16 or bf16 (or auto)")
         if precision != "auto":
             return pick(precision)
         backend = pick(GPU_REDUCED).backend
@@ -89,7 +91,8 @@ def choose(
         return replace(choice, reason=f"{choice.reason}; {why}")
     if prefer != "auto":
         if precision != "auto":
-            return replace(check_backend(prefer, dev, precision, bundle=bundle), precision=precision)
+            choice = replace(check_backend(prefer, dev, precision, bundle=bundle), precision=precision)
+            return replace(choice, reason=f"{choice.reason}; {INT8_NOTE}") if precision == "int8" else choice
         check_backend(prefer, dev, "fp32", bundle=bundle)
         return _on_cpu(bundle, precision, batch_size, tile, cache, (prefer,), requested=prefer)
     return _on_cpu(bundle, precision, batch_size, tile, cache, allowed)
@@ -134,6 +137,12 @@ def check_backend(backend: str, device: torch.device, precision: str, *, bundle:
     if reason:
         raise BackendUnavailableError(reason)
     runs = _cpu_precisions().get(backend)
+    if device.type == "cpu" and precision == "int8" and backend != "openvino":
+        why = "its int8 graph ran slower than OpenVINO's here" if backend == "onnxruntime" else "it has no int8 path in tilefeet"
+        raise ConfigError(
+            f"tilefeet runs int8 on openvino, not {backend} ({why}); use --backend openvino, "
+            f"or --precision {' or '.join(runs or ['fp32'])}"
+        )
     if device.type == "cpu" and runs is not None and precision not in runs:
         alternative = CPU_CANDIDATES.get(precision, ())
         raise ConfigError(
@@ -247,7 +256,15 @@ def gpu_precision_choice(gpu: str, capability: tuple[int, int], guard: Any) -> t
 
 #: CPU backends that have kernels for each precision (torch has no fp16 convolutions on the CPU,
 #: ONNX Runtime's CPU provider no bf16 ones; OpenVINO's bf16 needs a CPU with native bf16).
-CPU_CANDIDATES = {"fp32": ("onnxruntime", "openvino", "torch"), "fp16": ("onnxruntime",), "bf16": ("openvino", "torch")}
+CPU_CANDIDATES = {
+    "fp32": ("onnxruntime", "openvino", "torch"), "fp16": ("onnxruntime",), "bf16": ("openvino", "torch"),
+    "int8": ("openvino",),  # opt-in (--precision int8): auto never considers it (tilefeet.runners.quantize)
+}
+#: What the plan says of ``--precision int8`` (:mod:`.quantize`).
+INT8_NOTE = (
+    "int8 as asked: the network quantized, calibrated on half the engine's check slices, and not checked by the "
+    "accuracy guard; --precision auto never chooses it (on isbi-membrane its probabilities move by up to 0.11)"
+)
 #: The reduced precision ``--precision auto`` considers on a CPU with native bf16.
 AUTO_REDUCED = "bf16"
 
@@ -319,6 +336,8 @@ def _on_cpu(
         raise BackendUnavailableError(f"no backend runs {what} on the {where}: " + "; ".join(skipped))
     if requested is None:
         notes = skipped + notes
+    if precision == "int8":
+        notes.append(INT8_NOTE)
     if len(combos) == 1:
         (backend, p), = combos
         if requested is not None:
