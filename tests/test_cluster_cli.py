@@ -329,14 +329,14 @@ def ctrl_c(cluster):
 
 
 def _job(tmp_path, slow_block: float, name: str):
-    """Three block tasks, then a last task that takes 2 s and leaves ``published`` (stdlib callables
-    only: the workers, started elsewhere, unpickle them)."""
+    """Three block tasks, then a last task that leaves ``published`` as it starts and runs 2 s
+    (stdlib callables only: the workers, started elsewhere, unpickle them)."""
     from dask import delayed
 
     blocks = [delayed(time.sleep, pure=False)(slow_block if i == 0 else 0.01, dask_key_name=f"tilefeet-block-{name}-{i}") for i in range(3)]
     (tmp_path / "3").mkdir()
     folder = delayed(os.path.join)(str(tmp_path), delayed(str)(delayed(len)(blocks)))
-    return delayed(subprocess.run)(["sh", "-c", "sleep 2 && touch published"], cwd=folder, check=True, dask_key_name=f"tilefeet-finalize-{name}")
+    return delayed(subprocess.run)(["sh", "-c", "touch published && sleep 2"], cwd=folder, check=True, dask_key_name=f"tilefeet-finalize-{name}")
 
 
 def test_ctrl_c_while_the_last_task_runs_lets_it_finish_and_says_so(cluster, ctrl_c, tmp_path, capsys):
@@ -361,11 +361,11 @@ def test_ctrl_c_before_the_last_task_cancels_the_job(cluster, ctrl_c, tmp_path):
 
     c = connect(scheduler_file=str(cluster[0]))
     try:
-        graph = _job(tmp_path, 3.0, "early")
+        graph = _job(tmp_path, 1.5, "early")
         ctrl_c(c, "tilefeet-block-early-0")
         with pytest.raises(Interrupted, match=r"cancelled .* rerun the same command with --resume"):
             c.compute(graph, progress=False, description="t", counts=lambda k: str(k).startswith("tilefeet-block"), kept="k")
-        time.sleep(5)  # the running block ends; the last task never starts
+        time.sleep(2.5)  # the running block ends at 1.5 s: the last task would have started (and left ``published``)
         assert not (tmp_path / "3" / "published").exists()
     finally:
         c.close()
