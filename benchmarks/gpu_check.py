@@ -17,7 +17,7 @@ versus-monai       100 s   ``tilefeet bench`` at 8192² against MONAI's sliding_
                            (its plain fp32 nn.Module, and on tilefeet's runner), I/O, pipeline
 runners            120 s   ``benchmarks/bench_runners.py --device cuda``: eager fp32 / TF32 / fp16 /
                            bf16, torch.compile, CUDA graphs (ONNX Runtime and TensorRT say why not)
-sweep               90 s   16384² (16 blocks), tilefeet alone: blocks in flight, batch, block size,
+sweep               90 s   16384² (16 blocks), tilefeet alone: the defaults, blocks in flight, batch, block size,
                            precision, CUDA graphs, torch.compile; fp16/bf16 outputs against fp32's
 pytest-compile     150 s   ``pytest -m gpu -k compile`` (each torch.compile case compiles)
 =================  ======  =====================================================================
@@ -145,6 +145,9 @@ class Settings:
     runner_only: str = r"^(?!torch\.compile fp(32|16)$)"
     sweep: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = (
         ("headline again", ()),
+        # What a user gets without options: eager torch and fp16 after the accuracy guard (its first
+        # check on this GPU falls inside this run), since the first H200 run.
+        ("the defaults (--backend auto --precision auto)", (("backend", "auto"), ("precision", "auto"))),
         ("4 blocks in flight", (("blocks_in_flight", 4),)),
         ("16 blocks in flight", (("blocks_in_flight", 16),)),
         ("batch 32", (("batch_size", 32),)),
