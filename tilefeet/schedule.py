@@ -278,12 +278,12 @@ def write_graph(
             if record in store.done:
                 continue
             zb = group[zs] if zs is not None else None
-            if level == 1 and fused and (block := below.get((zb, box.y0 // grid.block[0], box.x0 // grid.block[1]))) is not None:
-                level_tasks[(zb, box.y0 // grid.block[0], box.x0 // grid.block[1])] = block
+            cell = (zb, box.y0 // grid.block[0], box.x0 // grid.block[1])
+            if level == 1 and fused and cell in below:  # the block under it writes it
+                level_tasks[cell] = below[cell]
                 continue
             under = Box(2 * box.y0, 2 * box.x0, 2 * box.y1, 2 * box.x1)
             deps = [below[k] for yx in cells_under(grid_below, under) if (k := (zb, *yx)) in below]
-            cell = (zb, box.y0 // grid.block[0], box.x0 // grid.block[1])
             level_tasks[cell] = delayed(_pyramid_block, pure=False)(
                 store_leaf, level, box, record, zs, *deps, dask_key_name=f"tilefeet-{record}-{token}"
             )
