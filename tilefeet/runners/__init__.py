@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 
 from ..errors import BackendUnavailableError, ConfigError
 from ..geometry import Pair
+from ..profile import PROFILE
 
 __all__ = [
     "BACKENDS",
@@ -177,8 +178,6 @@ def get_runner(spec: RunnerSpec) -> Runner:
     """The runner for ``spec`` in this process, built on first use and then shared by all tasks.
     An "auto" spec is resolved once per process (:func:`resolve_spec`) and served by the runner of
     its concrete spec."""
-    from ..profile import PROFILE
-
     with _cache_lock:
         if spec not in _resolved:
             with PROFILE.stage("runner"):

@@ -72,10 +72,13 @@ def choose(
     """The backend, its options and the precision for a run, and why: ``prefer`` is the user's
     ``--backend`` ("auto", or a backend name, which is checked and kept), ``precision`` the user's
     ``--precision`` ("auto", or a precision, which is kept)."""
+    choice = _choose(bundle, device, precision, batch_size, (tile[0], tile[1]), prefer, cache or cache_dir())
+    return replace(choice, reason=f"{choice.reason}; {INT8_NOTE}") if choice.precision == "int8" else choice
+
+
+def _choose(bundle: Any, device: str, precision: str, batch_size: int, tile: tuple[int, int], prefer: str, cache: Path) -> Choice:
     dev = resolve_device(device)
     allowed = allowed_backends(bundle)
-    cache = cache or cache_dir()
-    tile = (tile[0], tile[1])
     if dev.type == "cuda":
 
         def pick(p: str) -> Choice:
@@ -91,8 +94,7 @@ def choose(
         return replace(choice, reason=f"{choice.reason}; {why}")
     if prefer != "auto":
         if precision != "auto":
-            choice = replace(check_backend(prefer, dev, precision, bundle=bundle), precision=precision)
-            return replace(choice, reason=f"{choice.reason}; {INT8_NOTE}") if precision == "int8" else choice
+            return replace(check_backend(prefer, dev, precision, bundle=bundle), precision=precision)
         check_backend(prefer, dev, "fp32", bundle=bundle)
         return _on_cpu(bundle, precision, batch_size, tile, cache, (prefer,), requested=prefer)
     return _on_cpu(bundle, precision, batch_size, tile, cache, allowed)
@@ -336,14 +338,13 @@ def _on_cpu(
         raise BackendUnavailableError(f"no backend runs {what} on the {where}: " + "; ".join(skipped))
     if requested is None:
         notes = skipped + notes
-    if precision == "int8":
-        notes.append(INT8_NOTE)
     if len(combos) == 1:
         (backend, p), = combos
         if requested is not None:
             why = f"--backend {requested} was requested; {p}" + (f" ({'; '.join(notes)})" if notes else "")
             return Choice(backend, (), why, p)
-        why = "; ".join(notes) or f"the only CPU backend with {p} kernels"
+        only = "tilefeet runs int8 on" if p == "int8" else f"with {p} kernels"  # onnxruntime has int8 kernels, slower here
+        why = "; ".join(notes) or f"the only CPU backend {only}"
         return Choice(backend, (), f"{backend} on the {where} ({why})", p)
     timing = measured_timing(bundle, combos, precision, batch_size, tile, cache)
     rates = timing["mpx_per_s"]

@@ -166,7 +166,7 @@ def _room_for_compiled_runners() -> None:
     (each precision, batch size, tile) adds an entry to one ``forward``'s cache, and past
     ``recompile_limit`` (8 by default) a ``fullgraph=True`` compile fails outright ("recompile limit
     exceeded"). A long-lived process (a Dask worker serving several engines and precisions, the GPU
-    tests) reaches 8 quickly. Raised, never lowered, under the process-wide lock of the caller."""
+    tests) reaches 8 quickly. Raised, never lowered: calling it again, from any thread, changes nothing."""
     import torch._dynamo
 
     config = torch._dynamo.config
