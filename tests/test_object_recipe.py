@@ -18,6 +18,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label
 
 from tilefeet.engine import load_engine, recipe_from_masks
+from tilefeet.errors import ConfigError
 from tilefeet.objects import label_objects, write_objects
 
 from .conftest import DATA
@@ -83,6 +84,22 @@ def test_the_recipe_is_found_by_the_engine_name_else_none(tmp_path):
     result = write_objects(other, block_size=64)
     np.testing.assert_array_equal(zarr.open_array(str(result.path / "0"), mode="r")[:], reference(mask))
     assert result.recipe == "the engine no-such-engine records no object recipe for this class: no min size, holes kept"
+
+
+def test_an_array_takes_the_recipe_of_the_engine_it_names(tmp_path):
+    """A library user's in-memory map (as the accuracy guard builds its objects): engine= applies that
+    engine's recipe as `tilefeet objects` would; a segment output refuses it (it records its own)."""
+    mask = mito_mask(160, 160)
+    mask[100:130, 100:130] = True
+    recipe = load_engine("lucchi-mito").raw["objects"]["mitochondrion"]
+    min_px = math.ceil(recipe["min_size_nm2"] / 25.0)
+    objects = label_objects(probs_for(mask), engine="lucchi-mito", class_name="mitochondrion", pixel_size_nm="5nm", block_size=64)
+    np.testing.assert_array_equal(objects.labels.compute(), reference(mask, fill=True, min_px=min_px))
+    plain = label_objects(probs_for(mask), class_name="mitochondrion", pixel_size_nm="5nm", block_size=64)
+    np.testing.assert_array_equal(plain.labels.compute(), reference(mask))
+    store = make_output(tmp_path / "seg.ome.zarr", probs_for(mask), chunk=32)
+    with pytest.raises(ConfigError, match="records its own engine"):
+        label_objects(store, engine="lucchi-mito")
 
 
 def test_a_stack_takes_the_recipe_per_section(tmp_path):

@@ -92,7 +92,7 @@ def segment(
     backend_option: list[str] = typer.Option([], "--backend-option", help="Backend option KEY=VALUE, e.g. compile=true (repeatable)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     precision: Optional[str] = typer.Option(
-        None, help="auto (default: fp16 on a GPU with tensor cores where the accuracy guard passes, else fp32; bf16 on a CPU that runs it natively, where faster and within the accuracy guard), fp32, fp16, bf16, int8 (opt-in: OpenVINO on a CPU with int8 dot products, calibrated on the engine's check slices)."
+        None, help="auto (default: fp16 on a GPU with tensor cores where the accuracy guard passes, else fp32; on a CPU the fastest of fp32, bf16 (where native) and int8 (OpenVINO, calibrated on the engine's check slices) that passes the accuracy guard), fp32, fp16, bf16, int8 (asked for: run without the guard)."
     ),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the network (default: all)."),
     blocks_in_flight: int = typer.Option(2, "--blocks-in-flight", help="Blocks in memory at once."),

@@ -67,6 +67,7 @@ def label_objects(
     min_z_extent: str | int | None = None,
     block_size: Any = None,
     measure: bool = True,
+    engine: str | os.PathLike | None = None,
     **advanced: Any,
 ) -> Objects:
     """Objects (connected components, 8-connected) or ``cells`` of a mask, exactly as if labelled whole.
@@ -81,6 +82,9 @@ def label_objects(
     of three values, e.g. ``"50,5,5nm"``) gives 3-D objects (``connectivity`` 6, 18 or 26, default
     26; ``min_size`` a volume such as ``"0.001um3"``; ``min_z_extent`` sections or a length): ids
     equal ``skimage.measure.label`` of the whole volume, the table is :mod:`.volume`'s.
+
+    ``engine`` (arrays only: a segment output records its own) applies that engine's object recipe
+    for ``class_name`` to the rules no argument sets, as ``tilefeet objects`` does.
     """
 
     settings = ObjectSettings.create(
@@ -88,6 +92,12 @@ def label_objects(
         block_size=block_size, connectivity=connectivity, min_z_extent=min_z_extent, **advanced,
     )
     mask, prob, scale, meta = _open(source, settings, probabilities, pixel_size_nm, origin_nm)
+    if engine is not None:
+        if isinstance(source, (str, os.PathLike)):
+            raise ConfigError("engine= applies an engine's object recipe to an array; a segment output records its own engine")
+        from .options import engine_recipe
+
+        meta = {**meta, "engine": str(engine), "recipe": engine_recipe(str(engine), meta["class_name"])}
     settings, recipe = resolve_recipe(settings, meta.get("recipe"), meta.get("engine"),
                                       z_spacing_nm=meta["spacing_nm"][0] if mask.ndim == 3 else None)
     if mask.ndim == 3:

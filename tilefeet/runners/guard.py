@@ -5,10 +5,19 @@ the engine carries, once per engine, backend, precision and processor (the CPU m
 
 The check runs the backend at the reduced precision and at fp32 on the engine's *check slices*
 (annotated images at the engine's pixel size, normalized as the engine's training data were) and
-records the largest probability difference and the pixel F1 of each against the ground truth. A
-precision whose F1 differs from fp32's by more than :data:`MAX_F1_CHANGE` fails, and ``--precision
-auto`` keeps fp32 (:mod:`.select`): bf16 on a CPU that runs it natively, fp16 on a GPU with tensor
-cores. The result is kept under ``$TILEFEET_CACHE/guard/``, keyed by the engine's fingerprint, the
+records how far the probabilities move (largest and 99th-percentile difference), the pixel F1 of
+each against the ground truth, how many labels change, and how far the objects built from them
+move (the engine's object recipe: cells for a membrane engine, objects otherwise; adapted Rand
+error of the reduced precision's against fp32's). A precision passes only if all three hold:
+
+* held-out F1 within :data:`MAX_F1_CHANGE` of fp32's (what the user measures);
+* labels agree with fp32's to an F1 of at least :data:`MIN_AGREEMENT` (what is written);
+* objects differ from fp32's by an adapted Rand error of at most :data:`MAX_OBJECTS_ARE` (what cell
+  seeds at p < 0.05 and object thresholds read: a probability change F1 does not see).
+
+Otherwise ``--precision auto`` keeps fp32 (:mod:`.select`): bf16 on a CPU that runs it natively, int8
+on the CPU (:mod:`.quantize`), fp16 on a GPU with tensor cores. int8 is calibrated on the first half
+of the check slices, so its check scores the second half only: the calibration never sees them. The result is kept under ``$TILEFEET_CACHE/guard/``, keyed by the engine's fingerprint, the
 backend, the precision, the processor and the library versions.
 
 Check slices, per engine:
@@ -48,8 +57,16 @@ from ..errors import InvalidEngineError
 #: The largest change of held-out F1 against fp32 that a reduced precision may make and still be
 #: chosen by ``--precision auto``.
 MAX_F1_CHANGE = 0.002
+#: The least agreement (pixel F1) of a reduced precision's labels with fp32's. Measured on
+#: isbi-membrane (benchmarks/bench_int8.py, and on Lucchi, which it never saw): bf16 0.999, int8
+#: with uint8 activations 0.996-0.997, int8 with int8 activations 0.966 (ruled out).
+MIN_AGREEMENT = 0.99
+#: The largest adapted Rand error of a reduced precision's objects against fp32's. Measured on
+#: Lucchi test slices (5 nm, outside both calibrations): isbi-membrane's cells bf16 0.0012, int8
+#: 0.0035; lucchi-mito's objects bf16 0.0002, int8 0.0003.
+MAX_OBJECTS_ARE = 0.01
 #: Bump when what the check measures changes, so old results are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -76,17 +93,27 @@ class Guard:
     class_name: str
     data: str  #: what the check slices are
     pixels: int
+    p99_abs_diff: float = float("nan")  #: 99th percentile of |p_reduced − p_fp32| of the checked class
+    objects: str = ""  #: what objects were compared: "cells" or "objects" (the engine's recipe)
+    objects_are: float = float("nan")  #: adapted Rand error of the reduced precision's objects against fp32's
     path: str = ""  #: where the result is cached
 
     @property
     def f1_change(self) -> float:
         return self.f1 - self.f1_fp32
 
+    def failures(self) -> list[str]:
+        """What fails the guard (empty when it passes)."""
+        return failures(self.f1, self.f1_fp32, self.agreement_f1, self.objects_are)
+
     def describe(self) -> str:
+        why = ", ".join(self.failures())
         verdict = "passes" if self.passed else "fails"
         return (
-            f"{self.backend} {self.precision} {verdict} the accuracy guard on {self.data}: {self.class_name} F1 {self.f1:.4f} vs "
-            f"fp32 {self.f1_fp32:.4f} (Δ {self.f1_change:+.4f}, limit ±{MAX_F1_CHANGE}), max |Δp| {self.max_abs_diff:.3f}"
+            f"{self.backend} {self.precision} {verdict} the accuracy guard on {self.data}{f' ({why})' if why else ''}: {self.class_name} F1 {self.f1:.4f} vs "
+            f"fp32 {self.f1_fp32:.4f} (Δ {self.f1_change:+.4f}, limit ±{MAX_F1_CHANGE}), labels agree {self.agreement_f1:.4f} "
+            f"(≥ {MIN_AGREEMENT}), {self.objects} ARE vs fp32 {self.objects_are:.4f} (≤ {MAX_OBJECTS_ARE}), "
+            f"|Δp| p99 {self.p99_abs_diff:.3f} max {self.max_abs_diff:.3f}"
         )
 
 
@@ -115,6 +142,10 @@ def check_precision(
     data = check_data(bundle)
     if data is None:
         return None
+    if precision == "int8":
+        data = unseen_by_calibration(data)
+        if data is None:
+            return None
     key = guard_key(bundle, backend, precision, device)
     path = (cache or cache_dir()) / "guard" / f"{key[:24]}.json"
 
@@ -127,6 +158,16 @@ def check_precision(
     doc = json.loads(path.read_text())
     fields = {k: doc[k] for k in Guard.__dataclass_fields__ if k in doc}
     return Guard(**{**fields, "path": str(path)})
+
+
+def unseen_by_calibration(data: CheckData) -> CheckData | None:
+    """The check slices int8's calibration does not see (the second half: :mod:`.quantize` calibrates
+    on the first), or ``None`` when there are fewer than two."""
+    half = len(data.images) // 2
+    if half == 0:
+        return None
+    return CheckData(data.images[half:], data.masks[half:], data.class_name,
+                     f"{data.description}, the last {len(data.images) - half} (int8 was calibrated on the first {half})")
 
 
 def guard_key(bundle: Any, backend: str, precision: str, device: str = "cpu") -> str:
@@ -148,6 +189,19 @@ def guard_key(bundle: Any, backend: str, precision: str, device: str = "cpu") ->
 def verdict(f1: float, f1_fp32: float) -> bool:
     """Whether a reduced precision's held-out F1 is close enough to fp32's (both rounded as reported)."""
     return abs(round(f1 - f1_fp32, 6)) <= MAX_F1_CHANGE
+
+
+def failures(f1: float, f1_fp32: float, agreement: float, objects_are: float) -> list[str]:
+    """Why a reduced precision fails the guard, one phrase per failed rule (empty: it passes). A
+    figure that could not be measured (NaN: no object in the check slices) fails nothing."""
+    out = []
+    if not verdict(f1, f1_fp32):
+        out.append(f"F1 moved by {f1 - f1_fp32:+.4f}")
+    if round(agreement, 6) < MIN_AGREEMENT:
+        out.append(f"labels agree {agreement:.4f} < {MIN_AGREEMENT}")
+    if objects_are == objects_are and round(objects_are, 6) > MAX_OBJECTS_ARE:
+        out.append(f"objects ARE {objects_are:.4f} > {MAX_OBJECTS_ARE}")
+    return out
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -183,14 +237,37 @@ def _measure(
     c = list(bundle.classes).index(data.class_name)
     reduced, full = _stitch(probs[precision], crops, data), _stitch(probs["fp32"], crops, data)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(reduced, full))
+    p99 = float(np.percentile(np.concatenate([np.abs(a[c] - b[c]).ravel() for a, b in zip(reduced, full)]), 99))
     truth = np.concatenate([m.ravel() for m in data.masks])
     lab_r = np.concatenate([(a[c] >= 0.5).ravel() for a in reduced])
     lab_f = np.concatenate([(a[c] >= 0.5).ravel() for a in full])
     f1, f1_fp32 = pixel_metrics(lab_r, truth).f1, pixel_metrics(lab_f, truth).f1
+    agreement = pixel_metrics(lab_r, lab_f).f1
+    kind, are = objects_change(bundle, data.class_name, [a[c] for a in reduced], [b[c] for b in full])
     return Guard(
-        backend=backend, precision=precision, passed=verdict(f1, f1_fp32), max_abs_diff=diff, f1=f1, f1_fp32=f1_fp32,
-        agreement_f1=pixel_metrics(lab_r, lab_f).f1, class_name=data.class_name, data=data.description, pixels=int(truth.size),
+        backend=backend, precision=precision, passed=not failures(f1, f1_fp32, agreement, are), max_abs_diff=diff, f1=f1,
+        f1_fp32=f1_fp32, agreement_f1=agreement, class_name=data.class_name, data=data.description, pixels=int(truth.size),
+        p99_abs_diff=p99, objects=kind, objects_are=are,
     )
+
+
+def objects_change(bundle: Any, class_name: str, reduced: list[np.ndarray], full: list[np.ndarray]) -> tuple[str, float]:
+    """What ``tilefeet objects`` would build from each map with the engine's recipe for the class
+    (cells where it records a cell recipe, else objects), and the adapted Rand error of the reduced
+    precision's against fp32's, averaged over the check slices (NaN where fp32 finds none)."""
+    from skimage.metrics import adapted_rand_error
+
+    from ..engine import engine_recipes
+    from ..objects.lazy import label_objects
+
+    cells = isinstance(engine_recipes(bundle.path).get(class_name, {}).get("cells"), dict)
+    errors = []
+    for r, f in zip(reduced, full):
+        ids = [np.asarray(label_objects(p, class_name=class_name, engine=bundle.path, pixel_size_nm=bundle.pixel_size_nm,
+                                        cells=cells, measure=False).labels) for p in (f, r)]
+        if ids[0].any():
+            errors.append(float(adapted_rand_error(ids[0], ids[1])[0]))
+    return ("cells" if cells else "objects"), (float(np.mean(errors)) if errors else float("nan"))
 
 
 Crop = tuple[int, int, int, int, int]  # image index, y, x, height, width of a tile's part inside its image

@@ -12,9 +12,11 @@ In order:
 ``--precision auto`` (the default) is fp16 on a GPU with tensor cores where the engine's accuracy
 guard passes at fp16 on that GPU (:func:`gpu_precision`), else fp32. On a CPU that runs bf16 natively (AMX or
 AVX-512 bf16: :func:`native_bf16`), the bf16 kernels of OpenVINO and torch are measured beside the
-fp32 ones, and a bf16 candidate that is faster than the fastest fp32 one is chosen only if it passes
-the accuracy guard (:mod:`.guard`: checked once on the engine's check slices, held-out F1 within
-0.002 of fp32's). An engine without check data, or a CPU without native bf16, runs fp32.
+fp32 ones; so is OpenVINO's int8 graph (:mod:`.quantize`) where OpenVINO has int8 kernels and the
+engine carries at least two check slices. A reduced-precision candidate faster than the fastest
+fp32 one is chosen only if it passes the accuracy guard (:mod:`.guard`: checked once on the engine's
+check slices: held-out F1 within 0.002 of fp32's, labels and objects that agree with fp32's); the
+fastest that passes wins. An engine without check data runs fp32.
 
 Only backends the bundle's network allows take part (``EngineBundle.backends``: an ONNX graph runs
 on ONNX Runtime, OpenVINO and TensorRT, TorchScript on torch); on a GPU without TensorRT, a bundle
@@ -73,7 +75,7 @@ def choose(
     ``--backend`` ("auto", or a backend name, which is checked and kept), ``precision`` the user's
     ``--precision`` ("auto", or a precision, which is kept)."""
     choice = _choose(bundle, device, precision, batch_size, (tile[0], tile[1]), prefer, cache or cache_dir())
-    return replace(choice, reason=f"{choice.reason}; {INT8_NOTE}") if choice.precision == "int8" else choice
+    return replace(choice, reason=f"{choice.reason}; {INT8_NOTE}") if precision == "int8" else choice
 
 
 def _choose(bundle: Any, device: str, precision: str, batch_size: int, tile: tuple[int, int], prefer: str, cache: Path) -> Choice:
@@ -260,12 +262,12 @@ def gpu_precision_choice(gpu: str, capability: tuple[int, int], guard: Any) -> t
 #: ONNX Runtime's CPU provider no bf16 ones; OpenVINO's bf16 needs a CPU with native bf16).
 CPU_CANDIDATES = {
     "fp32": ("onnxruntime", "openvino", "torch"), "fp16": ("onnxruntime",), "bf16": ("openvino", "torch"),
-    "int8": ("openvino",),  # opt-in (--precision int8): auto never considers it (tilefeet.runners.quantize)
+    "int8": ("openvino",),  # the quantized graph of tilefeet.runners.quantize
 }
-#: What the plan says of ``--precision int8`` (:mod:`.quantize`).
+#: What the plan says of ``--precision int8`` as asked (:mod:`.quantize`).
 INT8_NOTE = (
-    "int8 as asked: the network quantized, calibrated on half the engine's check slices, and not checked by the "
-    "accuracy guard; --precision auto never chooses it (on isbi-membrane its probabilities move by up to 0.11)"
+    "int8 as asked: the network quantized, calibrated on half the engine's check slices, and run without the "
+    "accuracy guard (--precision auto chooses it only where it is faster and passes the guard)"
 )
 #: The reduced precision ``--precision auto`` considers on a CPU with native bf16.
 AUTO_REDUCED = "bf16"
@@ -332,6 +334,11 @@ def _on_cpu(
             precisions.append(AUTO_REDUCED)
         else:
             notes.append("fp32: this CPU has no native bf16 (no AMX or AVX512_BF16)")
+        why_not = int8_unguardable(bundle)
+        if why_not is None:
+            precisions.append("int8")
+        else:
+            notes.append(why_not)
     combos, skipped = runnable_on_cpu(bundle, precisions, allowed, requested)
     if not combos:
         what = precision if precision != "auto" else "fp32"
@@ -367,11 +374,24 @@ def _on_cpu(
                 break
     versus = " vs ".join(f"{_label(*c)} {rates[_label(*c)]:.2f} Mpx/s" for c in ranked)
     head = f"{_label(*chosen)} is the fastest on the {where}" if requested is None else f"--backend {requested} was requested; {chosen[1]} is its fastest on the {where}"
-    if chosen[1] == "fp32" and precision == "auto" and any(c[1] != "fp32" for c in ranked[: ranked.index(chosen)]):
-        head = f"{_label(*chosen)} is the fastest at full precision on the {where}"
+    if precision == "auto" and any(c[1] != "fp32" for c in ranked[: ranked.index(chosen)]):  # faster ones not chosen
+        what = "at full precision" if chosen[1] == "fp32" else "that passes the accuracy guard"
+        head = f"{_label(*chosen)} is the fastest {what} on the {where}"
     reason = f"{head}: {versus}, measured on {batch_size}×{tile[0]}×{tile[1]} tiles ({timing['path']})"
     extra = guards + [n for n in notes if n]
     return Choice(chosen[0], (), reason + ("; " + "; ".join(extra) if extra else ""), chosen[1])
+
+
+def int8_unguardable(bundle: Any) -> str | None:
+    """Why ``--precision auto`` cannot consider int8 for ``bundle`` (``None`` when it can): int8 is
+    calibrated on half the engine's check slices and judged by the guard on the other half."""
+    from .guard import check_data
+
+    data = check_data(bundle)
+    n = 0 if data is None else len(data.images)
+    if n >= 2:
+        return None
+    return f"int8 not considered: it is calibrated on half the engine's check slices and judged on the other half, and {bundle.name!r} carries {n}"
 
 
 def runnable_on_cpu(
