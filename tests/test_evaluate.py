@@ -12,7 +12,7 @@ import pytest
 
 from tilefeet.convert import write_image, write_labels
 from tilefeet.errors import ConfigError, InputNotFoundError, InvalidImageError
-from tilefeet.evaluate import boundary_metrics_blockwise, evaluate, pixel_metrics_blockwise
+from tilefeet.evaluate import boundary_metrics_blockwise, evaluate, pixel_metrics_blockwise, tolerant_metrics_blockwise
 from tilefeet.metrics import (
     BoundaryMetrics,
     PixelMetrics,
@@ -21,6 +21,7 @@ from tilefeet.metrics import (
     mask_boundary,
     near,
     pixel_metrics,
+    tolerant_metrics,
 )
 
 from . import helpers
@@ -115,6 +116,19 @@ def test_boundary_shift_inside_and_outside_the_tolerance():
     assert near.recall == near.precision == pytest.approx(60 / 96)
 
 
+def test_tolerant_pixel_scores_forgive_a_membrane_drawn_one_pixel_off():
+    """A membrane (2 px wall) drawn 1 px to the side: exact pixel F1 0.5, within 1 px all right;
+    2 px to the side is wrong within 1 px too (its pixels lie 2 px from the nearest true one)."""
+    t = walls(cols=(20,))
+    one, two = np.roll(t, 1, axis=1), np.roll(t, 2, axis=1)
+    assert pixel_metrics(one, t).f1 == pytest.approx(0.5)
+    assert tolerant_metrics(one, t, 1.0).f1 == 1.0 and tolerant_metrics(one, t, 0).f1 == pytest.approx(0.5)
+    off = tolerant_metrics(two, t, 1.0)
+    assert off.precision == off.recall == pytest.approx(0.5)  # half of each wall is 1 px from the other's, half 2 px
+    assert tolerant_metrics(two, t, 2.0).f1 == 1.0
+    assert tolerant_metrics(t, t, 1.0).f1 == 1.0 and tolerant_metrics(np.zeros_like(t), t, 1.0).f1 == 0.0
+
+
 # --------------------------------------------------------------------------- instance metrics
 
 
@@ -180,6 +194,7 @@ def test_blockwise_counts_equal_in_memory(chunks):
     assert pixel_metrics_blockwise(p, t) == pixel_metrics(pred, truth)
     for tol in (0, 1, 2.5):
         assert boundary_metrics_blockwise(p, t, tol) == boundary_metrics(pred, truth, tol)
+        assert tolerant_metrics_blockwise(p, t, tol) == tolerant_metrics(pred, truth, tol)
 
 
 def test_to_dict_round_trips_through_json():

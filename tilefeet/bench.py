@@ -221,16 +221,29 @@ BASELINES = ("io", "pipeline", "backends", "monai", "monai-runner")
 
 def backend_contenders(bundle: Any, device: str = "auto") -> list[tuple[str, str]]:
     """Every ``(backend, precision)`` that runs ``bundle`` on this machine's CPU (fp32 everywhere; bf16
-    where the CPU runs it natively): what ``--baseline backends`` times, each as a tilefeet job.
-    Nothing on a GPU (``benchmarks/gpu_check.py`` sweeps the GPU's)."""
+    where the CPU runs it natively; int8 where OpenVINO has it and the engine carries check slices to
+    calibrate on): what ``--baseline backends`` times, each as a tilefeet job. Nothing on a GPU
+    (``benchmarks/gpu_check.py`` sweeps the GPU's)."""
     from .device import resolve_device
-    from .runners.select import AUTO_REDUCED, allowed_backends, native_bf16, runnable_on_cpu
+    from .runners.select import AUTO_REDUCED, allowed_backends, int8_unguardable, native_bf16, runnable_on_cpu
 
     if resolve_device(device).type != "cpu":
         return []
-    precisions = ["fp32"] + ([AUTO_REDUCED] if native_bf16() else [])
+    precisions = ["fp32"] + ([AUTO_REDUCED] if native_bf16() else []) + (["int8"] if int8_unguardable(bundle) is None else [])
     combos, _ = runnable_on_cpu(bundle, precisions, allowed_backends(bundle), None)
     return sorted(combos, key=lambda c: (c[1], c[0]))
+
+
+def torch_precision(bundle: Any, options: dict, tile: int) -> str:
+    """The precision of MONAI's job on tilefeet's torch runner: the run's where torch has it, else
+    what ``--precision auto`` chooses for torch (int8 is OpenVINO's only)."""
+    precision = str(options.get("precision", "fp32"))
+    if precision in ("fp32", "fp16", "bf16"):
+        return precision
+    from .runners.select import choose
+
+    return choose(bundle, device=options.get("device", "auto"), precision="auto", batch_size=options.get("batch_size", 4),
+                  tile=(tile, tile), prefer="torch").precision
 
 
 def benchmark(
@@ -319,8 +332,10 @@ def benchmark(
                 if (b, p) == (options.get("backend"), options.get("precision")) and not options.get("backend_options"):
                     continue  # the default run is this one
                 jobs.append((f"{b} {p}", "tilefeet", engine, {**options, "backend": b, "precision": p, "backend_options": []}, {}))
-        elif name.startswith("monai"):
-            jobs.append((name, "monai", engine, options, {"model": "runner" if name == "monai-runner" else "plain"}))
+        elif name == "monai-runner":
+            jobs.append((name, "monai", engine, {**options, "precision": torch_precision(bundle, options, tile)}, {"model": "runner"}))
+        elif name == "monai":
+            jobs.append((name, "monai", engine, options, {"model": "plain"}))
         else:
             jobs.append((name, name, engine, options, {}))
     runs: dict[str, list[dict]] = {}

@@ -458,7 +458,7 @@ def bench(
     block_size: int = typer.Option(4096, "--block-size"),
     backend: str = typer.Option("auto"),
     device: str = typer.Option("auto"),
-    precision: str = typer.Option("auto", help="auto (tilefeet's default), fp32, fp16, bf16."),
+    precision: str = typer.Option("auto", help="auto (tilefeet's default), fp32, fp16, bf16, int8."),
     blocks_in_flight: int = typer.Option(2, "--blocks-in-flight"),
     repeats: int = typer.Option(1, help="Runs per job, the jobs alternating; the median run counts."),
     profile: bool = typer.Option(False, "--profile", help="Also time tilefeet stage by stage (a second, synchronized run) and the device's busy fraction."),

@@ -41,6 +41,7 @@ from .metrics import (
     boundary_codes,
     instance_metrics,
     pixel_codes,
+    tolerant_codes,
 )
 from .storage import Url, is_url, join
 
@@ -66,6 +67,7 @@ class EvaluateOptions:
     threshold: float | None = None  #: score the prediction's probabilities ``>= threshold``, not its labels
     truth_foreground: tuple[float, ...] | None = None  #: truth values inside the class (default: non-zero)
     tolerance_px: float = 2.0  #: boundary pixels this close (Euclidean, px) to the other's count as right
+    pixel_tolerance_px: float = 1.0  #: the tolerant pixel scores: class pixels this close to the other's count as right
     instances: Instances = "none"  #: objects: components of the mask, of its complement, or not scored
     ignore_border_px: int = 0  #: score only the region this far inside the image edges
     max_instance_pixels: int = MAX_INSTANCE_PIXELS  #: refuse instance scores above this many pixels
@@ -90,6 +92,8 @@ class EvaluateOptions:
             raise ConfigError(f"--threshold must be a probability between 0 and 1, got {self.threshold}")
         if not self.tolerance_px >= 0:
             raise ConfigError(f"--tolerance must be 0 or more pixels, got {self.tolerance_px}")
+        if not self.pixel_tolerance_px >= 0:
+            raise ConfigError(f"--pixel-tolerance must be 0 or more pixels, got {self.pixel_tolerance_px}")
         if self.ignore_border_px < 0:
             raise ConfigError(f"--ignore-border must be 0 or more pixels, got {self.ignore_border_px}")
         if self.max_instance_pixels < 1:
@@ -134,6 +138,21 @@ def boundary_metrics_blockwise(pred: Any, truth: Any, tolerance_px: float = 2.0)
     """Boundary scores of two dask (or numpy) boolean masks, block by block with a halo (out of core);
     equal to :func:`boundary_metrics` on the whole arrays."""
     return BoundaryMetrics.from_histogram(_boundary_histogram(*_aligned(pred, truth), tolerance_px).compute(), tolerance_px)
+
+
+def tolerant_metrics_blockwise(pred: Any, truth: Any, tolerance_px: float = 1.0) -> BoundaryMetrics:
+    """Pixel scores within a tolerance (:func:`~tilefeet.metrics.tolerant_metrics`) of two dask (or
+    numpy) boolean masks, block by block with a halo; equal to it on the whole arrays."""
+    return BoundaryMetrics.from_histogram(_tolerant_histogram(*_aligned(pred, truth), tolerance_px).compute(), tolerance_px)
+
+
+def _tolerant_histogram(pred: Any, truth: Any, tolerance_px: float) -> Any:
+    import dask.array as da
+
+    halo = math.ceil(tolerance_px)  # every pixel within the tolerance of an own pixel
+    depth = {0: 0, 1: halo, 2: halo} if pred.ndim == 3 else halo
+    codes = da.map_overlap(tolerant_codes, pred, truth, depth=depth, boundary="none", dtype=np.uint8, tolerance_px=tolerance_px)
+    return _summed_histograms(codes, 16)
 
 
 def _boundary_histogram(pred: Any, truth: Any, tolerance_px: float) -> Any:
@@ -441,6 +460,7 @@ class Evaluation:
     pixel: PixelMetrics
     boundary: BoundaryMetrics
     instances: InstanceMetrics | None
+    tolerant: BoundaryMetrics | None = None  #: pixel scores within ``options.pixel_tolerance_px``
     objects: Any = None  #: :class:`tilefeet.objects.match.ObjectScores` with ``--objects`` or ``--cells``
     cells: InstanceMetrics | None = None  #: ARE and VI of the cells with ``--cells``
     objects_source: str = ""  #: what the predicted objects are (a stored layer, or how they were made)
@@ -471,6 +491,7 @@ class Evaluation:
             "connectivity": self.connectivity,
             "options": asdict(self.options),
             "pixel": self.pixel.to_dict(),
+            "pixel_tolerant": self.tolerant.to_dict() if self.tolerant else None,
             "boundary": self.boundary.to_dict(),
             "instances": self.instances.to_dict() if self.instances else None,
             "objects": {**self.objects.to_dict(), "predicted": self.objects_source} if self.objects else None,
@@ -486,6 +507,7 @@ def evaluate(
     threshold: float | None = None,
     truth_foreground: str | Sequence[float] | float | None = None,
     tolerance_px: float = 2.0,
+    pixel_tolerance_px: float = 1.0,
     instances: str = "none",
     ignore_border_px: int = 0,
     max_instance_pixels: int = MAX_INSTANCE_PIXELS,
@@ -514,6 +536,7 @@ def evaluate(
         threshold=threshold,
         truth_foreground=truth_foreground,
         tolerance_px=float(tolerance_px),
+        pixel_tolerance_px=float(pixel_tolerance_px),
         instances=instances,
         ignore_border_px=int(ignore_border_px),
         max_instance_pixels=int(max_instance_pixels),
@@ -559,11 +582,11 @@ def score_chunks(depth: int, shape: Pair) -> tuple[int, ...]:
 def _score(pred_source: str, truth_source: str, region: Box, opts: EvaluateOptions, p: Any, t: Any) -> Evaluation:
     import dask.threaded
 
-    lazy = [_pixel_histogram(p, t), _boundary_histogram(p, t, opts.tolerance_px)]
+    lazy = [_pixel_histogram(p, t), _boundary_histogram(p, t, opts.tolerance_px), _tolerant_histogram(p, t, opts.pixel_tolerance_px)]
     if opts.instances != "none":
         lazy += [p, t]  # computed with the counts, so the inputs are read once
     out = dask.compute(*lazy, scheduler=dask.threaded.get)
-    inst = instance_metrics(out[2], out[3], opts.instances, opts.connectivity) if opts.instances != "none" else None  # type: ignore[arg-type]
+    inst = instance_metrics(out[3], out[4], opts.instances, opts.connectivity) if opts.instances != "none" else None  # type: ignore[arg-type]
     return Evaluation(
         pred_source,
         truth_source,
@@ -572,6 +595,7 @@ def _score(pred_source: str, truth_source: str, region: Box, opts: EvaluateOptio
         PixelMetrics.from_histogram(out[0]),
         BoundaryMetrics.from_histogram(out[1], opts.tolerance_px),
         inst,
+        tolerant=BoundaryMetrics.from_histogram(out[2], opts.pixel_tolerance_px),
     )
 
 

@@ -4,6 +4,8 @@
 family     question                                              scores
 =========  ====================================================  ==================================
 pixel      do the right pixels carry the class?                  precision, recall, F1 (= Dice), IoU
+tolerant   ... within a pixel or so? (thin membranes)           precision, recall, F1 of pixels
+                                                                 matched within ``pixel_tolerance_px``
 boundary   are the outlines in the right place, ± a tolerance?   precision, recall, F1 of boundary
                                                                  pixels matched within ``tolerance_px``
 instances  are objects split or merged?                          adapted Rand error (SNEMI3D), Rand
@@ -173,12 +175,32 @@ def boundary_codes(pred: np.ndarray, truth: np.ndarray, tolerance_px: float) -> 
     A stack's (z, y, x) masks: each section's codes, of its own outlines."""
     if np.ndim(pred) == 3:
         return np.stack([boundary_codes(p, t, tolerance_px) for p, t in zip(pred, truth)]).reshape(np.shape(pred))
-    pb, tb = mask_boundary(pred), mask_boundary(truth)
+    return matched_codes(mask_boundary(pred), mask_boundary(truth), tolerance_px)
+
+
+def tolerant_codes(pred: np.ndarray, truth: np.ndarray, tolerance_px: float) -> np.ndarray:
+    """:func:`boundary_codes` of the masks themselves, not their outlines: 1 predicted pixel, 2 ...
+    within ``tolerance_px`` of a true pixel, 4 true pixel, 8 ... within it of a predicted pixel. For
+    thin structures (membranes) whose annotation is itself a pixel or two uncertain. A stack: per
+    section."""
+    if np.ndim(pred) == 3:
+        return np.stack([tolerant_codes(p, t, tolerance_px) for p, t in zip(pred, truth)]).reshape(np.shape(pred))
+    return matched_codes(np.asarray(pred, bool), np.asarray(truth, bool), tolerance_px)
+
+
+def matched_codes(pb: np.ndarray, tb: np.ndarray, tolerance_px: float) -> np.ndarray:
+    """The four flags of :func:`boundary_codes` for two sets of pixels."""
     codes = pb.astype(np.uint8)
     codes |= (pb & near(tb, tolerance_px)).astype(np.uint8) << 1
     codes |= tb.astype(np.uint8) << 2
     codes |= (tb & near(pb, tolerance_px)).astype(np.uint8) << 3
     return codes
+
+
+def tolerant_metrics(pred: np.ndarray, truth: np.ndarray, tolerance_px: float = 1.0) -> BoundaryMetrics:
+    """Pixel scores within a tolerance (:func:`tolerant_codes`) of two in-memory boolean masks: the
+    counts are those of :class:`BoundaryMetrics`, of pixels instead of outline pixels."""
+    return BoundaryMetrics.from_histogram(code_counts(tolerant_codes(pred, truth, tolerance_px), 16), tolerance_px)
 
 
 def boundary_metrics(pred: np.ndarray, truth: np.ndarray, tolerance_px: float = 2.0) -> BoundaryMetrics:

@@ -29,6 +29,9 @@ def evaluate_cmd(
         None, "--truth-foreground", help="Truth values inside the class, e.g. 0 for ISBI membranes or 1,2 (default: non-zero)."
     ),
     tolerance: float = typer.Option(2.0, help="Boundary tolerance in pixels."),
+    pixel_tolerance: float = typer.Option(
+        1.0, "--pixel-tolerance", help="Tolerant pixel scores: class pixels this close (px) to the other's count as right (thin membranes)."
+    ),
     instances: str = typer.Option(
         "none", help="Score objects: foreground (components of the mask), background (regions between membranes), or none."
     ),
@@ -47,7 +50,7 @@ def evaluate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
     storage_option: list[str] = typer.Option([], "--storage-option", help=STORAGE_HELP),
 ) -> None:
-    """Score a prediction against ground truth: pixel F1/Dice and IoU, boundary F1, instance ARE and VI."""
+    """Score a prediction against ground truth: pixel F1/Dice and IoU, pixel F1 within a pixel, boundary F1, instance ARE and VI."""
     from ..evaluate import evaluate
     from ..storage import default_storage_options, parse_storage_options
 
@@ -59,6 +62,7 @@ def evaluate_cmd(
             threshold=threshold,
             truth_foreground=truth_foreground,
             tolerance_px=tolerance,
+            pixel_tolerance_px=pixel_tolerance,
             instances=instances,
             ignore_border_px=ignore_border,
             max_instance_pixels=max_pixels,
@@ -83,6 +87,8 @@ def format_table(ev: Evaluation) -> str:
         "",
         f"{'':24s}{'precision':>10s}{'recall':>10s}{'F1':>10s}{'IoU':>10s}",
         f"{pixel:24s}{ev.pixel.precision:10.4f}{ev.pixel.recall:10.4f}{ev.pixel.f1:10.4f}{ev.pixel.iou:10.4f}",
+        *([f"{pixel.split(' (')[0] + f' (≤ {ev.tolerant.tolerance_px:g} px)':24s}{ev.tolerant.precision:10.4f}{ev.tolerant.recall:10.4f}"
+           f"{ev.tolerant.f1:10.4f}{'':>10s}"] if ev.tolerant else []),
         f"{boundary:24s}{b.precision:10.4f}{b.recall:10.4f}{b.f1:10.4f}{'':>10s}",
     ]
     i = ev.instances
