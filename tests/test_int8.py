@@ -40,7 +40,7 @@ def test_the_guard_judges_int8_on_check_slices_its_calibration_never_saw(isbi, t
     guard = check_precision(isbi, "openvino", "int8", batch_size=2, cache=tmp_path)
     assert guard is not None and guard.pixels == 3 * 512 * 512 and "the last 3 (int8 was calibrated on the first 3)" in guard.data
     assert guard.passed and abs(guard.f1_change) <= 0.002 and guard.agreement_f1 >= 0.99, guard.describe()
-    assert guard.objects == "cells" and 0 < guard.objects_are <= 0.01  # cells moved a little: int8 did run
+    assert guard.objects.startswith("cells (watershed from seeds below p 0.05") and 0 < guard.objects_are <= 0.01  # int8 did run
     assert 0 < guard.p99_abs_diff <= 0.03
 
 

@@ -87,7 +87,7 @@ def test_the_recipe_is_found_by_the_engine_name_else_none(tmp_path):
 
 
 def test_an_array_takes_the_recipe_of_the_engine_it_names(tmp_path):
-    """A library user's in-memory map (as the accuracy guard builds its objects): engine= applies that
+    """A library user's in-memory map (tilefeet.segment's, say): engine= applies that
     engine's recipe as `tilefeet objects` would; a segment output refuses it (it records its own)."""
     mask = mito_mask(160, 160)
     mask[100:130, 100:130] = True

@@ -138,7 +138,7 @@ def test_the_guard_also_bounds_changed_labels_and_objects():
     """F1 against the truth can stay while labels and cells move (errors that cancel; seeds at p < 0.05
     that a label threshold of 0.5 does not see): each rule fails on its own, and says which."""
     assert (MIN_AGREEMENT, MAX_OBJECTS_ARE) == (0.99, 0.01)
-    assert failures(0.8059, 0.8063, 0.9971, 0.0029) == []  # isbi-membrane int8 on this project's CPU
+    assert failures(0.8059, 0.8063, 0.9971, 0.0055) == []  # isbi-membrane int8 on this project's CPU
     assert failures(0.8, 0.8, 0.99, 0.01) == [] and failures(0.8, 0.8, 0.99, float("nan")) == []  # no objects: no rule
     assert failures(0.8, 0.8, 0.9899, 0.0) == ["labels agree 0.9899 < 0.99"]
     assert failures(0.8, 0.8, 1.0, 0.0101) == ["objects ARE 0.0101 > 0.01"]

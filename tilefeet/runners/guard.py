@@ -7,8 +7,8 @@ The check runs the backend at the reduced precision and at fp32 on the engine's 
 (annotated images at the engine's pixel size, normalized as the engine's training data were) and
 records how far the probabilities move (largest and 99th-percentile difference), the pixel F1 of
 each against the ground truth, how many labels change, and how far the objects built from them
-move (the engine's object recipe: cells for a membrane engine, objects otherwise; adapted Rand
-error of the reduced precision's against fp32's). A precision passes only if all three hold:
+move (:func:`objects_change`: cells for an engine with a cell recipe, objects otherwise; adapted
+Rand error of the reduced precision's against fp32's). A precision passes only if all three hold:
 
 * held-out F1 within :data:`MAX_F1_CHANGE` of fp32's (what the user measures);
 * labels agree with fp32's to an F1 of at least :data:`MIN_AGREEMENT` (what is written);
@@ -61,9 +61,10 @@ MAX_F1_CHANGE = 0.002
 #: isbi-membrane (benchmarks/bench_int8.py, and on Lucchi, which it never saw): bf16 0.999, int8
 #: with uint8 activations 0.996-0.997, int8 with int8 activations 0.966 (ruled out).
 MIN_AGREEMENT = 0.99
-#: The largest adapted Rand error of a reduced precision's objects against fp32's. Measured on
-#: Lucchi test slices (5 nm, outside both calibrations): isbi-membrane's cells bf16 0.0012, int8
-#: 0.0035; lucchi-mito's objects bf16 0.0002, int8 0.0003.
+#: The largest adapted Rand error of a reduced precision's objects (:func:`objects_change`) against
+#: fp32's. Measured on isbi-membrane's check slices: cells bf16 0.0005, int8 0.0055; with the full
+#: ``tilefeet objects`` on Lucchi test slices (5 nm, outside both calibrations): isbi-membrane's
+#: cells bf16 0.0012, int8 0.0035; lucchi-mito's objects bf16 0.0002, int8 0.0003.
 MAX_OBJECTS_ARE = 0.01
 #: Bump when what the check measures changes, so old results are not reused.
 FORMAT_VERSION = 2
@@ -94,7 +95,7 @@ class Guard:
     data: str  #: what the check slices are
     pixels: int
     p99_abs_diff: float = float("nan")  #: 99th percentile of |p_reduced − p_fp32| of the checked class
-    objects: str = ""  #: what objects were compared: "cells" or "objects" (the engine's recipe)
+    objects: str = ""  #: what objects were compared: cells or objects, by the engine's recipe (:func:`objects_change`)
     objects_are: float = float("nan")  #: adapted Rand error of the reduced precision's objects against fp32's
     path: str = ""  #: where the result is cached
 
@@ -252,22 +253,46 @@ def _measure(
 
 
 def objects_change(bundle: Any, class_name: str, reduced: list[np.ndarray], full: list[np.ndarray]) -> tuple[str, float]:
-    """What ``tilefeet objects`` would build from each map with the engine's recipe for the class
-    (cells where it records a cell recipe, else objects), and the adapted Rand error of the reduced
-    precision's against fp32's, averaged over the check slices (NaN where fp32 finds none)."""
+    """How far what is built from each map with the engine's recipe for the class moves: the
+    adapted Rand error of the reduced precision's objects against fp32's, averaged over the check
+    slices (NaN where fp32 finds none), and what was compared.
+
+    Where the engine records a cell recipe: cells, scikit-image's watershed of the probabilities from
+    the seeds below the recipe's seed threshold (what ``tilefeet objects --cells`` floods from;
+    whole-image and without its merge step: this layer sits below :mod:`tilefeet.objects`, and
+    the seeds are what a small probability change moves). Otherwise objects: the 8-connected
+    components of the labels, with the recipe's minimum size and hole filling."""
+    from scipy import ndimage as ndi
+    from skimage.measure import label
     from skimage.metrics import adapted_rand_error
+    from skimage.segmentation import watershed
 
     from ..engine import engine_recipes
-    from ..objects.lazy import label_objects
 
-    cells = isinstance(engine_recipes(bundle.path).get(class_name, {}).get("cells"), dict)
+    recipe = engine_recipes(bundle.path).get(class_name, {})
+    recipe = recipe if isinstance(recipe, dict) else {}
+    cells = recipe.get("cells") if isinstance(recipe.get("cells"), dict) else None
+    area = float(np.prod(bundle.pixel_size_nm))
+
+    def build(p: np.ndarray) -> np.ndarray:
+        if cells is not None:
+            return np.asarray(watershed(p, label(p < float(cells.get("seed_threshold", 0.05)), connectivity=1)))
+        mask = p >= 0.5
+        if recipe.get("fill_holes"):
+            mask = ndi.binary_fill_holes(mask)
+        ids = np.asarray(label(mask, connectivity=2))
+        small = np.bincount(ids.ravel()) < float(recipe.get("min_size_nm2", 0.0)) / area  # objects below the minimum area
+        small[0] = False
+        ids[small[ids]] = 0
+        return ids
+
     errors = []
     for r, f in zip(reduced, full):
-        ids = [np.asarray(label_objects(p, class_name=class_name, engine=bundle.path, pixel_size_nm=bundle.pixel_size_nm,
-                                        cells=cells, measure=False).labels) for p in (f, r)]
-        if ids[0].any():
-            errors.append(float(adapted_rand_error(ids[0], ids[1])[0]))
-    return ("cells" if cells else "objects"), (float(np.mean(errors)) if errors else float("nan"))
+        ids_f, ids_r = build(f), build(r)
+        if ids_f.any():
+            errors.append(float(adapted_rand_error(ids_f, ids_r)[0]))
+    kind = f"cells (watershed from seeds below p {float(cells.get('seed_threshold', 0.05)):g})" if cells is not None else "objects"
+    return kind, (float(np.mean(errors)) if errors else float("nan"))
 
 
 Crop = tuple[int, int, int, int, int]  # image index, y, x, height, width of a tile's part inside its image
