@@ -95,6 +95,8 @@ def summarize(runs: list[dict]) -> list[dict]:
         rows.append({"recipe": name, "varies": varies, **options, "slices": len(done), "f1_per_slice": f1,
                      "mean_f1": float(np.mean([r["lucchi_f1"] for r in done])),
                      "mean_boundary_f1": float(np.mean([r["lucchi_boundary_f1"] for r in done])),
+                     "mean_f1_1px": (float(np.mean([r["lucchi_f1_1px"] for r in done]))
+                                     if all(r.get("lucchi_f1_1px") is not None for r in done) else None),
                      "mean_are": float(np.mean([r["lucchi_are"] for r in done])),
                      "mean_train_minutes": float(np.mean([r["train_seconds"] for r in done])) / 60,
                      "mean_train_cpu_minutes": float(np.mean([r["train_cpu_seconds"] for r in done])) / 60})
@@ -186,11 +188,11 @@ def main() -> None:
                 run = fine_tune(spec, Path(d) / "engine", RECIPES[name][1], args.seed, args.threads)
                 s = score_lucchi(targets, run.pop("bundle"), threads=args.threads)
             entry = {"recipe": name, "slice": k, "seed": args.seed, **RECIPES[name][1], **run,
-                     "lucchi_f1": s["f1"], "lucchi_iou": s["iou"], "lucchi_boundary_f1": s["boundary_f1"],
+                     "lucchi_f1": s["f1"], "lucchi_f1_1px": s.get("f1_1px"), "lucchi_iou": s["iou"], "lucchi_boundary_f1": s["boundary_f1"],
                      "lucchi_are": s["adapted_rand_error"], "lucchi_membrane_fraction": s["membrane_fraction"]}
             doc["runs"] = [r for r in doc["runs"] if (r["recipe"], r["slice"], r["seed"]) != (name, k, args.seed)] + [entry]
             save()
-            print(f"{name:<18} {k}: F1 {s['f1']:.4f}  boundary F1 {s['boundary_f1']:.4f}  ARE {s['adapted_rand_error']:.3f}  "
+            print(f"{name:<18} {k}: F1 {s['f1']:.4f}  within 1 px {s['f1_1px']:.4f}  boundary F1 {s['boundary_f1']:.4f}  ARE {s['adapted_rand_error']:.3f}  "
                   f"best step {run['best_step']}  {run['train_seconds'] / 60:.1f} min wall, {run['train_cpu_seconds'] / 60:.1f} CPU-min "
                   f"(load {run['load_average']:.1f})", flush=True)
     print(table(doc))
