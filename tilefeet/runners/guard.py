@@ -224,7 +224,7 @@ def _measure(
     from . import RunnerSpec, runner_class
 
     tile = bundle.fixed_tile or (bundle.tile, bundle.tile)
-    tiles, crops = _tiles(bundle, data, tile)
+    tiles, crops = check_tiles(bundle, data, tile)
     step = bundle.fixed_batch or batch_size
     options = (("threads", threads),) if threads else ()
     probs = {}
@@ -232,11 +232,11 @@ def _measure(
         spec = RunnerSpec(str(bundle.path), backend, device, p, step, tile, options)
         runner = runner_class(backend)(bundle, spec, f"accuracy guard of {precision}")
         try:
-            probs[p] = _run(runner, tiles, step)
+            probs[p] = run_tiles(runner, tiles, step)
         finally:
             runner.close()
     c = list(bundle.classes).index(data.class_name)
-    reduced, full = _stitch(probs[precision], crops, data), _stitch(probs["fp32"], crops, data)
+    reduced, full = stitch_tiles(probs[precision], crops, data), stitch_tiles(probs["fp32"], crops, data)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(reduced, full))
     p99 = float(np.percentile(np.concatenate([np.abs(a[c] - b[c]).ravel() for a, b in zip(reduced, full)]), 99))
     truth = np.concatenate([m.ravel() for m in data.masks])
@@ -298,7 +298,7 @@ def objects_change(bundle: Any, class_name: str, reduced: list[np.ndarray], full
 Crop = tuple[int, int, int, int, int]  # image index, y, x, height, width of a tile's part inside its image
 
 
-def _tiles(bundle: Any, data: CheckData, tile: tuple[int, int]) -> tuple[torch.Tensor, list[Crop]]:
+def check_tiles(bundle: Any, data: CheckData, tile: tuple[int, int]) -> tuple[torch.Tensor, list[Crop]]:
     """The check images cut into whole tiles (reflection-padded to a multiple of the tile), normalized
     as the engine's training data were."""
     th, tw = tile
@@ -317,14 +317,16 @@ def _tiles(bundle: Any, data: CheckData, tile: tuple[int, int]) -> tuple[torch.T
     return batch, crops
 
 
-def _run(runner: Any, tiles: torch.Tensor, step: int) -> np.ndarray:
+def run_tiles(runner: Any, tiles: torch.Tensor, step: int) -> np.ndarray:
+    """``runner`` on ``tiles`` in batches of ``step`` (the last one zero-padded), as numpy."""
     n = tiles.shape[0]
     pad = -n % step
     x = torch.cat([tiles, tiles.new_zeros((pad, *tiles.shape[1:]))]) if pad else tiles
     return np.concatenate([runner(x[i : i + step]).cpu().numpy() for i in range(0, x.shape[0], step)])[:n]
 
 
-def _stitch(probs: np.ndarray, crops: list[Crop], data: CheckData) -> list[np.ndarray]:
+def stitch_tiles(probs: np.ndarray, crops: list[Crop], data: CheckData) -> list[np.ndarray]:
+    """The tiles' probabilities put back into one ``(classes, H, W)`` map per check image."""
     out = [np.zeros((probs.shape[1], *img.shape), np.float32) for img in data.images]
     for p, (i, y, x, h, w) in zip(probs, crops):
         out[i][:, y : y + h, x : x + w] = p[:, :h, :w]

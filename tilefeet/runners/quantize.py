@@ -40,7 +40,7 @@ GRAPH_FILE = "model-int8.onnx"
 def calibration_tiles(bundle: Any) -> tuple[np.ndarray, str]:
     """The tiles int8 is calibrated on, ``(N, C, H, W)`` float32, and what they are: the first half
     of the engine's check slices (the second half stays unseen, for scoring)."""
-    from .guard import _tiles, check_data
+    from .guard import check_data, check_tiles
 
     data = check_data(bundle)
     if data is None or len(data.images) < 2:
@@ -51,7 +51,7 @@ def calibration_tiles(bundle: Any) -> tuple[np.ndarray, str]:
         )
     half = len(data.images) // 2
     first = type(data)(data.images[:half], data.masks[:half], data.class_name, data.description)
-    tiles, _ = _tiles(bundle, first, bundle.fixed_tile or (bundle.tile, bundle.tile))
+    tiles, _ = check_tiles(bundle, first, bundle.fixed_tile or (bundle.tile, bundle.tile))
     return tiles.numpy(), f"{data.description}: the first {half} of {len(data.images)}"
 
 
