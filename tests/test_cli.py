@@ -48,6 +48,30 @@ def test_quiet_after_the_command_too(tmp_path, capsys, small, random_engine):
     assert code == 0 and "wrote" in err and "tile evaluations" in err  # the next call is not quiet
 
 
+def test_quiet_ends_with_the_command(capsys):
+    """Found in CI, by random test order: a `-q` invocation left the process quiet, so a library
+    call after it (a test of the cluster's Ctrl-C note) printed nothing."""
+    from tilefeet import console
+
+    code, _, _ = run_cli(capsys, "-q", "engines")
+    assert code == 0 and not console.state.quiet
+    console.echo("a note")
+    assert capsys.readouterr().err == "a note\n"
+
+
+def test_ctrl_c_while_disconnecting_from_a_cluster_is_said_not_raised(capsys):
+    """Found in CI: Ctrl-C landing while the client disconnected, after the job had finished and the
+    output was complete, made the command report an interrupted run (exit 130)."""
+    from tilefeet.cluster import Cluster
+
+    class Client:
+        def close(self):
+            raise KeyboardInterrupt
+
+    Cluster(Client(), "tcp://127.0.0.1:1", {}).close()
+    assert "Ctrl-C while disconnecting from the cluster: the job had already ended" in capsys.readouterr().err
+
+
 def test_backend_auto_says_what_it_chose_and_why(tmp_path, capsys, small, random_engine):
     code, out, err = run_cli(capsys, "segment", small, tmp_path / "o.ome.zarr", "-e", random_engine.path, "--backend", "auto",
                              "--tile", "128", "--dry-run")

@@ -503,6 +503,15 @@ register_commands(app)
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: user errors become one line and exit status 2 (usage errors: click's, also 2)."""
     try:
+        return _main_once(argv)
+    finally:
+        # ``-q`` and ``-v`` are this invocation's: a library call later in the same process (a
+        # notebook, a test) prints its notes again.
+        console.reset()
+
+
+def _main_once(argv: Optional[list[str]]) -> int:
+    try:
         with warnings.catch_warnings():
             # The command line is the top level: our warnings are shown, once, as one line each
             # (catch_warnings restores both the filters and showwarning afterwards).

@@ -41,7 +41,7 @@ def configure(*, quiet: bool = False, verbose: bool = False) -> None:
 
 
 def reset() -> None:
-    """A fresh invocation (tests call the CLI many times in one process)."""
+    """A fresh invocation, or the end of one (tests call the CLI many times in one process)."""
     state.quiet = False
 
 
