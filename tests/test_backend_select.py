@@ -150,6 +150,37 @@ def test_auto_on_cpu_measures_every_backend_and_runs_the_fastest(bundle, tmp_pat
     assert runner(torch.zeros(2, 1, *TILE)).shape == (2, 1, *TILE)
 
 
+def test_a_candidate_that_fails_here_is_left_out_and_said(monkeypatch, tmp_path):
+    """An int8 graph the quantizer refuses (an imported network with an operator it cannot handle),
+    or a guard that cannot run, must not fail the default run: the next candidate runs, and the
+    plan says what was left out and why."""
+    from tilefeet.engine import load_engine
+
+    isbi = load_engine("isbi-membrane")
+    rates = {"openvino int8": 15.0, "openvino bf16": 9.0, "openvino fp32": 4.4, "onnxruntime fp32": 3.8}
+
+    def measure(backend, bundle, precision, *a, **k):
+        if precision == "int8":
+            raise RuntimeError("Unsupported operator\n  FancyOp in the graph")
+        return rates[f"{backend} {precision}"]
+
+    monkeypatch.setattr(select, "measure_mpx_per_s", measure)
+    monkeypatch.setattr(select, "native_bf16", lambda: "AVX512-BF16")
+    monkeypatch.setattr(select, "runnable_on_cpu", lambda bundle, precisions, *a: ([tuple(k.split()) for k in rates
+                                                                                    if k.split()[1] in precisions], []))
+
+    def guard(bundle, combo, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(select, "_guard", guard)
+    choice = choose(isbi, device="cpu", precision="auto", batch_size=4, tile=(512, 512), cache=tmp_path)
+    assert (choice.backend, choice.precision) == ("openvino", "fp32")
+    assert "openvino int8 left out: it failed here (RuntimeError: Unsupported operator FancyOp in the graph)" in choice.reason
+    assert "openvino bf16 not chosen: its accuracy guard failed here (disk full)" in choice.reason
+    again = choose(isbi, device="cpu", precision="auto", batch_size=4, tile=(512, 512), cache=tmp_path)
+    assert again.reason == choice.reason  # the failure is part of the cached measurement
+
+
 def test_the_measurement_is_cached(bundle, tmp_path, monkeypatch):
     measured = fake_rates(monkeypatch, {"onnxruntime": 3.0, "openvino": 2.0, "torch": 1.0})
     first = auto(bundle, tmp_path)

@@ -72,3 +72,18 @@ def test_int8_refusals_are_one_line(tmp_path, capsys, random_engine):
     code, _, err = run_cli(capsys, "segment", src, tmp_path / "o.ome.zarr", "--precision", "int8", "--backend", "onnxruntime")
     assert_one_line_error(code, err, "int8 on openvino", "--backend openvino")
     assert not (tmp_path / "o.ome.zarr").exists()
+
+
+def test_a_graph_the_quantizer_refuses_is_one_line(tmp_path, capsys, monkeypatch):
+    from tilefeet.runners import quantize
+
+    def refuse(*a, **k):
+        raise ValueError("Unsupported operator\nFancyOp")
+
+    monkeypatch.setattr(quantize, "quantize_graph", refuse)
+    monkeypatch.setattr(quantize, "FORMAT_VERSION", -1)  # a key of its own: not a graph another test built
+    src = _sample(tmp_path)
+    code, _, err = run_cli(capsys, "segment", src, tmp_path / "o.ome.zarr", "--precision", "int8", "--backend", "openvino")
+    assert_one_line_error(code, err, "could not be quantized to int8", "Unsupported operator FancyOp", "--precision bf16 or fp32")
+    assert not (tmp_path / "o.ome.zarr").exists()
+

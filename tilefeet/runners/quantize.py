@@ -74,7 +74,13 @@ def int8_graph(bundle: Any, *, cache: Path | None = None) -> Path:
 
     def build(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        quantize_graph(fp32.path, tmp / GRAPH_FILE, tiles)
+        try:
+            quantize_graph(fp32.path, tmp / GRAPH_FILE, tiles)
+        except Exception as e:  # an operator or shape ONNX Runtime's quantizer does not handle: one line, the way out
+            why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            raise ConfigError(
+                f"engine {bundle.name!r} could not be quantized to int8 here ({why}); use --precision bf16 or fp32"
+            ) from None
         (tmp / "int8.json").write_text(json.dumps({**doc, "calibrated_on": described}, indent=2) + "\n")
 
     build_once(folder, build)

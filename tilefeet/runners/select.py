@@ -354,14 +354,23 @@ def _on_cpu(
         why = "; ".join(notes) or f"the only CPU backend {only}"
         return Choice(backend, (), f"{backend} on the {where} ({why})", p)
     timing = measured_timing(bundle, combos, precision, batch_size, tile, cache)
-    rates = timing["mpx_per_s"]
+    rates, failed = timing["mpx_per_s"], timing.get("failed", {})
+    if failed:
+        notes = [f"{k} left out: it failed here ({why})" for k, why in failed.items()] + notes
+        combos = [c for c in combos if _label(*c) not in failed]
+        if not combos or (precision == "auto" and not any(p == "fp32" for _, p in combos)):
+            raise BackendUnavailableError(f"no backend ran on the {where}: " + "; ".join(notes))
     ranked = sorted(combos, key=lambda c: -rates[_label(*c)])
     chosen, guards = ranked[0], []
     if precision == "auto":
         fastest_fp32 = next(c for c in ranked if c[1] == "fp32")  # fp32 is always a candidate under auto
         chosen = fastest_fp32
         for c in ranked[: ranked.index(fastest_fp32)]:  # the reduced-precision ones that are faster
-            guard = _guard(bundle, c, batch_size, cache)
+            try:
+                guard = _guard(bundle, c, batch_size, cache)
+            except Exception as e:  # the check itself failed here: the candidate is not chosen, said why
+                guards.append(f"{_label(*c)} not chosen: its accuracy guard failed here ({' '.join(str(e).split())[:200]})")
+                continue
             if guard is None:
                 guards.append(
                     f"{c[1]} not chosen: engine {bundle.name!r} carries no check data to guard it against fp32 "
@@ -439,9 +448,15 @@ def measured_timing(
     path = cache / "select" / f"{key[:24]}.json"
 
     def measure(tmp: Path) -> None:
-        rates = {_label(b, p): measure_mpx_per_s(b, bundle, p, batch_size, tile) for b, p in combos}
+        rates, failed = {}, {}
+        for b, p in combos:
+            try:
+                rates[_label(b, p)] = measure_mpx_per_s(b, bundle, p, batch_size, tile)
+            except Exception as e:  # a candidate that cannot be built or run here (an int8 graph the quantizer refuses) is left out, said why
+                failed[_label(b, p)] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         doc = {
             "mpx_per_s": rates,
+            "failed": failed,
             "shape": [batch_size, bundle.in_channels, *tile],
             "precision": precision,
             "cpu": cpu_model(),
