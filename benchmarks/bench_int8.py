@@ -15,8 +15,9 @@ to OpenVINO bf16 (today's default on a CPU with native bf16); pixel F1 of the la
 ground truth, and against fp32's labels (agreement); the largest and the mean probability change
 against fp32. Writes ``results/int8-<device>-<engine>.json``.
 
-``--precision int8`` runs the uint8-activation graph on OpenVINO (tilefeet/runners/quantize.py, opt-in:
-``auto`` never chooses it); the other rows are here for comparison.
+``--precision int8`` runs the uint8-activation graph on OpenVINO (tilefeet/runners/quantize.py), and
+``--precision auto`` does where it is fastest and passes the accuracy guard; the other rows are here
+for comparison.
 """
 
 from __future__ import annotations

@@ -59,10 +59,10 @@ class Settings:
     backend: str = "auto"
     backend_options: tuple[tuple[str, Any], ...] = ()  #: backend-specific, e.g. (("compile", True),)
     device: str = "auto"
-    #: "auto" (fp16 on a GPU with tensor cores where the accuracy guard passes, else fp32; on a CPU with native bf16, bf16 where it is faster and passes the
-    #: accuracy guard: tilefeet.runners.guard), "fp32", "fp16", "bf16" or "int8" (opt-in, OpenVINO on
-    #: the CPU: tilefeet.runners.quantize). :meth:`create` takes the
-    #: default from ``$TILEFEET_PRECISION``.
+    #: "auto" (fp16 on a GPU with tensor cores where the accuracy guard passes, else fp32; on a CPU the
+    #: fastest of fp32, bf16 where native, and OpenVINO int8 that passes the accuracy guard:
+    #: tilefeet.runners.guard), "fp32", "fp16", "bf16" or "int8" (OpenVINO on the CPU, unguarded when
+    #: asked for: tilefeet.runners.quantize). :meth:`create` takes the default from ``$TILEFEET_PRECISION``.
     precision: str = "auto"
     threads: int | None = None  #: CPU threads for the network (None: the library's default)
     blocks_in_flight: int = 2  #: blocks read/computed/written at once (bounds memory)
