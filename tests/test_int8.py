@@ -44,6 +44,30 @@ def test_the_guard_judges_int8_on_check_slices_its_calibration_never_saw(isbi, t
     assert 0 < guard.p99_abs_diff <= 0.03
 
 
+def test_the_int8_runner_keeps_the_runner_contract(isbi):
+    """What tests/test_runner_conformance.py asks of every runner (its random networks carry no check
+    slices to calibrate on): float32 probabilities of the right shape, the same bits on a repeat and
+    whatever the batch's other tiles, inputs untouched, outputs not reused."""
+    import torch
+
+    from tilefeet.runners import RunnerSpec, runner_class
+
+    tile = (isbi.tile, isbi.tile)
+    runner = runner_class("openvino")(isbi, RunnerSpec(str(isbi.path), "openvino", "cpu", "int8", 2, tile))
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.rand(2, 1, *tile, generator=g) * 4 - 2, torch.rand(2, 1, *tile, generator=g) * 4 - 2
+    before = x1.clone()
+    y1 = runner(x1)
+    kept = y1.clone()
+    y2 = runner(x2)
+    assert y1.shape == (2, isbi.out_channels, *tile) and y1.dtype == torch.float32 and y1.min() >= 0 and y1.max() <= 1
+    assert torch.equal(x1, before) and torch.equal(y1, kept) and not torch.equal(y1, y2)
+    assert torch.equal(runner(x1), y1)  # repeats bit for bit
+    mixed = torch.cat([x1[:1], x2[1:]])
+    assert torch.equal(runner(mixed)[0], y1[0])  # a tile's result does not depend on its batch neighbours
+    runner.close()
+
+
 def _sample(tmp_path):
     from tilefeet.convert import write_image
     from tilefeet.sample import PIXEL_SIZE_NM, montage
