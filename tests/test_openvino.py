@@ -143,6 +143,10 @@ def test_the_guard_also_bounds_changed_labels_and_objects():
     assert failures(0.8, 0.8, 0.9899, 0.0) == ["labels agree 0.9899 < 0.99"]
     assert failures(0.8, 0.8, 1.0, 0.0101) == ["objects ARE 0.0101 > 0.01"]
     assert failures(0.79, 0.8, 0.9, 0.5) == ["F1 moved by -0.0100", "labels agree 0.9000 < 0.99", "objects ARE 0.5000 > 0.01"]
+    from tilefeet.objects.cells import CellRecipe
+    from tilefeet.runners.guard import DEFAULT_SEED_THRESHOLD
+
+    assert CellRecipe().seed_threshold == DEFAULT_SEED_THRESHOLD  # the guard's copy of the objects' default (the layers)
 
 
 def test_the_bundled_engines_carry_check_slices():

@@ -17,8 +17,9 @@ Rand error of the reduced precision's against fp32's). A precision passes only i
 
 Otherwise ``--precision auto`` keeps fp32 (:mod:`.select`): bf16 on a CPU that runs it natively, int8
 on the CPU (:mod:`.quantize`), fp16 on a GPU with tensor cores. int8 is calibrated on the first half
-of the check slices, so its check scores the second half only: the calibration never sees them. The result is kept under ``$TILEFEET_CACHE/guard/``, keyed by the engine's fingerprint, the
-backend, the precision, the processor and the library versions.
+of the check slices, so its check scores the second half only: the calibration never sees them
+(:func:`calibration_split`). The result is kept under ``$TILEFEET_CACHE/guard/``, keyed by the
+engine's fingerprint, the backend, the precision, the processor and the library versions.
 
 Check slices, per engine:
 
@@ -66,6 +67,9 @@ MIN_AGREEMENT = 0.99
 #: ``tilefeet objects`` on Lucchi test slices (5 nm, outside both calibrations): isbi-membrane's
 #: cells bf16 0.0012, int8 0.0035; lucchi-mito's objects bf16 0.0002, int8 0.0003.
 MAX_OBJECTS_ARE = 0.01
+#: A cell recipe without a seed threshold seeds below this (``tilefeet.objects``' default; that
+#: package sits above this one, so it cannot be imported here: tests/test_layers.py).
+DEFAULT_SEED_THRESHOLD = 0.05
 #: Bump when what the check measures changes, so old results are not reused.
 FORMAT_VERSION = 2
 
@@ -144,9 +148,10 @@ def check_precision(
     if data is None:
         return None
     if precision == "int8":
-        data = unseen_by_calibration(data)
-        if data is None:
+        halves = calibration_split(data)
+        if halves is None:
             return None
+        data = halves[1]
     key = guard_key(bundle, backend, precision, device)
     path = (cache or cache_dir()) / "guard" / f"{key[:24]}.json"
 
@@ -161,14 +166,18 @@ def check_precision(
     return Guard(**{**fields, "path": str(path)})
 
 
-def unseen_by_calibration(data: CheckData) -> CheckData | None:
-    """The check slices int8's calibration does not see (the second half: :mod:`.quantize` calibrates
-    on the first), or ``None`` when there are fewer than two."""
+def calibration_split(data: CheckData) -> tuple[CheckData, CheckData] | None:
+    """The check slices int8 is calibrated on (the first half: :mod:`.quantize`) and those the guard
+    judges it on (the rest, which the calibration never sees), or ``None`` when there are fewer
+    than two. The one place that draws the line, so the two halves cannot overlap."""
     half = len(data.images) // 2
     if half == 0:
         return None
-    return CheckData(data.images[half:], data.masks[half:], data.class_name,
-                     f"{data.description}, the last {len(data.images) - half} (int8 was calibrated on the first {half})")
+    n = len(data.images)
+    first = CheckData(data.images[:half], data.masks[:half], data.class_name, f"{data.description}: the first {half} of {n}")
+    rest = CheckData(data.images[half:], data.masks[half:], data.class_name,
+                     f"{data.description}, the last {n - half} (int8 was calibrated on the first {half})")
+    return first, rest
 
 
 def guard_key(bundle: Any, backend: str, precision: str, device: str = "cpu") -> str:
@@ -272,11 +281,12 @@ def objects_change(bundle: Any, class_name: str, reduced: list[np.ndarray], full
     recipe = engine_recipes(bundle.path).get(class_name, {})
     recipe = recipe if isinstance(recipe, dict) else {}
     cells = recipe.get("cells") if isinstance(recipe.get("cells"), dict) else None
+    seed = float(cells.get("seed_threshold", DEFAULT_SEED_THRESHOLD)) if cells is not None else DEFAULT_SEED_THRESHOLD
     area = float(np.prod(bundle.pixel_size_nm))
 
     def build(p: np.ndarray) -> np.ndarray:
         if cells is not None:
-            return np.asarray(watershed(p, label(p < float(cells.get("seed_threshold", 0.05)), connectivity=1)))
+            return np.asarray(watershed(p, label(p < seed, connectivity=1)))
         mask = p >= 0.5
         if recipe.get("fill_holes"):
             mask = ndi.binary_fill_holes(mask)
@@ -291,7 +301,7 @@ def objects_change(bundle: Any, class_name: str, reduced: list[np.ndarray], full
         ids_f, ids_r = build(f), build(r)
         if ids_f.any():
             errors.append(float(adapted_rand_error(ids_f, ids_r)[0]))
-    kind = f"cells (watershed from seeds below p {float(cells.get('seed_threshold', 0.05)):g})" if cells is not None else "objects"
+    kind = f"cells (watershed from seeds below p {seed:g})" if cells is not None else "objects"
     return kind, (float(np.mean(errors)) if errors else float("nan"))
 
 

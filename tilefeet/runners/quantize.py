@@ -40,19 +40,19 @@ GRAPH_FILE = "model-int8.onnx"
 def calibration_tiles(bundle: Any) -> tuple[np.ndarray, str]:
     """The tiles int8 is calibrated on, ``(N, C, H, W)`` float32, and what they are: the first half
     of the engine's check slices (the second half stays unseen, for scoring)."""
-    from .guard import check_data, check_tiles
+    from .guard import calibration_split, check_data, check_tiles
 
     data = check_data(bundle)
-    if data is None or len(data.images) < 2:
+    halves = None if data is None else calibration_split(data)
+    if data is None or halves is None:
         raise ConfigError(
             f"--precision int8 calibrates on the engine's check slices and scores on others, and engine {bundle.name!r} "
             f"carries {0 if data is None else len(data.images)} (at least 2 needed): list annotated images under [check] "
             f"in its engine.toml, or use --precision fp32 or bf16"
         )
-    half = len(data.images) // 2
-    first = type(data)(data.images[:half], data.masks[:half], data.class_name, data.description)
+    first = halves[0]
     tiles, _ = check_tiles(bundle, first, bundle.fixed_tile or (bundle.tile, bundle.tile))
-    return tiles.numpy(), f"{data.description}: the first {half} of {len(data.images)}"
+    return tiles.numpy(), first.description
 
 
 def int8_graph(bundle: Any, *, cache: Path | None = None) -> Path:
