@@ -147,27 +147,25 @@ def tolerant_metrics_blockwise(pred: Any, truth: Any, tolerance_px: float = 1.0)
 
 
 def _tolerant_histogram(pred: Any, truth: Any, tolerance_px: float) -> Any:
-    import dask.array as da
-
-    halo = math.ceil(tolerance_px)  # every pixel within the tolerance of an own pixel
-    depth = {0: 0, 1: halo, 2: halo} if pred.ndim == 3 else halo
-    codes = da.map_overlap(tolerant_codes, pred, truth, depth=depth, boundary="none", dtype=np.uint8, tolerance_px=tolerance_px)
-    return _summed_histograms(codes, 16)
+    # every pixel within the tolerance of an own pixel; no 4-neighbour test, so no extra ring
+    return _matched_histogram(tolerant_codes, pred, truth, tolerance_px, math.ceil(tolerance_px))
 
 
 def _boundary_histogram(pred: Any, truth: Any, tolerance_px: float) -> Any:
-    import dask.array as da
-
     # Each own pixel needs its 4-neighbours (is it a boundary?) and every boundary pixel within the
     # tolerance; the outermost halo ring's own boundary flags are wrong (no neighbours beyond it) but
     # lie farther than the tolerance from every own pixel. boundary="none": no padding at the image
     # edge, where the erosion's border_value gives the "edge is not a boundary" rule.
-    # A stack's codes are each section's (boundary_codes): the halo is in y and x only.
-    halo = math.ceil(tolerance_px) + 1
+    return _matched_histogram(boundary_codes, pred, truth, tolerance_px, math.ceil(tolerance_px) + 1)
+
+
+def _matched_histogram(codes_of: Any, pred: Any, truth: Any, tolerance_px: float, halo: int) -> Any:
+    """Counts of the four-flag codes (:func:`~tilefeet.metrics.matched_codes`) that ``codes_of`` gives
+    each block with a ``halo``; a stack's codes are each section's: the halo is in y and x only."""
+    import dask.array as da
+
     depth = {0: 0, 1: halo, 2: halo} if pred.ndim == 3 else halo
-    codes = da.map_overlap(
-        boundary_codes, pred, truth, depth=depth, boundary="none", dtype=np.uint8, tolerance_px=tolerance_px
-    )
+    codes = da.map_overlap(codes_of, pred, truth, depth=depth, boundary="none", dtype=np.uint8, tolerance_px=tolerance_px)
     return _summed_histograms(codes, 16)
 
 
