@@ -143,3 +143,33 @@ def test_a_colour_tiff_is_refused_and_leaves_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "colour image" in err[0], err
     assert not list(tmp_path.glob("c.ome.zarr*"))
+
+
+def test_a_failed_conversion_raises_only_once_no_task_still_writes():
+    """settled_compute waits for the tasks still running when one fails (dask's threaded scheduler
+    raises at once, and a late chunk write recreated a staging folder just deleted)."""
+    import threading
+    import time
+
+    import dask
+
+    from tilefeet.convert import settled_compute
+
+    running, lock = [0], threading.Lock()
+
+    def slow(i):
+        with lock:
+            running[0] += 1
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return i
+
+    def fail(i):
+        time.sleep(0.05)
+        raise ValueError("bad pixels")
+
+    tasks = [dask.delayed(slow)(i) for i in range(3)] + [dask.delayed(fail)(0)]
+    with pytest.raises(ValueError, match="bad pixels"):
+        settled_compute(*tasks)
+    assert running[0] == 0

@@ -289,7 +289,6 @@ def write_image(
     one is deleted first.
     """
     import dask.array as da
-    import dask.threaded
 
     from .console import dask_progress
     from .storage import output_location
@@ -331,7 +330,7 @@ def write_image(
             for k, z in enumerate(arrays):
                 # Each level is computed from the one just written, so the input is read only once.
                 src = arr if k == 0 else downsample2(da.from_zarr(arrays[k - 1]))
-                da.store(src.rechunk(z.chunks), z, lock=False, scheduler=dask.threaded.get)
+                settled_compute(da.store(src.rechunk(z.chunks), z, lock=False, compute=False))
         return location.publish()
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -341,6 +340,23 @@ def write_image(
         with contextlib.suppress(OSError):
             location.discard_staging()
         raise
+
+
+def settled_compute(*collections: Any) -> None:
+    """``dask.compute`` on threads that returns or raises only once no task is running. Dask's
+    threaded scheduler raises a task's error at once, while its other threads go on writing their
+    chunks: a staging folder deleted on that error was recreated by a late write, and a refused
+    conversion left ``OUT.partial`` behind (a flaky test found it). Here the pool is shut down,
+    queued tasks cancelled and running ones waited for, before the error goes on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
+        dask.compute(*collections, scheduler="threads", pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _is_store_task(key: Any) -> bool:
@@ -371,7 +387,6 @@ def write_labels(
     label image a reader would find.
     """
     import dask.array as da
-    import dask.threaded
     import zarr
 
     from .ngff import add_label, label_metadata, read_multiscale
@@ -404,7 +419,7 @@ def write_labels(
         if k:
             level = downsample2(level, "max")
         tasks.append(da.store(level[..., : z.shape[-2], : z.shape[-1]].rechunk(z.chunks), z, lock=False, compute=False))
-    dask.compute(*tasks, scheduler=dask.threaded.get)
+    settled_compute(*tasks)
     ms = multiscales(name, px, n, lead_axes=lead, lead_scale=[_z_scale_nm(image, px)[0]] if lead else None,
                      lead_origin=[_z_scale_nm(image, px)[1]] if lead else None, method="max",
                      metadata={"method": "tilefeet.convert", "every_chunk_written": True})
