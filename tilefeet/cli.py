@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from . import console
+from . import DEFAULT_ENGINE, console
 from .console import echo as _echo
 from .errors import TilefeetError, TilefeetWarning
 from .storage import STORAGE_HELP
@@ -66,7 +66,7 @@ def set_verbosity(quiet: bool, verbose: bool) -> None:
 def segment(
     input: str = typer.Argument(..., help="OME-Zarr image of the section (NGFF 0.5 or 0.4): a path, or an http(s):// or s3:// URL."),
     output: str = typer.Argument(..., help="Output OME-Zarr (probabilities + labels): a path, or an s3:// URL."),
-    engine: str = typer.Option("isbi-membrane", "--engine", "-e", help="Engine bundle name or folder."),
+    engine: str = typer.Option(DEFAULT_ENGINE, "--engine", "-e", help="Engine bundle name or folder."),
     tile: Optional[int] = typer.Option(None, help="Tile side in network pixels (default: the engine's)."),
     overlap: Optional[int] = typer.Option(None, help="Overlap between tiles in network pixels (default: the engine's)."),
     blend: str = typer.Option("gaussian", help="gaussian, cosine, constant, or crop (overlap-tile)."),

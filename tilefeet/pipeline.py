@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import DEFAULT_ENGINE
 from .chunks import ChunkCheck
 from .engine import EngineBundle, load_engine
 from .errors import ConfigError, Interrupted, TilefeetError
@@ -75,7 +76,7 @@ def section_sample(image: Image, level: int, max_pixels: int = STATS_PIXELS) -> 
 
 def plan_segmentation(
     source: Any,
-    engine: str | os.PathLike | EngineBundle = "isbi-membrane",
+    engine: str | os.PathLike | EngineBundle = DEFAULT_ENGINE,
     settings: Settings | None = None,
     *,
     resume_into: str | os.PathLike | OutputLocation | None = None,
@@ -337,7 +338,7 @@ def _runner_spec(plan: Any, bundle: EngineBundle, resume_into: Any, resolve: boo
     return RunnerSpec(spec.engine, choice.backend, spec.device, choice.precision, spec.batch_size, spec.tile, merged), reason or choice.reason
 
 
-def segment(source: Any, engine: str | os.PathLike | EngineBundle = "isbi-membrane", **options: Any) -> Any:
+def segment(source: Any, engine: str | os.PathLike | EngineBundle = DEFAULT_ENGINE, **options: Any) -> Any:
     """Lazy segmentation: an ``xarray.DataArray`` of float32 probabilities ``(c, y, x)`` (a stack:
     ``(c, z, y, x)``) backed by a dask array with one chunk per output block, with physical
     coordinates (nm; a stack's z in nm when it says its spacing, else in section numbers) and class
@@ -371,7 +372,7 @@ def segment(source: Any, engine: str | os.PathLike | EngineBundle = "isbi-membra
 def segment_to_zarr(
     source: Any,
     output: str | os.PathLike,
-    engine: str | os.PathLike | EngineBundle = "isbi-membrane",
+    engine: str | os.PathLike | EngineBundle = DEFAULT_ENGINE,
     *,
     overwrite: bool = False,
     resume: bool = False,

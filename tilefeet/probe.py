@@ -118,15 +118,37 @@ def probe(plan: Any, image: Any, runner: Any, imaps: Sequence[Any], tiles: Seque
         y1, x1 = min(th - my, h - box.y0), min(tw - mx, w - box.x0)
         valid[k, y0:y1, x0:x1] = True
     n = len(tiles)
+    # A probe of one tile (a section smaller than a tile or two) judges its four quarters as it
+    # would judge tiles: one patch of tissue can fool a network as a whole, and the quarters show it
+    # (polarity.QUARTER_AGREEMENT).
+    regions = [valid[k : k + 1] for k in range(n)] if n > 1 else _quarters(valid)
     stats = []
     for m in range(len(imaps)):
         mine = outputs[2 * n * m : 2 * n * (m + 1)]
         p = np.stack(mine[0::2])
         q = np.stack([o[..., ::-1] for o in mine[1::2]])
-        per_tile = tuple(output_stats(p[k : k + 1], q[k : k + 1], activation, valid[k : k + 1]) for k in range(n))
-        stats.append(replace(output_stats(p, q, activation, valid), tiles=per_tile))
+        if n > 1:
+            per_tile = tuple(output_stats(p[k : k + 1], q[k : k + 1], activation, regions[k]) for k in range(n))
+        else:
+            per_tile = tuple(output_stats(p, q, activation, r) for r in regions)
+        stats.append(replace(output_stats(p, q, activation, valid), tiles=per_tile, quarters=n == 1))
     _store(key, stats)
     return stats
+
+
+def _quarters(valid: np.ndarray) -> list[np.ndarray]:
+    """``valid`` ``(1, H, W)`` cut into the four quarters of its bounding box (none if it is empty)."""
+    ys, xs = np.nonzero(valid[0])
+    if not len(ys):
+        return []
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    ym, xm = (y0 + y1) // 2, (x0 + x1) // 2
+    out = []
+    for a, b, c, d in ((y0, ym, x0, xm), (y0, ym, xm, x1), (ym, y1, x0, xm), (ym, y1, xm, x1)):
+        part = np.zeros_like(valid)
+        part[:, a:b, c:d] = valid[:, a:b, c:d]
+        out.append(part)
+    return out
 
 
 # A probe is a pure function of the pixels it reads, the network and how it runs, so its result is
@@ -135,7 +157,7 @@ def probe(plan: Any, image: Any, runner: Any, imaps: Sequence[Any], tiles: Seque
 # of network passes on a CPU). Any change to the pixels, the engine's files, the backend, precision,
 # thread count, tiling or intensity map is another key. A cache that cannot be read or written is
 # passed over: the probe runs.
-PROBE_CACHE_VERSION = 1
+PROBE_CACHE_VERSION = 2
 
 
 def _probe_key(plan: Any, runner: Any, imaps: Sequence[Any], geos: Sequence[Any], raws: Sequence[np.ndarray]) -> str:
@@ -187,7 +209,7 @@ def _stats_doc(st: OutputStats) -> dict[str, Any]:
     # full precision (JSON's NaN token for "no foreground"): a cached probe gives the same decision
     # and the same evidence in the plan as the probe itself
     return {"fraction": list(st.fraction), "consistency": list(st.consistency), "confidence": list(st.confidence),
-            "tiles": [_stats_doc(t) for t in st.tiles]}
+            "tiles": [_stats_doc(t) for t in st.tiles], "quarters": st.quarters}
 
 
 def _stats_from(doc: dict[str, Any]) -> OutputStats:
@@ -198,4 +220,4 @@ def _stats_from(doc: dict[str, Any]) -> OutputStats:
         return out
 
     return OutputStats(floats(doc["fraction"]), floats(doc["consistency"]), floats(doc["confidence"]),
-                       tuple(_stats_from(t) for t in doc["tiles"]))
+                       tuple(_stats_from(t) for t in doc["tiles"]), bool(doc.get("quarters", False)))

@@ -23,7 +23,8 @@ engine's fingerprint, the backend, the precision, the processor and the library 
 
 Check slices, per engine:
 
-* ``isbi-membrane``: the six held-out ISBI 2012 slices tilefeet ships (:mod:`tilefeet.sample`);
+* ``isbi-membrane`` and ``em-membrane``: the six held-out ISBI 2012 slices tilefeet ships
+  (:mod:`tilefeet.sample`), which neither trained on;
 * ``lucchi-mito``: the two held-out Lucchi test slices of ``tests/data/lucchi`` (in a source
   checkout; a wheel carries them as ``tilefeet/_sample/lucchi``);
 * any engine: images and label masks listed in its ``engine.toml`` under ``[check]`` (paths
@@ -368,7 +369,7 @@ def _lucchi(bundle: Any) -> CheckData | None:
 
 
 #: The check slices of the engines tilefeet ships, by name.
-BUNDLED: dict[str, Callable[[Any], CheckData | None]] = {"isbi-membrane": _isbi, "lucchi-mito": _lucchi}
+BUNDLED: dict[str, Callable[[Any], CheckData | None]] = {"isbi-membrane": _isbi, "em-membrane": _isbi, "lucchi-mito": _lucchi}
 
 
 def _declared(bundle: Any, declared: dict) -> CheckData:
