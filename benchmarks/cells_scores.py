@@ -110,10 +110,15 @@ def plain_watershed(seg: Path, truth: Path) -> dict:
     return cell_scores(overlaps(t, watershed(p, label(p < 0.1 * 255, connectivity=1)))).to_dict()
 
 
+#: The membrane engine the cells job scores (``--membrane-engine``); its results go under ``cells``
+#: for isbi-membrane (the engine the cell recipe was chosen for) and ``cells-ENGINE`` otherwise.
+MEMBRANE_ENGINE = "isbi-membrane"
+
+
 def cells_dataset(work: Path, items: list[tuple[Path, Path]], pixel: str, foreground: str | None) -> dict:
     rows: dict[str, dict] = {}
     for image, truth_png in items:
-        seg, truth = prepared(work, image, truth_png, pixel, "isbi-membrane", "membrane", foreground)
+        seg, truth = prepared(work, image, truth_png, pixel, MEMBRANE_ENGINE, "membrane", foreground)
         row: dict[str, Any] = {}
         for variant, opts in (("new", []), ("old", ["--cell-method", "grow"])):
             t = time.perf_counter()
@@ -136,9 +141,9 @@ def cells(work: Path) -> dict:
     for name, items, pixel, fg in (("isbi-heldout-24-29", ISBI_HELDOUT, "4nm", "0"), ("lucchi-test", LUCCHI_MEMBRANES, "5nm", None),
                                    ("isbi-train-0-20", ISBI_TRAIN, "4nm", "0")):
         print(f"  cells: {name}")
-        out[name] = cells_dataset(work / "cells", items, pixel, fg)
-    return {"engine": "isbi-membrane", "protocol": (
-        "each slice converted alone, segmented with isbi-membrane (Lucchi: 5 nm, zero-shot), `tilefeet objects --cells` (new: the "
+        out[name] = cells_dataset(work / ("cells" if MEMBRANE_ENGINE == "isbi-membrane" else f"cells-{MEMBRANE_ENGINE}"), items, pixel, fg)
+    return {"engine": MEMBRANE_ENGINE, "protocol": (
+        f"each slice converted alone, segmented with {MEMBRANE_ENGINE} (Lucchi: 5 nm), `tilefeet objects --cells` (new: the "
         "engine's recipe) and `--cell-method grow` (old), scored by `tilefeet evaluate --cells` (truth cells: 4-connected regions "
         "between the truth's membranes); plain_watershed: skimage.segmentation.watershed of the whole probability map, seeds "
         "p < 0.1; means over slices"), "datasets": out}
@@ -326,7 +331,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--only", action="append", choices=list(JOBS), help="jobs to run (default: all)")
     ap.add_argument("--choose", action="store_true", help="also the grid the defaults were chosen from (training data only)")
     ap.add_argument("--workdir", type=Path, default=Path("bench-work/cells-scores").resolve())
+    ap.add_argument("--membrane-engine", default="isbi-membrane", help="the engine the cells job scores (default: isbi-membrane)")
     a = ap.parse_args(argv)
+    global MEMBRANE_ENGINE
+    MEMBRANE_ENGINE = a.membrane_engine
     a.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "cells-objects-scores.json"
@@ -341,7 +349,7 @@ def main(argv: list[str]) -> int:
 
     report["machine"] = {"cpu": device_name("cpu"), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                          "tilefeet": __version__, "load_average_at_start": os.getloadavg(),
-                         "engines": {e: load_engine(e).weights_sha256 for e in ("isbi-membrane", "lucchi-mito")},
+                         "engines": {e: load_engine(e).weights_sha256 for e in ("isbi-membrane", "em-membrane", "lucchi-mito")},
                          "note": "CPU only, shared with other jobs: seconds are upper bounds; scores do not depend on the machine"}
     jobs = list(a.only or ["cells", "objects"])
     if a.choose and "choose" not in jobs:
@@ -349,8 +357,9 @@ def main(argv: list[str]) -> int:
     for name in jobs:
         print(name, flush=True)
         t = time.perf_counter()
-        report[name] = JOBS[name](a.workdir)
-        report[name]["seconds"] = round(time.perf_counter() - t, 1)
+        key = f"cells-{MEMBRANE_ENGINE}" if name == "cells" and MEMBRANE_ENGINE != "isbi-membrane" else name
+        report[key] = JOBS[name](a.workdir)
+        report[key]["seconds"] = round(time.perf_counter() - t, 1)
         path.write_text(json.dumps(report, indent=1, default=_json))
     print(f"wrote {path}")
     return 0
