@@ -61,6 +61,8 @@ def _check(engine, name: str, data: np.ndarray, px: float, inverted: bool, must_
         assert warned, "kept a section the network cannot read without a warning: " + label
     if must_decide:
         assert flipped == inverted and not warned, label
+        if name.startswith("pssr"):  # one tile at 4 nm: judged by its four quarters, all agreeing
+            assert "4 of 4 quarters agree" in run.plan.polarity, label
     assert run.plan.polarity.startswith("inverted" if flipped else "as it is"), label
     if warned:
         assert "--invert" in warned[0] and "--no-invert" in warned[0] and "\n" not in warned[0]

@@ -78,6 +78,25 @@ def test_bundle_records_what_inference_needs(trained):
     assert b.metrics["best_step"] == best["step"] and b.metrics["validation_f1"] == [round(best["val_f1"][0], 4)]
 
 
+def test_bundle_carries_its_validation_slice_as_check_data(trained):
+    """[check]: the validation slice, raw, and its membrane mask, inside the bundle: what the accuracy
+    guard compares a reduced precision with fp32 on, so `--precision auto` may run a trained engine
+    at bf16 (int8 needs two slices: it is calibrated on one half and judged on the other)."""
+    from tilefeet.runners.guard import check_data
+    from tilefeet.runners.select import int8_unguardable
+
+    b = load_engine(trained)
+    assert b.raw["check"]["class"] == "membrane" and "validation" in b.raw["check"]["data"]
+    data = check_data(b)
+    i = SLICES[3]
+    want = iio.imread(DATA / "isbi" / "image" / f"{i}.png")[: CROP[0], : CROP[1]]
+    truth = iio.imread(DATA / "isbi" / "label" / f"{i}.png")[: CROP[0], : CROP[1]] == 0
+    assert len(data.images) == 1 and data.class_name == "membrane"
+    np.testing.assert_array_equal(data.images[0], want)
+    np.testing.assert_array_equal(data.masks[0], truth)
+    assert "carries 1" in int8_unguardable(b)
+
+
 def test_trained_bundle_segments_and_records_its_scores(trained, tmp_path):
     import shutil
 

@@ -28,10 +28,11 @@ for any engine (shipped, fine-tuned, imported), when the user has not said (``--
 
 Decision: only strong network evidence flips the contrast: both margins past their thresholds, a
 confident network, and most probed tiles agreeing on their own (a section of about one tile is
-judged by the four quarters of its tile, all of which must agree: :data:`QUARTER_AGREEMENT`). Anything less (weak or mixed evidence,
-no tile with anything of the engine's classes) keeps it as it is and warns, in one line with the
-evidence (the histogram's included) and the flags that settle it: a silent flip, or a silent keep
-of a section the network cannot read, are what this module exists to prevent. The plan
+judged by the four quarters of its tile, all of which must agree: :data:`QUARTER_AGREEMENT`).
+Anything less (weak or mixed evidence, no tile with anything of the engine's classes) keeps it as
+it is and warns, in one line with the evidence (the histogram's included) and the flags that
+settle it: a silent flip, or a silent keep of a section the network cannot read, are what this
+module exists to prevent. The plan
 (``--dry-run``) and the output's provenance show the decision and its numbers.
 """
 

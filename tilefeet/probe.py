@@ -121,16 +121,16 @@ def probe(plan: Any, image: Any, runner: Any, imaps: Sequence[Any], tiles: Seque
     # A probe of one tile (a section smaller than a tile or two) judges its four quarters as it
     # would judge tiles: one patch of tissue can fool a network as a whole, and the quarters show it
     # (polarity.QUARTER_AGREEMENT).
-    regions = [valid[k : k + 1] for k in range(n)] if n > 1 else _quarters(valid)
+    regions = _quarters(valid) if n == 1 else [valid[k : k + 1] for k in range(n)]
     stats = []
     for m in range(len(imaps)):
         mine = outputs[2 * n * m : 2 * n * (m + 1)]
         p = np.stack(mine[0::2])
         q = np.stack([o[..., ::-1] for o in mine[1::2]])
-        if n > 1:
-            per_tile = tuple(output_stats(p[k : k + 1], q[k : k + 1], activation, regions[k]) for k in range(n))
-        else:
+        if n == 1:
             per_tile = tuple(output_stats(p, q, activation, r) for r in regions)
+        else:
+            per_tile = tuple(output_stats(p[k : k + 1], q[k : k + 1], activation, regions[k]) for k in range(n))
         stats.append(replace(output_stats(p, q, activation, valid), tiles=per_tile, quarters=n == 1))
     _store(key, stats)
     return stats

@@ -365,6 +365,7 @@ def train_engine(
         # the object recipe of each class, from its training masks (engine.toml [objects])
         bundle = record_recipes(bundle, [*masks, *val_masks], parent=parent.bundle if parent is not None else None)
         bundle = _record_reference(bundle, val_images or images, "validation" if val_images else "training")
+        bundle = _record_check(bundle, val_images, val_masks)
         (folder / "training_history.json").write_text(json.dumps(history, indent=1))
         return bundle
 
@@ -775,6 +776,56 @@ def _record_reference(bundle: EngineBundle, images: Sequence[np.ndarray], kind: 
         chosen.append(img)
         total += img.size
     return record_reference(bundle, chosen, f"{len(chosen)} of the engine's own {kind} images, {total} px")
+
+
+#: Pixels of validation images a new bundle keeps as its check slices (``[check]``).
+CHECK_PIXELS = 1 << 22
+#: The folder inside a bundle that holds them.
+CHECK_DIR = "check"
+
+
+def _record_check(bundle: EngineBundle, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> EngineBundle:
+    """The new bundle with ``[check]``: its validation images (raw, at the engine's pixel size; up
+    to :data:`CHECK_PIXELS`) and the masks of the class with the most foreground in them, copied into
+    ``check/``. They are the annotated data the accuracy guard (:mod:`tilefeet.runners.guard`)
+    compares a reduced precision with fp32 on, so ``--precision auto`` can choose bf16 (one image or
+    more) or int8 (two or more: calibrated on half, judged on the rest) for a trained or fine-tuned
+    engine as for the shipped ones; without them it keeps fp32. Nothing is written without
+    validation images or foreground."""
+    import tifffile
+
+    if not images:
+        return bundle
+    fg = np.sum([m.reshape(m.shape[0], -1).sum(axis=1) for m in masks], axis=0)
+    if not np.any(fg):
+        return bundle
+    c = int(np.argmax(fg))
+    chosen: list[tuple[np.ndarray, np.ndarray]] = []
+    total = 0
+    for img, m in zip(images, masks):
+        if chosen and total + img.size > CHECK_PIXELS:
+            break
+        chosen.append((img, m[c] > 0))
+        total += img.size
+    folder = bundle.path / CHECK_DIR
+    folder.mkdir(exist_ok=True)
+    names = []
+    for i, (img, mask) in enumerate(chosen):
+        names.append((f"{CHECK_DIR}/validation-{i}.tif", f"{CHECK_DIR}/validation-{i}-{c}.png"))
+        tifffile.imwrite(bundle.path / names[-1][0], np.ascontiguousarray(img))
+        _write_png(bundle.path / names[-1][1], mask)
+    path = bundle.path / ENGINE_FILE
+    doc = tomllib.loads(path.read_text())
+    doc["check"] = {"images": [a for a, _ in names], "labels": [b for _, b in names], "class": bundle.classes[c],
+                    "data": f"{len(chosen)} of the engine's own validation images, {total} px"}
+    path.write_text(dump_toml(doc))
+    return load_engine(bundle.path)
+
+
+def _write_png(path: Path, mask: np.ndarray) -> None:
+    import imageio.v3 as iio
+
+    iio.imwrite(path, mask.astype(np.uint8) * 255)
 
 
 def validation_f1(model, images, masks, dataset: Sequence[int], n_datasets: int, norm: Normalization, device) -> list[list[float]]:

@@ -36,6 +36,9 @@ Check slices, per engine:
       class = "mitochondrion"
       data = "two held-out slices of ..."
 
+``tilefeet train`` writes such a table from a new engine's validation images (:mod:`tilefeet.train`:
+``check/``), so a trained or fine-tuned engine is checked on its own data.
+
 An engine with none of these is never run in reduced precision by ``auto``: nothing says its
 answers stay the same (``--precision bf16`` still runs it, unchecked, when asked for).
 """
