@@ -397,3 +397,12 @@ def test_an_error_line_is_not_followed_by_the_abandoned_ios_tracebacks(mode):
     assert r.returncode == 0, r.stderr
     assert "not a coroutine: still reported" in r.stderr
     assert ("different Context" in r.stderr) == (mode == "plain")  # the test bites: without the hook it shows
+
+
+def test_engines_lists_the_shipped_ones_and_marks_the_default(capsys):
+    import tilefeet
+
+    code, out, _ = run_cli(capsys, "engines")
+    lines = {ln.split()[0]: ln for ln in out.splitlines()}
+    assert code == 0 and {"em-membrane", "isbi-membrane", "lucchi-mito"} <= set(lines)
+    assert [n for n, ln in lines.items() if ln.endswith("(default)")] == [tilefeet.DEFAULT_ENGINE] == ["em-membrane"]

@@ -484,13 +484,14 @@ def bench(
 
 @app.command("engines")
 def engines_cmd() -> None:
-    """List the engine bundles tilefeet can find."""
+    """List the engine bundles tilefeet can find (the one `segment` runs without -e is marked)."""
     from .engine import engine_search_path, list_engines, load_engine
     from .units import format_nm
 
     for name in list_engines():
         b = load_engine(name)
-        typer.echo(f"{name:20s} {format_nm(b.pixel_size_nm):>8s}  classes: {', '.join(b.classes)}  ({b.path})")
+        mark = "  (default)" if name == DEFAULT_ENGINE else ""
+        typer.echo(f"{name:20s} {format_nm(b.pixel_size_nm):>8s}  classes: {', '.join(b.classes)}  ({b.path}){mark}")
     if not list_engines():
         typer.echo("no engines found in: " + ", ".join(str(p) for p in engine_search_path()))
 
