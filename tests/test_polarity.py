@@ -213,3 +213,20 @@ def test_a_probe_is_cached_by_what_it_reads_and_runs(tmp_path, monkeypatch, rand
         monkeypatch.setenv("TILEFEET_CACHE", str(tmp_path / "a-file" / "cache"))  # no folder can be made there, even by root
         runs.clear()
         assert plan(img).plan.polarity == first.plan.polarity and runs  # the probe ran, and nothing failed
+
+
+def test_the_probe_cache_keeps_the_newest_entries(tmp_path):
+    """A cache that sees thousands of sections does not grow without end: beyond
+    PROBE_CACHE_ENTRIES the least recently written probes are deleted."""
+    import os
+
+    from tilefeet.probe import PROBE_CACHE_ENTRIES, _prune
+
+    for i in range(10):
+        p = tmp_path / f"{i:02d}.json"
+        p.write_text("{}")
+        os.utime(p, (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / "other.txt").write_text("")  # not a probe: left alone
+    _prune(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["07.json", "08.json", "09.json", "other.txt"]
+    assert PROBE_CACHE_ENTRIES >= 1000

@@ -203,6 +203,22 @@ def _store(key: str, stats: Sequence[OutputStats]) -> None:
     with contextlib.suppress(OSError):
         path.unlink(missing_ok=True)  # only a damaged entry can be there: a readable one was returned
         build_once(path, write)
+        _prune(path.parent)
+
+
+#: Probe results kept in the cache (a few kB each): the least recently written beyond this are
+#: deleted, so a cache that sees thousands of sections does not grow without end.
+PROBE_CACHE_ENTRIES = 2048
+
+
+def _prune(folder: Any, keep: int = PROBE_CACHE_ENTRIES) -> None:
+    entries = []
+    for p in folder.glob("*.json"):
+        with contextlib.suppress(OSError):  # another process may prune at the same time
+            entries.append((p.stat().st_mtime, p))
+    for _, p in sorted(entries, key=lambda e: e[0], reverse=True)[keep:]:
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def _stats_doc(st: OutputStats) -> dict[str, Any]:
