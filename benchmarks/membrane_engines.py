@@ -51,6 +51,10 @@ def score_isbi_8nm(targets: Targets, engine: str, *, normalize: bool) -> dict:
 def score_engine(targets: Targets, engine: str) -> dict:
     seen = TRAINED_ON.get(engine, ())
     out: dict = {"engine": engine, "trained_on": list(seen)}
+    if Path(engine).is_dir():
+        from tilefeet.engine import load_engine
+
+        out["weights_sha256"] = load_engine(engine).weights_digest
     out["isbi"] = {**score_isbi(targets, engine), "held_out": "slices 24-29 (in-domain)"}
     for norm in (True, False):
         out[f"isbi_8nm_{'normalized' if norm else 'forced_4nm'}"] = score_isbi_8nm(targets, engine, normalize=norm)
@@ -66,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default="isbi-membrane,em-membrane")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "membrane-engines.json")
+    ap.add_argument("--trained-on", action="append", default=[], metavar="ENGINE=DATASETS",
+                    help="what an engine not in TRAINED_ON was trained on, e.g. /tmp/x=isbi+lucchi (repeatable)")
     args = ap.parse_args(argv)
+    for spec in args.trained_on:
+        name, _, sets = spec.partition("=")
+        TRAINED_ON[name] = tuple(sets.split("+"))
     targets = load_targets(args.data)
     rows = []
     for engine in args.engines.split(","):

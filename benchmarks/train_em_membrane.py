@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--val-every", type=int, default=250)
-    p.add_argument("--parent", default="isbi-membrane")
+    p.add_argument("--parent", default="isbi-membrane", help="engine to continue from, or 'none' to train from scratch")
     p.add_argument("--checkpoint-dir", type=Path, default=Path("/tmp/em-membrane-ckpt"))
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         description="2-D U-Net for cell membranes in EM at 4 nm, trained on ISBI 2012 ssTEM (Drosophila VNC) and EPFL/Lucchi "
         "FIB-SEM (mouse CA1) with domain randomization",
     )
-    parent = resolve_parent(args.parent, config.classes)
+    parent = None if args.parent == "none" else resolve_parent(args.parent, config.classes)
     result = train_engine(
         [a for p_ in parts for a in p_["images"]], [m for p_ in parts for m in p_["masks"]], args.out, config,
         val_images=[a for p_ in parts for a in p_["val_images"]], val_masks=[m for p_ in parts for m in p_["val_masks"]],
