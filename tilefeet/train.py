@@ -768,14 +768,18 @@ def _record_reference(bundle: EngineBundle, images: Sequence[np.ndarray], kind: 
     contrast polarity check of every later run shows beside a section's (:mod:`tilefeet.polarity`)."""
     from .polarity import record_reference
 
-    chosen: list[np.ndarray] = []
-    total = 0
+    n, total = _within(images, REFERENCE_PIXELS)
+    return record_reference(bundle, list(images[:n]), f"{n} of the engine's own {kind} images, {total} px")
+
+
+def _within(images: Sequence[np.ndarray], budget: int) -> tuple[int, int]:
+    """How many of ``images``, in order, fit in ``budget`` pixels (at least one), and their pixels."""
+    n = total = 0
     for img in images:
-        if chosen and total + img.size > REFERENCE_PIXELS:
+        if n and total + img.size > budget:
             break
-        chosen.append(img)
-        total += img.size
-    return record_reference(bundle, chosen, f"{len(chosen)} of the engine's own {kind} images, {total} px")
+        n, total = n + 1, total + img.size
+    return n, total
 
 
 #: Pixels of validation images a new bundle keeps as its check slices (``[check]``).
@@ -792,7 +796,7 @@ def _record_check(bundle: EngineBundle, images: Sequence[np.ndarray], masks: Seq
     more) or int8 (two or more: calibrated on half, judged on the rest) for a trained or fine-tuned
     engine as for the shipped ones; without them it keeps fp32. Nothing is written without
     validation images or foreground."""
-    import tifffile
+    import imageio.v3 as iio
 
     if not images:
         return bundle
@@ -800,32 +804,18 @@ def _record_check(bundle: EngineBundle, images: Sequence[np.ndarray], masks: Seq
     if not np.any(fg):
         return bundle
     c = int(np.argmax(fg))
-    chosen: list[tuple[np.ndarray, np.ndarray]] = []
-    total = 0
-    for img, m in zip(images, masks):
-        if chosen and total + img.size > CHECK_PIXELS:
-            break
-        chosen.append((img, m[c] > 0))
-        total += img.size
-    folder = bundle.path / CHECK_DIR
-    folder.mkdir(exist_ok=True)
-    names = []
-    for i, (img, mask) in enumerate(chosen):
-        names.append((f"{CHECK_DIR}/validation-{i}.tif", f"{CHECK_DIR}/validation-{i}-{c}.png"))
-        tifffile.imwrite(bundle.path / names[-1][0], np.ascontiguousarray(img))
-        _write_png(bundle.path / names[-1][1], mask)
+    n, total = _within(images, CHECK_PIXELS)
+    (bundle.path / CHECK_DIR).mkdir(exist_ok=True)
+    names = [(f"{CHECK_DIR}/validation-{i}.tif", f"{CHECK_DIR}/validation-{i}-{c}.png") for i in range(n)]
+    for (image_file, label_file), img, m in zip(names, images, masks):
+        iio.imwrite(bundle.path / image_file, np.ascontiguousarray(img))  # TIFF: any dtype, read back exactly
+        iio.imwrite(bundle.path / label_file, (m[c] > 0).astype(np.uint8) * 255)
     path = bundle.path / ENGINE_FILE
     doc = tomllib.loads(path.read_text())
     doc["check"] = {"images": [a for a, _ in names], "labels": [b for _, b in names], "class": bundle.classes[c],
-                    "data": f"{len(chosen)} of the engine's own validation images, {total} px"}
+                    "data": f"{n} of the engine's own validation images, {total} px"}
     path.write_text(dump_toml(doc))
     return load_engine(bundle.path)
-
-
-def _write_png(path: Path, mask: np.ndarray) -> None:
-    import imageio.v3 as iio
-
-    iio.imwrite(path, mask.astype(np.uint8) * 255)
 
 
 def validation_f1(model, images, masks, dataset: Sequence[int], n_datasets: int, norm: Normalization, device) -> list[list[float]]:

@@ -44,7 +44,7 @@ def calibration_tiles(bundle: Any) -> tuple[np.ndarray, str]:
 
     data = check_data(bundle)
     halves = None if data is None else calibration_split(data)
-    if data is None or halves is None:
+    if halves is None:
         raise ConfigError(
             f"--precision int8 calibrates on the engine's check slices and scores on others, and engine {bundle.name!r} "
             f"carries {0 if data is None else len(data.images)} (at least 2 needed): list annotated images under [check] "
