@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo
 
 from tilefeet.runners.torch_runner import COMPILED_PER_PROCESS, _room_for_compiled_runners
+
+# torch._dynamo is imported by the tests that use it (the fixture below): importing it costs a
+# second, and every pytest-xdist worker imports every test module while collecting.
 
 RUNNERS = 12  # more than dynamo's default of 8
 
@@ -37,6 +39,8 @@ def compile_runners() -> None:
 
 @pytest.fixture
 def fresh_dynamo():
+    import torch._dynamo
+
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
         yield

@@ -39,7 +39,7 @@ def output(section, random_engine):
     and any labels with structure show whether they lie where the array says (its threshold keeps
     about a third of the pixels)."""
     return tilefeet.segment_to_zarr(section, section.parent / "seg.ome.zarr", random_engine, output_dtype="float16",
-                                    chunk_size=64, shard_size=128, uncertainty=True, tta=2, objects=True, threshold=0.75)
+                                    chunk_size=64, shard_size=128, uncertainty=True, tta=2, objects=True, threshold=0.5)
 
 
 @pytest.fixture(scope="module")
